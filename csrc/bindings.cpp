@@ -1,0 +1,385 @@
+// The only file that sees torch: argument checks, device guard, current stream,
+// allocation of every buffer named in params.h, and the pybind11 module rnnfused._C.
+#include <torch/extension.h>
+
+#include <c10/core/DeviceGuard.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+#include "cpu/rnn_cpu.h"
+#include "params.h"
+
+#ifdef RNNFUSED_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+
+#include "cuda/rnn_cuda.h"
+#endif
+
+namespace rnnfused {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    default:
+      break;
+  }
+  TORCH_CHECK_TYPE(false, "rnnfused: expected a float32, float64, float16 or bfloat16 input, got ",
+                   t.scalar_type());
+}
+
+// Large CPU buffers are recycled by exact size. glibc maps every large block afresh and
+// returns it to the kernel when it is freed, so each call touched its buffers page by page
+// again: ~5000 page faults per LSTM layer's forward + backward at T100 B16 H256, a third of
+// its time. Blocks come back through the tensor's deleter; at most kMaxCachedBytes are kept.
+class CpuBlockCache {
+ public:
+  static constexpr size_t kMinBytes = size_t(1) << 18;
+  static constexpr size_t kMaxCachedBytes = size_t(1) << 30;
+
+  static CpuBlockCache& instance() {
+    static auto* cache = new CpuBlockCache();  // never destroyed: tensors may outlive statics
+    return *cache;
+  }
+
+  Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
+    const size_t bytes = c10::multiply_integers(shape) * c10::elementSize(options.dtype().toScalarType());
+    void* block = take(bytes);
+    return at::from_blob(block, shape, [this, bytes](void* ptr) { give_back(ptr, bytes); }, options);
+  }
+
+ private:
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(bytes);
+      if (it != free_.end() && !it->second.empty()) {
+        void* block = it->second.back();
+        it->second.pop_back();
+        cached_bytes_ -= bytes;
+        return block;
+      }
+    }
+    void* block = nullptr;
+    TORCH_CHECK(posix_memalign(&block, 64, bytes) == 0, "rnnfused: out of memory allocating ", bytes,
+                " bytes");
+    return block;
+  }
+
+  void give_back(void* block, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_bytes_ + bytes <= kMaxCachedBytes) {
+        free_[bytes].push_back(block);
+        cached_bytes_ += bytes;
+        return;
+      }
+    }
+    free(block);
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t cached_bytes_ = 0;
+};
+
+Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
+  const size_t bytes = c10::multiply_integers(shape) * c10::elementSize(options.dtype().toScalarType());
+  if (options.device().is_cpu() && bytes >= CpuBlockCache::kMinBytes)
+    return CpuBlockCache::instance().empty(shape, options);
+  return at::empty(shape, options);
+}
+
+at::ScalarType acc_type(at::ScalarType s) {
+  return s == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void* ptr(const Tensor& t) {
+  return t.defined() ? t.data_ptr() : nullptr;
+}
+
+void* ptr(const OptTensor& t) {
+  return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
+}
+
+// Checks a tensor's shape, dtype and device against the input and makes it contiguous.
+Tensor prepare(const Tensor& t, const char* name, at::IntArrayRef shape, const Tensor& like) {
+  TORCH_CHECK(t.sizes() == shape, "rnnfused: ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.device() == like.device(), "rnnfused: ", name, " is on ", t.device(),
+              " but the input is on ", like.device(), "; move both to the same device");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "rnnfused: ", name, " has dtype ", t.scalar_type(),
+              " but the input has dtype ", like.scalar_type());
+  return t.contiguous();
+}
+
+// Sizes shared by forward and backward, read from the input and the weights.
+struct Layout {
+  LayerParams p;
+  std::vector<int64_t> batch_sizes;
+  bool packed;
+};
+
+Layout make_layout(Cell cell, const Tensor& x, const OptTensor& batch_sizes, const Tensor& w_ih,
+                   const Tensor& w_hh, const OptTensor& w_hr, bool reverse, double cell_clip,
+                   double grad_clip) {
+  Layout l;
+  LayerParams& p = l.p;
+  p.cell = cell;
+  p.reverse = reverse;
+  l.packed = batch_sizes.has_value();
+  if (l.packed) {
+    TORCH_CHECK(x.dim() == 2, "rnnfused: packed input must be 2-D [rows, features], got ", x.dim(), "-D");
+    const Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.dim() == 1 && bs.device().is_cpu() && bs.scalar_type() == at::kLong,
+                "rnnfused: batch_sizes must be a 1-D int64 CPU tensor");
+    TORCH_CHECK(bs.numel() > 0, "Expected sequence length to be larger than 0 in RNN");
+    const Tensor bsc = bs.contiguous();
+    l.batch_sizes.assign(bsc.data_ptr<int64_t>(), bsc.data_ptr<int64_t>() + bsc.numel());
+    int64_t total = 0;
+    for (size_t t = 0; t < l.batch_sizes.size(); ++t) {
+      TORCH_CHECK(l.batch_sizes[t] >= 0 && (t == 0 || l.batch_sizes[t] <= l.batch_sizes[t - 1]),
+                  "rnnfused: batch_sizes must be non-negative and non-increasing");
+      total += l.batch_sizes[t];
+    }
+    TORCH_CHECK(total == x.size(0), "rnnfused: batch_sizes sum to ", total, " but the input has ",
+                x.size(0), " rows");
+  } else {
+    TORCH_CHECK(x.dim() == 3, "rnnfused: input must be 3-D [seq, batch, features], got ", x.dim(), "-D");
+    TORCH_CHECK(x.size(0) > 0, "Expected sequence length to be larger than 0 in RNN");
+    l.batch_sizes.assign(x.size(0), x.size(1));
+  }
+  dtype_of(x);
+  const int64_t gates = gates_per_unit(cell);
+  TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2 && w_ih.size(0) % gates == 0,
+              "rnnfused: weight_ih must be [gates * hidden, input], weight_hh [gates * hidden, hidden]");
+  p.T = static_cast<int64_t>(l.batch_sizes.size());
+  p.B = l.batch_sizes[0];
+  p.N = l.packed ? x.size(0) : x.size(0) * x.size(1);
+  p.I = x.size(-1);
+  p.G = w_ih.size(0);
+  p.H = p.G / gates;
+  p.P = w_hr.has_value() ? w_hr->size(0) : p.H;
+  TORCH_CHECK(!w_hr.has_value() || cell == Cell::LSTM, "rnnfused: projections exist only for LSTM");
+  TORCH_CHECK(cell_clip > 0, "rnnfused: cell_clip must be positive (infinity = off), got ", cell_clip);
+  TORCH_CHECK(grad_clip > 0, "rnnfused: grad_clip must be positive (infinity = off), got ", grad_clip);
+  p.cell_clip = cell_clip;
+  p.grad_clip = grad_clip;
+  p.batch_sizes = l.batch_sizes.data();
+  p.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+  return l;
+}
+
+struct Weights {
+  Tensor w_ih, w_hh, b_ih, b_hh, w_hr;
+};
+
+Weights prepare_weights(const LayerParams& p, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
+                        const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr) {
+  Weights w;
+  w.w_ih = prepare(w_ih, "weight_ih", {p.G, p.I}, x);
+  w.w_hh = prepare(w_hh, "weight_hh", {p.G, p.P}, x);
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnnfused: give both biases or neither");
+  // The kernels always add both biases: zeros stand in for a layer without bias.
+  w.b_ih = b_ih ? prepare(*b_ih, "bias_ih", {p.G}, x) : at::zeros({p.G}, x.options());
+  w.b_hh = b_hh ? prepare(*b_hh, "bias_hh", {p.G}, x) : at::zeros({p.G}, x.options());
+  if (w_hr) w.w_hr = prepare(*w_hr, "weight_hr", {p.P, p.H}, x);
+  return w;
+}
+
+void point_at(LayerParams& p, const Weights& w) {
+  p.w_ih = ptr(w.w_ih);
+  p.w_hh = ptr(w.w_hh);
+  p.b_ih = ptr(w.b_ih);
+  p.b_hh = ptr(w.b_hh);
+  p.w_hr = ptr(w.w_hr);
+}
+
+#ifdef RNNFUSED_WITH_CUDA
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
+
+template <typename Params>
+void run(const Tensor& x, const Params& p) {
+  if (x.device().is_cpu()) return cpu::run(p, dtype_of(x));
+#ifdef RNNFUSED_WITH_CUDA
+  if (x.device().is_cuda())
+    return cuda::run(p, dtype_of(x),
+                     cuda::Context{at::cuda::getCurrentCUDAStream(), at::cuda::getCurrentCUDABlasHandle()});
+#endif
+  TORCH_CHECK(false, "rnnfused: no kernels for device ", x.device(), " in this build",
+              kWithCuda ? "" : " (it was built without CUDA)");
+}
+
+// Returns [y, h_n, c_n, gates, cells, proj_in]; entries that do not apply are None.
+// y has the layout of x: [T, B, P] for padded input, [N, P] for packed input.
+std::vector<Tensor> forward(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes,
+                            const Tensor& h0, const OptTensor& c0, const Tensor& w_ih,
+                            const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                            const OptTensor& w_hr, bool reverse, bool save_for_backward,
+                            double cell_clip) {
+  const c10::DeviceGuard guard(x_in.device());
+  Layout layout = make_layout(cell, x_in, batch_sizes, w_ih, w_hh, w_hr, reverse, cell_clip, INFINITY);
+  ForwardParams p;
+  static_cast<LayerParams&>(p) = layout.p;
+  const Tensor x = x_in.contiguous();
+  const Weights w = prepare_weights(p, x, w_ih, w_hh, b_ih, b_hh, w_hr);
+  point_at(p, w);
+  const auto opts = x.options();
+  const auto acc = opts.dtype(acc_type(x.scalar_type()));
+
+  std::vector<int64_t> y_shape = {p.N, p.P};
+  if (!layout.packed) y_shape = {x.size(0), x.size(1), p.P};
+  Tensor y = empty(y_shape, opts);
+  Tensor h = prepare(h0, "h0", {p.B, p.P}, x).clone();
+  Tensor c;
+  if (cell == Cell::LSTM) {
+    TORCH_CHECK(c0.has_value(), "rnnfused: LSTM needs c0");
+    c = prepare(*c0, "c0", {p.B, p.H}, x).to(acc, /*non_blocking=*/false, /*copy=*/true);
+  }
+  Tensor gh = empty({p.B, p.G}, acc);
+  Tensor gx, gates, cells, proj_in, rh;
+  const int64_t saved = saved_gates_per_unit(cell);
+  if (save_for_backward && saved > 0)
+    gates = empty({p.N, saved * p.H}, acc);
+  else
+    gx = empty({p.N, p.G}, acc);
+  if (save_for_backward && cell == Cell::LSTM) cells = empty({p.N, p.H}, acc);
+  if (w_hr) proj_in = empty({save_for_backward ? p.N : p.B, p.H}, opts);
+  if (cell == Cell::GRU_CHO) rh = empty({p.B, p.H}, opts);
+
+  p.x = ptr(x);
+  p.y = ptr(y);
+  p.h = ptr(h);
+  p.c = ptr(c);
+  p.gx = ptr(gx);
+  p.gh = ptr(gh);
+  p.gates = ptr(gates);
+  p.cells = ptr(cells);
+  p.proj_in = ptr(proj_in);
+  p.rh = ptr(rh);
+  run(x, p);
+
+  Tensor c_n = c.defined() ? c.to(x.scalar_type()) : Tensor();
+  return {y, h, c_n, gates, cells, save_for_backward ? proj_in : Tensor()};
+}
+
+// Returns [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr]; entries not asked for are None.
+std::vector<Tensor> backward(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes,
+                             const Tensor& h0, const OptTensor& c0, const Tensor& w_ih,
+                             const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                             const OptTensor& w_hr, bool reverse, double cell_clip, double grad_clip,
+                             const Tensor& y, const OptTensor& gates, const OptTensor& cells,
+                             const OptTensor& proj_in, const Tensor& dy, const Tensor& dh_n,
+                             const OptTensor& dc_n, bool need_dx, bool need_weights) {
+  const c10::DeviceGuard guard(x_in.device());
+  Layout layout = make_layout(cell, x_in, batch_sizes, w_ih, w_hh, w_hr, reverse, cell_clip, grad_clip);
+  BackwardParams p;
+  static_cast<LayerParams&>(p) = layout.p;
+  const Tensor x = x_in.contiguous();
+  const Weights w = prepare_weights(p, x, w_ih, w_hh, b_ih, b_hh, w_hr);
+  point_at(p, w);
+  const auto opts = x.options();
+  const auto acc = opts.dtype(acc_type(x.scalar_type()));
+  const int64_t saved = saved_gates_per_unit(cell);
+  TORCH_CHECK(saved == 0 || gates.has_value(), "rnnfused: backward needs the gates saved by forward");
+  TORCH_CHECK(cell != Cell::LSTM || (cells.has_value() && c0.has_value() && dc_n.has_value()),
+              "rnnfused: LSTM backward needs c0, the saved cells and the gradient of c_n");
+  TORCH_CHECK(!w_hr || proj_in.has_value(), "rnnfused: backward needs the saved projection input");
+
+  const Tensor h0c = prepare(h0, "h0", {p.B, p.P}, x);
+  const Tensor yc = y.contiguous(), dyc = dy.contiguous();
+  TORCH_CHECK(yc.numel() == p.N * p.P && dyc.numel() == p.N * p.P,
+              "rnnfused: output and its gradient must have ", p.N * p.P, " elements");
+  Tensor dh = prepare(dh_n, "grad of h_n", {p.B, p.P}, x).to(acc, false, /*copy=*/true);
+  Tensor dc, c0_acc, c_prev;
+  if (cell == Cell::LSTM) {
+    dc = prepare(*dc_n, "grad of c_n", {p.B, p.H}, x).to(acc, false, /*copy=*/true);
+    c0_acc = prepare(*c0, "c0", {p.B, p.H}, x).to(acc);
+    c_prev = empty({p.N, p.H}, acc);
+  }
+  Tensor dx = need_dx ? empty({p.N, p.I}, opts) : Tensor();
+  Tensor dw_ih, dw_hh, db_ih, db_hh, dw_hr;
+  if (need_weights) {
+    dw_ih = empty({p.G, p.I}, opts);
+    dw_hh = empty({p.G, p.P}, opts);
+    if (b_ih) {
+      db_ih = empty({p.G}, opts);
+      db_hh = empty({p.G}, opts);
+    }
+    if (w_hr) dw_hr = empty({p.P, p.H}, opts);
+  }
+  Tensor dgx = empty({p.N, p.G}, opts);
+  Tensor dgh = cell == Cell::GRU ? empty({p.N, p.G}, opts) : dgx;
+  Tensor h_prev = empty({p.N, p.P}, opts);
+  Tensor dht, dm, rh, drh;
+  if (w_hr) {
+    dht = empty({p.N, p.P}, opts);
+    dm = empty({p.B, p.H}, acc);
+  }
+  if (cell == Cell::GRU_CHO) {
+    rh = empty({p.N, p.H}, opts);
+    drh = empty({p.B, p.H}, acc);
+  }
+  Tensor ones = (need_weights && b_ih) ? empty({p.N}, opts).fill_(1) : Tensor();
+
+  p.x = ptr(x);
+  p.h0 = ptr(h0c);
+  p.c0 = ptr(c0_acc);
+  p.y = ptr(yc);
+  p.gates = ptr(gates);
+  p.cells = ptr(cells);
+  p.proj_in = ptr(proj_in);
+  p.dy = ptr(dyc);
+  p.dh = ptr(dh);
+  p.dc = ptr(dc);
+  p.dx = ptr(dx);
+  p.dw_ih = ptr(dw_ih);
+  p.dw_hh = ptr(dw_hh);
+  p.db_ih = ptr(db_ih);
+  p.db_hh = ptr(db_hh);
+  p.dw_hr = ptr(dw_hr);
+  p.dgx = ptr(dgx);
+  p.dgh = ptr(dgh);
+  p.h_prev = ptr(h_prev);
+  p.c_prev = ptr(c_prev);
+  p.dht = ptr(dht);
+  p.dm = ptr(dm);
+  p.rh = ptr(rh);
+  p.drh = ptr(drh);
+  p.ones = ptr(ones);
+  run(x, p);
+
+  if (dx.defined() && !layout.packed) dx = dx.view(x.sizes());
+  return {dx, dh.to(x.scalar_type()), dc.defined() ? dc.to(x.scalar_type()) : Tensor(),
+          dw_ih, dw_hh, db_ih, db_hh, dw_hr};
+}
+
+}  // namespace
+}  // namespace rnnfused
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace rnnfused;
+  m.doc() = "rnnfused kernels: one recurrent layer in one direction, forward and backward";
+  pybind11::enum_<Cell>(m, "Cell")
+      .value("LSTM", Cell::LSTM)
+      .value("GRU", Cell::GRU)
+      .value("GRU_CHO", Cell::GRU_CHO)
+      .value("RNN_TANH", Cell::RNN_TANH)
+      .value("RNN_RELU", Cell::RNN_RELU);
+  m.def("forward", &rnnfused::forward, "Forward of one layer and direction");
+  m.def("backward", &rnnfused::backward, "Backward of one layer and direction");
+  m.attr("with_cuda") = kWithCuda;
+}

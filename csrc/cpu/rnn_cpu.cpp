@@ -1,0 +1,134 @@
+// CPU backend: ATen matmuls (MKL / oneDNN underneath) on views of the raw buffers, and
+// at::parallel_for for the fused pointwise passes.
+#include "rnn_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "../recurrence.h"
+
+namespace rnnfused {
+namespace cpu {
+namespace {
+
+template <typename T>
+at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t ld) {
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(dtype));
+}
+
+// The element loop, written once and compiled twice: for the baseline ISA and for
+// AVX2 + FMA, picked at run time. The cell functions inline into it and vectorise along j
+// (every (b, j) touches its own elements, which `omp simd` asserts).
+template <typename F>
+__attribute__((always_inline)) inline void rows(const F& f_in, int64_t begin, int64_t end, int64_t width) {
+  // A local copy: through the reference, a float member (a clip value) could alias the
+  // float stores of the loop, and the vectoriser would give up.
+  const F f = f_in;
+  for (int64_t b = begin; b < end; ++b) {
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) f(b, j);
+  }
+}
+
+template <typename F>
+void rows_baseline(const F& f, int64_t begin, int64_t end, int64_t width) {
+  rows(f, begin, end, width);
+}
+
+template <typename F>
+__attribute__((target("avx2,fma"))) void rows_avx2(const F& f, int64_t begin, int64_t end, int64_t width) {
+  rows(f, begin, end, width);
+}
+
+bool has_avx2_fma() {
+  __builtin_cpu_init();  // a library's static initialiser may run before libgcc's own
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+const bool kHasAvx2 = has_avx2_fma();
+
+// A pointwise element costs a few exp/tanh, so threads pay off for far fewer elements
+// than ATen's default grain (32768 cheap elements).
+constexpr int64_t kGrainElements = 2048;
+
+struct CpuBackend {
+  template <typename In, typename Out>
+  void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const In* a, int64_t lda,
+            const In* b, int64_t ldb, double beta, Out* c, int64_t ldc) {
+    if (m == 0 || n == 0) return;
+    at::Tensor out = matrix(c, m, n, ldc);
+    if (k == 0) {
+      if (beta == 0) out.zero_();
+      return;
+    }
+    const at::Tensor lhs = trans_a ? matrix(a, k, m, lda).t() : matrix(a, m, k, lda);
+    const at::Tensor rhs = trans_b ? matrix(b, n, k, ldb).t() : matrix(b, k, n, ldb);
+    if constexpr (std::is_same_v<In, Out>) {
+      if (beta == 0)
+        at::mm_out(out, lhs, rhs);
+      else
+        out.addmm_(lhs, rhs);
+    } else {
+      // ATen has no mixed-dtype CPU matmul: fp16/bf16 products are formed in the storage
+      // dtype (fp32 accumulation inside) and widened.
+      const at::Tensor product = at::mm(lhs, rhs);
+      if (beta == 0)
+        out.copy_(product);
+      else
+        out.add_(product);
+    }
+  }
+
+  template <typename F>
+  void for_each(int64_t rows, int64_t width, const F& f) {
+    if (rows == 0 || width == 0) return;
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / width);
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      if (kHasAvx2)
+        rows_avx2(f, begin, end, width);
+      else
+        rows_baseline(f, begin, end, width);
+    });
+  }
+
+  void copy(void* dst, const void* src, int64_t bytes) {
+    if (bytes > 0) std::memcpy(dst, src, static_cast<size_t>(bytes));
+  }
+};
+
+template <typename Fn>
+void dispatch(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::Float32: return fn(float{});
+    case DType::Float64: return fn(double{});
+    case DType::Float16: return fn(at::Half{});
+    case DType::BFloat16: return fn(at::BFloat16{});
+  }
+}
+
+}  // namespace
+
+void run(const ForwardParams& p, DType dtype) {
+  CpuBackend be;
+  dispatch(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    rnnfused::forward<S, at::opmath_type<S>>(be, p);
+  });
+}
+
+void run(const BackwardParams& p, DType dtype) {
+  CpuBackend be;
+  dispatch(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    rnnfused::backward<S, at::opmath_type<S>>(be, p);
+  });
+}
+
+}  // namespace cpu
+}  // namespace rnnfused

@@ -1,0 +1,9 @@
+// Instantiates the double kernels; one file per dtype so nvcc builds them in parallel.
+#include "backend.cuh"
+
+namespace rnnfused {
+namespace cuda {
+template void forward_typed<double>(const ForwardParams&, const Context&);
+template void backward_typed<double>(const BackwardParams&, const Context&);
+}  // namespace cuda
+}  // namespace rnnfused

@@ -1,0 +1,352 @@
+// One fused pointwise pass of one time step, as a functor over (row b, unit j).
+//
+// A backend runs `f(b, j)` for every b < rows and j < width (a CPU parallel loop or one
+// CUDA thread per element); csrc/recurrence.h points the members at the rows of the
+// current step. The math is in cells.h; this file only loads operands and stores results.
+//
+// S is the storage dtype, A the accumulation dtype (see params.h). Row widths are implicit:
+// gate buffers have G (or the saved width) columns, state buffers H columns. Biases are
+// always given (zeros for a layer without bias).
+//
+// In training, gx lives inside the saved gates buffer (row stride ld_gx): a step reads the
+// pre-activations of (b, j) and overwrites them with the activations of (b, j) in the same
+// call, so no separate [N, G] buffer is needed.
+//
+// The bodies are branch-free (options are template parameters: kSave = also write what
+// backward needs) so that the CPU loop over j vectorises.
+#pragma once
+
+#include <cstdint>
+
+#include "cells.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace rnnfused {
+
+template <typename A, typename S>
+RNNF_HD A load(S x) {
+  return static_cast<A>(x);
+}
+
+template <typename S, typename A>
+RNNF_HD S store(A x) {
+  return static_cast<S>(x);
+}
+
+#if defined(__CUDACC__)
+// torch builds CUDA code with implicit half/bfloat16 conversions disabled.
+template <>
+RNNF_HD float load<float, __half>(__half x) {
+  return __half2float(x);
+}
+template <>
+RNNF_HD float load<float, __nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+RNNF_HD __half store<__half, float>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+RNNF_HD __nv_bfloat16 store<__nv_bfloat16, float>(float x) {
+  return __float2bfloat16_rn(x);
+}
+#endif
+
+// Sum of the input and recurrent pre-activation of gate column k (both biases included);
+// x_row and h_row point at the row of gx and gh.
+template <typename A, typename S>
+RNNF_HD A preact(const A* x_row, const A* h_row, const S* b_ih, const S* b_hh, int64_t k) {
+  return x_row[k] + h_row[k] + load<A>(b_ih[k]) + load<A>(b_hh[k]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward steps
+
+template <typename S, typename A, bool kSave>
+struct LstmForwardStep {
+  const A* gx;       // [rows, ld_gx] x W_ihᵀ (may be gates itself)
+  const A* gh;       // [rows, 4H]
+  const S* b_ih;     // [4H]
+  const S* b_hh;     // [4H]
+  A* c;              // [rows, H] in: c_{t-1}; out: c_t
+  S* h_out;          // [rows, H] h_t (y rows), or o * tanh(c_t) when projecting
+  S* h_state;        // [rows, H] second copy of h_t (h_out itself when projecting)
+  A* gates;          // [rows, 4H] kSave: i, f, g, o
+  A* cells;          // [rows, H] kSave: c_t
+  int64_t H, ld_gx;
+  A cell_clip;
+
+  RNNF_HD void operator()(int64_t b, int64_t j) const {
+    const int64_t row = b * 4 * H;
+    const A* x_row = gx + b * ld_gx;
+    const A* h_row = gh + row;
+    const auto a = cells::lstm_activate(preact(x_row, h_row, b_ih, b_hh, j),
+                                        preact(x_row, h_row, b_ih, b_hh, H + j),
+                                        preact(x_row, h_row, b_ih, b_hh, 2 * H + j),
+                                        preact(x_row, h_row, b_ih, b_hh, 3 * H + j));
+    const int64_t e = b * H + j;
+    const A c_t = cells::lstm_cell(a, c[e], cell_clip);
+    c[e] = c_t;
+    const S h = store<S>(cells::lstm_hidden(a, c_t));
+    h_out[e] = h;
+    h_state[e] = h;
+    if constexpr (kSave) {
+      gates[row + j] = a.i;
+      gates[row + H + j] = a.f;
+      gates[row + 2 * H + j] = a.g;
+      gates[row + 3 * H + j] = a.o;
+      cells[e] = c_t;
+    }
+  }
+};
+
+template <typename S, typename A, bool kSave>
+struct GruForwardStep {
+  const A* gx;    // [rows, ld_gx] x W_ihᵀ (may be gates itself)
+  const A* gh;    // [rows, 3H]
+  const S* b_ih;  // [3H]
+  const S* b_hh;  // [3H]
+  S* h_state;     // [rows, H] in: h_{t-1}; out: h_t
+  S* h_out;       // [rows, H] y rows
+  A* gates;       // [rows, 4H] kSave: r, z, n, W_hn h + b_hn
+  int64_t H, ld_gx;
+
+  RNNF_HD void operator()(int64_t b, int64_t j) const {
+    const A* x_row = gx + b * ld_gx;
+    const A* h_row = gh + b * 3 * H;
+    const A hn = h_row[2 * H + j] + load<A>(b_hh[2 * H + j]);
+    const A xn = x_row[2 * H + j] + load<A>(b_ih[2 * H + j]);
+    const auto a = cells::gru_forward(preact(x_row, h_row, b_ih, b_hh, j),
+                                      preact(x_row, h_row, b_ih, b_hh, H + j), xn, hn);
+    const int64_t e = b * H + j;
+    const S h = store<S>(cells::gru_hidden(a.z, a.n, load<A>(h_state[e])));
+    h_state[e] = h;
+    h_out[e] = h;
+    if constexpr (kSave) {
+      const int64_t saved = b * 4 * H;
+      gates[saved + j] = a.r;
+      gates[saved + H + j] = a.z;
+      gates[saved + 2 * H + j] = a.n;
+      gates[saved + 3 * H + j] = a.hn;
+    }
+  }
+};
+
+// GRU_CHO phase 1: r and r * h_{t-1} (the input of the second matmul).
+template <typename S, typename A, bool kSave>
+struct GruChoResetStep {
+  const A* gx;     // [rows, ld_gx] x W_ihᵀ (r columns used; may be gates itself)
+  const A* gh;     // [rows, 3H] (r columns hold W_hr h)
+  const S* b_ih;   // [3H]
+  const S* b_hh;   // [3H]
+  const S* h_state;  // [rows, H] h_{t-1}
+  S* rh;           // [rows, H] out: r * h_{t-1}
+  A* gates;        // [rows, 3H] kSave: r (column block 0)
+  int64_t H, ld_gx;
+
+  RNNF_HD void operator()(int64_t b, int64_t j) const {
+    const A r = cells::sigmoid(preact(gx + b * ld_gx, gh + b * 3 * H, b_ih, b_hh, j));
+    const int64_t e = b * H + j;
+    rh[e] = store<S>(r * load<A>(h_state[e]));
+    if constexpr (kSave) gates[b * 3 * H + j] = r;
+  }
+};
+
+// GRU_CHO phase 2: z, n and h_t; gh's n columns hold W_hn (r * h_{t-1}).
+template <typename S, typename A, bool kSave>
+struct GruChoOutputStep {
+  const A* gx;    // [rows, ld_gx] x W_ihᵀ (may be gates itself)
+  const A* gh;    // [rows, 3H]
+  const S* b_ih;  // [3H]
+  const S* b_hh;  // [3H]
+  S* h_state;     // [rows, H] in: h_{t-1}; out: h_t
+  S* h_out;       // [rows, H] y rows
+  A* gates;       // [rows, 3H] kSave: z, n (column blocks 1, 2)
+  int64_t H, ld_gx;
+
+  RNNF_HD void operator()(int64_t b, int64_t j) const {
+    const int64_t row = b * 3 * H;
+    const A* x_row = gx + b * ld_gx;
+    const A* h_row = gh + row;
+    const A z = cells::sigmoid(preact(x_row, h_row, b_ih, b_hh, H + j));
+    const A n = cells::gru_cho_candidate(x_row[2 * H + j] + load<A>(b_ih[2 * H + j]),
+                                         h_row[2 * H + j] + load<A>(b_hh[2 * H + j]));
+    const int64_t e = b * H + j;
+    const S h = store<S>(cells::gru_hidden(z, n, load<A>(h_state[e])));
+    h_state[e] = h;
+    h_out[e] = h;
+    if constexpr (kSave) {
+      gates[row + H + j] = z;
+      gates[row + 2 * H + j] = n;
+    }
+  }
+};
+
+template <typename S, typename A, bool kRelu>
+struct RnnForwardStep {
+  const A* gx;    // [rows, H]
+  const A* gh;    // [rows, H]
+  const S* b_ih;  // [H]
+  const S* b_hh;  // [H]
+  S* h_state;     // [rows, H] out: h_t
+  S* h_out;       // [rows, H] y rows
+  int64_t H;
+
+  RNNF_HD void operator()(int64_t b, int64_t j) const {
+    const A pre = preact(gx + b * H, gh + b * H, b_ih, b_hh, j);
+    const S h = store<S>(kRelu ? cells::rnn_relu_forward(pre) : cells::rnn_tanh_forward(pre));
+    h_state[b * H + j] = h;
+    h_out[b * H + j] = h;
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Backward steps. `dh` holds the gradient of h_t that arrived from step t+1 (in the
+// direction of the recurrence); `dy` the gradient of the layer output at step t.
+
+// kProjected: h_t = W_hr (o * tanh(c_t)); dh then holds the whole gradient of o * tanh(c_t)
+// and dy is not read.
+template <typename S, typename A, bool kProjected>
+struct LstmBackwardStep {
+  const A* gates;   // [rows, 4H] i, f, g, o
+  const A* cells;   // [rows, H] c_t
+  const A* c_prev;  // [rows, H] c_{t-1}
+  const S* dy;      // [rows, H] (not read when projecting)
+  const A* dh;      // [rows, H] gradient of h_t from step t+1 (of o * tanh(c_t) when projecting)
+  A* dc;            // [rows, H] in: gradient of c_t from step t+1; out: gradient of c_{t-1}
+  S* dg;            // [rows, 4H] out: gradients of the gate pre-activations
+  int64_t H;
+  A cell_clip, grad_clip;
+
+  RNNF_HD void operator()(int64_t b, int64_t j) const {
+    const int64_t row = b * 4 * H;
+    const cells::LstmGates<A> a{gates[row + j], gates[row + H + j], gates[row + 2 * H + j],
+                                gates[row + 3 * H + j]};
+    const int64_t e = b * H + j;
+    A dh_total = dh[e];
+    if constexpr (!kProjected) dh_total += load<A>(dy[e]);
+    A dc_prev;
+    const auto d = cells::lstm_backward(a, cells[e], c_prev[e], dh_total, dc[e], cell_clip,
+                                        grad_clip, dc_prev);
+    dc[e] = dc_prev;
+    dg[row + j] = store<S>(d.i);
+    dg[row + H + j] = store<S>(d.f);
+    dg[row + 2 * H + j] = store<S>(d.g);
+    dg[row + 3 * H + j] = store<S>(d.o);
+  }
+};
+
+template <typename S, typename A>
+struct GruBackwardStep {
+  const A* gates;   // [rows, 4H] r, z, n, W_hn h + b_hn
+  const S* h_prev;  // [rows, H]
+  const S* dy;      // [rows, H]
+  A* dh;            // [rows, H] in: gradient from step t+1; out: the part of the gradient
+                    //   of h_{t-1} that bypasses W_hh (dh * z); the matmul adds the rest
+  S* dgx;           // [rows, 3H] out: gradients of x_r, x_z, x_n
+  S* dgh;           // [rows, 3H] out: gradients of h_r, h_z, h_n
+  int64_t H;
+  A grad_clip;
+
+  RNNF_HD void operator()(int64_t b, int64_t j) const {
+    const int64_t saved = b * 4 * H;
+    const cells::GruGates<A> a{gates[saved + j], gates[saved + H + j], gates[saved + 2 * H + j],
+                               gates[saved + 3 * H + j]};
+    const int64_t e = b * H + j;
+    const auto d = cells::gru_backward(a, load<A>(h_prev[e]), dh[e] + load<A>(dy[e]), grad_clip);
+    dh[e] = d.dh_prev_direct;
+    const int64_t row = b * 3 * H;
+    dgx[row + j] = dgh[row + j] = store<S>(d.d_r);
+    dgx[row + H + j] = dgh[row + H + j] = store<S>(d.d_z);
+    dgx[row + 2 * H + j] = store<S>(d.d_xn);
+    dgh[row + 2 * H + j] = store<S>(d.d_hn);
+  }
+};
+
+// GRU_CHO phase 1: gradients of the z and n pre-activations (the n one feeds the matmul
+// that gives d(r * h_{t-1})); dh becomes the direct part dh * z.
+template <typename S, typename A>
+struct GruChoBackwardNzStep {
+  const A* gates;   // [rows, 3H] r, z, n
+  const S* h_prev;  // [rows, H]
+  const S* dy;      // [rows, H]
+  A* dh;            // [rows, H] in: gradient from step t+1; out: dh * z
+  S* dg;            // [rows, 3H] out: columns of z and n
+  int64_t H;
+  A grad_clip;
+
+  RNNF_HD void operator()(int64_t b, int64_t j) const {
+    const int64_t row = b * 3 * H;
+    const int64_t e = b * H + j;
+    const auto d = cells::gru_cho_backward_nz(gates[row + H + j], gates[row + 2 * H + j],
+                                              load<A>(h_prev[e]), dh[e] + load<A>(dy[e]),
+                                              grad_clip);
+    dh[e] = d.dh_prev_direct;
+    dg[row + H + j] = store<S>(d.d_z);
+    dg[row + 2 * H + j] = store<S>(d.d_xn);
+  }
+};
+
+// GRU_CHO phase 2: gradient of the r pre-activation from d(r * h_{t-1}); also writes
+// r * h_{t-1} of this step for the W_hn weight gradient.
+template <typename S, typename A>
+struct GruChoBackwardRStep {
+  const A* gates;   // [rows, 3H] r, z, n
+  const S* h_prev;  // [rows, H]
+  const A* drh;     // [rows, H] gradient of r * h_{t-1}
+  A* dh;            // [rows, H] in/out: direct part of the gradient of h_{t-1}
+  S* dg;            // [rows, 3H] out: column of r
+  S* rh;            // [rows, H] out: r * h_{t-1}
+  int64_t H;
+  A grad_clip;
+
+  RNNF_HD void operator()(int64_t b, int64_t j) const {
+    const int64_t row = b * 3 * H;
+    const int64_t e = b * H + j;
+    const A r = gates[row + j];
+    const A h = load<A>(h_prev[e]);
+    A direct = dh[e];
+    dg[row + j] = store<S>(cells::gru_cho_backward_r(r, h, drh[e], grad_clip, direct));
+    dh[e] = direct;
+    rh[e] = store<S>(r * h);
+  }
+};
+
+template <typename S, typename A, bool kRelu>
+struct RnnBackwardStep {
+  const S* h;   // [rows, H] h_t (y rows)
+  const S* dy;  // [rows, H]
+  const A* dh;  // [rows, H] gradient from step t+1
+  S* dg;        // [rows, H] out: gradient of the pre-activation
+  int64_t H;
+  A grad_clip;
+
+  RNNF_HD void operator()(int64_t b, int64_t j) const {
+    const int64_t e = b * H + j;
+    const A h_t = load<A>(h[e]);
+    const A grad = dh[e] + load<A>(dy[e]);
+    dg[e] = store<S>(kRelu ? cells::rnn_relu_backward(h_t, grad, grad_clip)
+                           : cells::rnn_tanh_backward(h_t, grad, grad_clip));
+  }
+};
+
+// out = a + b (storage dtype): the total gradient of a projected h_t, dy + dh.
+template <typename S, typename A>
+struct AddStep {
+  const S* a;  // [rows, width]
+  const A* b;  // [rows, width]
+  S* out;      // [rows, width]
+  int64_t width;
+
+  RNNF_HD void operator()(int64_t r, int64_t k) const {
+    const int64_t e = r * width + k;
+    out[e] = store<S>(load<A>(a[e]) + b[e]);
+  }
+};
+
+}  // namespace rnnfused

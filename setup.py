@@ -1,0 +1,163 @@
+"""Builds rnnfused._C against the installed torch (install with --no-build-isolation).
+
+CPU kernels are always built. CUDA kernels are built when torch is a CUDA build and a CUDA
+toolkit (nvcc) is found; otherwise the extension is CPU-only and says so at build time.
+
+Environment:
+  RNNFUSED_SKIP_CUDA_BUILD=1    build the CPU extension only
+  RNNFUSED_REQUIRE_CUDA_BUILD=1 fail instead of falling back to a CPU-only build (CI)
+  RNNFUSED_CUDA_ARCHS="80;90"   compute capabilities to compile for; "90+PTX" also embeds PTX
+  MAX_JOBS                      parallel compile jobs (default: from cores and free memory)
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+
+def find_cuda_home():
+    """The CUDA toolkit folder: $CUDA_HOME or $CUDA_PATH, else the folder of the nvcc on PATH,
+    else /usr/local/cuda; the first that holds include/cuda_runtime.h. torch guesses from
+    nvcc's location only, which is wrong when nvcc is a wrapper script (/usr/local/bin/nvcc)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+if os.environ.get("CUDA_HOME") is None and find_cuda_home() is not None:
+    os.environ["CUDA_HOME"] = find_cuda_home()  # read by torch.utils.cpp_extension on import
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ModuleNotFoundError as error:  # pip's isolated build environment has no torch
+    raise SystemExit(
+        "rnnfused compiles against the torch you already have; install it first and build "
+        "with: pip install --no-build-isolation ."
+    ) from error
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+DEFAULT_CUDA_ARCHS = "80;90"
+
+
+def env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def why_no_cuda():
+    """None when the CUDA kernels can be built, else the reason they are skipped."""
+    if env_flag("RNNFUSED_SKIP_CUDA_BUILD"):
+        return "RNNFUSED_SKIP_CUDA_BUILD is set"
+    if torch.version.cuda is None:
+        return "torch is a CPU-only build"
+    home = cpp_extension.CUDA_HOME
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return "no CUDA toolkit (nvcc) was found; set CUDA_HOME"
+    if not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        return f"the CUDA toolkit at {home} has no headers; set CUDA_HOME"
+    return None
+
+
+def find_cublas():
+    """(include dir, library dir, linker flag) of cuBLAS: the toolkit's own, else the copy in
+    the nvidia-* wheels that CUDA builds of torch install."""
+    bases = [cpp_extension.CUDA_HOME]
+    try:
+        import nvidia
+
+        bases += [d for p in nvidia.__path__ for d in sorted(glob.glob(os.path.join(p, "*")))]
+    except ImportError:
+        pass
+    for base in bases:
+        include = os.path.join(base, "include")
+        if not os.path.exists(os.path.join(include, "cublas_v2.h")):
+            continue
+        for lib in ("lib64", "lib"):
+            libdir = os.path.join(base, lib)
+            if os.path.exists(os.path.join(libdir, "libcublas.so")):
+                return include, libdir, "-lcublas"
+            versioned = sorted(glob.glob(os.path.join(libdir, "libcublas.so.*")))
+            if versioned:
+                return include, libdir, "-l:" + os.path.basename(versioned[0])
+    raise SystemExit(
+        "rnnfused: cuBLAS headers (cublas_v2.h) were not found in the CUDA toolkit or the "
+        "nvidia wheels; install them or set RNNFUSED_SKIP_CUDA_BUILD=1 for a CPU-only build"
+    )
+
+
+def arch_flags():
+    flags = []
+    for arch in os.environ.get("RNNFUSED_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).replace(",", ";").split(";"):
+        arch = arch.strip().replace(".", "")
+        if not arch:
+            continue
+        ptx = arch.endswith("+PTX")
+        arch = arch.removesuffix("+PTX")
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        if ptx:
+            flags += ["-gencode", f"arch=compute_{arch},code=compute_{arch}"]
+    return flags
+
+
+def default_max_jobs():
+    """nvcc takes up to ~2 GB per job on these templates: bound the jobs by free memory."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        free_gb = int(fields["MemAvailable"].split()[0]) / 2**20
+    except (OSError, KeyError, ValueError):
+        free_gb = 4
+    return max(1, min(os.cpu_count() or 1, int(free_gb // 2)))
+
+
+def extension():
+    sources = [os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "cpu", "rnn_cpu.cpp")]
+    include_dirs = [CSRC]
+    # What the CPU element loops need to vectorise: -fno-trapping-math to select between
+    # computed values (torch builds with it too), and -fno-wrapv to undo Python's -fwrapv,
+    # under which the vectoriser cannot prove that row * width + j steps affinely.
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno",
+                 "-fno-wrapv"]
+    no_cuda = why_no_cuda()
+    if no_cuda is not None and env_flag("RNNFUSED_REQUIRE_CUDA_BUILD"):
+        raise SystemExit(f"rnnfused: RNNFUSED_REQUIRE_CUDA_BUILD is set but {no_cuda}")
+    if no_cuda is not None:
+        print(f"rnnfused: building the CPU kernels only ({no_cuda})")
+        return cpp_extension.CppExtension(
+            "rnnfused._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+        )
+
+    cublas_include, cublas_libdir, cublas_link = find_cublas()
+    # The toolkit's headers first; the wheel directory only adds what the toolkit lacks.
+    include_dirs += [os.path.join(cpp_extension.CUDA_HOME, "include"), cublas_include]
+    sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    print(f"rnnfused: building the CPU and CUDA kernels ({' '.join(arch_flags())})")
+    return cpp_extension.CUDAExtension(
+        "rnnfused._C",
+        sources,
+        include_dirs=list(dict.fromkeys(include_dirs)),
+        define_macros=[("RNNFUSED_WITH_CUDA", None)],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + arch_flags(),
+        },
+        extra_link_args=[f"-L{cublas_libdir}", cublas_link, f"-Wl,-rpath,{cublas_libdir}"],
+    )
+
+
+os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+
+setup(
+    packages=find_packages(include=["rnnfused", "rnnfused.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
