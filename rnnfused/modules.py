@@ -1,0 +1,438 @@
+"""Drop-in replacements for ``torch.nn.RNN``, ``torch.nn.LSTM`` and ``torch.nn.GRU``.
+
+Same constructor arguments, validation, attributes, parameter names, shapes, order and
+initialisation (the same seed gives the same weights), state_dict, forward signature,
+outputs, PackedSequence handling and errors as torch.nn; the recurrence runs on the fused
+kernels of :mod:`rnnfused.functional`.
+
+The classes derive from ``nn.Module``, not from ``torch.nn.RNNBase``: torch.compile refuses
+to trace instances of the torch.nn recurrent classes.
+
+Extras beyond torch.nn (keyword-only, off by default): ``grad_clip`` for every layer,
+``cell_clip`` for LSTM and ``reset_after`` for GRU; see the class docstrings.
+"""
+
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import init
+from torch.nn.utils.rnn import PackedSequence
+
+from .functional import Cell, _clip_value, recurrent_layer
+
+__all__ = ["RNN", "LSTM", "GRU"]
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+class _RecurrentBase(nn.Module):
+    """Stack of ``num_layers`` recurrent layers, each in one or two directions.
+
+    Holds what torch.nn.RNNBase holds (the same attributes and parameters) and runs the
+    stack layer by layer; ``dropout`` is applied to the output of every layer but the last
+    in training mode, as torch.nn does.
+    """
+
+    __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                     "dropout", "bidirectional", "proj_size"]
+
+    def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
+                 grad_clip=None, cell_clip=None, reset_after=True):
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.grad_clip = grad_clip
+        self.cell_clip = cell_clip
+        self.reset_after = reset_after
+        _check_config(self, dropout)
+
+        gate_size = _GATES[mode] * hidden_size
+        real_hidden_size = proj_size if proj_size > 0 else hidden_size
+        num_directions = 2 if bidirectional else 1
+        self._flat_weights_names = []
+        self._all_weights = []
+        for layer in range(num_layers):
+            layer_input_size = input_size if layer == 0 else real_hidden_size * num_directions
+            for direction in range(num_directions):
+                suffix = "_reverse" if direction == 1 else ""
+                shapes = {"weight_ih": (gate_size, layer_input_size),
+                          "weight_hh": (gate_size, real_hidden_size)}
+                if bias:
+                    shapes["bias_ih"] = (gate_size,)
+                    shapes["bias_hh"] = (gate_size,)
+                if proj_size > 0:
+                    shapes["weight_hr"] = (proj_size, hidden_size)
+                names = []
+                for kind, shape in shapes.items():
+                    name = f"{kind}_l{layer}{suffix}"
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
+                    names.append(name)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every parameter, in registration
+        order (the same random draws as torch.nn)."""
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    @property
+    def _flat_weights(self):
+        return [getattr(self, name, None) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self):
+        """Parameters per (layer, direction): ``[[weight_ih_l0, weight_hh_l0, ...], ...]``."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """No-op, kept for compatibility: the fused kernels read the parameters in place."""
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        if self.grad_clip is not None:
+            s += f", grad_clip={self.grad_clip}"
+        if self.cell_clip is not None:
+            s += f", cell_clip={self.cell_clip}"
+        if self.reset_after is not True:
+            s += f", reset_after={self.reset_after}"
+        return s
+
+    # --- checks, as torch.nn ---------------------------------------------------------------
+
+    def _expected_state_size(self, input, batch_sizes, width):
+        if batch_sizes is not None:
+            mini_batch = int(batch_sizes[0])
+        else:
+            mini_batch = input.size(0) if self.batch_first else input.size(1)
+        num_directions = 2 if self.bidirectional else 1
+        return (self.num_layers * num_directions, mini_batch, width)
+
+    def _check_input(self, input, batch_sizes):
+        weight_dtype = self.weight_ih_l0.dtype
+        if input.dtype != weight_dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
+                f"Convert input: input.to({weight_dtype}), or convert model: model.to({input.dtype})")
+        expected_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                f"got {input.size(-1)}")
+
+    @staticmethod
+    def _check_state(state, input, expected, message):
+        if state.size() != expected:
+            raise RuntimeError(message.format(expected, list(state.size())))
+        if state.dtype != input.dtype:
+            raise RuntimeError(f"hidden state dtype ({state.dtype}) does not match input dtype "
+                               f"({input.dtype})")
+
+    # --- the stack ------------------------------------------------------------------------
+
+    def _cell(self):
+        if self.mode == "GRU" and not self.reset_after:
+            return Cell.GRU_CHO
+        return getattr(Cell, self.mode)
+
+    def _run_stack(self, x, batch_sizes, hx, cx):
+        """x: [T, B, I] time-major or [N, I] packed rows; hx [L*D, B, P]; cx [L*D, B, H] or None.
+        Returns (output, h_n, c_n) with output in the layout of x."""
+        cell = self._cell()
+        num_directions = 2 if self.bidirectional else 1
+        h_n, c_n = [], []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(num_directions):
+                index = layer * num_directions + direction
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+
+                def param(kind):
+                    return getattr(self, kind + suffix, None)
+
+                y, h, c = recurrent_layer(
+                    cell, layer_input, hx[index], None if cx is None else cx[index],
+                    param("weight_ih"), param("weight_hh"), param("bias_ih"), param("bias_hh"),
+                    param("weight_hr"), batch_sizes=batch_sizes, reverse=direction == 1,
+                    cell_clip=self.cell_clip, grad_clip=self.grad_clip)
+                outputs.append(y)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, torch.stack(h_n), (torch.stack(c_n) if cx is not None else None)
+
+    def _forward(self, input, hx):
+        """Shared forward of GRU and RNN (a single hidden state); LSTM has its own."""
+        name = "RNN" if self.mode.startswith("RNN") else self.mode
+        num_directions = 2 if self.bidirectional else 1
+        packed = isinstance(input, PackedSequence)
+        sorted_indices = unsorted_indices = None
+        batch_sizes = None
+        is_batched = True
+        if packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            if hx is None:
+                hx = input.new_zeros(self.num_layers * num_directions, int(batch_sizes[0]),
+                                     self.hidden_size)
+            else:
+                hx = _permute(hx, sorted_indices)
+        else:
+            if input.dim() not in (2, 3):
+                tensor = " tensor" if name == "RNN" else ""
+                raise ValueError(
+                    f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{tensor} instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    if hx.dim() != 2:
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
+                    hx = hx.unsqueeze(1)
+            elif hx is not None and hx.dim() != 3:
+                raise RuntimeError(
+                    f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+            if hx is None:
+                hx = input.new_zeros(self.num_layers * num_directions, input.size(batch_dim),
+                                     self.hidden_size)
+        self._check_input(input, batch_sizes)
+        self._check_state(hx, input, self._expected_state_size(input, batch_sizes, self.hidden_size),
+                          "Expected hidden size {}, got {}")
+
+        x = input.transpose(0, 1) if (self.batch_first and not packed) else input
+        output, h_n, _ = self._run_stack(x, batch_sizes, hx, None)
+        if packed:
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
+                _permute(h_n, unsorted_indices)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            h_n = h_n.squeeze(1)
+        return output, h_n
+
+
+def _permute(state, permutation):
+    return state if permutation is None else state.index_select(1, permutation)
+
+
+def _check_config(module, dropout):
+    """Constructor checks of torch.nn.RNNBase, in its order and with its messages, then ours."""
+    if (not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1
+            or isinstance(dropout, bool)):
+        raise ValueError("dropout should be a number in range [0, 1] representing the probability "
+                         "of an element being zeroed")
+    if dropout > 0 and module.num_layers == 1:
+        warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero "
+                      f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+                      f"num_layers={module.num_layers}", stacklevel=4)
+    for name in ("bias", "batch_first"):
+        value = getattr(module, name)
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+    for name in ("input_size", "hidden_size"):
+        value = getattr(module, name)
+        if not isinstance(value, int):
+            raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+        if value <= 0:
+            raise ValueError(f"{name} must be greater than zero")
+    if module.num_layers <= 0:
+        raise ValueError("num_layers must be greater than zero")
+    if module.proj_size < 0:
+        raise ValueError("proj_size should be a positive integer or zero to disable projections")
+    if module.proj_size >= module.hidden_size:
+        raise ValueError("proj_size has to be smaller than hidden_size")
+    if module.proj_size > 0 and module.mode != "LSTM":
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+    _clip_value(module.grad_clip, "grad_clip")
+    if module.cell_clip is not None and module.mode != "LSTM":
+        raise ValueError("cell_clip is only supported for LSTM")
+    _clip_value(module.cell_clip, "cell_clip")
+    if module.reset_after is not True and module.mode != "GRU":
+        raise ValueError("reset_after is only supported for GRU")
+    if not isinstance(module.reset_after, bool):
+        raise TypeError(f"reset_after should be of type bool, got: {type(module.reset_after).__name__}")
+
+
+class RNN(_RecurrentBase):
+    r"""Multi-layer Elman RNN, drop-in for :class:`torch.nn.RNN`.
+
+    ``RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
+    grad_clip=None)``
+
+    For each step: :math:`h_t = \tanh(x_t W_{ih}^T + b_{ih} + h_{t-1} W_{hh}^T + b_{hh})`
+    (ReLU with ``nonlinearity='relu'``).
+
+    Shapes (L sequence length, N batch, D = 2 if bidirectional else 1, H hidden_size):
+        input: ``(L, H_in)`` unbatched, ``(L, N, H_in)``, ``(N, L, H_in)`` with batch_first,
+            or a PackedSequence. hx: ``(D * num_layers, H)`` or ``(D * num_layers, N, H)``.
+        output: ``(L, D * H)``, ``(L, N, D * H)`` or ``(N, L, D * H)`` (PackedSequence for
+            packed input); h_n: ``(D * num_layers, [N,] H)``.
+
+    grad_clip: clamp the gradient of every pre-activation to [-grad_clip, grad_clip] at each
+        step of the backward pass (None: off).
+    """
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(
+                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        return self._forward(input, hx)
+
+
+class GRU(_RecurrentBase):
+    r"""Multi-layer gated recurrent unit, drop-in for :class:`torch.nn.GRU`.
+
+    ``GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, device=None, dtype=None, *, grad_clip=None, reset_after=True)``
+
+    For each step (gates r, z, n in torch.nn's order)::
+
+        r = σ(W_ir x + b_ir + W_hr h + b_hr)
+        z = σ(W_iz x + b_iz + W_hz h + b_hz)
+        n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))         reset_after=True (torch.nn, cuDNN)
+        n = tanh(W_in x + b_in + W_hn (r ⊙ h) + b_hn)         reset_after=False (Cho et al. 2014)
+        h' = (1 - z) ⊙ n + z ⊙ h
+
+    Shapes as :class:`rnnfused.RNN`. grad_clip: clamp the gradient of every gate
+    pre-activation to [-grad_clip, grad_clip] at each step of the backward pass (None: off).
+    """
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        return self._forward(input, hx)
+
+
+class LSTM(_RecurrentBase):
+    r"""Multi-layer long short-term memory, drop-in for :class:`torch.nn.LSTM`.
+
+    ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, proj_size=0, device=None, dtype=None, *, grad_clip=None,
+    cell_clip=None)``
+
+    For each step (gates i, f, g, o in torch.nn's order)::
+
+        i, f, o = σ(W_i* x + b_i* + W_h* h + b_h*),   g = tanh(W_ig x + b_ig + W_hg h + b_hg)
+        c' = f ⊙ c + i ⊙ g        (clamped to [-cell_clip, cell_clip] when cell_clip is set)
+        h' = o ⊙ tanh(c')         (then h' = W_hr h' with proj_size > 0)
+
+    Shapes (L sequence length, N batch, D = 2 if bidirectional else 1, H_out = proj_size or
+    hidden_size, H_cell = hidden_size):
+        input: ``(L, H_in)``, ``(L, N, H_in)``, ``(N, L, H_in)`` with batch_first, or a
+            PackedSequence. (h_0, c_0): ``(D * num_layers, [N,] H_out)``,
+            ``(D * num_layers, [N,] H_cell)``.
+        output: ``(L, [N,] D * H_out)`` (``(N, L, D * H_out)`` with batch_first; PackedSequence
+            for packed input); (h_n, c_n) shaped as (h_0, c_0).
+
+    grad_clip: clamp the gradient of every gate pre-activation to [-grad_clip, grad_clip] at
+        each step of the backward pass (None: off).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    def forward(self, input, hx=None):
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        sorted_indices = unsorted_indices = None
+        batch_sizes = None
+        is_batched = True
+
+        def zeros(batch):
+            return (input.new_zeros(self.num_layers * num_directions, batch, real_hidden_size),
+                    input.new_zeros(self.num_layers * num_directions, batch, self.hidden_size))
+
+        if packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            hx = zeros(int(batch_sizes[0])) if hx is None else hx
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            if hx is None:
+                hx = zeros(input.size(batch_dim))
+            elif is_batched:
+                if hx[0].dim() != 3 or hx[1].dim() != 3:
+                    raise RuntimeError(
+                        "For batched 3-D input, hx and cx should also be 3-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            else:
+                if hx[0].dim() != 2 or hx[1].dim() != 2:
+                    raise RuntimeError(
+                        "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        h0, c0 = _permute(hx[0], sorted_indices), _permute(hx[1], sorted_indices)
+        self._check_input(input, batch_sizes)
+        self._check_state(h0, input, self._expected_state_size(input, batch_sizes, real_hidden_size),
+                          "Expected hidden[0] size {}, got {}")
+        self._check_state(c0, input, self._expected_state_size(input, batch_sizes, self.hidden_size),
+                          "Expected hidden[1] size {}, got {}")
+
+        x = input.transpose(0, 1) if (self.batch_first and not packed) else input
+        output, h_n, c_n = self._run_stack(x, batch_sizes, h0, c0)
+        if packed:
+            return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                    (_permute(h_n, unsorted_indices), _permute(c_n, unsorted_indices)))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, (h_n, c_n)
