@@ -1,0 +1,66 @@
+"""Shared helpers: twin modules (torch.nn and rnnfused with the same weights), and a run
+that backpropagates a fixed random weighting of every result to all leaves."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+import rnnfused
+
+# Largest difference allowed between rnnfused and another implementation of the same
+# equations (torch.nn or rnnfused.reference), relative to max(1, max |value|), by dtype.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+MODES = {
+    "LSTM": (nn.LSTM, rnnfused.LSTM, {}),
+    "GRU": (nn.GRU, rnnfused.GRU, {}),
+    "RNN_TANH": (nn.RNN, rnnfused.RNN, {"nonlinearity": "tanh"}),
+    "RNN_RELU": (nn.RNN, rnnfused.RNN, {"nonlinearity": "relu"}),
+}
+
+requires_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and "cuda" in rnnfused.backends()),
+    reason="needs a CUDA device and a build with the CUDA kernels")
+
+
+def make_twins(mode, *args, dtype=torch.float64, device="cpu", seed=0, **kwargs):
+    """(torch.nn module, rnnfused module) with identical parameters."""
+    torch_cls, ours_cls, extra = MODES[mode]
+    torch.manual_seed(seed)
+    theirs = torch_cls(*args, **extra, **kwargs).to(device=device, dtype=dtype)
+    ours = ours_cls(*args, **extra, **kwargs).to(device=device, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def flatten(result):
+    """(output, hidden) of any of the modules -> [output (packed data), h_n(, c_n)]."""
+    output, hidden = result
+    if isinstance(output, PackedSequence):
+        output = output.data
+    return [output] + (list(hidden) if isinstance(hidden, tuple) else [hidden])
+
+
+def run_and_grad(fn, x, hx, leaves, params=None, seed=1):
+    """fn(x, hx), then the gradients of sum(result * fixed random weights) with respect to
+    `leaves` and `params` (default: fn's parameters). Returns (results, gradients)."""
+    params = list(fn.parameters()) if params is None else list(params)
+    values = flatten(fn(x, hx))
+    generator = torch.Generator(device=values[0].device).manual_seed(seed)
+    loss = sum((v * torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype)).sum()
+               for v in values)
+    grads = torch.autograd.grad(loss, list(leaves) + params)
+    return [v.detach() for v in values], list(grads)
+
+
+def max_error(actual, expected):
+    """Largest max|a - e| / max(1, max|e|) over paired tensors of equal shapes."""
+    assert len(actual) == len(expected)
+    worst = 0.0
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape, (a.shape, e.shape)
+        if e.numel():
+            scale = max(1.0, e.abs().max().item())
+            worst = max(worst, (a.double() - e.double()).abs().max().item() / scale)
+    return worst
