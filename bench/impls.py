@@ -1,0 +1,123 @@
+"""The implementations a benchmark compares, all with the weights of one torch.nn module.
+
+Each `make_*` returns a runner `run(x, mode)`: mode "fwd" runs under no_grad, "fwdbwd"
+runs forward and `output.backward(ones_like(output))` (the baselines' definition). It
+returns the output (the data of a packed output). `unavailable(...)` says why an
+implementation cannot run a case, or None.
+"""
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+import rnnfused
+
+TORCH_CLASSES = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN, "RNN_RELU": nn.RNN}
+OURS_CLASSES = {"LSTM": rnnfused.LSTM, "GRU": rnnfused.GRU, "RNN": rnnfused.RNN, "RNN_RELU": rnnfused.RNN}
+
+
+def module_kwargs(cell, config):
+    kwargs = dict(num_layers=config.layers, bidirectional=config.bidirectional)
+    if cell == "RNN_RELU":
+        kwargs["nonlinearity"] = "relu"
+    return kwargs
+
+
+def base_module(cell, config, seed=0):
+    """The torch.nn module (fp32, CPU) whose weights every implementation uses."""
+    torch.manual_seed(seed)
+    return TORCH_CLASSES[cell](config.I, config.H, **module_kwargs(cell, config))
+
+
+def _runner(forward, context=contextlib.nullcontext):
+    """run(x, mode) around forward(x) -> output (tensor or PackedSequence)."""
+    def run(x, mode):
+        with context():
+            if mode == "fwd":
+                with torch.no_grad():
+                    output = forward(x)
+            else:
+                output = forward(x)
+            data = output.data if isinstance(output, PackedSequence) else output
+            if mode != "fwd":
+                data.backward(torch.ones_like(data))
+        return data.detach()
+    return run
+
+
+def make_rnnfused(base, cell, config, device, dtype):
+    module = OURS_CLASSES[cell](config.I, config.H, **module_kwargs(cell, config))
+    module.load_state_dict(base.state_dict())
+    module = module.to(device=device, dtype=dtype)
+    return _runner(lambda x: module(x)[0])
+
+
+def make_torch(base, cell, config, device, dtype):
+    """torch.nn as it runs by default: cuDNN on a GPU, oneDNN / native on a CPU."""
+    module = copy.deepcopy(base).to(device=device, dtype=dtype)
+    return _runner(lambda x: module(x)[0])
+
+
+def make_torch_native(base, cell, config, device, dtype):
+    """torch.nn on the GPU with cuDNN disabled: torch's own fused-cell CUDA path."""
+    module = copy.deepcopy(base).to(device=device, dtype=dtype)
+    return _runner(lambda x: module(x)[0], lambda: torch.backends.cudnn.flags(enabled=False))
+
+
+def make_reference(base, cell, config, device, dtype):
+    module = copy.deepcopy(base).to(device=device, dtype=dtype)
+    return _runner(lambda x: rnnfused.reference.forward(module, x)[0])
+
+
+def make_flashrnn(base, cell, config, device, dtype):
+    """FlashRNN's fused CUDA LSTM with the same weights: one head of size H, gates i, f, z, o
+    (torch.nn's i, f, g, o), R[g] = W_hh[g]ᵀ so that the recurrent term is h R[g]. The
+    input projection x W_ihᵀ + b is part of the timed work, as for every implementation."""
+    from flashrnn import flashrnn
+
+    H = config.H
+    params = {k: v.detach().to(device=device, dtype=dtype) for k, v in base.named_parameters()}
+    w_ih = params["weight_ih_l0"].requires_grad_()
+    bias = (params["bias_ih_l0"] + params["bias_hh_l0"]).requires_grad_()
+    R = params["weight_hh_l0"].view(4, H, H).transpose(1, 2).reshape(4, 1, H, H).contiguous().requires_grad_()
+    zero_b = torch.zeros(4, 1, H, device=device, dtype=dtype)
+    name = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
+
+    def forward(x):  # x [T, B, I] -> h of every step [T, B, H]
+        wx = (x.transpose(0, 1) @ w_ih.t() + bias).view(x.shape[1], x.shape[0], 4, 1, H)
+        states, _ = flashrnn(wx, R, zero_b, function="lstm", backend="cuda_fused", dtype=name)
+        return states[0, :, :, 0].transpose(0, 1)
+
+    return _runner(forward)
+
+
+IMPLEMENTATIONS = {
+    "rnnfused": make_rnnfused,
+    "torch": make_torch,
+    "torch_native": make_torch_native,
+    "reference": make_reference,
+    "flashrnn": make_flashrnn,
+}
+
+
+def unavailable(name, cell, config, device, dtype):
+    """None when `name` can run this case, else the reason it is skipped."""
+    if name == "rnnfused" and device not in rnnfused.backends():
+        return f"this build has no {device} kernels"
+    if name == "torch_native" and device != "cuda":
+        return "cuDNN on/off only matters on a GPU"
+    if name == "flashrnn":
+        if device != "cuda":
+            return "FlashRNN is CUDA only"
+        if cell != "LSTM" or config.layers != 1 or config.bidirectional or config.packed:
+            return "mapped for single-layer unidirectional padded LSTM only"
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return "FlashRNN has no kernels for this dtype"
+        try:
+            import flashrnn  # noqa: F401
+        except Exception as error:  # noqa: BLE001 - any import failure means it cannot run
+            return f"not importable ({type(error).__name__}); pip install flashrnn"
+    return None
