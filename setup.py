@@ -119,8 +119,13 @@ def default_max_jobs():
     return max(1, min(os.cpu_count() or 1, int(free_gb // 2)))
 
 
+def relative(paths):
+    """setuptools wants source paths relative to setup.py (include dirs may be absolute)."""
+    return [os.path.relpath(p, ROOT) for p in paths]
+
+
 def extension():
-    sources = [os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "cpu", "rnn_cpu.cpp")]
+    sources = relative([os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "cpu", "rnn_cpu.cpp")])
     include_dirs = [CSRC]
     # What the CPU element loops need to vectorise: -fno-trapping-math to select between
     # computed values (torch builds with it too), and -fno-wrapv to undo Python's -fwrapv,
@@ -139,7 +144,7 @@ def extension():
     cublas_include, cublas_libdir, cublas_link = find_cublas()
     # The toolkit's headers first; the wheel directory only adds what the toolkit lacks.
     include_dirs += [os.path.join(cpp_extension.CUDA_HOME, "include"), cublas_include]
-    sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    sources += relative(sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))))
     print(f"rnnfused: building the CPU and CUDA kernels ({' '.join(arch_flags())})")
     return cpp_extension.CUDAExtension(
         "rnnfused._C",
