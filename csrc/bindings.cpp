@@ -123,18 +123,23 @@ Tensor prepare(const Tensor& t, const char* name, at::IntArrayRef shape, const T
   return t.contiguous();
 }
 
-// Sizes shared by forward and backward, read from the input and the weights.
-struct Layout {
+// What forward and backward share: the sizes (read from the input and the weights), the
+// contiguous input, the checked weights (kept alive here: p points into them) and the
+// tensor options of the storage and accumulation dtypes.
+struct Layer {
   LayerParams p;
   std::vector<int64_t> batch_sizes;
-  bool packed;
+  bool packed = false;
+  Tensor x, w_ih, w_hh, b_ih, b_hh, w_hr;
+  at::TensorOptions opts, acc;
 };
 
-Layout make_layout(Cell cell, const Tensor& x, const OptTensor& batch_sizes, const Tensor& w_ih,
-                   const Tensor& w_hh, const OptTensor& w_hr, bool reverse, double cell_clip,
-                   double grad_clip) {
-  Layout l;
+Layer prepare_layer(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& w_ih,
+                    const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
+                    bool reverse, double cell_clip, double grad_clip) {
+  Layer l;
   LayerParams& p = l.p;
+  const Tensor& x = x_in;
   p.cell = cell;
   p.reverse = reverse;
   l.packed = batch_sizes.has_value();
@@ -177,33 +182,25 @@ Layout make_layout(Cell cell, const Tensor& x, const OptTensor& batch_sizes, con
   p.grad_clip = grad_clip;
   p.batch_sizes = l.batch_sizes.data();
   p.allow_tf32 = at::globalContext().allowTF32CuBLAS();
+
+  l.x = x_in.contiguous();
+  l.w_ih = prepare(w_ih, "weight_ih", {p.G, p.I}, l.x);
+  l.w_hh = prepare(w_hh, "weight_hh", {p.G, p.P}, l.x);
+  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnnfused: give both biases or neither");
+  // The kernels always add both biases: zeros stand in for a layer without bias.
+  l.b_ih = b_ih ? prepare(*b_ih, "bias_ih", {p.G}, l.x) : at::zeros({p.G}, l.x.options());
+  l.b_hh = b_hh ? prepare(*b_hh, "bias_hh", {p.G}, l.x) : at::zeros({p.G}, l.x.options());
+  if (w_hr) l.w_hr = prepare(*w_hr, "weight_hr", {p.P, p.H}, l.x);
+  p.w_ih = ptr(l.w_ih);
+  p.w_hh = ptr(l.w_hh);
+  p.b_ih = ptr(l.b_ih);
+  p.b_hh = ptr(l.b_hh);
+  p.w_hr = ptr(l.w_hr);
+  l.opts = l.x.options();
+  l.acc = l.opts.dtype(acc_type(l.x.scalar_type()));
   return l;
 }
 
-struct Weights {
-  Tensor w_ih, w_hh, b_ih, b_hh, w_hr;
-};
-
-Weights prepare_weights(const LayerParams& p, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh,
-                        const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr) {
-  Weights w;
-  w.w_ih = prepare(w_ih, "weight_ih", {p.G, p.I}, x);
-  w.w_hh = prepare(w_hh, "weight_hh", {p.G, p.P}, x);
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnnfused: give both biases or neither");
-  // The kernels always add both biases: zeros stand in for a layer without bias.
-  w.b_ih = b_ih ? prepare(*b_ih, "bias_ih", {p.G}, x) : at::zeros({p.G}, x.options());
-  w.b_hh = b_hh ? prepare(*b_hh, "bias_hh", {p.G}, x) : at::zeros({p.G}, x.options());
-  if (w_hr) w.w_hr = prepare(*w_hr, "weight_hr", {p.P, p.H}, x);
-  return w;
-}
-
-void point_at(LayerParams& p, const Weights& w) {
-  p.w_ih = ptr(w.w_ih);
-  p.w_hh = ptr(w.w_hh);
-  p.b_ih = ptr(w.b_ih);
-  p.b_hh = ptr(w.b_hh);
-  p.w_hr = ptr(w.w_hr);
-}
 
 #ifdef RNNFUSED_WITH_CUDA
 constexpr bool kWithCuda = true;
@@ -231,17 +228,15 @@ std::vector<Tensor> forward(Cell cell, const Tensor& x_in, const OptTensor& batc
                             const OptTensor& w_hr, bool reverse, bool save_for_backward,
                             double cell_clip) {
   const c10::DeviceGuard guard(x_in.device());
-  Layout layout = make_layout(cell, x_in, batch_sizes, w_ih, w_hh, w_hr, reverse, cell_clip, INFINITY);
+  const Layer layer = prepare_layer(cell, x_in, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, cell_clip,
+                                    INFINITY);
   ForwardParams p;
-  static_cast<LayerParams&>(p) = layout.p;
-  const Tensor x = x_in.contiguous();
-  const Weights w = prepare_weights(p, x, w_ih, w_hh, b_ih, b_hh, w_hr);
-  point_at(p, w);
-  const auto opts = x.options();
-  const auto acc = opts.dtype(acc_type(x.scalar_type()));
+  static_cast<LayerParams&>(p) = layer.p;
+  const Tensor& x = layer.x;
+  const auto &opts = layer.opts, &acc = layer.acc;
 
   std::vector<int64_t> y_shape = {p.N, p.P};
-  if (!layout.packed) y_shape = {x.size(0), x.size(1), p.P};
+  if (!layer.packed) y_shape = {x.size(0), x.size(1), p.P};
   Tensor y = empty(y_shape, opts);
   Tensor h = prepare(h0, "h0", {p.B, p.P}, x).clone();
   Tensor c;
@@ -285,14 +280,12 @@ std::vector<Tensor> backward(Cell cell, const Tensor& x_in, const OptTensor& bat
                              const OptTensor& proj_in, const Tensor& dy, const Tensor& dh_n,
                              const OptTensor& dc_n, bool need_dx, bool need_weights) {
   const c10::DeviceGuard guard(x_in.device());
-  Layout layout = make_layout(cell, x_in, batch_sizes, w_ih, w_hh, w_hr, reverse, cell_clip, grad_clip);
+  const Layer layer = prepare_layer(cell, x_in, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, cell_clip,
+                                    grad_clip);
   BackwardParams p;
-  static_cast<LayerParams&>(p) = layout.p;
-  const Tensor x = x_in.contiguous();
-  const Weights w = prepare_weights(p, x, w_ih, w_hh, b_ih, b_hh, w_hr);
-  point_at(p, w);
-  const auto opts = x.options();
-  const auto acc = opts.dtype(acc_type(x.scalar_type()));
+  static_cast<LayerParams&>(p) = layer.p;
+  const Tensor& x = layer.x;
+  const auto &opts = layer.opts, &acc = layer.acc;
   const int64_t saved = saved_gates_per_unit(cell);
   TORCH_CHECK(saved == 0 || gates.has_value(), "rnnfused: backward needs the gates saved by forward");
   TORCH_CHECK(cell != Cell::LSTM || (cells.has_value() && c0.has_value() && dc_n.has_value()),
@@ -362,7 +355,7 @@ std::vector<Tensor> backward(Cell cell, const Tensor& x_in, const OptTensor& bat
   p.ones = ptr(ones);
   run(x, p);
 
-  if (dx.defined() && !layout.packed) dx = dx.view(x.sizes());
+  if (dx.defined() && !layer.packed) dx = dx.view(x.sizes());
   return {dx, dh.to(x.scalar_type()), dc.defined() ? dc.to(x.scalar_type()) : Tensor(),
           dw_ih, dw_hh, db_ih, db_hh, dw_hr};
 }
