@@ -153,7 +153,7 @@ class _RecurrentBase(nn.Module):
     def _check_state(state, input, expected, message):
         if state.size() != expected:
             raise RuntimeError(message.format(expected, list(state.size())))
-        if state.dtype != input.dtype:
+        if state.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
             raise RuntimeError(f"hidden state dtype ({state.dtype}) does not match input dtype "
                                f"({input.dtype})")
 

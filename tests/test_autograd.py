@@ -134,3 +134,16 @@ def test_dropout_between_layers_in_training_only():
     one_layer.dropout = 0.9  # no layer to drop after: no effect
     y = torch.randn(4, 1, 3)
     assert torch.equal(one_layer(y)[0], one_layer.eval()(y)[0])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_autocast_runs_in_the_autocast_dtype(mode):
+    _, ours = make_twins(mode, 3, 8, num_layers=2, dtype=torch.float32)
+    x = torch.randn(6, 2, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, hidden = ours(x)
+    assert output.dtype == torch.bfloat16
+    expected, _ = ours(x)
+    assert (output.float() - expected).abs().max() < 0.05
+    output.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and ours.weight_hh_l1.grad.dtype == torch.float32
