@@ -146,9 +146,12 @@ def main(argv=None):
     folder = args.out or os.path.join("results", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     report.write(results, folder, env)
     written = [os.path.join(folder, "results.json"), os.path.join(folder, "results.csv")]
-    if not args.no_plot and args.suite in ("sweep-batch", "sweep-hidden"):
-        path = report.plot(results, folder, "B" if args.suite == "sweep-batch" else "H",
-                           f"{env['device']}: {args.suite}")
+    if not args.no_plot:
+        title = f"{env['device']}: {args.suite}"
+        if args.suite in ("sweep-batch", "sweep-hidden"):
+            path = report.plot(results, folder, "B" if args.suite == "sweep-batch" else "H", title)
+        else:
+            path = report.plot_cases(results, folder, title)
         if path:
             written.append(path)
     print(report.table(results))

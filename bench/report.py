@@ -78,3 +78,31 @@ def plot(results, folder, x_name, title):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_cases(results, folder, title):
+    """Bar chart of rnnfused's speed-up over torch.nn (torch ms / rnnfused ms) for every case
+    that has both. Returns the file written, or None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    cases = [(f"{r.config} {r.cell} {r.dtype} {r.mode}", 1.0 / r.ratio) for r in results
+             if r.impl == "rnnfused" and r.ratio]
+    if not cases:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(cases) + 1.2))
+    labels, speedups = zip(*cases)
+    ax.barh(range(len(cases)), speedups, color=["C2" if v >= 1 else "C3" for v in speedups])
+    ax.set_yticks(range(len(cases)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="gray", linewidth=0.8)
+    ax.set_xlabel("speed-up over torch.nn (x); right of the line is faster")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(folder, "speedup.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

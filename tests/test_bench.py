@@ -100,3 +100,12 @@ def test_plot_of_a_sweep(tmp_path):
                            ratio=r) for b, r in ((1, 0.5), (4, 0.8), (16, 1.2))]
     path = report.plot(rows, str(tmp_path), "B", "test")
     assert path and os.path.getsize(path) > 0
+
+
+def test_plot_of_cases(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [harness.Result("cfg", "T1 B2 I3 H4", cell, "float32", "fwd", "rnnfused", ms=1.0, ratio=r)
+            for cell, r in (("LSTM", 1.3), ("GRU", 0.6))]
+    path = report.plot_cases(rows, str(tmp_path), "test")
+    assert path and os.path.getsize(path) > 0
+    assert report.plot_cases(rows[:0], str(tmp_path), "empty") is None
