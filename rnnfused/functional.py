@@ -74,15 +74,14 @@ def recurrent_layer(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None
     """
     cell_clip = _clip_value(cell_clip, "cell_clip")
     grad_clip = _clip_value(grad_clip, "grad_clip")
-    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if torch.is_autocast_enabled(x.device.type):
         # As torch.nn's recurrent layers on CUDA: everything in the autocast dtype (the
         # casts are differentiable, so float32 parameters still get their gradients).
         dtype = torch.get_autocast_dtype(x.device.type)
-        tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = tensors
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = (
+            None if t is None else t.to(dtype) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
     x = x.contiguous()
-    tensors = (x,) + tensors[1:]
+    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _RecurrentLayer.apply(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                                      reverse, cell_clip, grad_clip)
