@@ -6,7 +6,8 @@ toolkit (nvcc) is found; otherwise the extension is CPU-only and says so at buil
 Environment:
   RNNFUSED_SKIP_CUDA_BUILD=1    build the CPU extension only
   RNNFUSED_REQUIRE_CUDA_BUILD=1 fail instead of falling back to a CPU-only build (CI)
-  RNNFUSED_CUDA_ARCHS="80;90"   compute capabilities to compile for; "90+PTX" also embeds PTX
+  RNNFUSED_CUDA_ARCHS="80;90+PTX"  compute capabilities to compile for (the default); "+PTX" also
+                                embeds PTX, which newer GPUs run through the driver's JIT
   MAX_JOBS                      parallel compile jobs (default: from cores and free memory)
 """
 
@@ -46,7 +47,7 @@ except ModuleNotFoundError as error:  # pip's isolated build environment has no 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
-DEFAULT_CUDA_ARCHS = "80;90"
+DEFAULT_CUDA_ARCHS = "80;90+PTX"
 
 
 def env_flag(name):

@@ -99,6 +99,25 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+def tf32_enabled():
+    """(matmul, cuDNN) TF32 switches, read through torch's newer fp32_precision API where it
+    exists: after a set through that API torch refuses reads through the legacy allow_tf32."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32", cudnn.rnn.fp32_precision == "tf32"
+    return matmul.allow_tf32, cudnn.allow_tf32
+
+
+def set_tf32(on):
+    """Both switches on or off, through the newer API where it exists."""
+    precision = "tf32" if on else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision = precision
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+
+
 def environment(device):
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -109,8 +128,8 @@ def environment(device):
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "rnnfused_backends": list(rnnfused.backends()),
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "tf32_matmul": tf32_enabled()[0],
+        "tf32_cudnn": tf32_enabled()[1],
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
     }
 
@@ -122,7 +141,7 @@ def main(argv=None):
         raise SystemExit("--device cuda: no CUDA device is available")
     gpu = device == "cuda"
     if args.tf32 != "default":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+        set_tf32(args.tf32 == "on")
     torch.backends.cudnn.benchmark = gpu and not args.no_cudnn_benchmark
     config_list, cells, dtypes = plan(args, device)
     modes = args.modes.split(",")
@@ -141,7 +160,7 @@ def main(argv=None):
     results = []
     for config, cell, dtype, mode in progress:
         results += harness.run_case(cell, config, dtype, mode, names, device, warmup, repeats,
-                                    tf32=torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+                                    tf32=any(tf32_enabled()))
 
     folder = args.out or os.path.join("results", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     report.write(results, folder, env)

@@ -113,13 +113,16 @@ void* ptr(const OptTensor& t) {
   return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
 }
 
-// Checks a tensor's shape, dtype and device against the input and makes it contiguous.
-Tensor prepare(const Tensor& t, const char* name, at::IntArrayRef shape, const Tensor& like) {
+// Checks a tensor's shape, dtype (by default the input's) and device against the input
+// and makes it contiguous.
+Tensor prepare(const Tensor& t, const char* name, at::IntArrayRef shape, const Tensor& like,
+               std::optional<at::ScalarType> dtype = std::nullopt) {
   TORCH_CHECK(t.sizes() == shape, "rnnfused: ", name, " must have shape ", shape, ", got ", t.sizes());
   TORCH_CHECK(t.device() == like.device(), "rnnfused: ", name, " is on ", t.device(),
               " but the input is on ", like.device(), "; move both to the same device");
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "rnnfused: ", name, " has dtype ", t.scalar_type(),
-              " but the input has dtype ", like.scalar_type());
+  const at::ScalarType expected = dtype.value_or(like.scalar_type());
+  TORCH_CHECK(t.scalar_type() == expected, "rnnfused: ", name, " has dtype ", t.scalar_type(),
+              dtype ? " but must be " : " but the input has dtype ", expected);
   return t.contiguous();
 }
 
@@ -181,7 +184,6 @@ Layer prepare_layer(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes,
   p.cell_clip = cell_clip;
   p.grad_clip = grad_clip;
   p.batch_sizes = l.batch_sizes.data();
-  p.allow_tf32 = at::globalContext().allowTF32CuBLAS();
 
   l.x = x_in.contiguous();
   l.w_ih = prepare(w_ih, "weight_ih", {p.G, p.I}, l.x);
@@ -293,9 +295,16 @@ std::vector<Tensor> backward(Cell cell, const Tensor& x_in, const OptTensor& bat
   TORCH_CHECK(!w_hr || proj_in.has_value(), "rnnfused: backward needs the saved projection input");
 
   const Tensor h0c = prepare(h0, "h0", {p.B, p.P}, x);
-  const Tensor yc = y.contiguous(), dyc = dy.contiguous();
-  TORCH_CHECK(yc.numel() == p.N * p.P && dyc.numel() == p.N * p.P,
-              "rnnfused: output and its gradient must have ", p.N * p.P, " elements");
+  const std::vector<int64_t> y_shape =
+      layer.packed ? std::vector<int64_t>{p.N, p.P} : std::vector<int64_t>{p.T, p.B, p.P};
+  const Tensor yc = prepare(y, "the saved output", y_shape, x);
+  const Tensor dyc = prepare(dy, "grad of output", y_shape, x);
+  const at::ScalarType acc_dtype = acc_type(x.scalar_type());
+  const Tensor gates_c =
+      saved > 0 ? prepare(*gates, "the saved gates", {p.N, saved * p.H}, x, acc_dtype) : Tensor();
+  const Tensor cells_c =
+      cell == Cell::LSTM ? prepare(*cells, "the saved cells", {p.N, p.H}, x, acc_dtype) : Tensor();
+  const Tensor proj_in_c = w_hr ? prepare(*proj_in, "the saved projection input", {p.N, p.H}, x) : Tensor();
   Tensor dh = prepare(dh_n, "grad of h_n", {p.B, p.P}, x).to(acc, false, /*copy=*/true);
   Tensor dc, c0_acc, c_prev;
   if (cell == Cell::LSTM) {
@@ -332,9 +341,9 @@ std::vector<Tensor> backward(Cell cell, const Tensor& x_in, const OptTensor& bat
   p.h0 = ptr(h0c);
   p.c0 = ptr(c0_acc);
   p.y = ptr(yc);
-  p.gates = ptr(gates);
-  p.cells = ptr(cells);
-  p.proj_in = ptr(proj_in);
+  p.gates = ptr(gates_c);
+  p.cells = ptr(cells_c);
+  p.proj_in = ptr(proj_in_c);
   p.dy = ptr(dyc);
   p.dh = ptr(dh);
   p.dc = ptr(dc);
@@ -375,4 +384,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &rnnfused::forward, "Forward of one layer and direction");
   m.def("backward", &rnnfused::backward, "Backward of one layer and direction");
   m.attr("with_cuda") = kWithCuda;
+#ifdef RNNFUSED_WITH_CUDA
+  m.attr("cuda_archs") = cuda::compiled_archs();
+#else
+  m.attr("cuda_archs") = "";
+#endif
 }

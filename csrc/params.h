@@ -57,7 +57,6 @@ struct LayerParams {
   const int64_t* batch_sizes = nullptr;  // host memory, [T]
   double cell_clip = 0;  // LSTM only; +inf: off
   double grad_clip = 0;  // +inf: off
-  bool allow_tf32 = false;  // CUDA fp32 matmuls may use TF32 (torch.backends.cuda.matmul.allow_tf32)
 
   const void* w_ih = nullptr;  // S [G, I]
   const void* w_hh = nullptr;  // S [G, P]

@@ -1,6 +1,9 @@
 """Shared helpers: twin modules (torch.nn and rnnfused with the same weights), and a run
 that backpropagates a fixed random weighting of every result to all leaves."""
 
+import contextlib
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -19,9 +22,19 @@ MODES = {
     "RNN_RELU": (nn.RNN, rnnfused.RNN, {"nonlinearity": "relu"}),
 }
 
-requires_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and "cuda" in rnnfused.backends()),
-    reason="needs a CUDA device and a build with the CUDA kernels")
+CUDA_USABLE = torch.cuda.is_available() and "cuda" in rnnfused.backends()
+
+
+def pytest_runtest_setup(item):
+    """Tests marked `cuda` skip without a GPU, or fail with RNNFUSED_REQUIRE_CUDA=1 (make
+    gpu-check: a run on the GPU machine must not pass by skipping everything)."""
+    if item.get_closest_marker("cuda") is None or CUDA_USABLE:
+        return
+    reason = ("no CUDA device" if not torch.cuda.is_available()
+              else "this build of rnnfused has no CUDA kernels")
+    if os.environ.get("RNNFUSED_REQUIRE_CUDA") == "1":
+        pytest.fail(f"RNNFUSED_REQUIRE_CUDA=1 but {reason}", pytrace=False)
+    pytest.skip(f"needs a CUDA device and a build with the CUDA kernels ({reason})")
 
 
 def make_twins(mode, *args, dtype=torch.float64, device="cpu", seed=0, **kwargs):
@@ -64,3 +77,16 @@ def max_error(actual, expected):
             scale = max(1.0, e.abs().max().item())
             worst = max(worst, (a.double() - e.double()).abs().max().item() / scale)
     return worst
+
+
+@contextlib.contextmanager
+def tf32_switch(api, value, module=None):
+    """Sets torch.backends.cuda.matmul.<api> (``allow_tf32`` or ``fp32_precision``) and
+    restores it through the same API (pytest's monkeypatch cannot restore these properties)."""
+    module = torch.backends.cuda.matmul if module is None else module
+    old = getattr(module, api)
+    setattr(module, api, value)
+    try:
+        yield
+    finally:
+        setattr(module, api, old)

@@ -7,6 +7,8 @@ import pytest
 
 import rnnfused
 
+pytestmark = pytest.mark.build
+
 
 def test_backends_reported():
     assert rnnfused.backends()[0] == "cpu"
@@ -17,3 +19,4 @@ def test_backends_reported():
                     reason="only when the CUDA build is required (CI)")
 def test_cuda_kernels_were_built():
     assert "cuda" in rnnfused.backends()
+    assert rnnfused._C.cuda_archs  # e.g. "8.0, 9.0"

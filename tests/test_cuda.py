@@ -7,9 +7,9 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import rnnfused
-from conftest import MODES, make_twins, max_error, requires_cuda, run_and_grad
+from conftest import MODES, flatten, make_twins, max_error, run_and_grad, tf32_switch
 
-pytestmark = [requires_cuda, pytest.mark.cuda]
+pytestmark = pytest.mark.cuda
 
 CONFIGS = [
     dict(num_layers=1),
@@ -39,9 +39,12 @@ def test_fp64_matches_reference(mode, config):
 
 
 @pytest.mark.parametrize("mode", list(MODES) + ["LSTM_PROJ"])
-def test_fp32_matches_cudnn_and_cpu(mode, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def test_fp32_matches_cudnn_and_cpu(mode):
+    with tf32_switch("allow_tf32", False), tf32_switch("allow_tf32", False, torch.backends.cudnn):
+        _fp32_matches_cudnn_and_cpu(mode)
+
+
+def _fp32_matches_cudnn_and_cpu(mode):
     extra = {"proj_size": 5} if mode == "LSTM_PROJ" else {}
     theirs, ours = make_twins("LSTM" if mode == "LSTM_PROJ" else mode, 16, 24, num_layers=2,
                               bidirectional=True, dtype=torch.float32, device="cuda", **extra)
@@ -139,3 +142,140 @@ def test_batch_size_zero_on_gpu():
     assert ours(x)[0].shape == theirs(x)[0].shape
     ours(x)[0].sum().backward()
     assert x.grad.shape == x.shape
+
+
+# Every cell and extra: (mode, module options). Weights are scaled up so the clips fire.
+VARIANTS = [
+    ("LSTM", {}), ("LSTM", {"proj_size": 3}), ("LSTM", {"cell_clip": 0.5, "grad_clip": 0.05}),
+    ("GRU", {}), ("GRU", {"reset_after": False}), ("GRU", {"reset_after": False, "grad_clip": 0.05}),
+    ("RNN_TANH", {"grad_clip": 0.05}), ("RNN_RELU", {}),
+]
+
+
+def _variant(mode, options, dtype, **kwargs):
+    cls = {"LSTM": rnnfused.LSTM, "GRU": rnnfused.GRU, "RNN_TANH": rnnfused.RNN, "RNN_RELU": rnnfused.RNN}[mode]
+    extra = {"nonlinearity": "relu"} if mode == "RNN_RELU" else {}
+    torch.manual_seed(0)
+    module = cls(5, 7, **extra, **options, **kwargs).to("cuda", dtype)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(3)
+    return module
+
+
+def _reference(module):
+    return lambda a, h: rnnfused.reference.forward(module, a, h)
+
+
+@pytest.mark.parametrize("mode,options", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_training_and_inference_match_reference(mode, options, dtype):
+    """Training (saved activations) and no_grad inference (the kSave=false kernels, the
+    separate input-projection buffer) against the reference, with every extra."""
+    with tf32_switch("allow_tf32", False):
+        _training_and_inference_match_reference(mode, options, dtype)
+
+
+def _training_and_inference_match_reference(mode, options, dtype):
+    module = _variant(mode, options, dtype, num_layers=2, bidirectional=True)
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    trained = []
+    for fn, params in ((module, None), (_reference(module), module.parameters())):
+        x = _x(9, 4, 5, dtype, seed=8)
+        trained.append(run_and_grad(fn, x, None, [x], params=params))
+    assert max_error(trained[0][0], trained[1][0]) <= tolerance
+    assert max_error(trained[0][1], trained[1][1]) <= tolerance
+    x = _x(9, 4, 5, dtype, seed=8).detach()
+    with torch.no_grad():
+        inferred = flatten(module(x))
+        expected = flatten(rnnfused.reference.forward(module, x))
+    assert max_error(inferred, expected) <= tolerance
+
+
+@pytest.mark.parametrize("mode,options", VARIANTS)
+def test_autocast_matches_reference_in_autocast_dtype(mode, options):
+    """Under torch.autocast the layer runs in float16, as torch.nn does on CUDA: its error
+    against the float64 reference is within 2x (plus eps) of the reference run in float16."""
+    module = _variant(mode, options, torch.float32)
+    exact = flatten(rnnfused.reference.forward(module.double(), _x(9, 4, 5, torch.float64, seed=2).detach()))
+    module = module.float()
+    x = _x(9, 4, 5, torch.float32, seed=2).detach()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        ours = flatten(module(x))
+    assert all(v.dtype == torch.float16 for v in ours)
+    with torch.no_grad():
+        half_reference = flatten(rnnfused.reference.forward(module.half(), x.half()))
+    eps = 4 * torch.finfo(torch.float16).eps
+    assert max_error(ours, exact) <= 2 * max_error(half_reference, exact) + eps
+
+
+@pytest.mark.parametrize("api", ["fp32_precision", "allow_tf32"])
+def test_tf32_follows_torch_switch_with_either_api(api):
+    """With TF32 off the fp32 result is fp32-accurate; with it on (either of torch's APIs)
+    the matmuls round their inputs to TF32, so the error grows, as torch's own matmuls'."""
+    if not hasattr(torch.backends.cuda.matmul, api):
+        pytest.skip(f"this torch has no torch.backends.cuda.matmul.{api}")
+    off, on = ("ieee", "tf32") if api == "fp32_precision" else (False, True)
+    # Large enough matmuls that cuBLAS runs them on tensor cores when TF32 is allowed.
+    _, ours = make_twins("LSTM", 256, 256, dtype=torch.float32, device="cuda")
+    x = _x(10, 64, 256, torch.float32).detach()
+    exact = flatten(ours.double()(x.double()))
+    ours.float()
+    errors = {}
+    for value in (off, on):
+        with tf32_switch(api, value), torch.no_grad():
+            errors[value] = max_error(flatten(ours(x)), exact)
+    assert errors[off] <= 1e-5, errors
+    if torch.cuda.get_device_capability() >= (8, 0):  # TF32 exists from Ampere on
+        assert errors[on] > 4 * errors[off], errors
+
+
+def test_cuda_graph_capture_forward_and_backward():
+    """A forward + backward captured in a CUDA graph and replayed on new input gives what an
+    eager run gives (the kernels allocate through torch and use torch's cuBLAS workspace)."""
+    _, ours = make_twins("LSTM", 16, 32, num_layers=2, bidirectional=True, dtype=torch.float32, device="cuda")
+    static_x = _x(10, 4, 16, torch.float32)
+    weight = torch.randn(10, 4, 64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch requires
+        for _ in range(2):
+            ours(static_x)[0].backward(weight)
+    torch.cuda.current_stream().wait_stream(side)
+    params = list(ours.parameters())
+    for tensor in params + [static_x]:
+        tensor.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = ours(static_x)[0]
+        static_out.backward(weight)
+    fresh = _x(10, 4, 16, torch.float32, seed=11).detach()
+    with torch.no_grad():
+        static_x.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    captured = [static_out.clone(), static_x.grad.clone()] + [p.grad.clone() for p in params]
+    x = fresh.clone().requires_grad_()
+    out = ours(x)[0]
+    eager_grads = torch.autograd.grad(out, [x] + params, weight)
+    assert max_error(captured, [out.detach()] + list(eager_grads)) <= 1e-6
+
+
+def test_backward_checks_saved_tensors_device():
+    """A saved tensor on the wrong device is a clear error, not an illegal memory access."""
+    from rnnfused import _ops
+    x = torch.randn(3, 2, 4, device="cuda")
+    h0, c0 = torch.zeros(2, 5, device="cuda"), torch.zeros(2, 5, device="cuda")
+    w_ih, w_hh = torch.randn(20, 4, device="cuda"), torch.randn(20, 5, device="cuda")
+    y, h_n, c_n, gates, cells, proj_in = _ops.layer_forward(
+        _ops.Cell.LSTM, x, None, h0, c0, w_ih, w_hh, None, None, None, reverse=False,
+        save_for_backward=True, cell_clip=float("inf"))
+    saved = {"y": y, "gates": gates, "cells": cells}
+    for name in saved:
+        moved = {**saved, name: saved[name].cpu()}
+        with pytest.raises(RuntimeError, match="is on cpu but the input is on cuda"):
+            _ops.layer_backward(_ops.Cell.LSTM, x, None, h0, c0, w_ih, w_hh, None, None, None,
+                                (moved["y"], moved["gates"], moved["cells"], None), torch.ones_like(y),
+                                torch.zeros_like(h_n), torch.zeros_like(c_n), reverse=False,
+                                cell_clip=float("inf"), grad_clip=float("inf"), need_dx=True,
+                                need_weights=True)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 import rnnfused
-from conftest import MODES, make_twins
+from conftest import MODES, make_twins, tf32_switch
 
 
 def _outcome(fn):
@@ -212,3 +212,55 @@ def test_weights_on_another_device_is_a_clear_error():
     ours = rnnfused.GRU(3, 4).to(other)
     with pytest.raises(RuntimeError, match=f"rnnfused: weight_ih is on {other}.* but the input is on cpu"):
         ours(torch.randn(2, 1, 3))
+
+
+TF32_SWITCHES = [("fp32_precision", "tf32"), ("fp32_precision", "ieee"), ("allow_tf32", True),
+                 ("allow_tf32", False)]
+
+
+@pytest.mark.parametrize("api,value", TF32_SWITCHES)
+def test_tf32_switch_of_either_api_leaves_cpu_layers_working(api, value):
+    """Setting torch's TF32 switch through its newer API made every call fail (torch refuses
+    a read through the legacy getter then); on the CPU the switch changes nothing."""
+    if not hasattr(torch.backends.cuda.matmul, api):
+        pytest.skip(f"this torch has no torch.backends.cuda.matmul.{api}")
+    theirs, ours = make_twins("LSTM", 3, 4)
+    x = torch.randn(2, 1, 3, dtype=torch.float64)
+    with tf32_switch(api, value):
+        assert (ours(x)[0] - theirs(x)[0]).abs().max() <= 1e-12
+        ours(x.requires_grad_())[0].sum().backward()
+
+
+def _saved_lstm_layer():
+    from rnnfused import _ops
+    x = torch.randn(3, 2, 4)
+    h0, c0 = torch.zeros(2, 5), torch.zeros(2, 5)
+    w_ih, w_hh = torch.randn(20, 4), torch.randn(20, 5)
+    y, h_n, c_n, gates, cells, _ = _ops.layer_forward(
+        _ops.Cell.LSTM, x, None, h0, c0, w_ih, w_hh, None, None, None, reverse=False,
+        save_for_backward=True, cell_clip=float("inf"))
+
+    def backward(**replaced):
+        saved = {"y": y, "gates": gates, "cells": cells, "dy": torch.ones_like(y), **replaced}
+        return _ops.layer_backward(
+            _ops.Cell.LSTM, x, None, h0, c0, w_ih, w_hh, None, None, None,
+            (saved["y"], saved["gates"], saved["cells"], None), saved["dy"], torch.zeros_like(h_n),
+            torch.zeros_like(c_n), reverse=False, cell_clip=float("inf"), grad_clip=float("inf"),
+            need_dx=True, need_weights=True)
+    return backward, y, gates, cells
+
+
+def test_backward_checks_the_saved_tensors_and_output_gradient():
+    backward, y, gates, cells = _saved_lstm_layer()
+    backward()  # as saved: fine
+    bad = {
+        "y": [(y[:2], "saved output must have shape"), (y.double(), "saved output has dtype")],
+        "dy": [(torch.ones(3, 2, 4), "grad of output must have shape"),
+               (torch.ones_like(y).half(), "grad of output has dtype")],
+        "gates": [(gates[:, :8], "saved gates must have shape"), (gates.double(), "saved gates has dtype")],
+        "cells": [(cells[:1], "saved cells must have shape"), (cells.half(), "saved cells has dtype")],
+    }
+    for name, cases in bad.items():
+        for value, message in cases:
+            with pytest.raises(RuntimeError, match=message):
+                backward(**{name: value})

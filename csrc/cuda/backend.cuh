@@ -20,7 +20,8 @@
     if (rnnf_err != cudaSuccess)                                                               \
       throw std::runtime_error(std::string("rnnfused: CUDA error: ") +                         \
                                cudaGetErrorString(rnnf_err) + " (" __FILE__ ":" +              \
-                               std::to_string(__LINE__) + ")");                                \
+                               std::to_string(__LINE__) + ")" +                                \
+                               ::rnnfused::cuda::arch_hint(rnnf_err));                         \
   } while (0)
 
 #define RNNF_CUBLAS_CHECK(expr)                                                                \
@@ -34,6 +35,24 @@
 
 namespace rnnfused {
 namespace cuda {
+
+// "no kernel image" means the GPU's architecture was not compiled in: say what was.
+inline std::string arch_hint(cudaError_t err) {
+  if (err != cudaErrorNoKernelImageForDevice) return "";
+  return std::string("; this build of rnnfused has device code for ") + compiled_archs() +
+         " only: rebuild with RNNFUSED_CUDA_ARCHS naming your GPU's compute capability "
+         "(e.g. \"90+PTX\" also runs on newer GPUs through the driver's JIT)";
+}
+
+// torch records whether fp32 matmuls may use TF32 (torch.backends.cuda.matmul, legacy
+// allow_tf32 or the newer fp32_precision, and no NoTF32Guard active) as the math mode of
+// the handle it gives out; reading it there follows torch's own matmuls exactly and
+// never trips torch's check against mixing the two APIs.
+inline bool handle_allows_tf32(cublasHandle_t handle) {
+  cublasMath_t mode;
+  RNNF_CUBLAS_CHECK(cublasGetMathMode(handle, &mode));
+  return (static_cast<int>(mode) & 0xf) == CUBLAS_TF32_TENSOR_OP_MATH;
+}
 
 template <typename T>
 struct Types;
@@ -68,7 +87,7 @@ __global__ void for_each_kernel(F f, int64_t rows, int64_t width) {
 
 struct CudaBackend {
   Context ctx;
-  bool allow_tf32;
+  bool allow_tf32;  // fp32 matmuls may use TF32
 
   // Row-major C = op(A) op(B) is column-major Cᵀ = op(B)ᵀ op(A)ᵀ: swap the operands.
   // fp16/bf16 matmuls accumulate in fp32; fp32 ones use TF32 only when torch allows it.
@@ -111,17 +130,18 @@ struct CudaBackend {
   }
 };
 
+// ctx.blas is torch's handle for the current stream: torch has already set its stream and
+// the workspace from torch's caching allocator. Setting the stream again would drop that
+// workspace (cuBLAS would then allocate its own, outside the allocator and CUDA graphs).
 template <typename S>
 void forward_typed(const ForwardParams& p, const Context& ctx) {
-  RNNF_CUBLAS_CHECK(cublasSetStream(ctx.blas, ctx.stream));
-  CudaBackend be{ctx, p.allow_tf32};
+  CudaBackend be{ctx, handle_allows_tf32(ctx.blas)};
   rnnfused::forward<S, typename Types<S>::Acc>(be, p);
 }
 
 template <typename S>
 void backward_typed(const BackwardParams& p, const Context& ctx) {
-  RNNF_CUBLAS_CHECK(cublasSetStream(ctx.blas, ctx.stream));
-  CudaBackend be{ctx, p.allow_tf32};
+  CudaBackend be{ctx, handle_allows_tf32(ctx.blas)};
   rnnfused::backward<S, typename Types<S>::Acc>(be, p);
 }
 

@@ -2,10 +2,28 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <string>
+
 #include "rnn_cuda.h"
 
 namespace rnnfused {
 namespace cuda {
+
+// nvcc defines __CUDA_ARCH_LIST__ (e.g. 800,900) in every pass, host included.
+const char* compiled_archs() {
+  static const std::string names = [] {
+    const int archs[] = {__CUDA_ARCH_LIST__};  // sorted; an arch built as SASS and PTX may repeat
+    std::string out;
+    int previous = 0;
+    for (const int arch : archs) {
+      if (arch == previous) continue;
+      out += (out.empty() ? "" : ", ") + std::to_string(arch / 100) + "." + std::to_string(arch / 10 % 10);
+      previous = arch;
+    }
+    return out;
+  }();
+  return names.c_str();
+}
 
 void run(const ForwardParams& p, DType dtype, const Context& ctx) {
   switch (dtype) {

@@ -18,6 +18,9 @@ struct Context {
 void run(const ForwardParams& p, DType dtype, const Context& ctx);
 void run(const BackwardParams& p, DType dtype, const Context& ctx);
 
+// The compute capabilities this build has device code for, e.g. "8.0, 9.0".
+const char* compiled_archs();
+
 // Instantiated once per storage dtype in rnn_<dtype>.cu.
 template <typename S>
 void forward_typed(const ForwardParams& p, const Context& ctx);
