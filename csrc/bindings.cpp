@@ -2,6 +2,8 @@
 // allocation of every buffer named in params.h, and the pybind11 module rnnfused._C.
 #include <torch/extension.h>
 
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/DeviceGuard.h>
 
 #include <cmath>
@@ -39,50 +41,67 @@ DType dtype_of(const Tensor& t) {
                    t.scalar_type());
 }
 
-// Large CPU buffers are recycled by exact size. glibc maps every large block afresh and
-// returns it to the kernel when it is freed, so each call touched its buffers page by page
-// again: ~5000 page faults per LSTM layer's forward + backward at T100 B16 H256, a third of
-// its time. Blocks come back through the tensor's deleter; at most kMaxCachedBytes are kept.
-class CpuBlockCache {
+// Large CPU buffers are recycled. glibc maps every large block afresh and returns it to
+// the kernel when it is freed, so each call touched its buffers page by page again: ~5000
+// page faults per LSTM layer's forward + backward at T100 B16 H256, a third of its time.
+// Sizes are rounded up to four classes per power of two (at most 25% more), so that packed
+// input of varying lengths reuses blocks instead of caching one per size. As an
+// at::Allocator the cache gives ordinary resizable storages (a user may resize_() an
+// output); at most kMaxCachedBytes are kept.
+class CachingCpuAllocator final : public at::Allocator {
  public:
   static constexpr size_t kMinBytes = size_t(1) << 18;
   static constexpr size_t kMaxCachedBytes = size_t(1) << 30;
 
-  static CpuBlockCache& instance() {
-    static auto* cache = new CpuBlockCache();  // never destroyed: tensors may outlive statics
-    return *cache;
+  static CachingCpuAllocator& instance() {
+    static auto* allocator = new CachingCpuAllocator();  // never destroyed: tensors may outlive statics
+    return *allocator;
   }
 
-  Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
-    const size_t bytes = c10::multiply_integers(shape) * c10::elementSize(options.dtype().toScalarType());
-    void* block = take(bytes);
-    return at::from_blob(block, shape, [this, bytes](void* ptr) { give_back(ptr, bytes); }, options);
+  at::DataPtr allocate(size_t bytes) override {
+    if (bytes < kMinBytes) return c10::GetDefaultCPUAllocator()->allocate(bytes);
+    void* block = take(size_class(bytes));
+    return {block, block, &give_back, at::Device(at::kCPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
   }
 
  private:
+  static size_t size_class(size_t bytes) {
+    size_t power = kMinBytes;
+    while (power * 2 <= bytes) power *= 2;
+    const size_t step = power / 4;
+    return (bytes + step - 1) / step * step;
+  }
+
   void* take(size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(bytes);
-      if (it != free_.end() && !it->second.empty()) {
-        void* block = it->second.back();
-        it->second.pop_back();
-        cached_bytes_ -= bytes;
-        return block;
-      }
-    }
+    std::lock_guard<std::mutex> lock(mutex_);
     void* block = nullptr;
-    TORCH_CHECK(posix_memalign(&block, 64, bytes) == 0, "rnnfused: out of memory allocating ", bytes,
-                " bytes");
+    auto it = free_.find(bytes);
+    if (it != free_.end() && !it->second.empty()) {
+      block = it->second.back();
+      it->second.pop_back();
+      cached_bytes_ -= bytes;
+    } else {
+      TORCH_CHECK(posix_memalign(&block, 64, bytes) == 0, "rnnfused: out of memory allocating ", bytes,
+                  " bytes");
+    }
+    sizes_[block] = bytes;
     return block;
   }
 
-  void give_back(void* block, size_t bytes) {
+  static void give_back(void* block) {
+    CachingCpuAllocator& self = instance();
     {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_bytes_ + bytes <= kMaxCachedBytes) {
-        free_[bytes].push_back(block);
-        cached_bytes_ += bytes;
+      std::lock_guard<std::mutex> lock(self.mutex_);
+      auto it = self.sizes_.find(block);
+      const size_t bytes = it->second;
+      self.sizes_.erase(it);
+      if (self.cached_bytes_ + bytes <= kMaxCachedBytes) {
+        self.free_[bytes].push_back(block);
+        self.cached_bytes_ += bytes;
         return;
       }
     }
@@ -91,14 +110,14 @@ class CpuBlockCache {
 
   std::mutex mutex_;
   std::unordered_map<size_t, std::vector<void*>> free_;
+  std::unordered_map<void*, size_t> sizes_;  // blocks in use
   size_t cached_bytes_ = 0;
 };
 
 Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
-  const size_t bytes = c10::multiply_integers(shape) * c10::elementSize(options.dtype().toScalarType());
-  if (options.device().is_cpu() && bytes >= CpuBlockCache::kMinBytes)
-    return CpuBlockCache::instance().empty(shape, options);
-  return at::empty(shape, options);
+  if (!options.device().is_cpu()) return at::empty(shape, options);
+  return at::detail::empty_generic(shape, &CachingCpuAllocator::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), std::nullopt);
 }
 
 at::ScalarType acc_type(at::ScalarType s) {
@@ -126,7 +145,34 @@ Tensor prepare(const Tensor& t, const char* name, at::IntArrayRef shape, const T
   return t.contiguous();
 }
 
-// What forward and backward share: the sizes (read from the input and the weights), the
+Cell cell_of(int64_t cell) {
+  TORCH_CHECK_VALUE(cell >= 0 && cell < kNumCells, "rnnfused: cell must be one of 0..", kNumCells - 1,
+                    " (rnnfused.functional.Cell), got ", cell);
+  return static_cast<Cell>(cell);
+}
+
+// The weights of one layer and direction in torch.nn's order: w_ih, w_hh, then b_ih, b_hh
+// when has_biases, then w_hr for an LSTM with projection.
+struct Weights {
+  Tensor w_ih, w_hh;
+  OptTensor b_ih, b_hh, w_hr;
+};
+
+Weights unpack_weights(at::TensorList weights, bool has_biases) {
+  const size_t expected = 2 + (has_biases ? 2 : 0);
+  TORCH_CHECK(weights.size() == expected || weights.size() == expected + 1, "rnnfused: expected ", expected,
+              " weights (w_ih, w_hh", has_biases ? ", b_ih, b_hh" : "", ") or ", expected + 1,
+              " with w_hr, got ", weights.size());
+  Weights w{weights[0], weights[1]};
+  if (has_biases) {
+    w.b_ih = weights[2];
+    w.b_hh = weights[3];
+  }
+  if (weights.size() == expected + 1) w.w_hr = weights[expected];
+  return w;
+}
+
+// What forward and backward share: the sizes (read from the input, h0 and the weights), the
 // contiguous input, the checked weights (kept alive here: p points into them) and the
 // tensor options of the storage and accumulation dtypes.
 struct Layer {
@@ -137,15 +183,15 @@ struct Layer {
   at::TensorOptions opts, acc;
 };
 
-Layer prepare_layer(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& w_ih,
-                    const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
-                    bool reverse, double cell_clip, double grad_clip) {
+Layer prepare_layer(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0,
+                    const Weights& w, bool reverse, double cell_clip, double grad_clip) {
   Layer l;
   LayerParams& p = l.p;
   const Tensor& x = x_in;
   p.cell = cell;
   p.reverse = reverse;
   l.packed = batch_sizes.has_value();
+  TORCH_CHECK(h0.dim() == 2, "rnnfused: h0 must be 2-D [batch, hidden], got ", h0.dim(), "-D");
   if (l.packed) {
     TORCH_CHECK(x.dim() == 2, "rnnfused: packed input must be 2-D [rows, features], got ", x.dim(), "-D");
     const Tensor& bs = *batch_sizes;
@@ -162,6 +208,8 @@ Layer prepare_layer(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes,
     }
     TORCH_CHECK(total == x.size(0), "rnnfused: batch_sizes sum to ", total, " but the input has ",
                 x.size(0), " rows");
+    TORCH_CHECK(l.batch_sizes[0] == h0.size(0), "rnnfused: batch_sizes[0] is ", l.batch_sizes[0],
+                " but h0 has ", h0.size(0), " rows");
   } else {
     TORCH_CHECK(x.dim() == 3, "rnnfused: input must be 3-D [seq, batch, features], got ", x.dim(), "-D");
     TORCH_CHECK(x.size(0) > 0, "Expected sequence length to be larger than 0 in RNN");
@@ -169,30 +217,30 @@ Layer prepare_layer(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes,
   }
   dtype_of(x);
   const int64_t gates = gates_per_unit(cell);
-  TORCH_CHECK(w_ih.dim() == 2 && w_hh.dim() == 2 && w_ih.size(0) % gates == 0,
+  TORCH_CHECK(w.w_ih.dim() == 2 && w.w_hh.dim() == 2 && w.w_ih.size(0) % gates == 0,
               "rnnfused: weight_ih must be [gates * hidden, input], weight_hh [gates * hidden, hidden]");
   p.T = static_cast<int64_t>(l.batch_sizes.size());
   p.B = l.batch_sizes[0];
   p.N = l.packed ? x.size(0) : x.size(0) * x.size(1);
   p.I = x.size(-1);
-  p.G = w_ih.size(0);
+  p.G = w.w_ih.size(0);
   p.H = p.G / gates;
-  p.P = w_hr.has_value() ? w_hr->size(0) : p.H;
-  TORCH_CHECK(!w_hr.has_value() || cell == Cell::LSTM, "rnnfused: projections exist only for LSTM");
-  TORCH_CHECK(cell_clip > 0, "rnnfused: cell_clip must be positive (infinity = off), got ", cell_clip);
-  TORCH_CHECK(grad_clip > 0, "rnnfused: grad_clip must be positive (infinity = off), got ", grad_clip);
+  p.P = w.w_hr.has_value() ? w.w_hr->size(0) : p.H;
+  TORCH_CHECK_VALUE(!w.w_hr.has_value() || cell == Cell::LSTM, "rnnfused: projections exist only for LSTM");
+  TORCH_CHECK_VALUE(cell_clip > 0, "rnnfused: cell_clip must be positive (infinity = off), got ", cell_clip);
+  TORCH_CHECK_VALUE(std::isinf(cell_clip) || cell == Cell::LSTM, "rnnfused: cell_clip is only supported for LSTM");
+  TORCH_CHECK_VALUE(grad_clip > 0, "rnnfused: grad_clip must be positive (infinity = off), got ", grad_clip);
   p.cell_clip = cell_clip;
   p.grad_clip = grad_clip;
   p.batch_sizes = l.batch_sizes.data();
 
   l.x = x_in.contiguous();
-  l.w_ih = prepare(w_ih, "weight_ih", {p.G, p.I}, l.x);
-  l.w_hh = prepare(w_hh, "weight_hh", {p.G, p.P}, l.x);
-  TORCH_CHECK(b_ih.has_value() == b_hh.has_value(), "rnnfused: give both biases or neither");
+  l.w_ih = prepare(w.w_ih, "weight_ih", {p.G, p.I}, l.x);
+  l.w_hh = prepare(w.w_hh, "weight_hh", {p.G, p.P}, l.x);
   // The kernels always add both biases: zeros stand in for a layer without bias.
-  l.b_ih = b_ih ? prepare(*b_ih, "bias_ih", {p.G}, l.x) : at::zeros({p.G}, l.x.options());
-  l.b_hh = b_hh ? prepare(*b_hh, "bias_hh", {p.G}, l.x) : at::zeros({p.G}, l.x.options());
-  if (w_hr) l.w_hr = prepare(*w_hr, "weight_hr", {p.P, p.H}, l.x);
+  l.b_ih = w.b_ih ? prepare(*w.b_ih, "bias_ih", {p.G}, l.x) : at::zeros({p.G}, l.x.options());
+  l.b_hh = w.b_hh ? prepare(*w.b_hh, "bias_hh", {p.G}, l.x) : at::zeros({p.G}, l.x.options());
+  if (w.w_hr) l.w_hr = prepare(*w.w_hr, "weight_hr", {p.P, p.H}, l.x);
   p.w_ih = ptr(l.w_ih);
   p.w_hh = ptr(l.w_hh);
   p.b_ih = ptr(l.b_ih);
@@ -202,7 +250,6 @@ Layer prepare_layer(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes,
   l.acc = l.opts.dtype(acc_type(l.x.scalar_type()));
   return l;
 }
-
 
 #ifdef RNNFUSED_WITH_CUDA
 constexpr bool kWithCuda = true;
@@ -222,16 +269,22 @@ void run(const Tensor& x, const Params& p) {
               kWithCuda ? "" : " (it was built without CUDA)");
 }
 
-// Returns [y, h_n, c_n, gates, cells, proj_in]; entries that do not apply are None.
-// y has the layout of x: [T, B, P] for padded input, [N, P] for packed input.
-std::vector<Tensor> forward(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes,
-                            const Tensor& h0, const OptTensor& c0, const Tensor& w_ih,
-                            const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                            const OptTensor& w_hr, bool reverse, bool save_for_backward,
-                            double cell_clip) {
+// An output that does not apply: its own empty tensor (an operator's outputs never share
+// storage with each other or with an input).
+Tensor absent(const Tensor& like) {
+  return at::empty({0}, like.options());
+}
+
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// rnnfused::layer_forward: see the schema in TORCH_LIBRARY below.
+ForwardResult layer_forward(int64_t cell_index, const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0,
+                            const OptTensor& c0, at::TensorList weights, bool has_biases, bool reverse,
+                            bool save_for_backward, double cell_clip, double grad_clip) {
+  const Cell cell = cell_of(cell_index);
   const c10::DeviceGuard guard(x_in.device());
-  const Layer layer = prepare_layer(cell, x_in, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, cell_clip,
-                                    INFINITY);
+  const Layer layer = prepare_layer(cell, x_in, batch_sizes, h0, unpack_weights(weights, has_biases), reverse,
+                                    cell_clip, grad_clip);
   ForwardParams p;
   static_cast<LayerParams&>(p) = layer.p;
   const Tensor& x = layer.x;
@@ -243,8 +296,10 @@ std::vector<Tensor> forward(Cell cell, const Tensor& x_in, const OptTensor& batc
   Tensor h = prepare(h0, "h0", {p.B, p.P}, x).clone();
   Tensor c;
   if (cell == Cell::LSTM) {
-    TORCH_CHECK(c0.has_value(), "rnnfused: LSTM needs c0");
+    TORCH_CHECK_VALUE(c0.has_value(), "rnnfused: LSTM needs c0");
     c = prepare(*c0, "c0", {p.B, p.H}, x).to(acc, /*non_blocking=*/false, /*copy=*/true);
+  } else {
+    TORCH_CHECK_VALUE(!c0.has_value(), "rnnfused: c0 is only for LSTM");
   }
   Tensor gh = empty({p.B, p.G}, acc);
   Tensor gx, gates, cells, proj_in, rh;
@@ -254,7 +309,7 @@ std::vector<Tensor> forward(Cell cell, const Tensor& x_in, const OptTensor& batc
   else
     gx = empty({p.N, p.G}, acc);
   if (save_for_backward && cell == Cell::LSTM) cells = empty({p.N, p.H}, acc);
-  if (w_hr) proj_in = empty({save_for_backward ? p.N : p.B, p.H}, opts);
+  if (p.P != p.H) proj_in = empty({save_for_backward ? p.N : p.B, p.H}, opts);
   if (cell == Cell::GRU_CHO) rh = empty({p.B, p.H}, opts);
 
   p.x = ptr(x);
@@ -269,42 +324,51 @@ std::vector<Tensor> forward(Cell cell, const Tensor& x_in, const OptTensor& batc
   p.rh = ptr(rh);
   run(x, p);
 
-  Tensor c_n = c.defined() ? c.to(x.scalar_type()) : Tensor();
-  return {y, h, c_n, gates, cells, save_for_backward ? proj_in : Tensor()};
+  // Backward reads the hidden states from its own copy, so that a user's in-place change
+  // of y (e.g. ReLU(inplace=True)) neither corrupts nor blocks the gradient.
+  return {y,
+          h,
+          c.defined() ? c.to(x.scalar_type()) : absent(x),
+          save_for_backward ? y.clone() : absent(x),
+          gates.defined() ? gates : absent(x),
+          cells.defined() ? cells : absent(x),
+          save_for_backward && proj_in.defined() ? proj_in : absent(x)};
 }
 
-// Returns [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr]; entries not asked for are None.
-std::vector<Tensor> backward(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes,
-                             const Tensor& h0, const OptTensor& c0, const Tensor& w_ih,
-                             const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
-                             const OptTensor& w_hr, bool reverse, double cell_clip, double grad_clip,
-                             const Tensor& y, const OptTensor& gates, const OptTensor& cells,
-                             const OptTensor& proj_in, const Tensor& dy, const Tensor& dh_n,
-                             const OptTensor& dc_n, bool need_dx, bool need_weights) {
+using BackwardResult = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>;
+
+// rnnfused::layer_backward: see the schema in TORCH_LIBRARY below.
+BackwardResult layer_backward(int64_t cell_index, const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0,
+                              const OptTensor& c0, at::TensorList weights, bool has_biases, bool reverse,
+                              double cell_clip, double grad_clip, const Tensor& hidden, const OptTensor& gates,
+                              const OptTensor& cells, const OptTensor& proj_in, const Tensor& dy,
+                              const Tensor& dh_n, const OptTensor& dc_n, bool need_dx, bool need_weights) {
+  const Cell cell = cell_of(cell_index);
   const c10::DeviceGuard guard(x_in.device());
-  const Layer layer = prepare_layer(cell, x_in, batch_sizes, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, cell_clip,
-                                    grad_clip);
+  const Weights w = unpack_weights(weights, has_biases);
+  const Layer layer = prepare_layer(cell, x_in, batch_sizes, h0, w, reverse, cell_clip, grad_clip);
   BackwardParams p;
   static_cast<LayerParams&>(p) = layer.p;
   const Tensor& x = layer.x;
   const auto &opts = layer.opts, &acc = layer.acc;
   const int64_t saved = saved_gates_per_unit(cell);
+  const bool projected = p.P != p.H;
   TORCH_CHECK(saved == 0 || gates.has_value(), "rnnfused: backward needs the gates saved by forward");
   TORCH_CHECK(cell != Cell::LSTM || (cells.has_value() && c0.has_value() && dc_n.has_value()),
               "rnnfused: LSTM backward needs c0, the saved cells and the gradient of c_n");
-  TORCH_CHECK(!w_hr || proj_in.has_value(), "rnnfused: backward needs the saved projection input");
+  TORCH_CHECK(!projected || proj_in.has_value(), "rnnfused: backward needs the saved projection input");
 
   const Tensor h0c = prepare(h0, "h0", {p.B, p.P}, x);
   const std::vector<int64_t> y_shape =
       layer.packed ? std::vector<int64_t>{p.N, p.P} : std::vector<int64_t>{p.T, p.B, p.P};
-  const Tensor yc = prepare(y, "the saved output", y_shape, x);
+  const Tensor hidden_c = prepare(hidden, "the saved hidden states", y_shape, x);
   const Tensor dyc = prepare(dy, "grad of output", y_shape, x);
   const at::ScalarType acc_dtype = acc_type(x.scalar_type());
   const Tensor gates_c =
       saved > 0 ? prepare(*gates, "the saved gates", {p.N, saved * p.H}, x, acc_dtype) : Tensor();
   const Tensor cells_c =
       cell == Cell::LSTM ? prepare(*cells, "the saved cells", {p.N, p.H}, x, acc_dtype) : Tensor();
-  const Tensor proj_in_c = w_hr ? prepare(*proj_in, "the saved projection input", {p.N, p.H}, x) : Tensor();
+  const Tensor proj_in_c = projected ? prepare(*proj_in, "the saved projection input", {p.N, p.H}, x) : Tensor();
   Tensor dh = prepare(dh_n, "grad of h_n", {p.B, p.P}, x).to(acc, false, /*copy=*/true);
   Tensor dc, c0_acc, c_prev;
   if (cell == Cell::LSTM) {
@@ -313,21 +377,27 @@ std::vector<Tensor> backward(Cell cell, const Tensor& x_in, const OptTensor& bat
     c_prev = empty({p.N, p.H}, acc);
   }
   Tensor dx = need_dx ? empty({p.N, p.I}, opts) : Tensor();
+  std::vector<Tensor> dweights;
   Tensor dw_ih, dw_hh, db_ih, db_hh, dw_hr;
   if (need_weights) {
     dw_ih = empty({p.G, p.I}, opts);
     dw_hh = empty({p.G, p.P}, opts);
-    if (b_ih) {
+    dweights = {dw_ih, dw_hh};
+    if (has_biases) {
       db_ih = empty({p.G}, opts);
       db_hh = empty({p.G}, opts);
+      dweights.insert(dweights.end(), {db_ih, db_hh});
     }
-    if (w_hr) dw_hr = empty({p.P, p.H}, opts);
+    if (projected) {
+      dw_hr = empty({p.P, p.H}, opts);
+      dweights.push_back(dw_hr);
+    }
   }
   Tensor dgx = empty({p.N, p.G}, opts);
   Tensor dgh = cell == Cell::GRU ? empty({p.N, p.G}, opts) : dgx;
   Tensor h_prev = empty({p.N, p.P}, opts);
   Tensor dht, dm, rh, drh;
-  if (w_hr) {
+  if (projected) {
     dht = empty({p.N, p.P}, opts);
     dm = empty({p.B, p.H}, acc);
   }
@@ -335,12 +405,12 @@ std::vector<Tensor> backward(Cell cell, const Tensor& x_in, const OptTensor& bat
     rh = empty({p.N, p.H}, opts);
     drh = empty({p.B, p.H}, acc);
   }
-  Tensor ones = (need_weights && b_ih) ? empty({p.N}, opts).fill_(1) : Tensor();
+  Tensor ones = (need_weights && has_biases) ? empty({p.N}, opts).fill_(1) : Tensor();
 
   p.x = ptr(x);
   p.h0 = ptr(h0c);
   p.c0 = ptr(c0_acc);
-  p.y = ptr(yc);
+  p.hidden = ptr(hidden_c);
   p.gates = ptr(gates_c);
   p.cells = ptr(cells_c);
   p.proj_in = ptr(proj_in_c);
@@ -365,27 +435,48 @@ std::vector<Tensor> backward(Cell cell, const Tensor& x_in, const OptTensor& bat
   run(x, p);
 
   if (dx.defined() && !layer.packed) dx = dx.view(x.sizes());
-  return {dx, dh.to(x.scalar_type()), dc.defined() ? dc.to(x.scalar_type()) : Tensor(),
-          dw_ih, dw_hh, db_ih, db_hh, dw_hr};
+  return {dx.defined() ? dx : absent(x), dh.to(x.scalar_type()), dc.defined() ? dc.to(x.scalar_type()) : absent(x),
+          dweights};
 }
 
 }  // namespace
 }  // namespace rnnfused
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  using namespace rnnfused;
-  m.doc() = "rnnfused kernels: one recurrent layer in one direction, forward and backward";
-  pybind11::enum_<Cell>(m, "Cell")
-      .value("LSTM", Cell::LSTM)
-      .value("GRU", Cell::GRU)
-      .value("GRU_CHO", Cell::GRU_CHO)
-      .value("RNN_TANH", Cell::RNN_TANH)
-      .value("RNN_RELU", Cell::RNN_RELU);
-  m.def("forward", &rnnfused::forward, "Forward of one layer and direction");
-  m.def("backward", &rnnfused::backward, "Backward of one layer and direction");
-  m.attr("with_cuda") = kWithCuda;
+// The operators. Shapes (params.h): T steps, B batch, N rows (T*B padded), I inputs, H hidden,
+// P = proj_size or H, G gate rows. x is [T, B, I] (batch_sizes None) or packed [N, I];
+// outputs that do not apply are empty tensors of shape [0].
+TORCH_LIBRARY(rnnfused, m) {
+  m.def(
+      "layer_forward(int cell, Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor[] weights, "
+      "bool has_biases, bool reverse, bool save_for_backward, float cell_clip, float grad_clip) -> "
+      "(Tensor y, Tensor h_n, Tensor c_n, Tensor hidden, Tensor gates, Tensor cells, Tensor proj_in)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "layer_backward(int cell, Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor[] weights, "
+      "bool has_biases, bool reverse, float cell_clip, float grad_clip, Tensor hidden, Tensor? gates, "
+      "Tensor? cells, Tensor? proj_in, Tensor dy, Tensor dh_n, Tensor? dc_n, bool need_dx, bool need_weights) -> "
+      "(Tensor dx, Tensor dh0, Tensor dc0, Tensor[] dweights)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(rnnfused, CPU, m) {
+  m.impl("layer_forward", &rnnfused::layer_forward);
+  m.impl("layer_backward", &rnnfused::layer_backward);
+}
+
 #ifdef RNNFUSED_WITH_CUDA
-  m.attr("cuda_archs") = cuda::compiled_archs();
+TORCH_LIBRARY_IMPL(rnnfused, CUDA, m) {
+  m.impl("layer_forward", &rnnfused::layer_forward);
+  m.impl("layer_backward", &rnnfused::layer_backward);
+}
+#endif
+
+// What is not an operator: which backends and GPU architectures this build has.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rnnfused kernels; the operators are torch.ops.rnnfused.layer_forward / layer_backward";
+  m.attr("with_cuda") = rnnfused::kWithCuda;
+#ifdef RNNFUSED_WITH_CUDA
+  m.attr("cuda_archs") = rnnfused::cuda::compiled_archs();
 #else
   m.attr("cuda_archs") = "";
 #endif

@@ -36,9 +36,10 @@ namespace cells {
 // exp and tanh for the activations. On the GPU: CUDA's expf / tanhf. On the host, float
 // uses branch-free formulas instead of libm calls so that the CPU element loops vectorise
 // (a libm call is opaque to the vectoriser, and glibc's tanhf alone costs ~18 ns):
-//   exp_  Cody-Waite reduction + degree-7 polynomial, <= 2 ulp on [-87, 88]; it saturates
-//         outside that range (e^-87, e^88), which sigmoid and tanh cannot tell apart from
-//         0 and infinity. NaN stays NaN.
+//   exp_  Cody-Waite reduction + degree-7 polynomial, <= 2 ulp where the result is normal;
+//         2^n is applied as two factors so that results underflow gradually to 0 and
+//         overflow to infinity as expf's do (sigmoid(-inf) must be exactly 0: 0 * inf is
+//         NaN in a GRU, as in torch.nn). NaN stays NaN.
 //   tanh_ odd polynomial for |x| < 0.125 (no cancellation), 1 - 2 / (e^2|x| + 1) above;
 //         <= 11 ulp (1e-7 absolute).
 // Double always uses libm: fp64 is the accuracy reference.
@@ -46,15 +47,19 @@ RNNF_HD float exp_(float x) {
 #if defined(__CUDA_ARCH__)
   return ::expf(x);
 #else
-  const float clamped = x > 88.f ? 88.f : (x < -87.f ? -87.f : x);
+  // Outside [-104, 89] e^x rounds to 0 or overflows in float; the clamp keeps n in [-150, 128].
+  const float clamped = x > 89.f ? 89.f : (x < -104.f ? -104.f : x);
   const float n = (clamped * 1.44269504f + 12582912.f) - 12582912.f;  // round(x / ln 2)
   const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;  // x - n ln 2, two parts
   const float p =
       1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720 + r * (1.f / 5040)))))));
-  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  memcpy(&scale, &exponent_bits, sizeof(scale));
-  return x != x ? x : p * scale;
+  const int32_t n_low = static_cast<int32_t>(n) / 2;  // 2^n = 2^n_low 2^n_high, both normal
+  const int32_t n_high = static_cast<int32_t>(n) - n_low;
+  const int32_t low_bits = (n_low + 127) << 23, high_bits = (n_high + 127) << 23;
+  float scale_low, scale_high;
+  memcpy(&scale_low, &low_bits, sizeof(float));
+  memcpy(&scale_high, &high_bits, sizeof(float));
+  return x != x ? x : (p * scale_low) * scale_high;
 #endif
 }
 RNNF_HD double exp_(double x) { return ::exp(x); }
@@ -117,7 +122,8 @@ RNNF_HD LstmGates<T> lstm_backward(const LstmGates<T>& a, T c, T c_prev, T dh, T
                                    T cell_clip, T grad_clip, T& dc_prev) {
   const T tanh_c = tanh_(c);
   T dc_total = dc + dh * a.o * (T(1) - tanh_c * tanh_c);
-  const bool clamped = (c >= cell_clip) | (c <= -cell_clip);
+  // With the clip off (infinity) nothing is clamped, not even an infinite c.
+  const bool clamped = ((c >= cell_clip) | (c <= -cell_clip)) & (cell_clip < T(INFINITY));
   dc_total = clamped ? T(0) : dc_total;
   dc_prev = dc_total * a.f;
   LstmGates<T> d;

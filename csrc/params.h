@@ -17,6 +17,8 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 namespace rnnfused {
 
@@ -27,16 +29,25 @@ enum class Cell : int {
   RNN_TANH,
   RNN_RELU,
 };
+constexpr int kNumCells = 5;
 
 enum class DType : int { Float32, Float64, Float16, BFloat16 };
+
+// Cells are checked where they enter (bindings.cpp); a switch over them still never falls
+// through silently.
+[[noreturn]] inline void invalid_cell(Cell cell) {
+  throw std::invalid_argument("rnnfused: invalid cell " + std::to_string(static_cast<int>(cell)));
+}
 
 inline int64_t gates_per_unit(Cell cell) {
   switch (cell) {
     case Cell::LSTM: return 4;
     case Cell::GRU:
     case Cell::GRU_CHO: return 3;
-    default: return 1;
+    case Cell::RNN_TANH:
+    case Cell::RNN_RELU: return 1;
   }
+  invalid_cell(cell);
 }
 
 // Width (in units of H) of the per-row activations that forward saves for backward.
@@ -46,8 +57,10 @@ inline int64_t saved_gates_per_unit(Cell cell) {
     case Cell::LSTM:
     case Cell::GRU: return 4;
     case Cell::GRU_CHO: return 3;
-    default: return 0;
+    case Cell::RNN_TANH:
+    case Cell::RNN_RELU: return 0;
   }
+  invalid_cell(cell);
 }
 
 struct LayerParams {
@@ -89,7 +102,7 @@ struct BackwardParams : LayerParams {
   const void* x = nullptr;        // S [N, I]
   const void* h0 = nullptr;       // S [B, P]
   const void* c0 = nullptr;       // A [B, H] LSTM only
-  const void* y = nullptr;        // S [N, P]
+  const void* hidden = nullptr;   // S [N, P] h_t of every row (forward's y, saved as a private copy)
   const void* gates = nullptr;    // A [N, saved_gates_per_unit * H]
   const void* cells = nullptr;    // A [N, H] LSTM
   const void* proj_in = nullptr;  // S [N, H] LSTM with projection

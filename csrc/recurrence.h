@@ -155,6 +155,8 @@ void forward(Backend& be, const ForwardParams& p) {
         else
           be.for_each(rows, H, RnnForwardStep<S, A, true>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H});
         break;
+      default:
+        invalid_cell(p.cell);
     }
   }
 }
@@ -166,7 +168,7 @@ void backward(Backend& be, const BackwardParams& p) {
   const auto* w_ih = static_cast<const S*>(p.w_ih);
   const auto* w_hh = static_cast<const S*>(p.w_hh);
   const auto* w_hr = static_cast<const S*>(p.w_hr);
-  const auto* y = static_cast<const S*>(p.y);
+  const auto* hidden = static_cast<const S*>(p.hidden);
   const auto* gates = static_cast<const A*>(p.gates);
   const auto* cells = static_cast<const A*>(p.cells);
   const auto* dy = static_cast<const S*>(p.dy);
@@ -184,7 +186,7 @@ void backward(Backend& be, const BackwardParams& p) {
   const int64_t saved_width = saved_gates_per_unit(p.cell) * H;
   const auto offsets = step_offsets(p);
 
-  gather_previous_states<S>(be, p, offsets, h_prev, y, static_cast<const S*>(p.h0), P);
+  gather_previous_states<S>(be, p, offsets, h_prev, hidden, static_cast<const S*>(p.h0), P);
   if (p.cell == Cell::LSTM)
     gather_previous_states<A>(be, p, offsets, c_prev, cells, static_cast<const A*>(p.c0), H);
 
@@ -233,12 +235,14 @@ void backward(Backend& be, const BackwardParams& p) {
       case Cell::RNN_RELU:
         if (p.cell == Cell::RNN_TANH)
           be.for_each(rows, H,
-                      RnnBackwardStep<S, A, false>{y + r0 * H, dy + r0 * H, dh, dgx + r0 * G, H, grad_clip});
+                      RnnBackwardStep<S, A, false>{hidden + r0 * H, dy + r0 * H, dh, dgx + r0 * G, H, grad_clip});
         else
           be.for_each(rows, H,
-                      RnnBackwardStep<S, A, true>{y + r0 * H, dy + r0 * H, dh, dgx + r0 * G, H, grad_clip});
+                      RnnBackwardStep<S, A, true>{hidden + r0 * H, dy + r0 * H, dh, dgx + r0 * G, H, grad_clip});
         be.template gemm<S, A>(false, false, rows, H, H, dgx + r0 * G, G, w_hh, H, 0, dh, H);
         break;
+      default:
+        invalid_cell(p.cell);
     }
   }
 

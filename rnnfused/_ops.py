@@ -1,33 +1,147 @@
-"""Thin wrappers over the compiled kernels in ``rnnfused._C`` (one layer, one direction).
+"""The operators ``torch.ops.rnnfused.layer_forward`` and ``layer_backward`` (one layer, one
+direction), defined in C++ (csrc/bindings.cpp) with CPU and CUDA kernels; their fake
+(meta) kernels and autograd formula are registered here.
 
-Shapes follow ``csrc/params.h``: T steps, B = batch_sizes[0], N rows in all, I inputs,
-H hidden units, P = proj_size or H, G gate rows (4H LSTM, 3H GRU, H RNN).
+Shapes follow ``csrc/params.h``: T steps, B batch, N rows (T*B padded, or the packed rows),
+I inputs, H hidden units, P = proj_size or H, G gate rows (4H LSTM, 3H GRU, H RNN).
+``weights`` is ``[w_ih, w_hh]``, then ``b_ih, b_hh`` when ``has_biases``, then ``w_hr`` for
+an LSTM with projection. Outputs that do not apply are empty tensors of shape [0].
 """
 
-from . import _C
+import enum
 
-Cell = _C.Cell
+import torch
+
+from . import _C  # noqa: F401  (loading the extension defines the operators)
 
 
-def layer_forward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *, reverse,
-                  save_for_backward, cell_clip):
+class Cell(enum.IntEnum):
+    """The cells, numbered as the ``int cell`` argument of the operators (csrc/params.h)."""
+
+    LSTM = 0
+    GRU = 1  # PyTorch / cuDNN form: r applied to (W_hn h + b_hn)
+    GRU_CHO = 2  # Cho et al. 2014 form: r applied to h before W_hn
+    RNN_TANH = 3
+    RNN_RELU = 4
+
+
+GATES_PER_UNIT = {Cell.LSTM: 4, Cell.GRU: 3, Cell.GRU_CHO: 3, Cell.RNN_TANH: 1, Cell.RNN_RELU: 1}
+# Activations saved per hidden unit: LSTM i, f, g, o | GRU r, z, n, W_hn h + b_hn | GRU_CHO r, z, n
+SAVED_PER_UNIT = {Cell.LSTM: 4, Cell.GRU: 4, Cell.GRU_CHO: 3, Cell.RNN_TANH: 0, Cell.RNN_RELU: 0}
+
+
+def layer_forward(cell, x, batch_sizes, h0, c0, weights, *, has_biases, reverse, save_for_backward,
+                  cell_clip, grad_clip):
     """Runs one layer in one direction.
 
-    x is [T, B, I] (padded, ``batch_sizes`` None) or [N, I] (packed, ``batch_sizes`` the
-    int64 CPU tensor of a PackedSequence). Returns ``[y, h_n, c_n, gates, cells, proj_in]``:
-    y in the layout of x with P features, h_n [B, P], c_n [B, H] (LSTM, else None), and the
-    activations backward needs (None when ``save_for_backward`` is False or not used).
+    x is [T, B, I] (padded, ``batch_sizes`` None) or [N, I] (packed, ``batch_sizes`` the int64
+    CPU tensor of a PackedSequence); h0 [B, P]; c0 [B, H] for LSTM, else None. Returns
+    ``(y, h_n, c_n, hidden, gates, cells, proj_in)``: y in the layout of x with P features,
+    h_n [B, P], c_n [B, H] (LSTM), and what backward needs when ``save_for_backward``: a
+    private copy of y, the activations [N, saved * H] (fp32, fp64 for fp64), LSTM cell
+    states [N, H] and the projection's input [N, H]. ``grad_clip`` is used by the backward.
     """
-    return _C.forward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                      save_for_backward, cell_clip)
+    return torch.ops.rnnfused.layer_forward(int(cell), x, batch_sizes, h0, c0, list(weights), has_biases, reverse,
+                                            save_for_backward, cell_clip, grad_clip)
 
 
-def layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, saved, dy, dh_n,
-                   dc_n, *, reverse, cell_clip, grad_clip, need_dx, need_weights):
-    """Gradients of one layer in one direction; ``saved`` is ``(y, gates, cells, proj_in)``
-    from :func:`layer_forward`. Returns ``[dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr]``
-    (None where not asked for or not applicable)."""
-    y, gates, cells, proj_in = saved
-    return _C.backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse,
-                       cell_clip, grad_clip, y, gates, cells, proj_in, dy, dh_n, dc_n, need_dx,
-                       need_weights)
+def layer_backward(cell, x, batch_sizes, h0, c0, weights, saved, dy, dh_n, dc_n, *, has_biases, reverse,
+                   cell_clip, grad_clip, need_dx, need_weights):
+    """Gradients of one layer in one direction; ``saved`` is ``(hidden, gates, cells, proj_in)``
+    from :func:`layer_forward` (None where the cell has none). Returns
+    ``(dx, dh0, dc0, dweights)``: dx as x (empty unless ``need_dx``), dh0 [B, P], dc0 [B, H]
+    (LSTM), dweights shaped as ``weights`` (empty unless ``need_weights``)."""
+    hidden, gates, cells, proj_in = saved
+    return torch.ops.rnnfused.layer_backward(int(cell), x, batch_sizes, h0, c0, list(weights), has_biases, reverse,
+                                             cell_clip, grad_clip, hidden, gates, cells, proj_in, dy, dh_n, dc_n,
+                                             need_dx, need_weights)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_devices(x, named):
+    """The device check of the C++ kernels, for the fake kernels: with a meta tensor among
+    the arguments the dispatcher runs the fake kernel even when others are on a real device."""
+    for name, tensor in named:
+        if tensor is not None and tensor.device != x.device:
+            raise RuntimeError(f"rnnfused: {name} is on {tensor.device} but the input is on {x.device}; "
+                               "move both to the same device")
+
+
+@torch.library.register_fake("rnnfused::layer_forward")
+def _layer_forward_fake(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, save_for_backward, cell_clip,
+                        grad_clip):
+    cell = Cell(cell)
+    _check_devices(x, [("weight_ih", weights[0]), ("weight_hh", weights[1]), ("h0", h0), ("c0", c0)])
+    hidden_size = weights[0].shape[0] // GATES_PER_UNIT[cell]
+    width = weights[1].shape[1]
+    rows = x.shape[0] if batch_sizes is not None else x.shape[0] * x.shape[1]
+    batch = h0.shape[0]
+    acc = _acc_dtype(x.dtype)
+    saved = SAVED_PER_UNIT[cell]
+
+    def absent():
+        return x.new_empty(0)
+
+    y = x.new_empty((*x.shape[:-1], width))
+    c_n = x.new_empty(batch, hidden_size) if cell == Cell.LSTM else absent()
+    hidden = x.new_empty(y.shape) if save_for_backward else absent()
+    gates = x.new_empty(rows, saved * hidden_size, dtype=acc) if save_for_backward and saved else absent()
+    cells = x.new_empty(rows, hidden_size, dtype=acc) if save_for_backward and cell == Cell.LSTM else absent()
+    proj_in = x.new_empty(rows, hidden_size) if save_for_backward and width != hidden_size else absent()
+    return y, x.new_empty(batch, width), c_n, hidden, gates, cells, proj_in
+
+
+@torch.library.register_fake("rnnfused::layer_backward")
+def _layer_backward_fake(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip, grad_clip, hidden,
+                         gates, cells, proj_in, dy, dh_n, dc_n, need_dx, need_weights):
+    cell = Cell(cell)
+    hidden_size = weights[0].shape[0] // GATES_PER_UNIT[cell]
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    dc0 = x.new_empty(h0.shape[0], hidden_size) if cell == Cell.LSTM else x.new_empty(0)
+    dweights = [w.new_empty(w.shape) for w in weights] if need_weights else []
+    return dx, x.new_empty(h0.shape), dc0, dweights
+
+
+def _setup_context(ctx, inputs, output):
+    cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, save_for_backward, cell_clip, grad_clip = inputs
+    _, _, _, hidden, gates, cells, proj_in = output
+    ctx.mark_non_differentiable(hidden, gates, cells, proj_in)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, batch_sizes, h0, c0, hidden, gates, cells, proj_in, *weights)
+    ctx.options = (Cell(cell), has_biases, reverse, save_for_backward, cell_clip, grad_clip)
+
+
+def _layer_forward_backward(ctx, dy, dh_n, dc_n, *unused):
+    cell, has_biases, reverse, save_for_backward, cell_clip, grad_clip = ctx.options
+    x, batch_sizes, h0, c0, hidden, gates, cells, proj_in, *weights = ctx.saved_tensors
+    needs = ctx.needs_input_grad  # one per input; a list of bools for `weights`
+    if not save_for_backward:
+        raise RuntimeError("rnnfused: layer_forward ran with save_for_backward=False, so it cannot be "
+                           "differentiated; call it with save_for_backward=True")
+    dy = torch.zeros_like(hidden) if dy is None else dy
+    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
+    is_lstm = cell == Cell.LSTM
+    if is_lstm and dc_n is None:
+        dc_n = torch.zeros_like(c0)
+    if torch.is_grad_enabled():
+        # create_graph=True: the fused backward has no graph of its own, so the gradients are
+        # recomputed through the differentiable equations (rnnfused.reference).
+        from .functional import reference_layer_gradients
+        return reference_layer_gradients(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip,
+                                         grad_clip, dy, dh_n, dc_n, needs)
+    projected = weights[1].shape[1] != weights[0].shape[0] // GATES_PER_UNIT[cell]
+    saved = (hidden, gates if SAVED_PER_UNIT[cell] else None, cells if is_lstm else None,
+             proj_in if projected else None)
+    need_weights = any(needs[5])
+    dx, dh0, dc0, dweights = layer_backward(
+        cell, x, batch_sizes, h0, c0, weights, saved, dy, dh_n, dc_n if is_lstm else None, has_biases=has_biases,
+        reverse=reverse, cell_clip=cell_clip, grad_clip=grad_clip, need_dx=needs[1], need_weights=need_weights)
+    dweights = [g if need else None for g, need in zip(dweights, needs[5])] if need_weights else [None] * len(weights)
+    return (None, dx if needs[1] else None, None, dh0 if needs[3] else None, dc0 if is_lstm and needs[4] else None,
+            dweights, None, None, None, None, None)
+
+
+torch.library.register_autograd("rnnfused::layer_forward", _layer_forward_backward, setup_context=_setup_context)

@@ -1,45 +1,23 @@
-"""Autograd for one recurrent layer in one direction on the fused kernels.
+"""One recurrent layer in one direction on the fused kernels, with autograd.
 
 :func:`recurrent_layer` is the building block of :mod:`rnnfused.modules`; it can be used
-directly to run a single layer with explicit weights.
+directly to run a single layer with explicit weights. The fused operators
+(``torch.ops.rnnfused.layer_forward`` / ``layer_backward``, see :mod:`rnnfused._ops`) carry
+ordinary training, ``torch.compile`` and ``torch.export``. What they have no rule for,
+double backward, forward-mode AD and the ``torch.func`` transforms, runs through the same
+equations written with differentiable torch operations (:mod:`rnnfused.reference`).
 """
 
 import math
 
 import torch
+from torch.autograd import forward_ad
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from . import _ops
+from . import _ops, reference
+from ._ops import Cell
 
-Cell = _ops.Cell
-
-
-class _RecurrentLayer(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, cell_clip,
-                grad_clip):
-        y, h_n, c_n, gates, cells, proj_in = _ops.layer_forward(
-            cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse=reverse,
-            save_for_backward=True, cell_clip=cell_clip)
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, gates, cells, proj_in)
-        ctx.config = (cell, batch_sizes, reverse, cell_clip, grad_clip)
-        return y, h_n, c_n
-
-    @staticmethod
-    def backward(ctx, dy, dh_n, dc_n):
-        if torch.is_grad_enabled():
-            # The gradients come from a fused kernel and have no graph of their own: a second
-            # derivative through this layer would silently come out as zero.
-            raise RuntimeError(
-                "rnnfused: double backward (create_graph=True) through a recurrent layer is not "
-                "supported; use torch.nn for higher-order gradients")
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, gates, cells, proj_in = ctx.saved_tensors
-        cell, batch_sizes, reverse, cell_clip, grad_clip = ctx.config
-        needs = ctx.needs_input_grad
-        dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = _ops.layer_backward(
-            cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, (y, gates, cells, proj_in),
-            dy, dh_n, dc_n, reverse=reverse, cell_clip=cell_clip, grad_clip=grad_clip,
-            need_dx=needs[1], need_weights=any(needs[5:10]))
-        return (None, dx, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None, None, None)
+__all__ = ["Cell", "recurrent_layer"]
 
 
 def _clip_value(clip, name):
@@ -48,6 +26,74 @@ def _clip_value(clip, name):
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
         raise ValueError(f"{name} must be None or a positive number, got {clip!r}")
     return float(clip)
+
+
+def _cell(cell):
+    try:
+        return Cell(cell)
+    except (ValueError, TypeError):
+        raise ValueError(f"rnnfused: cell must be one of {', '.join(c.name for c in Cell)} "
+                         f"(rnnfused.functional.Cell), got {cell!r}") from None
+
+
+def _autocast(tensors, device_type):
+    """What torch's autocast does to the inputs of an op it runs in lower precision: floating
+    tensors other than float64 are cast to the autocast dtype (the casts are differentiable,
+    so float32 parameters still get their gradients)."""
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in tensors]
+
+
+def _needs_differentiable_equations(tensors):
+    """True under a torch.func transform or with forward-mode AD tangents: the fused operators
+    have formulas for reverse-mode autograd only."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _reference_layer(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip, grad_clip):
+    """The layer through rnnfused.reference (differentiable torch operations), in the fused
+    layer's layout: x [T, B, I], or packed rows [N, I] with ``batch_sizes``."""
+    mode, reset_after = ("GRU", False) if cell == Cell.GRU_CHO else (cell.name, True)
+    names = ["w_ih", "w_hh"] + (["b_ih", "b_hh"] if has_biases else [])
+    named = dict(zip(names, weights))
+    named["w_hr"] = weights[len(names)] if len(weights) > len(names) else None
+    for name in ("b_ih", "b_hh"):
+        named.setdefault(name, None)
+    options = dict(reverse=reverse, reset_after=reset_after,
+                   cell_clip=None if math.isinf(cell_clip) else cell_clip,
+                   grad_clip=None if math.isinf(grad_clip) else grad_clip)
+    if batch_sizes is None:
+        return reference.layer(mode, x, h0, c0, named, **options)
+    padded, lengths = pad_packed_sequence(PackedSequence(x, batch_sizes))  # the packed (sorted) order
+    y, h_n, c_n = reference.layer(mode, padded, h0, c0, named, lengths=lengths, **options)
+    return torch.cat([y[t, :n] for t, n in enumerate(batch_sizes.tolist())]), h_n, c_n
+
+
+def reference_layer_gradients(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip, grad_clip,
+                              dy, dh_n, dc_n, needs):
+    """The gradients of ``rnnfused::layer_forward``'s inputs as a differentiable computation
+    (for create_graph=True), in the layout of its autograd formula (see _ops.py)."""
+    with torch.enable_grad():
+        y, h_n, c_n = _reference_layer(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip,
+                                       grad_clip)
+    outputs, grad_outputs = [y, h_n], [dy, dh_n]
+    if cell == Cell.LSTM:
+        outputs.append(c_n)
+        grad_outputs.append(dc_n)
+    candidates = [(needs[1], x), (needs[3], h0), (cell == Cell.LSTM and needs[4], c0)]
+    candidates += list(zip(needs[5], weights))
+    wanted = [t for need, t in candidates if need]
+    grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True, allow_unused=True))
+    dx, dh0, dc0, *dweights = [next(grads) if need else None for need, _ in candidates]
+    return None, dx, None, dh0, dc0, dweights, None, None, None, None, None
 
 
 def recurrent_layer(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
@@ -59,33 +105,40 @@ def recurrent_layer(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None
         x: ``[T, B, I]`` padded input, or ``[N, I]`` packed rows when ``batch_sizes`` is given
             (the data and batch_sizes of a ``PackedSequence``).
         h0: ``[B, P]`` initial hidden state (P = projection size, else H).
-        c0: ``[B, H]`` initial cell state (LSTM), else None.
+        c0: ``[B, H]`` initial cell state (LSTM only; None for the other cells).
         w_ih, w_hh, b_ih, b_hh, w_hr: weights in torch.nn's layout (``[G, I]``, ``[G, P]``,
-            ``[G]``, ``[G]``, ``[P, H]``; G = 4H LSTM, 3H GRU, H RNN).
+            ``[G]``, ``[G]``, ``[P, H]``; G = 4H LSTM, 3H GRU, H RNN); both biases or neither.
         reverse: walk the sequence from its end (the reverse direction of a bidirectional layer).
         cell_clip: LSTM only, clamp c_t to [-cell_clip, cell_clip].
         grad_clip: clamp the gradient of every gate pre-activation to [-grad_clip, grad_clip].
 
-    Under autocast every tensor is cast to the autocast dtype first.
+    Under autocast the floating inputs other than float64 are cast to the autocast dtype,
+    as torch's autocast does for an op that runs in lower precision.
 
     Returns:
         ``(y, h_n, c_n)``: y ``[T, B, P]`` or ``[N, P]``, h_n ``[B, P]``, c_n ``[B, H]`` (LSTM)
         or None.
     """
+    cell = _cell(cell)
+    is_lstm = cell == Cell.LSTM
+    if cell_clip is not None and not is_lstm:
+        raise ValueError("cell_clip is only supported for LSTM")
+    if (c0 is None) == is_lstm:
+        raise ValueError("rnnfused: LSTM needs c0" if is_lstm else f"rnnfused: c0 is only for LSTM, not {cell.name}")
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("rnnfused: give both biases or neither")
+    if w_hr is not None and not is_lstm:
+        raise ValueError("rnnfused: projections (w_hr) exist only for LSTM")
     cell_clip = _clip_value(cell_clip, "cell_clip")
     grad_clip = _clip_value(grad_clip, "grad_clip")
-    if torch.is_autocast_enabled(x.device.type):
-        # As torch.nn's recurrent layers on CUDA: everything in the autocast dtype (the
-        # casts are differentiable, so float32 parameters still get their gradients).
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = (
-            None if t is None else t.to(dtype) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
-    x = x.contiguous()
-    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _RecurrentLayer.apply(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                     reverse, cell_clip, grad_clip)
-    y, h_n, c_n, *_ = _ops.layer_forward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                         reverse=reverse, save_for_backward=False,
-                                         cell_clip=cell_clip)
-    return y, h_n, c_n
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), x.device.type)
+    has_biases = b_ih is not None
+    weights = [w for w in (w_ih, w_hh, b_ih, b_hh, w_hr) if w is not None]
+    tensors = (x, h0, c0, *weights)
+    if _needs_differentiable_equations(tensors):
+        return _reference_layer(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip, grad_clip)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, h_n, c_n, *_ = _ops.layer_forward(cell, x, batch_sizes, h0, c0, weights, has_biases=has_biases,
+                                         reverse=reverse, save_for_backward=training, cell_clip=cell_clip,
+                                         grad_clip=grad_clip)
+    return y, h_n, (c_n if is_lstm else None)

@@ -24,12 +24,12 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .functional import Cell, _clip_value, recurrent_layer
 
-__all__ = ["RNN", "LSTM", "GRU"]
+__all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
-class _RecurrentBase(nn.Module):
+class RNNBase(nn.Module):
     """Stack of ``num_layers`` recurrent layers, each in one or two directions.
 
     Holds what torch.nn.RNNBase holds (the same attributes and parameters) and runs the
@@ -100,6 +100,11 @@ class _RecurrentBase(nn.Module):
         """Parameters per (layer, direction): ``[[weight_ih_l0, weight_hh_l0, ...], ...]``."""
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"rnnfused.{type(self).__name__} cannot be compiled by torch.jit.script (TorchScript cannot "
+            "compile its Python forward); use torch.compile or torch.export, or torch.jit.trace")
+
     def flatten_parameters(self) -> None:
         """No-op, kept for compatibility: the fused kernels read the parameters in place."""
 
@@ -127,11 +132,8 @@ class _RecurrentBase(nn.Module):
 
     # --- checks, as torch.nn ---------------------------------------------------------------
 
-    def _expected_state_size(self, input, batch_sizes, width):
-        if batch_sizes is not None:
-            mini_batch = int(batch_sizes[0])
-        else:
-            mini_batch = input.size(0) if self.batch_first else input.size(1)
+    def _expected_state_size(self, input, batch_size, width):
+        mini_batch = batch_size if batch_size is not None else input.size(0 if self.batch_first else 1)
         num_directions = 2 if self.bidirectional else 1
         return (self.num_layers * num_directions, mini_batch, width)
 
@@ -151,7 +153,13 @@ class _RecurrentBase(nn.Module):
 
     @staticmethod
     def _check_state(state, input, expected, message):
-        if state.size() != expected:
+        if torch.compiler.is_compiling():
+            # The batch size of packed input may be data there (an unbacked size): it can be
+            # asserted at run time but not guarded on.
+            torch._check(state.dim() == len(expected), lambda: "hidden state has the wrong number of dimensions")
+            for actual, wanted in zip(state.shape, expected):
+                torch._check(actual == wanted, lambda: "hidden state has the wrong size")
+        elif state.size() != expected:
             raise RuntimeError(message.format(expected, list(state.size())))
         if state.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
             raise RuntimeError(f"hidden state dtype ({state.dtype}) does not match input dtype "
@@ -199,13 +207,13 @@ class _RecurrentBase(nn.Module):
         num_directions = 2 if self.bidirectional else 1
         packed = isinstance(input, PackedSequence)
         sorted_indices = unsorted_indices = None
-        batch_sizes = None
+        batch_sizes = batch_size = None
         is_batched = True
         if packed:
             input, batch_sizes, sorted_indices, unsorted_indices = input
+            batch_size = _packed_batch_size(batch_sizes, sorted_indices)
             if hx is None:
-                hx = input.new_zeros(self.num_layers * num_directions, int(batch_sizes[0]),
-                                     self.hidden_size)
+                hx = input.new_zeros(self.num_layers * num_directions, batch_size, self.hidden_size)
             else:
                 hx = _permute(hx, sorted_indices)
         else:
@@ -229,7 +237,7 @@ class _RecurrentBase(nn.Module):
                 hx = input.new_zeros(self.num_layers * num_directions, input.size(batch_dim),
                                      self.hidden_size)
         self._check_input(input, batch_sizes)
-        self._check_state(hx, input, self._expected_state_size(input, batch_sizes, self.hidden_size),
+        self._check_state(hx, input, self._expected_state_size(input, batch_size, self.hidden_size),
                           "Expected hidden size {}, got {}")
 
         x = input.transpose(0, 1) if (self.batch_first and not packed) else input
@@ -247,6 +255,12 @@ class _RecurrentBase(nn.Module):
 
 def _permute(state, permutation):
     return state if permutation is None else state.index_select(1, permutation)
+
+
+def _packed_batch_size(batch_sizes, sorted_indices):
+    """The number of sequences of a PackedSequence. Under torch.compile the values of
+    batch_sizes are data, so a shape gives the size where one is there (unsorted input)."""
+    return sorted_indices.size(0) if sorted_indices is not None else int(batch_sizes[0])
 
 
 def _check_config(module, dropout):
@@ -287,7 +301,7 @@ def _check_config(module, dropout):
         raise TypeError(f"reset_after should be of type bool, got: {type(module.reset_after).__name__}")
 
 
-class RNN(_RecurrentBase):
+class RNN(RNNBase):
     r"""Multi-layer Elman RNN, drop-in for :class:`torch.nn.RNN`.
 
     ``RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
@@ -328,7 +342,7 @@ class RNN(_RecurrentBase):
         return self._forward(input, hx)
 
 
-class GRU(_RecurrentBase):
+class GRU(RNNBase):
     r"""Multi-layer gated recurrent unit, drop-in for :class:`torch.nn.GRU`.
 
     ``GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -355,7 +369,7 @@ class GRU(_RecurrentBase):
         return self._forward(input, hx)
 
 
-class LSTM(_RecurrentBase):
+class LSTM(RNNBase):
     r"""Multi-layer long short-term memory, drop-in for :class:`torch.nn.LSTM`.
 
     ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -388,7 +402,7 @@ class LSTM(_RecurrentBase):
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
         sorted_indices = unsorted_indices = None
-        batch_sizes = None
+        batch_sizes = batch_size = None
         is_batched = True
 
         def zeros(batch):
@@ -397,7 +411,8 @@ class LSTM(_RecurrentBase):
 
         if packed:
             input, batch_sizes, sorted_indices, unsorted_indices = input
-            hx = zeros(int(batch_sizes[0])) if hx is None else hx
+            batch_size = _packed_batch_size(batch_sizes, sorted_indices)
+            hx = zeros(batch_size) if hx is None else hx
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
@@ -418,11 +433,16 @@ class LSTM(_RecurrentBase):
                         "For unbatched 2-D input, hx and cx should also be 2-D but got "
                         f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        # After torch.nn's own checks, in its order: what they let through is still refused.
+        if not isinstance(hx, (tuple, list)):
+            raise TypeError(f"LSTM expects hx as a tuple (h_0, c_0) of tensors, got {type(hx).__name__}")
+        if len(hx) != 2:
+            raise RuntimeError("lstm expects two hidden states")
         h0, c0 = _permute(hx[0], sorted_indices), _permute(hx[1], sorted_indices)
         self._check_input(input, batch_sizes)
-        self._check_state(h0, input, self._expected_state_size(input, batch_sizes, real_hidden_size),
+        self._check_state(h0, input, self._expected_state_size(input, batch_size, real_hidden_size),
                           "Expected hidden[0] size {}, got {}")
-        self._check_state(c0, input, self._expected_state_size(input, batch_sizes, self.hidden_size),
+        self._check_state(c0, input, self._expected_state_size(input, batch_size, self.hidden_size),
                           "Expected hidden[1] size {}, got {}")
 
         x = input.transpose(0, 1) if (self.batch_first and not packed) else input

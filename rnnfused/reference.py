@@ -14,16 +14,26 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 
 class _ClampGrad(torch.autograd.Function):
-    """Identity forward; clamps the gradient to [-limit, limit] on the way back."""
+    """Identity forward; clamps the gradient to [-limit, limit] on the way back. Forward-mode
+    AD passes tangents through unchanged (the forward is the identity)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, limit):
-        ctx.limit = limit
+    def forward(x, limit):
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.limit = inputs[1]
 
     @staticmethod
     def backward(ctx, grad):
         return grad.clamp(-ctx.limit, ctx.limit), None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, limit_tangent):
+        return x_tangent.view_as(x_tangent)
 
 
 def clamp_grad(x, limit):

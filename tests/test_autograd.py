@@ -92,13 +92,6 @@ def test_no_grad_saves_nothing_and_matches():
     assert torch.equal(out, ours(x)[0].detach())
 
 
-def test_double_backward_is_refused_clearly():
-    _, ours = make_twins("LSTM", 3, 4)
-    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(ours(x)[0].sum(), x, create_graph=True)
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 def test_batch_size_zero(mode):
     theirs, ours = make_twins(mode, 3, 4, num_layers=2, bidirectional=True)

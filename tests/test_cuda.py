@@ -263,19 +263,8 @@ def test_cuda_graph_capture_forward_and_backward():
 
 def test_backward_checks_saved_tensors_device():
     """A saved tensor on the wrong device is a clear error, not an illegal memory access."""
-    from rnnfused import _ops
-    x = torch.randn(3, 2, 4, device="cuda")
-    h0, c0 = torch.zeros(2, 5, device="cuda"), torch.zeros(2, 5, device="cuda")
-    w_ih, w_hh = torch.randn(20, 4, device="cuda"), torch.randn(20, 5, device="cuda")
-    y, h_n, c_n, gates, cells, proj_in = _ops.layer_forward(
-        _ops.Cell.LSTM, x, None, h0, c0, w_ih, w_hh, None, None, None, reverse=False,
-        save_for_backward=True, cell_clip=float("inf"))
-    saved = {"y": y, "gates": gates, "cells": cells}
-    for name in saved:
-        moved = {**saved, name: saved[name].cpu()}
+    from test_module_api import _saved_lstm_layer
+    backward, hidden, gates, cells = _saved_lstm_layer("cuda")
+    for name, tensor in {"hidden": hidden, "gates": gates, "cells": cells, "dy": torch.ones_like(hidden)}.items():
         with pytest.raises(RuntimeError, match="is on cpu but the input is on cuda"):
-            _ops.layer_backward(_ops.Cell.LSTM, x, None, h0, c0, w_ih, w_hh, None, None, None,
-                                (moved["y"], moved["gates"], moved["cells"], None), torch.ones_like(y),
-                                torch.zeros_like(h_n), torch.zeros_like(c_n), reverse=False,
-                                cell_clip=float("inf"), grad_clip=float("inf"), need_dx=True,
-                                need_weights=True)
+            backward(**{name: tensor.cpu()})

@@ -175,6 +175,7 @@ def _bad_inputs(mode):
     if mode == "LSTM":
         cases["cell batch size"] = (x, (hidden, torch.zeros(1, 3, 4)))
         cases["hx as one tensor"] = (x, hidden)
+        cases["hx as three tensors"] = (x, (hidden, hidden.clone(), hidden.clone()))
     else:
         cases["hx as tuple"] = (x, (hidden,))
     return cases
@@ -185,6 +186,15 @@ def test_forward_errors_match(mode):
     theirs, ours = make_twins(mode, 3, 4, dtype=torch.float32)
     for name, (x, hx) in _bad_inputs(mode).items():
         assert _outcome(lambda: ours(x, hx)) == _outcome(lambda: theirs(x, hx)), name
+
+
+def test_lstm_hx_as_one_4d_tensor_is_a_type_error():
+    """torch.nn fails in its C++ binding with a TypeError; rnnfused says what it expected."""
+    theirs, ours = make_twins("LSTM", 3, 4, dtype=torch.float32)
+    x, hx = torch.randn(5, 2, 3), torch.zeros(2, 1, 2, 4)
+    assert _outcome(lambda: theirs(x, hx))[0] == "TypeError"
+    assert _outcome(lambda: ours(x, hx)) == (
+        "TypeError", "LSTM expects hx as a tuple (h_0, c_0) of tensors, got Tensor")
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -231,32 +241,34 @@ def test_tf32_switch_of_either_api_leaves_cpu_layers_working(api, value):
         ours(x.requires_grad_())[0].sum().backward()
 
 
-def _saved_lstm_layer():
+def _saved_lstm_layer(device="cpu"):
+    """A forward of the LSTM operator, and backward(**replaced) with some saved tensors replaced."""
     from rnnfused import _ops
-    x = torch.randn(3, 2, 4)
-    h0, c0 = torch.zeros(2, 5), torch.zeros(2, 5)
-    w_ih, w_hh = torch.randn(20, 4), torch.randn(20, 5)
-    y, h_n, c_n, gates, cells, _ = _ops.layer_forward(
-        _ops.Cell.LSTM, x, None, h0, c0, w_ih, w_hh, None, None, None, reverse=False,
-        save_for_backward=True, cell_clip=float("inf"))
+    inf = float("inf")
+    x = torch.randn(3, 2, 4, device=device)
+    h0, c0 = torch.zeros(2, 5, device=device), torch.zeros(2, 5, device=device)
+    weights = [torch.randn(20, 4, device=device), torch.randn(20, 5, device=device)]
+    y, h_n, c_n, hidden, gates, cells, _ = _ops.layer_forward(
+        _ops.Cell.LSTM, x, None, h0, c0, weights, has_biases=False, reverse=False, save_for_backward=True,
+        cell_clip=inf, grad_clip=inf)
 
     def backward(**replaced):
-        saved = {"y": y, "gates": gates, "cells": cells, "dy": torch.ones_like(y), **replaced}
+        saved = {"hidden": hidden, "gates": gates, "cells": cells, "dy": torch.ones_like(y), **replaced}
         return _ops.layer_backward(
-            _ops.Cell.LSTM, x, None, h0, c0, w_ih, w_hh, None, None, None,
-            (saved["y"], saved["gates"], saved["cells"], None), saved["dy"], torch.zeros_like(h_n),
-            torch.zeros_like(c_n), reverse=False, cell_clip=float("inf"), grad_clip=float("inf"),
-            need_dx=True, need_weights=True)
-    return backward, y, gates, cells
+            _ops.Cell.LSTM, x, None, h0, c0, weights, (saved["hidden"], saved["gates"], saved["cells"], None),
+            saved["dy"], torch.zeros_like(h_n), torch.zeros_like(c_n), has_biases=False, reverse=False,
+            cell_clip=inf, grad_clip=inf, need_dx=True, need_weights=True)
+    return backward, hidden, gates, cells
 
 
 def test_backward_checks_the_saved_tensors_and_output_gradient():
-    backward, y, gates, cells = _saved_lstm_layer()
+    backward, hidden, gates, cells = _saved_lstm_layer()
     backward()  # as saved: fine
     bad = {
-        "y": [(y[:2], "saved output must have shape"), (y.double(), "saved output has dtype")],
+        "hidden": [(hidden[:2], "saved hidden states must have shape"),
+                   (hidden.double(), "saved hidden states has dtype")],
         "dy": [(torch.ones(3, 2, 4), "grad of output must have shape"),
-               (torch.ones_like(y).half(), "grad of output has dtype")],
+               (torch.ones_like(hidden).half(), "grad of output has dtype")],
         "gates": [(gates[:, :8], "saved gates must have shape"), (gates.double(), "saved gates has dtype")],
         "cells": [(cells[:1], "saved cells must have shape"), (cells.half(), "saved cells has dtype")],
     }

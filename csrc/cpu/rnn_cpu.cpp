@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 #include <type_traits>
 
 #include "../recurrence.h"
@@ -110,6 +111,7 @@ void dispatch(DType dtype, Fn&& fn) {
     case DType::Float16: return fn(at::Half{});
     case DType::BFloat16: return fn(at::BFloat16{});
   }
+  throw std::invalid_argument("rnnfused: invalid dtype");
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <stdexcept>
 #include <string>
 
 #include "rnn_cuda.h"
@@ -32,6 +33,7 @@ void run(const ForwardParams& p, DType dtype, const Context& ctx) {
     case DType::Float16: return forward_typed<__half>(p, ctx);
     case DType::BFloat16: return forward_typed<__nv_bfloat16>(p, ctx);
   }
+  throw std::invalid_argument("rnnfused: invalid dtype");
 }
 
 void run(const BackwardParams& p, DType dtype, const Context& ctx) {
@@ -41,6 +43,7 @@ void run(const BackwardParams& p, DType dtype, const Context& ctx) {
     case DType::Float16: return backward_typed<__half>(p, ctx);
     case DType::BFloat16: return backward_typed<__nv_bfloat16>(p, ctx);
   }
+  throw std::invalid_argument("rnnfused: invalid dtype");
 }
 
 }  // namespace cuda
