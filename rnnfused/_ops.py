@@ -105,8 +105,14 @@ def _layer_backward_fake(cell, x, batch_sizes, h0, c0, weights, has_biases, reve
     return dx, x.new_empty(h0.shape), dc0, dweights
 
 
-def _setup_context(ctx, inputs, output):
-    cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, save_for_backward, cell_clip, grad_clip = inputs
+# The autograd formula, in two wrappers: torch.library.register_autograd's for the operator
+# (torch.compile, torch.export and direct calls), and _EagerLayer, the same formula with
+# less Python per call (register_autograd's generic wrapper flattens the weight lists with
+# pytree on every call: about 150 µs per layer's forward + backward, measured with
+# `python -m bench.overhead`).
+
+def _save(ctx, cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, save_for_backward, cell_clip, grad_clip,
+          output):
     _, _, _, hidden, gates, cells, proj_in = output
     ctx.mark_non_differentiable(hidden, gates, cells, proj_in)
     ctx.set_materialize_grads(False)
@@ -114,10 +120,10 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (Cell(cell), has_biases, reverse, save_for_backward, cell_clip, grad_clip)
 
 
-def _layer_forward_backward(ctx, dy, dh_n, dc_n, *unused):
+def _gradients(ctx, dy, dh_n, dc_n, need_dx, need_dh0, need_dc0, need_dweights):
+    """(dx, dh0, dc0, dweights) of the saved layer; None where not needed."""
     cell, has_biases, reverse, save_for_backward, cell_clip, grad_clip = ctx.options
     x, batch_sizes, h0, c0, hidden, gates, cells, proj_in, *weights = ctx.saved_tensors
-    needs = ctx.needs_input_grad  # one per input; a list of bools for `weights`
     if not save_for_backward:
         raise RuntimeError("rnnfused: layer_forward ran with save_for_backward=False, so it cannot be "
                            "differentiated; call it with save_for_backward=True")
@@ -131,17 +137,55 @@ def _layer_forward_backward(ctx, dy, dh_n, dc_n, *unused):
         # recomputed through the differentiable equations (rnnfused.reference).
         from .functional import reference_layer_gradients
         return reference_layer_gradients(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip,
-                                         grad_clip, dy, dh_n, dc_n, needs)
+                                         grad_clip, dy, dh_n, dc_n, need_dx, need_dh0, need_dc0, need_dweights)
     projected = weights[1].shape[1] != weights[0].shape[0] // GATES_PER_UNIT[cell]
     saved = (hidden, gates if SAVED_PER_UNIT[cell] else None, cells if is_lstm else None,
              proj_in if projected else None)
-    need_weights = any(needs[5])
+    need_weights = any(need_dweights)
     dx, dh0, dc0, dweights = layer_backward(
         cell, x, batch_sizes, h0, c0, weights, saved, dy, dh_n, dc_n if is_lstm else None, has_biases=has_biases,
-        reverse=reverse, cell_clip=cell_clip, grad_clip=grad_clip, need_dx=needs[1], need_weights=need_weights)
-    dweights = [g if need else None for g, need in zip(dweights, needs[5])] if need_weights else [None] * len(weights)
-    return (None, dx if needs[1] else None, None, dh0 if needs[3] else None, dc0 if is_lstm and needs[4] else None,
-            dweights, None, None, None, None, None)
+        reverse=reverse, cell_clip=cell_clip, grad_clip=grad_clip, need_dx=need_dx, need_weights=need_weights)
+    dweights = [g if need else None for g, need in zip(dweights, need_dweights)] if need_weights \
+        else [None] * len(weights)
+    return dx if need_dx else None, dh0 if need_dh0 else None, dc0 if is_lstm and need_dc0 else None, dweights
 
 
-torch.library.register_autograd("rnnfused::layer_forward", _layer_forward_backward, setup_context=_setup_context)
+def _setup_context(ctx, inputs, output):
+    _save(ctx, *inputs, output)
+
+
+def _backward(ctx, dy, dh_n, dc_n, *unused):
+    needs = ctx.needs_input_grad  # one per input; a list of bools for `weights`
+    dx, dh0, dc0, dweights = _gradients(ctx, dy, dh_n, dc_n, needs[1], needs[3], needs[4], needs[5])
+    return None, dx, None, dh0, dc0, dweights, None, None, None, None, None
+
+
+torch.library.register_autograd("rnnfused::layer_forward", _backward, setup_context=_setup_context)
+
+
+class _EagerLayer(torch.autograd.Function):
+    """layer_forward with save_for_backward=True and the operator's autograd formula, for
+    eager mode; the weights come last, one argument each."""
+
+    @staticmethod
+    def forward(ctx, cell, x, batch_sizes, h0, c0, has_biases, reverse, cell_clip, grad_clip, *weights):
+        output = torch.ops.rnnfused.layer_forward(int(cell), x, batch_sizes, h0, c0, list(weights), has_biases,
+                                                  reverse, True, cell_clip, grad_clip)
+        _save(ctx, cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, True, cell_clip, grad_clip, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n, *unused):
+        needs = ctx.needs_input_grad
+        dx, dh0, dc0, dweights = _gradients(ctx, dy, dh_n, dc_n, needs[1], needs[3], needs[4], list(needs[9:]))
+        return (None, dx, None, dh0, dc0, None, None, None, None, *dweights)
+
+
+def differentiable_layer_forward(cell, x, batch_sizes, h0, c0, weights, *, has_biases, reverse, cell_clip,
+                                 grad_clip):
+    """layer_forward with save_for_backward=True, differentiable: through _EagerLayer in
+    eager mode, through the operator's registered autograd when compiling or exporting."""
+    if torch.compiler.is_compiling():
+        return layer_forward(cell, x, batch_sizes, h0, c0, weights, has_biases=has_biases, reverse=reverse,
+                             save_for_backward=True, cell_clip=cell_clip, grad_clip=grad_clip)
+    return _EagerLayer.apply(cell, x, batch_sizes, h0, c0, has_biases, reverse, cell_clip, grad_clip, *weights)

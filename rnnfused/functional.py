@@ -78,9 +78,9 @@ def _reference_layer(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse,
 
 
 def reference_layer_gradients(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip, grad_clip,
-                              dy, dh_n, dc_n, needs):
-    """The gradients of ``rnnfused::layer_forward``'s inputs as a differentiable computation
-    (for create_graph=True), in the layout of its autograd formula (see _ops.py)."""
+                              dy, dh_n, dc_n, need_dx, need_dh0, need_dc0, need_dweights):
+    """(dx, dh0, dc0, dweights) of one layer as a differentiable computation (for
+    create_graph=True); None where not needed."""
     with torch.enable_grad():
         y, h_n, c_n = _reference_layer(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip,
                                        grad_clip)
@@ -88,12 +88,12 @@ def reference_layer_gradients(cell, x, batch_sizes, h0, c0, weights, has_biases,
     if cell == Cell.LSTM:
         outputs.append(c_n)
         grad_outputs.append(dc_n)
-    candidates = [(needs[1], x), (needs[3], h0), (cell == Cell.LSTM and needs[4], c0)]
-    candidates += list(zip(needs[5], weights))
+    candidates = [(need_dx, x), (need_dh0, h0), (cell == Cell.LSTM and need_dc0, c0)]
+    candidates += list(zip(need_dweights, weights))
     wanted = [t for need, t in candidates if need]
     grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True, allow_unused=True))
     dx, dh0, dc0, *dweights = [next(grads) if need else None for need, _ in candidates]
-    return None, dx, None, dh0, dc0, dweights, None, None, None, None, None
+    return dx, dh0, dc0, dweights
 
 
 def recurrent_layer(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
@@ -137,8 +137,10 @@ def recurrent_layer(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None
     tensors = (x, h0, c0, *weights)
     if _needs_differentiable_equations(tensors):
         return _reference_layer(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip, grad_clip)
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, h_n, c_n, *_ = _ops.layer_forward(cell, x, batch_sizes, h0, c0, weights, has_biases=has_biases,
-                                         reverse=reverse, save_for_backward=training, cell_clip=cell_clip,
-                                         grad_clip=grad_clip)
+    options = dict(has_biases=has_biases, reverse=reverse, cell_clip=cell_clip, grad_clip=grad_clip)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        y, h_n, c_n, *_ = _ops.differentiable_layer_forward(cell, x, batch_sizes, h0, c0, weights, **options)
+    else:
+        y, h_n, c_n, *_ = _ops.layer_forward(cell, x, batch_sizes, h0, c0, weights, save_for_backward=False,
+                                             **options)
     return y, h_n, (c_n if is_lstm else None)

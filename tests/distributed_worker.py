@@ -1,0 +1,69 @@
+"""Training steps run by tests/test_distributed.py in each of two gloo processes (and once
+alone): a small model with a recurrent layer, float64, SGD on a fixed global batch."""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import rnnfused
+
+STEPS, BATCH, LR = 3, 8, 0.1
+
+
+class Model(nn.Module):
+    def __init__(self, recurrent):
+        super().__init__()
+        self.rnn = recurrent(3, 5, num_layers=2, bidirectional=True)
+        self.head = nn.Linear(10, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][-1])
+
+
+def make_model(impl):
+    torch.manual_seed(0)
+    return Model(rnnfused.LSTM if impl == "rnnfused" else nn.LSTM).double()
+
+
+def global_batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return (torch.randn(6, BATCH, 3, generator=g, dtype=torch.float64),
+            torch.randn(BATCH, 1, generator=g, dtype=torch.float64))
+
+
+def train(model, rank=0, world=1):
+    """STEPS of SGD on this rank's share of each global batch; returns the parameters and the
+    gradients of the last step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    for step in range(STEPS):
+        x, target = global_batch(step)
+        share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        optimizer.zero_grad()
+        loss = ((model(x[:, share]) - target[share]) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+    return {name: (p.detach().clone(), p.grad.clone()) for name, p in model.named_parameters()}
+
+
+def worker(rank, world, port, impl, wrapper, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = make_model(impl)
+        if wrapper in ("ddp", "ddp+compile"):
+            model = nn.parallel.DistributedDataParallel(model)
+            if wrapper == "ddp+compile":
+                model = torch.compile(model, fullgraph=False)
+            result = train(model, rank, world)
+            result = {name.replace("_orig_mod.", "").replace("module.", ""): value for name, value in result.items()}
+        else:  # fsdp2
+            from torch.distributed.fsdp import fully_shard
+            fully_shard(model)
+            result = train(model, rank, world)
+            result = {name: tuple(t.full_tensor() for t in value) for name, value in result.items()}
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
