@@ -160,10 +160,32 @@ def extension():
     )
 
 
+def build_info(with_cuda):
+    """rnnfused/_build_info.py: what this build was made with, read by rnnfused.show_config()
+    and by the import-time check that the installed torch is the one built against."""
+    archs = os.environ.get("RNNFUSED_CUDA_ARCHS", DEFAULT_CUDA_ARCHS) if with_cuda else ""
+    return (
+        '"""Written by setup.py at build time: what this build of rnnfused was made with."""\n\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"CUDA_VERSION = {(torch.version.cuda if with_cuda else None)!r}\n"
+        f"CUDA_ARCHS = {archs!r}\n"
+    )
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's build_ext, which also writes rnnfused/_build_info.py next to the extension."""
+
+    def run(self):
+        super().run()
+        package = os.path.join(ROOT if self.inplace else self.build_lib, "rnnfused")
+        with open(os.path.join(package, "_build_info.py"), "w") as f:
+            f.write(build_info(with_cuda=why_no_cuda() is None))
+
+
 os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
 
 setup(
     packages=find_packages(include=["rnnfused", "rnnfused.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
 )

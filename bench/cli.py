@@ -3,7 +3,6 @@
 import argparse
 import datetime
 import os
-import platform
 import sys
 
 import torch
@@ -88,17 +87,6 @@ def plan(args, device):
     return config_list, cells, [DTYPES[d] for d in dtypes]
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def tf32_enabled():
     """(matmul, cuDNN) TF32 switches, read through torch's newer fp32_precision API where it
     exists: after a set through that API torch refuses reads through the legacy allow_tf32."""
@@ -122,12 +110,13 @@ def environment(device):
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench"] + sys.argv[1:]),
-        "device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else rnnfused._build.cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "rnnfused_backends": list(rnnfused.backends()),
+        "rnnfused_build": {k: v for k, v in rnnfused._build.config().items() if k not in ("torch", "CPU", "GPU")},
         "tf32_matmul": tf32_enabled()[0],
         "tf32_cudnn": tf32_enabled()[1],
         "cudnn_benchmark": torch.backends.cudnn.benchmark,

@@ -471,10 +471,12 @@ TORCH_LIBRARY_IMPL(rnnfused, CUDA, m) {
 }
 #endif
 
-// What is not an operator: which backends and GPU architectures this build has.
+// What is not an operator: which backends, GPU architectures and CPU instruction sets this
+// build has.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rnnfused kernels; the operators are torch.ops.rnnfused.layer_forward / layer_backward";
   m.attr("with_cuda") = rnnfused::kWithCuda;
+  m.attr("cpu_element_loops") = rnnfused::cpu::element_loop_isa();
 #ifdef RNNFUSED_WITH_CUDA
   m.attr("cuda_archs") = rnnfused::cuda::compiled_archs();
 #else

@@ -6,14 +6,27 @@ torch.nn classes; ``rnnfused.convert(model)`` swaps them into an existing model;
 :mod:`rnnfused.reference` is the plain time-loop oracle of the equations.
 """
 
+import warnings
+
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C, functional, reference
-from .convert import convert
-from .modules import GRU, LSTM, RNN
+from . import _build
 
-__all__ = ["LSTM", "GRU", "RNN", "convert", "functional", "reference", "backends"]
 __version__ = "0.1.0"
+
+try:
+    from . import _C
+except ImportError as error:  # most often: torch changed since the build
+    raise ImportError(_build.load_failure_message(error)) from error
+if _build.version_mismatch():
+    warnings.warn(_build.version_mismatch(), stacklevel=2)
+
+from . import functional, reference  # noqa: E402
+from ._build import show_config  # noqa: E402
+from .convert import convert  # noqa: E402
+from .modules import GRU, LSTM, RNN  # noqa: E402
+
+__all__ = ["LSTM", "GRU", "RNN", "convert", "functional", "reference", "backends", "show_config"]
 
 
 def backends():

@@ -116,6 +116,10 @@ void dispatch(DType dtype, Fn&& fn) {
 
 }  // namespace
 
+const char* element_loop_isa() {
+  return kHasAvx2 ? "avx2+fma" : "baseline";
+}
+
 void run(const ForwardParams& p, DType dtype) {
   CpuBackend be;
   dispatch(dtype, [&](auto tag) {
