@@ -24,6 +24,7 @@ SUITES = {
     "sweep-hidden": "hidden sizes around a base shape, with a plot",
     "sweep-seq": "sequence lengths around a base shape",
     "packed": "variable lengths in [T/3, T] as PackedSequence, next to the padded run",
+    "cells": "a Python loop of T steps of LSTMCell / GRUCell / RNNCell against torch.nn's cells",
 }
 
 
@@ -65,12 +66,14 @@ def plan(args, device):
         config_list = configs.BASELINES if gpu else configs.CPU_DEFAULTS
     elif suite == "gpu-check":
         config_list = [configs.NAMED["fastrnns"]]
+    elif suite == "cells":
+        config_list = configs.CELL_LOOPS if gpu else configs.CPU_CELL_LOOPS
     elif suite == "packed":
         base = configs.NAMED["fastrnns" if gpu else "cpu_fastrnns"]
         config_list = [base, configs.Config(base.name + "_packed", base.T, base.B, base.I, base.H, packed=True)]
     else:
         config_list = configs.sweep(suite.split("-")[1], device)
-    cells = ["LSTM", "GRU", "RNN"] if suite in ("baselines",) or not gpu else ["LSTM", "GRU"]
+    cells = ["LSTM", "GRU", "RNN"] if suite in ("baselines", "cells") or not gpu else ["LSTM", "GRU"]
     dtypes = ["float16", "bfloat16", "float32"] if gpu else ["float32"]
     if args.configs:
         config_list = [configs.parse(n) for n in args.configs.split(";")]

@@ -14,10 +14,11 @@ class Config:
     layers: int = 1
     bidirectional: bool = False
     packed: bool = False  # variable lengths in [T/3, T], run as a PackedSequence
+    cell_loop: bool = False  # a Python loop of T steps of the cell classes (LSTMCell, ...)
 
     def describe(self):
         extra = (f" L{self.layers}" if self.layers > 1 else "") + (" bi" if self.bidirectional else "") + \
-            (" packed" if self.packed else "")
+            (" packed" if self.packed else "") + (" cells" if self.cell_loop else "")
         return f"T{self.T} B{self.B} I{self.I} H{self.H}{extra}"
 
 
@@ -39,7 +40,11 @@ CPU_DEFAULTS = [
     Config("cpu_small", 64, 8, 64, 64),
 ]
 
-NAMED = {c.name: c for c in BASELINES + CPU_DEFAULTS}
+# T steps of LSTMCell / GRUCell / RNNCell in a Python loop, as attention decoders run them.
+CELL_LOOPS = [Config("cells_fastrnns", 100, 64, 512, 512, cell_loop=True)]
+CPU_CELL_LOOPS = [Config("cpu_cells", 100, 16, 256, 256, cell_loop=True)]
+
+NAMED = {c.name: c for c in BASELINES + CPU_DEFAULTS + CELL_LOOPS + CPU_CELL_LOOPS}
 
 
 def sweep(kind, device):
@@ -69,7 +74,7 @@ def parse(text):
     """A config by name, or a custom one: 'T100,B64,I512,H512' with optional L2, bi, packed."""
     if text in NAMED:
         return NAMED[text]
-    fields = {"layers": 1, "bidirectional": False, "packed": False}
+    fields = {"layers": 1, "bidirectional": False, "packed": False, "cell_loop": False}
     for part in filter(None, (p.strip() for p in text.split(","))):
         match = _SPEC.match(part)
         if match:
@@ -79,12 +84,17 @@ def parse(text):
             fields["bidirectional"] = True
         elif part == "packed":
             fields["packed"] = True
+        elif part == "cells":
+            fields["cell_loop"] = True
         else:
             raise ValueError(f"unknown config field {part!r} in {text!r} "
-                             f"(names: {', '.join(NAMED)}; or e.g. T100,B64,I512,H512,L2,bi,packed)")
+                             f"(names: {', '.join(NAMED)}; or e.g. T100,B64,I512,H512,L2,bi,packed or "
+                             "T100,B64,I512,H512,cells)")
     missing = [k for k in "TBIH" if k not in fields]
     if missing:
         raise ValueError(f"config {text!r} lacks {', '.join(missing)}")
     if min(fields[k] for k in "TBIH") < 1 or fields["layers"] < 1:
         raise ValueError(f"config {text!r}: sizes must be positive")
+    if fields["cell_loop"] and (fields["layers"] > 1 or fields["bidirectional"] or fields["packed"]):
+        raise ValueError(f"config {text!r}: a cell loop is one layer, one direction, padded")
     return Config(name="custom", **fields)

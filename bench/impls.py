@@ -17,19 +17,35 @@ import rnnfused
 
 TORCH_CLASSES = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN, "RNN_RELU": nn.RNN}
 OURS_CLASSES = {"LSTM": rnnfused.LSTM, "GRU": rnnfused.GRU, "RNN": rnnfused.RNN, "RNN_RELU": rnnfused.RNN}
+TORCH_CELLS = {"LSTM": nn.LSTMCell, "GRU": nn.GRUCell, "RNN": nn.RNNCell, "RNN_RELU": nn.RNNCell}
+OURS_CELLS = {"LSTM": rnnfused.LSTMCell, "GRU": rnnfused.GRUCell, "RNN": rnnfused.RNNCell,
+              "RNN_RELU": rnnfused.RNNCell}
 
 
 def module_kwargs(cell, config):
-    kwargs = dict(num_layers=config.layers, bidirectional=config.bidirectional)
+    kwargs = {} if config.cell_loop else dict(num_layers=config.layers, bidirectional=config.bidirectional)
     if cell == "RNN_RELU":
         kwargs["nonlinearity"] = "relu"
     return kwargs
 
 
 def base_module(cell, config, seed=0):
-    """The torch.nn module (fp32, CPU) whose weights every implementation uses."""
+    """The torch.nn module (fp32, CPU) whose weights every implementation uses: the layer,
+    or for a cell loop the cell."""
     torch.manual_seed(seed)
-    return TORCH_CLASSES[cell](config.I, config.H, **module_kwargs(cell, config))
+    classes = TORCH_CELLS if config.cell_loop else TORCH_CLASSES
+    return classes[cell](config.I, config.H, **module_kwargs(cell, config))
+
+
+def _cell_loop(step):
+    """forward(x [T, B, I]) -> h of every step [T, B, H] for step(x_t, state) -> state."""
+    def forward(x):
+        state, outputs = None, []
+        for x_t in x:
+            state = step(x_t, state)
+            outputs.append(state[0] if isinstance(state, tuple) else state)
+        return torch.stack(outputs)
+    return forward
 
 
 def _runner(forward, context=contextlib.nullcontext):
@@ -48,17 +64,23 @@ def _runner(forward, context=contextlib.nullcontext):
     return run
 
 
+def _forward(module, config):
+    return _cell_loop(module) if config.cell_loop else (lambda x: module(x)[0])
+
+
 def make_rnnfused(base, cell, config, device, dtype):
-    module = OURS_CLASSES[cell](config.I, config.H, **module_kwargs(cell, config))
+    classes = OURS_CELLS if config.cell_loop else OURS_CLASSES
+    module = classes[cell](config.I, config.H, **module_kwargs(cell, config))
     module.load_state_dict(base.state_dict())
     module = module.to(device=device, dtype=dtype)
-    return _runner(lambda x: module(x)[0])
+    return _runner(_forward(module, config))
 
 
 def make_torch(base, cell, config, device, dtype):
-    """torch.nn as it runs by default: cuDNN on a GPU, oneDNN / native on a CPU."""
+    """torch.nn as it runs by default: cuDNN on a GPU, oneDNN / native on a CPU (for a cell
+    loop: torch's fused cell functions)."""
     module = copy.deepcopy(base).to(device=device, dtype=dtype)
-    return _runner(lambda x: module(x)[0])
+    return _runner(_forward(module, config))
 
 
 def make_torch_native(base, cell, config, device, dtype):
@@ -69,7 +91,20 @@ def make_torch_native(base, cell, config, device, dtype):
 
 def make_reference(base, cell, config, device, dtype):
     module = copy.deepcopy(base).to(device=device, dtype=dtype)
-    return _runner(lambda x: rnnfused.reference.forward(module, x)[0])
+    if not config.cell_loop:
+        return _runner(lambda x: rnnfused.reference.forward(module, x)[0])
+    mode = {"LSTM": "LSTM", "GRU": "GRU", "RNN": "RNN_TANH", "RNN_RELU": "RNN_RELU"}[cell]
+    weights = {"w_ih": module.weight_ih, "w_hh": module.weight_hh, "b_ih": module.bias_ih, "b_hh": module.bias_hh,
+               "w_hr": None}
+
+    def step(x_t, state):
+        if state is None:
+            zeros = x_t.new_zeros(x_t.size(0), config.H)
+            state = (zeros, zeros) if mode == "LSTM" else zeros
+        h, c = state if mode == "LSTM" else (state, None)
+        h, c = rnnfused.reference.cell_step(mode, x_t, h, c, weights)
+        return (h, c) if mode == "LSTM" else h
+    return _runner(_cell_loop(step))
 
 
 def make_flashrnn(base, cell, config, device, dtype):
@@ -109,10 +144,12 @@ def unavailable(name, cell, config, device, dtype):
         return f"this build has no {device} kernels"
     if name == "torch_native" and device != "cuda":
         return "cuDNN on/off only matters on a GPU"
+    if name == "torch_native" and config.cell_loop:
+        return "torch.nn's cells do not use cuDNN"
     if name == "flashrnn":
         if device != "cuda":
             return "FlashRNN is CUDA only"
-        if cell != "LSTM" or config.layers != 1 or config.bidirectional or config.packed:
+        if cell != "LSTM" or config.layers != 1 or config.bidirectional or config.packed or config.cell_loop:
             return "mapped for single-layer unidirectional padded LSTM only"
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return "FlashRNN has no kernels for this dtype"

@@ -1,7 +1,7 @@
 """rnnfused: fused LSTM / GRU / RNN kernels for PyTorch.
 
-``rnnfused.LSTM``, ``rnnfused.GRU`` and ``rnnfused.RNN`` are drop-in replacements for the
-torch.nn classes; ``rnnfused.convert(model)`` swaps them into an existing model;
+``rnnfused.LSTM``, ``rnnfused.GRU`` and ``rnnfused.RNN`` (and the single-step
+``LSTMCell``, ``GRUCell``, ``RNNCell``) are drop-in replacements for the torch.nn classes; ``rnnfused.convert(model)`` swaps them into an existing model;
 :mod:`rnnfused.functional` runs one layer with explicit weights;
 :mod:`rnnfused.reference` is the plain time-loop oracle of the equations.
 """
@@ -23,10 +23,11 @@ if _build.version_mismatch():
 
 from . import functional, reference  # noqa: E402
 from ._build import show_config  # noqa: E402
+from .cells import GRUCell, LSTMCell, RNNCell  # noqa: E402
 from .convert import convert  # noqa: E402
 from .modules import GRU, LSTM, RNN  # noqa: E402
 
-__all__ = ["LSTM", "GRU", "RNN", "convert", "functional", "reference", "backends", "show_config"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "functional", "reference", "backends", "show_config"]
 
 
 def backends():

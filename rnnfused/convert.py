@@ -3,10 +3,11 @@
 
 from torch import nn
 
-from . import modules
+from . import cells, modules
 
-_TO_OURS = {nn.LSTM: modules.LSTM, nn.GRU: modules.GRU, nn.RNN: modules.RNN}
-_TO_TORCH = {modules.LSTM: nn.LSTM, modules.GRU: nn.GRU, modules.RNN: nn.RNN}
+_TO_OURS = {nn.LSTM: modules.LSTM, nn.GRU: modules.GRU, nn.RNN: modules.RNN, nn.LSTMCell: cells.LSTMCell,
+            nn.GRUCell: cells.GRUCell, nn.RNNCell: cells.RNNCell}
+_TO_TORCH = {ours: theirs for theirs, ours in _TO_OURS.items()}
 # Hooks that belong to the module object and mean the same on its replacement.
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
@@ -15,10 +16,11 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
 
 
 def convert(model, to="rnnfused"):
-    """Returns ``model`` with every ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` in it (the model
-    itself or nested anywhere, in Sequential, ModuleList, ModuleDict or attributes) replaced
-    by the rnnfused class with the same configuration, training flag and parameters; with
-    ``to="torch"`` the other way round.
+    """Returns ``model`` with every ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and every
+    ``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell`` in it (the model itself or nested
+    anywhere, in Sequential, ModuleList, ModuleDict or attributes) replaced by the rnnfused
+    class with the same configuration, training flag and parameters; with ``to="torch"``
+    the other way round.
 
     The replacement uses the very same ``nn.Parameter`` objects (device, dtype, values and
     ``requires_grad`` unchanged; an optimizer built on the model keeps working) and carries
@@ -63,26 +65,32 @@ def _refuse_subclass(module, table):
 
 
 def _convert_layer(old, cls, to):
+    is_cell = cls in (nn.LSTMCell, nn.GRUCell, nn.RNNCell, cells.LSTMCell, cells.GRUCell, cells.RNNCell)
     if to == "torch":
-        extras = {"reset_after": old.reset_after is not True, "cell_clip": old.cell_clip is not None,
-                  "grad_clip": old.grad_clip is not None}
+        extras = {"reset_after": getattr(old, "reset_after", True) is not True,
+                  "cell_clip": getattr(old, "cell_clip", None) is not None, "grad_clip": old.grad_clip is not None}
         used = [name for name, on in extras.items() if on]
         if used:
             raise ValueError(f"convert: torch.nn.{cls.__name__} has no equivalent of {', '.join(used)}; "
                              "keep this layer as rnnfused")
-    names = [name for name, _ in old.named_parameters(recurse=False)]
-    if sorted(names) != sorted(old._flat_weights_names) or list(old._buffers):
+    if is_cell:
+        weight_names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if old.bias else [])
+        kwargs = dict(bias=old.bias)
+    else:
+        weight_names = old._flat_weights_names
+        kwargs = dict(num_layers=old.num_layers, bias=old.bias, batch_first=old.batch_first, dropout=old.dropout,
+                      bidirectional=old.bidirectional)
+        if cls in (nn.LSTM, modules.LSTM):
+            kwargs["proj_size"] = old.proj_size
+    if cls in (nn.RNN, modules.RNN, nn.RNNCell, cells.RNNCell):
+        kwargs["nonlinearity"] = old.nonlinearity
+    names = [name for name, p in old.named_parameters(recurse=False) if p is not None]
+    if sorted(names) != sorted(weight_names) or list(old._buffers):
         raise ValueError(f"convert: the {type(old).__name__} has parameters or buffers beyond its weights "
                          f"({', '.join(names + list(old._buffers))}), e.g. from weight_norm; they would be lost")
-    kwargs = dict(num_layers=old.num_layers, bias=old.bias, batch_first=old.batch_first, dropout=old.dropout,
-                  bidirectional=old.bidirectional)
-    if cls in (nn.LSTM, modules.LSTM):
-        kwargs["proj_size"] = old.proj_size
-    if cls in (nn.RNN, modules.RNN):
-        kwargs["nonlinearity"] = old.nonlinearity
     first = next(old.parameters())
     new = cls(old.input_size, old.hidden_size, device="meta", dtype=first.dtype, **kwargs)
-    for name in old._flat_weights_names:
+    for name in weight_names:
         setattr(new, name, getattr(old, name))
     new.train(old.training)
     for hooks in _HOOK_DICTS:

@@ -96,3 +96,23 @@ def test_device_and_dtype_are_kept():
     ours = rnnfused.convert(lstm)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     assert flatten(ours(torch.randn(2, 1, 3, dtype=torch.bfloat16)))[0].dtype == torch.bfloat16
+
+
+def test_cells_convert_both_ways():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"lstm": nn.LSTMCell(3, 4), "gru": nn.GRUCell(3, 4, bias=False),
+                           "relu": nn.RNNCell(3, 4, nonlinearity="relu")}).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+
+    def run(m):
+        return [m["lstm"](x)[0], m["gru"](x), m["relu"](x)]
+
+    expected = run(model)
+    rnnfused.convert(model)
+    assert [type(m).__name__ for m in model.values()] == ["LSTMCell", "GRUCell", "RNNCell"]
+    assert all(type(m).__module__ == "rnnfused.cells" for m in model.values())
+    assert max_error(run(model), expected) <= 1e-12
+    rnnfused.convert(model, to="torch")
+    assert all(type(m).__module__ == "torch.nn.modules.rnn" for m in model.values())
+    with pytest.raises(ValueError, match="reset_after"):
+        rnnfused.convert(rnnfused.GRUCell(3, 4, reset_after=False), to="torch")

@@ -1,0 +1,196 @@
+"""Drop-in replacements for ``torch.nn.LSTMCell``, ``torch.nn.GRUCell`` and ``torch.nn.RNNCell``:
+one time step on the fused kernels (the sequence layers' operators with T = 1: one
+input product, one hidden product and one fused pointwise pass, forward and backward).
+
+Same constructor, parameters (names, shapes, order, initialisation), state_dict,
+extra_repr, forward signature, unbatched input, outputs and errors as torch.nn. Extras,
+keyword-only and off by default: ``grad_clip`` (every cell), ``cell_clip`` (LSTMCell) and
+``reset_after=False`` (GRUCell, the Cho et al. 2014 form).
+"""
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import init
+
+from .functional import Cell, _clip_value, recurrent_layer
+
+__all__ = ["RNNCellBase", "RNNCell", "LSTMCell", "GRUCell"]
+
+
+class RNNCellBase(nn.Module):
+    """Parameters and checks shared by the cells: ``weight_ih`` [G, I], ``weight_hh`` [G, H],
+    ``bias_ih`` and ``bias_hh`` [G] (None without bias), G = gates * hidden_size."""
+
+    __constants__ = ["input_size", "hidden_size", "bias"]
+
+    def __init__(self, input_size, hidden_size, bias, num_chunks, device=None, dtype=None, *, grad_clip=None):
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.grad_clip = grad_clip
+        _clip_value(grad_clip, "grad_clip")
+        self.weight_ih = nn.Parameter(torch.empty((num_chunks * hidden_size, input_size), **factory_kwargs))
+        self.weight_hh = nn.Parameter(torch.empty((num_chunks * hidden_size, hidden_size), **factory_kwargs))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory_kwargs))
+            self.bias_hh = nn.Parameter(torch.empty(num_chunks * hidden_size, **factory_kwargs))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if getattr(self, "nonlinearity", "tanh") != "tanh":
+            s += f", nonlinearity={self.nonlinearity}"
+        for extra, default in (("grad_clip", None), ("cell_clip", None), ("reset_after", True)):
+            if getattr(self, extra, default) is not default:
+                s += f", {extra}={getattr(self, extra)}"
+        return s
+
+    def reset_parameters(self) -> None:
+        """U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every parameter, in registration
+        order (the same random draws as torch.nn)."""
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    def _check_input(self, name, input, hx):
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        for label, state in hx:
+            if state is not None and state.dim() not in (1, 2):
+                raise ValueError(f"{name}: Expected {label} to be 1D or 2D, got {state.dim()}D instead")
+
+    def _check_forward(self, input, states):
+        """torch.nn's checks of a batched step, with its messages; states: [(label, tensor)]."""
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for label, state in states:
+            if input.size(0) != state.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{label} batch size "
+                                   f"{state.size(0)}")
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {state.size(1)}, expected "
+                                   f"{self.hidden_size}")
+            if state.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
+                raise RuntimeError(f"hidden{label} dtype ({state.dtype}) does not match input dtype ({input.dtype})")
+
+    def _step(self, cell, input, h, c=None, cell_clip=None):
+        """One fused step of a batched input [B, I]: (h', c') with c' None but for LSTM."""
+        _, h_n, c_n = recurrent_layer(cell, input.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih,
+                                      self.bias_hh, cell_clip=cell_clip, grad_clip=self.grad_clip)
+        return h_n, c_n
+
+
+class RNNCell(RNNCellBase):
+    r"""An Elman RNN cell, drop-in for :class:`torch.nn.RNNCell`:
+    :math:`h' = \tanh(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})` (ReLU with ``nonlinearity='relu'``).
+
+    ``RNNCell(input_size, hidden_size, bias=True, nonlinearity='tanh', device=None, dtype=None,
+    *, grad_clip=None)``
+
+    Shapes: input ``(N, H_in)`` or ``(H_in)``; hx ``(N, H)`` or ``(H)`` (zeros if None);
+    output h' shaped as hx. grad_clip: clamp the gradient of the pre-activation to
+    [-grad_clip, grad_clip] in the backward pass (None: off).
+    """
+
+    __constants__ = ["input_size", "hidden_size", "bias", "nonlinearity"]
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None, *,
+                 grad_clip=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype,
+                         grad_clip=grad_clip)
+        self.nonlinearity = nonlinearity
+
+    def forward(self, input, hx=None):
+        self._check_input("RNNCell", input, [("hidden", hx)])
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+        elif not is_batched:
+            hx = hx.unsqueeze(0)
+        cells = {"tanh": Cell.RNN_TANH, "relu": Cell.RNN_RELU}
+        if self.nonlinearity not in cells:
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        self._check_forward(input, [("0", hx)])
+        h, _ = self._step(cells[self.nonlinearity], input, hx)
+        return h if is_batched else h.squeeze(0)
+
+
+class GRUCell(RNNCellBase):
+    r"""A gated recurrent unit cell, drop-in for :class:`torch.nn.GRUCell`::
+
+        r = σ(W_ir x + b_ir + W_hr h + b_hr),  z = σ(W_iz x + b_iz + W_hz h + b_hz)
+        n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))     reset_after=True (torch.nn, cuDNN)
+        n = tanh(W_in x + b_in + W_hn (r ⊙ h) + b_hn)     reset_after=False (Cho et al. 2014)
+        h' = (1 - z) ⊙ n + z ⊙ h
+
+    ``GRUCell(input_size, hidden_size, bias=True, device=None, dtype=None, *, grad_clip=None,
+    reset_after=True)``. Shapes as :class:`RNNCell`.
+    """
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, grad_clip=None,
+                 reset_after=True):
+        if not isinstance(reset_after, bool):
+            raise TypeError(f"reset_after should be of type bool, got: {type(reset_after).__name__}")
+        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype,
+                         grad_clip=grad_clip)
+        self.reset_after = reset_after
+
+    def forward(self, input, hx=None):
+        self._check_input("GRUCell", input, [("hidden", hx)])
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+        elif not is_batched:
+            hx = hx.unsqueeze(0)
+        self._check_forward(input, [("0", hx)])
+        h, _ = self._step(Cell.GRU if self.reset_after else Cell.GRU_CHO, input, hx)
+        return h if is_batched else h.squeeze(0)
+
+
+class LSTMCell(RNNCellBase):
+    r"""A long short-term memory cell, drop-in for :class:`torch.nn.LSTMCell`::
+
+        i, f, o = σ(W_i* x + b_i* + W_h* h + b_h*),   g = tanh(W_ig x + b_ig + W_hg h + b_hg)
+        c' = f ⊙ c + i ⊙ g      (clamped to [-cell_clip, cell_clip] when cell_clip is set)
+        h' = o ⊙ tanh(c')
+
+    ``LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None, *, grad_clip=None,
+    cell_clip=None)``. Shapes: input ``(N, H_in)`` or ``(H_in)``; hx ``(h, c)`` each
+    ``(N, H)`` or ``(H)`` (zeros if None); returns ``(h', c')`` shaped as h and c.
+    """
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, grad_clip=None,
+                 cell_clip=None):
+        _clip_value(cell_clip, "cell_clip")
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype,
+                         grad_clip=grad_clip)
+        self.cell_clip = cell_clip
+
+    def forward(self, input, hx=None):
+        self._check_input("LSTMCell", input, [] if hx is None else [(f"hx[{i}]", s) for i, s in enumerate(hx)])
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (zeros, zeros)
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        if len(hx) != 2:
+            raise RuntimeError("lstm_cell expects two hidden states")
+        self._check_forward(input, [("0", hx[0]), ("1", hx[1])])
+        h, c = self._step(Cell.LSTM, input, hx[0], hx[1], cell_clip=self.cell_clip)
+        return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
