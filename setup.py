@@ -126,7 +126,8 @@ def relative(paths):
 
 
 def extension():
-    sources = relative([os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "cpu", "rnn_cpu.cpp")])
+    sources = relative([os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "cpu", "rnn_cpu.cpp"),
+                        os.path.join(CSRC, "persistent", "plan.cpp")])
     include_dirs = [CSRC]
     # What the CPU element loops need to vectorise: -fno-trapping-math to select between
     # computed values (torch builds with it too), and -fno-wrapv to undo Python's -fwrapv,

@@ -8,13 +8,16 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "cpu/rnn_cpu.h"
 #include "params.h"
+#include "persistent/plan.h"
 
 #ifdef RNNFUSED_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -28,8 +31,8 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-DType dtype_of(const Tensor& t) {
-  switch (t.scalar_type()) {
+DType dtype_of(at::ScalarType type) {
+  switch (type) {
     case at::kFloat: return DType::Float32;
     case at::kDouble: return DType::Float64;
     case at::kHalf: return DType::Float16;
@@ -37,8 +40,11 @@ DType dtype_of(const Tensor& t) {
     default:
       break;
   }
-  TORCH_CHECK_TYPE(false, "rnnfused: expected a float32, float64, float16 or bfloat16 input, got ",
-                   t.scalar_type());
+  TORCH_CHECK_TYPE(false, "rnnfused: expected a float32, float64, float16 or bfloat16 input, got ", type);
+}
+
+DType dtype_of(const Tensor& t) {
+  return dtype_of(t.scalar_type());
 }
 
 // Large CPU buffers are recycled. glibc maps every large block afresh and returns it to
@@ -261,12 +267,136 @@ template <typename Params>
 void run(const Tensor& x, const Params& p) {
   if (x.device().is_cpu()) return cpu::run(p, dtype_of(x));
 #ifdef RNNFUSED_WITH_CUDA
-  if (x.device().is_cuda())
-    return cuda::run(p, dtype_of(x),
-                     cuda::Context{at::cuda::getCurrentCUDAStream(), at::cuda::getCurrentCUDABlasHandle()});
+  if (x.device().is_cuda()) {
+    const char* refused = cuda::run(p, dtype_of(x),
+                                    cuda::Context{at::cuda::getCurrentCUDAStream(), at::cuda::getCurrentCUDABlasHandle()});
+    if (refused) {
+      TORCH_WARN_ONCE("rnnfused: the persistent kernel could not be launched (", refused,
+                      "); the stepwise kernels ran instead");
+    }
+    return;
+  }
 #endif
   TORCH_CHECK(false, "rnnfused: no kernels for device ", x.device(), " in this build",
               kWithCuda ? "" : " (it was built without CUDA)");
+}
+
+// ---------------------------------------------------------------------------------------
+// Which kernel runs the recurrence of a layer direction: the stepwise kernels (stage 1) or
+// the persistent kernel (stage 2, csrc/persistent/). RNNFUSED_KERNEL chooses:
+//   auto (default)  the persistent kernel where its plan fits, once verified on a GPU
+//   stepwise        stage 1 everywhere
+//   persistent      the persistent kernel, an error where it does not fit (CUDA only)
+//   simulate        on the CPU, the persistent kernel's program through its host simulation
+//                   (a test harness)
+
+// Until a GPU run of the persistent kernel's tests has passed, `auto` keeps stage 1 on GPUs.
+constexpr bool kPersistentVerifiedOnGpu = false;
+
+struct KernelChoice {
+  std::string kernel;  // "stepwise", "persistent" or "persistent (host simulation)"
+  std::string reason;
+  persistent::Plan plan;  // plan.persistent: run it
+};
+
+std::string kernel_setting() {
+  const char* value = std::getenv("RNNFUSED_KERNEL");
+  const std::string setting = value && *value ? value : "auto";
+  TORCH_CHECK_VALUE(setting == "auto" || setting == "stepwise" || setting == "persistent" || setting == "simulate",
+                    "rnnfused: RNNFUSED_KERNEL must be auto, stepwise, persistent or simulate, got '", setting, "'");
+  return setting;
+}
+
+// The device the persistent kernel would run on; RNNFUSED_PERSISTENT_SMS overrides its
+// multiprocessor count (to plan for another GPU, or to provoke a refused launch in a test).
+// The CPU's host simulation plans for an H100.
+persistent::DeviceLimits device_limits(const at::Device& device) {
+  persistent::DeviceLimits limits = persistent::h100_limits();
+  limits.host_simulation = device.is_cpu();
+#ifdef RNNFUSED_WITH_CUDA
+  if (device.is_cuda()) {
+    const cudaDeviceProp* properties = at::cuda::getDeviceProperties(device.index());
+    limits.sm_count = properties->multiProcessorCount;
+    limits.smem_per_block = static_cast<int64_t>(properties->sharedMemPerBlockOptin);
+    limits.compute_capability = properties->major * 10 + properties->minor;
+    limits.cooperative_launch = properties->cooperativeLaunch != 0;
+  }
+#endif
+  if (const char* sms = std::getenv("RNNFUSED_PERSISTENT_SMS")) limits.sm_count = std::atoll(sms);
+  return limits;
+}
+
+KernelChoice stepwise(std::string reason) {
+  return {"stepwise", std::move(reason), {}};
+}
+
+KernelChoice choose_kernel(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, const at::Device& device) {
+  const std::string setting = kernel_setting();
+  if (setting == "stepwise") return stepwise("RNNFUSED_KERNEL=stepwise");
+  if (device.is_cpu()) {
+    TORCH_CHECK(setting != "persistent", "rnnfused: RNNFUSED_KERNEL=persistent needs a CUDA device; on the CPU, "
+                "RNNFUSED_KERNEL=simulate runs the persistent kernel's program (a test harness)");
+    if (setting != "simulate") return stepwise("the CPU runs the stepwise kernels");
+    persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, dtype == DType::Float32, device_limits(device));
+    if (!plan.persistent) return stepwise(plan.reason);
+    return {"persistent (host simulation)", plan.reason, plan};
+  }
+  TORCH_CHECK(setting != "simulate", "rnnfused: RNNFUSED_KERNEL=simulate is the CPU test harness; on a GPU use "
+              "RNNFUSED_KERNEL=persistent");
+  bool tf32 = false;
+#ifdef RNNFUSED_WITH_CUDA
+  tf32 = dtype == DType::Float32 && cuda::tf32_allowed(at::cuda::getCurrentCUDABlasHandle());
+#endif
+  persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, tf32, device_limits(device));
+  if (setting == "persistent") {
+    TORCH_CHECK(plan.persistent, "rnnfused: RNNFUSED_KERNEL=persistent but this layer cannot run persistent (",
+                plan.reason, ")");
+    return {"persistent", plan.reason, plan};
+  }
+  if (!kPersistentVerifiedOnGpu)
+    return stepwise("auto keeps the stepwise kernels until the persistent kernel has passed its tests on a GPU "
+                    "(RNNFUSED_KERNEL=persistent forces it; its plan here: " + plan.reason + ")");
+  if (!plan.persistent) return stepwise(plan.reason);
+  return {"persistent", plan.reason, plan};
+}
+
+bool simulated(const KernelChoice& choice) {
+  return choice.plan.persistent && choice.kernel != "persistent";
+}
+
+// The host simulation is a test harness: it fills what the kernel must write with NaN first,
+// so that an element the persistent program never writes shows in the results.
+void poison(std::initializer_list<Tensor> outputs) {
+  for (const Tensor& t : outputs)
+    if (t.defined()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+// Points p at the persistent plan of `choice` (which must outlive the run). Packed input
+// needs its batch sizes and step offsets where the kernel reads them: `table` keeps the
+// device copy alive. Inside CUDA-graph capture that copy is impossible: stage 1 runs.
+void attach_plan(LayerParams& p, const KernelChoice& choice, const Layer& layer, Tensor& table) {
+  if (!choice.plan.persistent) return;
+  if (layer.packed && layer.x.is_cuda()) {
+#ifdef RNNFUSED_WITH_CUDA
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
+    if (capture != cudaStreamCaptureStatusNone) {
+      TORCH_WARN_ONCE("rnnfused: packed input inside CUDA-graph capture runs the stepwise kernels");
+      return;
+    }
+#endif
+    Tensor host = at::empty({2, p.T}, at::kLong);
+    int64_t offset = 0;
+    for (int64_t t = 0; t < p.T; ++t) {
+      host[0][t] = p.batch_sizes[t];
+      host[1][t] = offset;
+      offset += p.batch_sizes[t];
+    }
+    table = host.to(layer.x.device());
+    p.kernel_batch_sizes = table[0].data_ptr<int64_t>();
+    p.kernel_offsets = table[1].data_ptr<int64_t>();
+  }
+  p.tiling = &choice.plan.tiling;
 }
 
 // An output that does not apply: its own empty tensor (an operator's outputs never share
@@ -289,11 +419,15 @@ ForwardResult layer_forward(int64_t cell_index, const Tensor& x_in, const OptTen
   static_cast<LayerParams&>(p) = layer.p;
   const Tensor& x = layer.x;
   const auto &opts = layer.opts, &acc = layer.acc;
+  const KernelChoice choice = choose_kernel(cell, p.H, p.P, p.B, dtype_of(x), x.device());
+  Tensor table;
+  attach_plan(p, choice, layer, table);
 
   std::vector<int64_t> y_shape = {p.N, p.P};
   if (!layer.packed) y_shape = {x.size(0), x.size(1), p.P};
   Tensor y = empty(y_shape, opts);
-  Tensor h = prepare(h0, "h0", {p.B, p.P}, x).clone();
+  const Tensor h0c = prepare(h0, "h0", {p.B, p.P}, x);
+  Tensor h = h0c.clone();
   Tensor c;
   if (cell == Cell::LSTM) {
     TORCH_CHECK_VALUE(c0.has_value(), "rnnfused: LSTM needs c0");
@@ -315,6 +449,7 @@ ForwardResult layer_forward(int64_t cell_index, const Tensor& x_in, const OptTen
   p.x = ptr(x);
   p.y = ptr(y);
   p.h = ptr(h);
+  p.h0 = ptr(h0c);
   p.c = ptr(c);
   p.gx = ptr(gx);
   p.gh = ptr(gh);
@@ -322,6 +457,7 @@ ForwardResult layer_forward(int64_t cell_index, const Tensor& x_in, const OptTen
   p.cells = ptr(cells);
   p.proj_in = ptr(proj_in);
   p.rh = ptr(rh);
+  if (simulated(choice)) poison({y, h, gates, cells});
   run(x, p);
 
   // Backward reads the hidden states from its own copy, so that a user's in-place change
@@ -351,6 +487,9 @@ BackwardResult layer_backward(int64_t cell_index, const Tensor& x_in, const OptT
   static_cast<LayerParams&>(p) = layer.p;
   const Tensor& x = layer.x;
   const auto &opts = layer.opts, &acc = layer.acc;
+  const KernelChoice choice = choose_kernel(cell, p.H, p.P, p.B, dtype_of(x), x.device());
+  Tensor table;
+  attach_plan(p, choice, layer, table);
   const int64_t saved = saved_gates_per_unit(cell);
   const bool projected = p.P != p.H;
   TORCH_CHECK(saved == 0 || gates.has_value(), "rnnfused: backward needs the gates saved by forward");
@@ -432,6 +571,7 @@ BackwardResult layer_backward(int64_t cell_index, const Tensor& x_in, const OptT
   p.rh = ptr(rh);
   p.drh = ptr(drh);
   p.ones = ptr(ones);
+  if (simulated(choice)) poison({dgx, dgh, rh});
   run(x, p);
 
   if (dx.defined() && !layer.packed) dx = dx.view(x.sizes());
@@ -472,14 +612,73 @@ TORCH_LIBRARY_IMPL(rnnfused, CUDA, m) {
 #endif
 
 // What is not an operator: which backends, GPU architectures and CPU instruction sets this
-// build has.
+// build has, and which kernel a layer runs (rnnfused.explain) with the planner behind it.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace rnnfused;
+  namespace py = pybind11;
   m.doc() = "rnnfused kernels; the operators are torch.ops.rnnfused.layer_forward / layer_backward";
-  m.attr("with_cuda") = rnnfused::kWithCuda;
-  m.attr("cpu_element_loops") = rnnfused::cpu::element_loop_isa();
+  m.attr("with_cuda") = kWithCuda;
+  m.attr("cpu_element_loops") = cpu::element_loop_isa();
 #ifdef RNNFUSED_WITH_CUDA
-  m.attr("cuda_archs") = rnnfused::cuda::compiled_archs();
+  m.attr("cuda_archs") = cuda::compiled_archs();
 #else
   m.attr("cuda_archs") = "";
+#endif
+  m.def(
+      "kernel_choice",
+      [](int64_t cell, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, const std::string& device) {
+        const KernelChoice choice = choose_kernel(cell_of(cell), H, P, B, dtype_of(dtype),
+                                                  at::Device(device));
+        return std::make_pair(choice.kernel, choice.reason);
+      },
+      "(kernel, reason) for a layer direction: cell, hidden size, output width, batch, dtype, device");
+  m.def(
+      "plan",
+      [](int64_t cell, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, bool tf32, int64_t sm_count,
+         int64_t smem_per_block, int compute_capability, bool cooperative_launch, bool host_simulation) {
+        persistent::DeviceLimits limits;
+        limits.sm_count = sm_count;
+        limits.smem_per_block = smem_per_block;
+        limits.compute_capability = compute_capability;
+        limits.cooperative_launch = cooperative_launch;
+        limits.host_simulation = host_simulation;
+        const persistent::Plan plan =
+            persistent::make_plan(cell_of(cell), H, P, B, dtype_of(dtype), tf32, limits);
+        const persistent::Tiling& t = plan.tiling;
+        py::dict out;
+        out["persistent"] = plan.persistent;
+        out["reason"] = plan.reason;
+        for (const auto& [name, value] :
+             std::vector<std::pair<const char*, int64_t>>{{"units", t.units}, {"rows", t.rows},
+                                                          {"unit_tiles", t.unit_tiles}, {"row_tiles", t.row_tiles},
+                                                          {"ctas", t.ctas()}, {"rows_pad", t.rows_pad},
+                                                          {"gate_stride", t.gate_stride}, {"gate_rows", t.gate_rows},
+                                                          {"k_fwd", t.k_fwd}, {"ld_w_fwd", t.ld_w_fwd},
+                                                          {"ld_acc_fwd", t.ld_acc_fwd}, {"split_fwd", t.split_fwd},
+                                                          {"unit_rows", t.unit_rows}, {"k_block", t.k_block},
+                                                          {"k_bwd", t.k_bwd}, {"ld_w_bwd", t.ld_w_bwd},
+                                                          {"ld_acc_bwd", t.ld_acc_bwd}, {"split_bwd", t.split_bwd}})
+          out[name] = value;
+        for (const auto& [name, layout] :
+             std::vector<std::pair<const char*, persistent::Layout>>{{"fwd", t.fwd}, {"bwd", t.bwd}})
+          out[name] = py::dict(py::arg("weights") = layout.weights, py::arg("operand") = layout.operand,
+                               py::arg("acc") = layout.acc, py::arg("partials") = layout.partials,
+                               py::arg("state") = layout.state, py::arg("state2") = layout.state2,
+                               py::arg("bytes") = layout.bytes);
+        return out;
+      },
+      "The persistent kernel's plan for a layer direction on a described device (for tests and tuning)");
+#ifdef RNNFUSED_WITH_CUDA
+  m.def(
+      "persistent_kernel_info",
+      [] {
+        py::list out;
+        for (const cuda::KernelInfo& info : cuda::persistent_kernel_info())
+          out.append(py::dict(py::arg("name") = info.name, py::arg("registers") = info.registers,
+                              py::arg("local_bytes") = info.local_bytes,
+                              py::arg("static_shared_bytes") = info.static_shared_bytes));
+        return out;
+      },
+      "Registers, local memory (spills) and static shared memory of every persistent kernel");
 #endif
 }

@@ -20,15 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 
-// Forced inline on both sides: the CPU element loops only vectorise when every function
-// down to exp_ is inlined, which GCC's growth limits do not guarantee in a large unit.
-#if defined(__CUDACC__)
-#define RNNF_HD __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-#define RNNF_HD inline __attribute__((always_inline))
-#else
-#define RNNF_HD inline
-#endif
+#include "hd.h"
 
 namespace rnnfused {
 namespace cells {

@@ -20,7 +20,12 @@
 #include <stdexcept>
 #include <string>
 
+#include "hd.h"
+
 namespace rnnfused {
+namespace persistent {
+struct Tiling;
+}
 
 enum class Cell : int {
   LSTM,
@@ -34,12 +39,16 @@ constexpr int kNumCells = 5;
 enum class DType : int { Float32, Float64, Float16, BFloat16 };
 
 // Cells are checked where they enter (bindings.cpp); a switch over them still never falls
-// through silently.
-[[noreturn]] inline void invalid_cell(Cell cell) {
+// through silently: an invalid cell throws on the host and traps on the GPU.
+RNNF_HD void invalid_cell(Cell cell) {
+#if defined(__CUDA_ARCH__)
+  __trap();
+#else
   throw std::invalid_argument("rnnfused: invalid cell " + std::to_string(static_cast<int>(cell)));
+#endif
 }
 
-inline int64_t gates_per_unit(Cell cell) {
+RNNF_HD int64_t gates_per_unit(Cell cell) {
   switch (cell) {
     case Cell::LSTM: return 4;
     case Cell::GRU:
@@ -48,11 +57,12 @@ inline int64_t gates_per_unit(Cell cell) {
     case Cell::RNN_RELU: return 1;
   }
   invalid_cell(cell);
+  return 0;
 }
 
 // Width (in units of H) of the per-row activations that forward saves for backward.
 //   LSTM i, f, g, o | GRU r, z, n, W_hn h + b_hn | GRU_CHO r, z, n | RNN: none (h is y)
-inline int64_t saved_gates_per_unit(Cell cell) {
+RNNF_HD int64_t saved_gates_per_unit(Cell cell) {
   switch (cell) {
     case Cell::LSTM:
     case Cell::GRU: return 4;
@@ -61,6 +71,7 @@ inline int64_t saved_gates_per_unit(Cell cell) {
     case Cell::RNN_RELU: return 0;
   }
   invalid_cell(cell);
+  return 0;
 }
 
 struct LayerParams {
@@ -70,6 +81,14 @@ struct LayerParams {
   const int64_t* batch_sizes = nullptr;  // host memory, [T]
   double cell_clip = 0;  // LSTM only; +inf: off
   double grad_clip = 0;  // +inf: off
+
+  // Stage 2 (csrc/persistent/): run the recurrence as one persistent kernel with this tiling
+  // (null: step by step). Packed input also needs its batch sizes and the first row of every
+  // time step where the kernel reads them ([T] each: device memory for the GPU kernel, host
+  // memory for the host simulation; null for padded input on the GPU).
+  const persistent::Tiling* tiling = nullptr;
+  const int64_t* kernel_batch_sizes = nullptr;
+  const int64_t* kernel_offsets = nullptr;
 
   const void* w_ih = nullptr;  // S [G, I]
   const void* w_hh = nullptr;  // S [G, P]
@@ -82,6 +101,8 @@ struct ForwardParams : LayerParams {
   const void* x = nullptr;  // S [N, I]
   void* y = nullptr;        // S [N, P]
   void* h = nullptr;        // S [B, P]  in: h0; out: h_n (row b holds the state after its last step)
+  const void* h0 = nullptr;  // S [B, P]  h0 again, never written: the persistent kernel reads it
+                             //   while other CTAs write h_n into h
   void* c = nullptr;        // A [B, H]  LSTM only; in: c0; out: c_n
 
   void* gx = nullptr;  // A [N, G] scratch: x W_ihᵀ for all steps. Not used when `gates` is

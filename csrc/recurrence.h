@@ -80,11 +80,33 @@ void gather_previous_states(Backend& be, const LayerParams& p, const std::vector
     be.copy(dst + run.dst_row * width, run.src, run.count * width * static_cast<int64_t>(sizeof(T)));
 }
 
+// Where forward keeps x W_ihᵀ of every row: in training in the first G columns of the saved
+// gates (steps.h overwrites them with the activations), else in its own [N, G] buffer.
+template <typename A>
+struct InputProjection {
+  A* gx;
+  int64_t ld;
+};
+
+template <typename A>
+InputProjection<A> input_projection_buffer(const ForwardParams& p) {
+  if (p.gates) return {static_cast<A*>(p.gates), saved_gates_per_unit(p.cell) * p.H};
+  return {static_cast<A*>(p.gx), p.G};
+}
+
+// gx = x W_ihᵀ for all N rows: one matmul, before the recurrence (stepwise or persistent).
 template <typename S, typename A, typename Backend>
-void forward(Backend& be, const ForwardParams& p) {
+void forward_input_projection(Backend& be, const ForwardParams& p) {
+  const InputProjection<A> gx = input_projection_buffer<A>(p);
+  be.template gemm<S, A>(false, true, p.N, p.G, p.I, static_cast<const S*>(p.x), p.I, static_cast<const S*>(p.w_ih),
+                         p.I, 0, gx.gx, gx.ld);
+}
+
+// The recurrence one step at a time: per step one matmul (two for GRU_CHO, plus the
+// projection's) and one fused pointwise pass.
+template <typename S, typename A, typename Backend>
+void forward_steps(Backend& be, const ForwardParams& p) {
   const int64_t H = p.H, P = p.P, G = p.G;
-  const auto* x = static_cast<const S*>(p.x);
-  const auto* w_ih = static_cast<const S*>(p.w_ih);
   const auto* w_hh = static_cast<const S*>(p.w_hh);
   const auto* w_hr = static_cast<const S*>(p.w_hr);
   const auto* b_ih = static_cast<const S*>(p.b_ih);
@@ -94,16 +116,14 @@ void forward(Backend& be, const ForwardParams& p) {
   auto* c = static_cast<A*>(p.c);
   auto* gates = static_cast<A*>(p.gates);
   const int64_t saved_width = saved_gates_per_unit(p.cell) * H;
-  // In training gx lives in the first G columns of the saved gates (see steps.h).
-  A* gx = gates ? gates : static_cast<A*>(p.gx);
-  const int64_t ld_gx = gates ? saved_width : G;
+  const InputProjection<A> projection = input_projection_buffer<A>(p);
+  A* gx = projection.gx;
+  const int64_t ld_gx = projection.ld;
   auto* gh = static_cast<A*>(p.gh);
   auto* cells = static_cast<A*>(p.cells);
   auto* proj_in = static_cast<S*>(p.proj_in);
   auto* rh = static_cast<S*>(p.rh);
   const auto offsets = step_offsets(p);
-
-  be.template gemm<S, A>(false, true, p.N, G, p.I, x, p.I, w_ih, p.I, 0, gx, ld_gx);
 
   for (int64_t s = 0; s < p.T; ++s) {
     const int64_t t = p.reverse ? p.T - 1 - s : s;
@@ -162,10 +182,28 @@ void forward(Backend& be, const ForwardParams& p) {
 }
 
 template <typename S, typename A, typename Backend>
-void backward(Backend& be, const BackwardParams& p) {
-  const int64_t H = p.H, P = p.P, G = p.G, N = p.N;
-  const auto* x = static_cast<const S*>(p.x);
-  const auto* w_ih = static_cast<const S*>(p.w_ih);
+void forward(Backend& be, const ForwardParams& p) {
+  forward_input_projection<S, A>(be, p);
+  forward_steps<S, A>(be, p);
+}
+
+// Before the backward recurrence (stepwise or persistent): h_{t-1} (and c_{t-1}) of every
+// row, gathered from h0 and the saved hidden states, for the pointwise passes and dW_hh.
+template <typename S, typename A, typename Backend>
+void backward_gather(Backend& be, const BackwardParams& p) {
+  const auto offsets = step_offsets(p);
+  gather_previous_states<S>(be, p, offsets, static_cast<S*>(p.h_prev), static_cast<const S*>(p.hidden),
+                            static_cast<const S*>(p.h0), p.P);
+  if (p.cell == Cell::LSTM)
+    gather_previous_states<A>(be, p, offsets, static_cast<A*>(p.c_prev), static_cast<const A*>(p.cells),
+                              static_cast<const A*>(p.c0), p.H);
+}
+
+// The backward recurrence one step at a time: the gate gradients of every row (dgx, dgh;
+// GRU_CHO also rh) and the gradients of h0 and c0.
+template <typename S, typename A, typename Backend>
+void backward_steps(Backend& be, const BackwardParams& p) {
+  const int64_t H = p.H, P = p.P, G = p.G;
   const auto* w_hh = static_cast<const S*>(p.w_hh);
   const auto* w_hr = static_cast<const S*>(p.w_hr);
   const auto* hidden = static_cast<const S*>(p.hidden);
@@ -185,10 +223,6 @@ void backward(Backend& be, const BackwardParams& p) {
   const A cell_clip = A(p.cell_clip), grad_clip = A(p.grad_clip);
   const int64_t saved_width = saved_gates_per_unit(p.cell) * H;
   const auto offsets = step_offsets(p);
-
-  gather_previous_states<S>(be, p, offsets, h_prev, hidden, static_cast<const S*>(p.h0), P);
-  if (p.cell == Cell::LSTM)
-    gather_previous_states<A>(be, p, offsets, c_prev, cells, static_cast<const A*>(p.c0), H);
 
   // Steps in the opposite order of the forward walk.
   for (int64_t s = 0; s < p.T; ++s) {
@@ -246,7 +280,20 @@ void backward(Backend& be, const BackwardParams& p) {
     }
   }
 
-  // Gradients over all N rows at once; a null result pointer means "not needed".
+}
+
+// After the backward recurrence: dx and the weight gradients as matmuls over all N rows.
+template <typename S, typename A, typename Backend>
+void backward_weight_gradients(Backend& be, const BackwardParams& p) {
+  const int64_t H = p.H, P = p.P, G = p.G, N = p.N;
+  const auto* x = static_cast<const S*>(p.x);
+  const auto* w_ih = static_cast<const S*>(p.w_ih);
+  const auto* dgx = static_cast<const S*>(p.dgx);
+  const auto* dgh = static_cast<const S*>(p.dgh);
+  const auto* h_prev = static_cast<const S*>(p.h_prev);
+  const auto* rh = static_cast<const S*>(p.rh);
+  const auto* dht = static_cast<const S*>(p.dht);
+  // A null result pointer means "not needed".
   if (p.dx) be.template gemm<S, S>(false, false, N, p.I, G, dgx, G, w_ih, p.I, 0, static_cast<S*>(p.dx), p.I);
   if (p.dw_ih) be.template gemm<S, S>(true, false, G, p.I, N, dgx, G, x, p.I, 0, static_cast<S*>(p.dw_ih), p.I);
   if (auto* dw_hh = static_cast<S*>(p.dw_hh)) {
@@ -263,6 +310,13 @@ void backward(Backend& be, const BackwardParams& p) {
   if (p.dw_hr)
     be.template gemm<S, S>(true, false, P, H, N, dht, P, static_cast<const S*>(p.proj_in), H, 0,
                            static_cast<S*>(p.dw_hr), H);
+}
+
+template <typename S, typename A, typename Backend>
+void backward(Backend& be, const BackwardParams& p) {
+  backward_gather<S, A>(be, p);
+  backward_steps<S, A>(be, p);
+  backward_weight_gradients<S, A>(be, p);
 }
 
 }  // namespace rnnfused

@@ -68,14 +68,22 @@ def run_and_grad(fn, x, hx, leaves, params=None, seed=1):
 
 
 def max_error(actual, expected):
-    """Largest max|a - e| / max(1, max|e|) over paired tensors of equal shapes."""
+    """Largest max|a - e| / max(1, max|e|) over paired tensors of equal shapes; infinite where
+    one is NaN and the other is not (a NaN must never compare as a small error)."""
     assert len(actual) == len(expected)
     worst = 0.0
     for a, e in zip(actual, expected):
         assert a.shape == e.shape, (a.shape, e.shape)
-        if e.numel():
-            scale = max(1.0, e.abs().max().item())
-            worst = max(worst, (a.double() - e.double()).abs().max().item() / scale)
+        if not e.numel():
+            continue
+        a, e = a.double(), e.double()
+        if not torch.equal(a.isnan(), e.isnan()):
+            return float("inf")
+        finite = ~e.isnan()
+        scale = max(1.0, e[finite].abs().max().item()) if finite.any() else 1.0
+        difference = torch.where(a == e, 0.0, (a - e).abs())[finite]  # equal infinities: no error
+        if difference.numel():
+            worst = max(worst, difference.max().item() / scale)
     return worst
 
 

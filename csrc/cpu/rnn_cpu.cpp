@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <type_traits>
 
+#include "../persistent/host.h"
 #include "../recurrence.h"
 
 namespace rnnfused {
@@ -120,11 +121,18 @@ const char* element_loop_isa() {
   return kHasAvx2 ? "avx2+fma" : "baseline";
 }
 
+// With p.tiling the recurrence runs through the host simulation of the persistent kernel
+// (persistent/host.h): a test harness for the kernel's logic, not a fast path.
 void run(const ForwardParams& p, DType dtype) {
   CpuBackend be;
   dispatch(dtype, [&](auto tag) {
     using S = decltype(tag);
-    rnnfused::forward<S, at::opmath_type<S>>(be, p);
+    using A = at::opmath_type<S>;
+    rnnfused::forward_input_projection<S, A>(be, p);
+    if (p.tiling)
+      persistent::simulate_forward<S, A>(p, *p.tiling);
+    else
+      rnnfused::forward_steps<S, A>(be, p);
   });
 }
 
@@ -132,7 +140,13 @@ void run(const BackwardParams& p, DType dtype) {
   CpuBackend be;
   dispatch(dtype, [&](auto tag) {
     using S = decltype(tag);
-    rnnfused::backward<S, at::opmath_type<S>>(be, p);
+    using A = at::opmath_type<S>;
+    rnnfused::backward_gather<S, A>(be, p);
+    if (p.tiling)
+      persistent::simulate_backward<S, A>(p, *p.tiling);
+    else
+      rnnfused::backward_steps<S, A>(be, p);
+    rnnfused::backward_weight_gradients<S, A>(be, p);
   });
 }
 

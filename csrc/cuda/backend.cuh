@@ -12,47 +12,12 @@
 #include <type_traits>
 
 #include "../recurrence.h"
+#include "check.h"
 #include "rnn_cuda.h"
-
-#define RNNF_CUDA_CHECK(expr)                                                                  \
-  do {                                                                                         \
-    const cudaError_t rnnf_err = (expr);                                                       \
-    if (rnnf_err != cudaSuccess)                                                               \
-      throw std::runtime_error(std::string("rnnfused: CUDA error: ") +                         \
-                               cudaGetErrorString(rnnf_err) + " (" __FILE__ ":" +              \
-                               std::to_string(__LINE__) + ")" +                                \
-                               ::rnnfused::cuda::arch_hint(rnnf_err));                         \
-  } while (0)
-
-#define RNNF_CUBLAS_CHECK(expr)                                                                \
-  do {                                                                                         \
-    const cublasStatus_t rnnf_status = (expr);                                                 \
-    if (rnnf_status != CUBLAS_STATUS_SUCCESS)                                                  \
-      throw std::runtime_error(std::string("rnnfused: cuBLAS error: ") +                       \
-                               cublasGetStatusString(rnnf_status) + " (" __FILE__ ":" +        \
-                               std::to_string(__LINE__) + ")");                                \
-  } while (0)
+#include "../persistent/device.cuh"
 
 namespace rnnfused {
 namespace cuda {
-
-// "no kernel image" means the GPU's architecture was not compiled in: say what was.
-inline std::string arch_hint(cudaError_t err) {
-  if (err != cudaErrorNoKernelImageForDevice) return "";
-  return std::string("; this build of rnnfused has device code for ") + compiled_archs() +
-         " only: rebuild with RNNFUSED_CUDA_ARCHS naming your GPU's compute capability "
-         "(e.g. \"90+PTX\" also runs on newer GPUs through the driver's JIT)";
-}
-
-// torch records whether fp32 matmuls may use TF32 (torch.backends.cuda.matmul, legacy
-// allow_tf32 or the newer fp32_precision, and no NoTF32Guard active) as the math mode of
-// the handle it gives out; reading it there follows torch's own matmuls exactly and
-// never trips torch's check against mixing the two APIs.
-inline bool handle_allows_tf32(cublasHandle_t handle) {
-  cublasMath_t mode;
-  RNNF_CUBLAS_CHECK(cublasGetMathMode(handle, &mode));
-  return (static_cast<int>(mode) & 0xf) == CUBLAS_TF32_TENSOR_OP_MATH;
-}
 
 template <typename T>
 struct Types;
@@ -133,16 +98,39 @@ struct CudaBackend {
 // ctx.blas is torch's handle for the current stream: torch has already set its stream and
 // the workspace from torch's caching allocator. Setting the stream again would drop that
 // workspace (cuBLAS would then allocate its own, outside the allocator and CUDA graphs).
+//
+// With p.tiling the recurrence runs as one persistent kernel (persistent/device.cuh; fp16,
+// bf16 and fp32 as TF32). When the GPU refuses its launch, stage 1 runs instead and the
+// reason is returned (null otherwise): the results are the same either way.
 template <typename S>
-void forward_typed(const ForwardParams& p, const Context& ctx) {
-  CudaBackend be{ctx, handle_allows_tf32(ctx.blas)};
-  rnnfused::forward<S, typename Types<S>::Acc>(be, p);
+const char* forward_typed(const ForwardParams& p, const Context& ctx) {
+  using A = typename Types<S>::Acc;
+  CudaBackend be{ctx, tf32_allowed(ctx.blas)};
+  rnnfused::forward_input_projection<S, A>(be, p);
+  if constexpr (!std::is_same_v<S, double>) {
+    if (p.tiling) {
+      const char* refused = persistent::launch_forward<S>(p, ctx.stream);
+      if (!refused) return nullptr;
+      rnnfused::forward_steps<S, A>(be, p);
+      return refused;
+    }
+  }
+  rnnfused::forward_steps<S, A>(be, p);
+  return nullptr;
 }
 
 template <typename S>
-void backward_typed(const BackwardParams& p, const Context& ctx) {
-  CudaBackend be{ctx, handle_allows_tf32(ctx.blas)};
-  rnnfused::backward<S, typename Types<S>::Acc>(be, p);
+const char* backward_typed(const BackwardParams& p, const Context& ctx) {
+  using A = typename Types<S>::Acc;
+  CudaBackend be{ctx, tf32_allowed(ctx.blas)};
+  rnnfused::backward_gather<S, A>(be, p);
+  const char* refused = nullptr;
+  if constexpr (!std::is_same_v<S, double>) {
+    if (p.tiling) refused = persistent::launch_backward<S>(p, ctx.stream);
+  }
+  if (!p.tiling || refused) rnnfused::backward_steps<S, A>(be, p);
+  rnnfused::backward_weight_gradients<S, A>(be, p);
+  return refused;
 }
 
 }  // namespace cuda

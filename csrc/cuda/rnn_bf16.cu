@@ -3,7 +3,16 @@
 
 namespace rnnfused {
 namespace cuda {
-template void forward_typed<__nv_bfloat16>(const ForwardParams&, const Context&);
-template void backward_typed<__nv_bfloat16>(const BackwardParams&, const Context&);
+template const char* forward_typed<__nv_bfloat16>(const ForwardParams&, const Context&);
+template const char* backward_typed<__nv_bfloat16>(const BackwardParams&, const Context&);
+
+template <>
+KernelInfo persistent_kernel_info_typed<__nv_bfloat16>(bool backward) {
+  cudaFuncAttributes attributes{};
+  RNNF_CUDA_CHECK(backward ? cudaFuncGetAttributes(&attributes, persistent::backward_kernel<__nv_bfloat16>)
+                           : cudaFuncGetAttributes(&attributes, persistent::forward_kernel<__nv_bfloat16>));
+  return {std::string(backward ? "backward_kernel<" : "forward_kernel<") + "__nv_bfloat16>", attributes.numRegs,
+          attributes.localSizeBytes, attributes.sharedSizeBytes};
+}
 }  // namespace cuda
 }  // namespace rnnfused

@@ -5,6 +5,9 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <string>
+#include <vector>
+
 #include "../params.h"
 
 namespace rnnfused {
@@ -15,17 +18,32 @@ struct Context {
   cublasHandle_t blas;
 };
 
-void run(const ForwardParams& p, DType dtype, const Context& ctx);
-void run(const BackwardParams& p, DType dtype, const Context& ctx);
+// Both return null, or why the persistent kernel asked for in p.tiling could not be
+// launched (stage 1 then ran in its place).
+const char* run(const ForwardParams& p, DType dtype, const Context& ctx);
+const char* run(const BackwardParams& p, DType dtype, const Context& ctx);
+
+// Whether torch allows TF32 for fp32 matmuls (the math mode torch put on its handle).
+bool tf32_allowed(cublasHandle_t handle);
+
+// Registers, local memory (spills) and shared memory of every persistent kernel.
+struct KernelInfo {
+  std::string name;
+  int registers;
+  size_t local_bytes, static_shared_bytes;
+};
+std::vector<KernelInfo> persistent_kernel_info();
 
 // The compute capabilities this build has device code for, e.g. "8.0, 9.0".
 const char* compiled_archs();
 
 // Instantiated once per storage dtype in rnn_<dtype>.cu.
 template <typename S>
-void forward_typed(const ForwardParams& p, const Context& ctx);
+const char* forward_typed(const ForwardParams& p, const Context& ctx);
 template <typename S>
-void backward_typed(const BackwardParams& p, const Context& ctx);
+const char* backward_typed(const BackwardParams& p, const Context& ctx);
+template <typename S>
+KernelInfo persistent_kernel_info_typed(bool backward);
 
 }  // namespace cuda
 }  // namespace rnnfused

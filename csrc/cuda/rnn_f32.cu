@@ -3,7 +3,16 @@
 
 namespace rnnfused {
 namespace cuda {
-template void forward_typed<float>(const ForwardParams&, const Context&);
-template void backward_typed<float>(const BackwardParams&, const Context&);
+template const char* forward_typed<float>(const ForwardParams&, const Context&);
+template const char* backward_typed<float>(const BackwardParams&, const Context&);
+
+template <>
+KernelInfo persistent_kernel_info_typed<float>(bool backward) {
+  cudaFuncAttributes attributes{};
+  RNNF_CUDA_CHECK(backward ? cudaFuncGetAttributes(&attributes, persistent::backward_kernel<float>)
+                           : cudaFuncGetAttributes(&attributes, persistent::forward_kernel<float>));
+  return {std::string(backward ? "backward_kernel<" : "forward_kernel<") + "float>", attributes.numRegs,
+          attributes.localSizeBytes, attributes.sharedSizeBytes};
+}
 }  // namespace cuda
 }  // namespace rnnfused

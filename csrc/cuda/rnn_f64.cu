@@ -3,7 +3,7 @@
 
 namespace rnnfused {
 namespace cuda {
-template void forward_typed<double>(const ForwardParams&, const Context&);
-template void backward_typed<double>(const BackwardParams&, const Context&);
+template const char* forward_typed<double>(const ForwardParams&, const Context&);
+template const char* backward_typed<double>(const BackwardParams&, const Context&);
 }  // namespace cuda
 }  // namespace rnnfused

@@ -1,0 +1,160 @@
+// The planner of the persistent recurrence (see plan.h).
+#include "plan.h"
+
+#include <algorithm>
+#include <sstream>
+#include <vector>
+
+namespace rnnfused {
+namespace persistent {
+namespace {
+
+int64_t round_up(int64_t x, int64_t multiple) {
+  return (x + multiple - 1) / multiple * multiple;
+}
+
+int64_t ceil_div(int64_t x, int64_t y) {
+  return (x + y - 1) / y;
+}
+
+int64_t storage_bytes(DType dtype) {
+  switch (dtype) {
+    case DType::Float64: return 8;
+    case DType::Float32: return 4;
+    case DType::Float16:
+    case DType::BFloat16: return 2;
+  }
+  return 8;
+}
+
+// Rows of 16-bit elements padded by 16 bytes, of 32-bit ones by 16 bytes too: row starts stay
+// 16-byte aligned and consecutive rows do not start in the same shared-memory bank.
+int64_t padded_ld(int64_t k, int64_t elem) {
+  return k + 16 / std::min<int64_t>(elem, 16);
+}
+
+// Regions in order, each 128-byte aligned; returns the total.
+int64_t place(Layout& layout, int64_t weights, int64_t operand, int64_t acc, int64_t partials, int64_t state,
+              int64_t state2) {
+  int64_t offset = 0;
+  auto take = [&](int64_t& where, int64_t bytes) {
+    where = offset;
+    offset = round_up(offset + bytes, 128);
+  };
+  take(layout.weights, weights);
+  take(layout.operand, operand);
+  take(layout.acc, acc);
+  take(layout.partials, partials);
+  take(layout.state, state);
+  take(layout.state2, state2);
+  layout.bytes = offset;
+  return offset;
+}
+
+// Warps split K when there are fewer output tiles than warps (e.g. the backward product of
+// a small unit slice), at most so that every warp keeps at least two K steps.
+int64_t k_split(int64_t m, int64_t n, int64_t k) {
+  const int64_t tiles = (m / kTile) * (n / kTile);
+  const int64_t warps = kThreads / 32;
+  return std::max<int64_t>(1, std::min(warps / std::max<int64_t>(tiles, 1), k / kTile / 2));
+}
+
+// The tiling and layouts for `rows` batch rows and `units` hidden units per CTA.
+Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_t elem, int64_t acc_elem) {
+  const int64_t gates = gates_per_unit(cell);
+  Tiling t;
+  t.units = units;
+  t.rows = rows;
+  t.unit_tiles = ceil_div(H, units);
+  t.row_tiles = ceil_div(B, rows);
+  t.rows_pad = round_up(rows, kTile);
+  // GRU_CHO multiplies its r/z rows and its n rows in two products: each starts a tile.
+  t.gate_stride = cell == Cell::GRU_CHO ? round_up(units, kTile) : units;
+  t.gate_rows = round_up(gates * t.gate_stride, kTile);
+  t.k_fwd = round_up(H, kTile);
+  t.ld_w_fwd = padded_ld(t.k_fwd, elem);
+  t.ld_acc_fwd = t.rows_pad + 4;
+  t.split_fwd = k_split(t.gate_rows, t.rows_pad, t.k_fwd);
+  const int64_t state = rows * units * acc_elem;
+  place(t.fwd, t.gate_rows * t.ld_w_fwd * elem, t.rows_pad * t.ld_w_fwd * elem, t.gate_rows * t.ld_acc_fwd * acc_elem,
+        t.split_fwd > 1 ? t.split_fwd * t.gate_rows * t.ld_acc_fwd * acc_elem : 0,
+        cell == Cell::LSTM ? state : 0, 0);
+
+  t.unit_rows = round_up(units, kTile);
+  t.k_block = round_up(H, kTile);
+  t.k_bwd = gates * t.k_block;
+  t.ld_w_bwd = padded_ld(t.k_bwd, elem);
+  t.ld_acc_bwd = t.rows_pad + 4;
+  t.split_bwd = k_split(t.unit_rows, t.rows_pad, cell == Cell::GRU_CHO ? t.k_block : t.k_bwd);
+  place(t.bwd, t.unit_rows * t.ld_w_bwd * elem, t.rows_pad * t.ld_w_bwd * elem,
+        t.unit_rows * t.ld_acc_bwd * acc_elem,
+        t.split_bwd > 1 ? t.split_bwd * t.unit_rows * t.ld_acc_bwd * acc_elem : 0, state,
+        cell == Cell::LSTM ? state : 0);
+  return t;
+}
+
+std::string describe(const Tiling& t) {
+  std::ostringstream out;
+  out << "persistent: " << t.ctas() << " CTAs = " << t.unit_tiles << " x " << t.units << " units, " << t.row_tiles
+      << " x " << t.rows << " rows; shared memory " << t.fwd.bytes / 1024 << " KB forward, " << t.bwd.bytes / 1024
+      << " KB backward";
+  return out.str();
+}
+
+}  // namespace
+
+DeviceLimits h100_limits() {
+  DeviceLimits limits;
+  limits.sm_count = 132;
+  limits.smem_per_block = 227 * 1024;
+  limits.compute_capability = 90;
+  limits.cooperative_launch = true;
+  return limits;
+}
+
+Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf32, const DeviceLimits& limits) {
+  Plan plan;
+  auto stepwise = [&](std::string why) {
+    plan.reason = "stepwise: " + std::move(why);
+    return plan;
+  };
+  if (P != H) return stepwise("LSTM with projection");
+  if (B <= 0 || H <= 0) return stepwise("empty batch or hidden size");
+  if (!limits.host_simulation) {
+    if (dtype == DType::Float64) return stepwise("float64 (the persistent kernel multiplies on tensor cores)");
+    if (dtype == DType::Float32 && !tf32)
+      return stepwise("float32 with TF32 off (the persistent kernel multiplies float32 in TF32; allow it with "
+                      "torch.backends.cuda.matmul.fp32_precision = 'tf32')");
+    if (limits.compute_capability < 80) return stepwise("needs compute capability 8.0 or newer");
+    if (!limits.cooperative_launch) return stepwise("the device does not support cooperative launch");
+  }
+  if (limits.sm_count <= 0) return stepwise("no multiprocessors");
+
+  const int64_t elem = storage_bytes(dtype);
+  const int64_t acc_elem = dtype == DType::Float64 ? 8 : 4;
+  // The smallest batch tile whose weight slices fit: every row tile replicates W_hh, so
+  // small tiles need more shared memory, but each CTA then reads fewer rows of h per step.
+  std::vector<int64_t> row_choices;
+  for (int64_t rows = kTile; rows < B; rows *= 2) row_choices.push_back(rows);
+  row_choices.push_back(B);
+  for (const int64_t rows : row_choices) {
+    const int64_t row_tiles = ceil_div(B, rows);
+    if (row_tiles > limits.sm_count) continue;
+    const int64_t units = ceil_div(H, limits.sm_count / row_tiles);
+    const Tiling t = tile(cell, H, B, rows, units, elem, acc_elem);
+    if (t.fwd.bytes <= limits.smem_per_block && t.bwd.bytes <= limits.smem_per_block) {
+      plan.persistent = true;
+      plan.tiling = t;
+      plan.reason = describe(t);
+      return plan;
+    }
+  }
+  std::ostringstream why;
+  why << "W_hh (" << gates_per_unit(cell) * H * H * elem / 1024 << " KB) and the state of " << B
+      << " rows do not fit in the shared memory of " << limits.sm_count << " multiprocessors ("
+      << limits.smem_per_block / 1024 << " KB each) at any batch tile";
+  return stepwise(why.str());
+}
+
+}  // namespace persistent
+}  // namespace rnnfused

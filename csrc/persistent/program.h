@@ -1,0 +1,529 @@
+// The program of one CTA of the persistent recurrence, forward and backward, written once
+// and run two ways: by the CUDA kernel (device.cuh: the CTAs of a cooperative launch, a
+// grid-wide barrier after every phase) and by the host simulation (host.h: plain loops, the
+// CTAs of a phase in shuffled order, the end of the phase as the barrier). Both run exactly
+// this code with the tiling and shared-memory layout of plan.h; only the Ops differ:
+//
+//   ops.for_each(rows, cols, f)   f(r, c) for r < rows, c < cols, by all threads of the CTA
+//   ops.sync()                    barrier of the CTA's threads
+//   ops.gemm(acc, ld_acc, partials, partial_stride, a, lda, b, ldb, m0, m1, n, k0, k1, split)
+//       acc[m][c] = Σ_{k0 <= k < k1} a[m][k] b[c][k] for m0 <= m < m1, c < n (all multiples of
+//       kTile), accumulated in A; with split > 1 the K steps are divided among warps whose
+//       partial sums go to partials[part][m][c] (part stride partial_stride) before adding up.
+//       Ends with the CTA synchronised.
+//
+// Between phases a CTA may read what any CTA wrote before the barrier (through
+// load_coherent: L2, never a stale L1 line); within a phase it reads only what it wrote
+// itself or what was there before the kernel started. The cell math is cells.h's.
+#pragma once
+
+#include <cstdint>
+
+#include "../cells.h"
+#include "../params.h"
+#include "../steps.h"
+#include "plan.h"
+
+namespace rnnfused {
+namespace persistent {
+
+// The steps of one layer direction in the order the forward pass visits them ("walk step"
+// s = 0 .. T-1), with the rows active at each: packed input reads the batch sizes and row
+// offsets per time step from memory the kernel can read; padded input has B rows everywhere.
+struct Walk {
+  int64_t T = 0, B = 0;
+  bool reverse = false;
+  const int64_t* batch_sizes = nullptr;  // [T] per time step, or null when padded
+  const int64_t* offsets = nullptr;      // [T] first row of each time step (packed)
+
+  RNNF_HD int64_t time(int64_t s) const { return reverse ? T - 1 - s : s; }
+  RNNF_HD int64_t rows(int64_t s) const {
+    if (s < 0 || s >= T) return 0;
+    return batch_sizes ? batch_sizes[time(s)] : B;
+  }
+  RNNF_HD int64_t offset(int64_t s) const { return batch_sizes ? offsets[time(s)] : time(s) * B; }
+};
+
+// A read of data another CTA wrote during this kernel: from L2 on the GPU.
+template <typename T>
+RNNF_HD T load_coherent(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);
+#else
+  return *p;
+#endif
+}
+
+template <typename T>
+RNNF_HD T* region(char* smem, int64_t offset) {
+  return reinterpret_cast<T*>(smem + offset);
+}
+
+// The CTA's place in the grid: hidden units [u0, u0 + units) and batch rows [r0, r0 + rows).
+struct CtaSlice {
+  int64_t u0, r0;
+  RNNF_HD CtaSlice(const Tiling& t, int64_t cta) : u0(cta % t.unit_tiles * t.units), r0(cta / t.unit_tiles * t.rows) {}
+};
+
+// What a pointwise pass needs to know about its element (row R of the batch, hidden unit U).
+struct Element {
+  int64_t row;   // row of the step in the [N, *] tensors
+  int64_t R, U;  // batch row, hidden unit
+  int64_t r, u;  // the CTA's local row and unit
+  bool last;     // forward: the row's last step, so h_t is its h_n
+};
+
+// Calls f(Element) for the CTA's elements active at walk step s.
+template <typename Ops, typename F>
+RNNF_HD void for_each_element(Ops& ops, const Tiling& t, const Walk& walk, const CtaSlice& slice, int64_t H,
+                              int64_t s, const F& f) {
+  const int64_t rows = walk.rows(s), next_rows = walk.rows(s + 1), offset = walk.offset(s);
+  const int64_t r0 = slice.r0, u0 = slice.u0;
+  ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
+    const int64_t R = r0 + r, U = u0 + u;
+    if (R < rows && U < H) f(Element{offset + R, R, U, r, u, R >= next_rows});
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: W tile [gate_rows][ld_w] resident; per walk step the h_{t-1} tile of the CTA's
+// rows, acc = W h, then the cell for the CTA's (row, unit) elements. LSTM keeps c in shared
+// memory. GRU_CHO takes two phases: r (and r * h_{t-1} of every unit, through p.rh) first,
+// then n. The saved activations have stage 1's layout (steps.h).
+template <typename S, typename A>
+struct ForwardCta {
+  const ForwardParams& p;
+  const Tiling& t;
+  const Walk& walk;
+  const CtaSlice slice;
+  S* const w;
+  S* const h;
+  A* const acc;
+  A* const partials;
+  A* const c;
+
+  RNNF_HD ForwardCta(const ForwardParams& params, const Tiling& tiling, const Walk& steps, int64_t cta, char* smem)
+      : p(params),
+        t(tiling),
+        walk(steps),
+        slice(tiling, cta),
+        w(region<S>(smem, tiling.fwd.weights)),
+        h(region<S>(smem, tiling.fwd.operand)),
+        acc(region<A>(smem, tiling.fwd.acc)),
+        partials(region<A>(smem, tiling.fwd.partials)),
+        c(region<A>(smem, tiling.fwd.state)) {}
+
+  RNNF_HD int phases() const { return p.cell == Cell::GRU_CHO ? 2 : 1; }
+
+  // The W tile and (LSTM) the c0 tile into shared memory.
+  template <typename Ops>
+  RNNF_HD void begin(Ops& ops) {
+    const int64_t H = p.H, gates = gates_per_unit(p.cell), stride = t.gate_stride, ld = t.ld_w_fwd;
+    const int64_t units = t.units, u0 = slice.u0, r0 = slice.r0, B = walk.B;
+    const S* w_hh = static_cast<const S*>(p.w_hh);
+    S* tile = w;
+    ops.for_each(t.gate_rows, t.k_fwd, [=](int64_t m, int64_t k) {
+      const int64_t gate = m / stride, u = m % stride;
+      const bool valid = gate < gates && u < units && u0 + u < H && k < H;
+      tile[m * ld + k] = valid ? w_hh[(gate * H + u0 + u) * H + k] : store<S>(A(0));
+    });
+    if (p.cell == Cell::LSTM) {
+      const A* c0 = static_cast<const A*>(p.c);
+      A* state = c;
+      ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
+        state[r * units + u] = (r0 + r < B && u0 + u < H) ? c0[(r0 + r) * H + u0 + u] : A(0);
+      });
+    }
+    ops.sync();
+  }
+
+  template <typename Ops>
+  RNNF_HD void phase(Ops& ops, int64_t s, int k) {
+    switch (p.cell) {
+      case Cell::LSTM: step(ops, s, [this](const Element& e) { lstm(e); }); break;
+      case Cell::GRU: step(ops, s, [this](const Element& e) { gru(e); }); break;
+      case Cell::RNN_TANH:
+      case Cell::RNN_RELU: step(ops, s, [this](const Element& e) { rnn(e); }); break;
+      case Cell::GRU_CHO:
+        if (k == 0) {
+          load_operand(ops, s, false);
+          multiply(ops, 0, 2 * t.gate_stride);
+          for_each_element(ops, t, walk, slice, p.H, s, [this](const Element& e) { cho_reset(e); });
+        } else {
+          load_operand(ops, s, true);
+          multiply(ops, 2 * t.gate_stride, t.gate_rows);
+          for_each_element(ops, t, walk, slice, p.H, s, [this, s](const Element& e) { cho_output(s, e); });
+        }
+        break;
+      default: invalid_cell(p.cell);
+    }
+    ops.sync();
+  }
+
+  // (LSTM) c_n from shared memory.
+  template <typename Ops>
+  RNNF_HD void end(Ops& ops) {
+    if (p.cell != Cell::LSTM) return;
+    A* c_n = static_cast<A*>(p.c);
+    const A* state = c;
+    const int64_t H = p.H, units = t.units, u0 = slice.u0, r0 = slice.r0, B = walk.B;
+    ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
+      if (r0 + r < B && u0 + u < H) c_n[(r0 + r) * H + u0 + u] = state[r * units + u];
+    });
+  }
+
+  // One product over all gate rows, then the cell.
+  template <typename Ops, typename F>
+  RNNF_HD void step(Ops& ops, int64_t s, const F& cell) {
+    load_operand(ops, s, false);
+    multiply(ops, 0, t.gate_rows);
+    for_each_element(ops, t, walk, slice, p.H, s, cell);
+  }
+
+  // The operand tile: h_{t-1} of the CTA's rows, or (GRU_CHO phase 2) r * h_{t-1}.
+  template <typename Ops>
+  RNNF_HD void load_operand(Ops& ops, int64_t s, bool reset_hidden) {
+    const int64_t H = p.H, ld = t.ld_w_fwd, r0 = slice.r0, rows = t.rows, active = walk.rows(s);
+    S* tile = h;
+    ops.for_each(t.rows_pad, t.k_fwd, [this, s, H, ld, r0, rows, active, tile, reset_hidden](int64_t r, int64_t k) {
+      const int64_t R = r0 + r;
+      const S* row = nullptr;
+      if (r < rows && R < active)
+        row = reset_hidden ? static_cast<const S*>(p.rh) + R * H : previous_state(s, R);
+      tile[r * ld + k] = (row != nullptr && k < H) ? load_coherent(row + k) : store<S>(A(0));
+    });
+    ops.sync();
+  }
+
+  // acc rows [m0, m1) = W tile rows [m0, m1) times the operand tile.
+  template <typename Ops>
+  RNNF_HD void multiply(Ops& ops, int64_t m0, int64_t m1) {
+    ops.gemm(acc, t.ld_acc_fwd, partials, t.gate_rows * t.ld_acc_fwd, static_cast<const S*>(w), t.ld_w_fwd,
+             static_cast<const S*>(h), t.ld_w_fwd, m0, m1, t.rows_pad, int64_t(0), t.k_fwd, t.split_fwd);
+  }
+
+  // Row R's state before walk step s (R active at s): the output of the previous walk step,
+  // or h0 for a row that was not active then (s = 0; packed input in the reverse direction).
+  RNNF_HD const S* previous_state(int64_t s, int64_t R) const {
+    if (R < walk.rows(s - 1)) return static_cast<const S*>(p.y) + (walk.offset(s - 1) + R) * p.H;
+    return static_cast<const S*>(p.h0) + R * p.H;
+  }
+
+  RNNF_HD A gate_acc(int64_t gate, const Element& e) const {
+    return acc[(gate * t.gate_stride + e.u) * t.ld_acc_fwd + e.r];
+  }
+
+  RNNF_HD const A* gx_row(const Element& e) const {
+    if (p.gates) return static_cast<const A*>(p.gates) + e.row * saved_gates_per_unit(p.cell) * p.H;
+    return static_cast<const A*>(p.gx) + e.row * p.G;
+  }
+
+  // x W_ihᵀ + h W_hhᵀ + both biases of gate `gate` (the order of steps.h's preact).
+  RNNF_HD A preact(int64_t gate, const Element& e) const {
+    const int64_t k = gate * p.H + e.U;
+    return gx_row(e)[k] + gate_acc(gate, e) + load<A>(static_cast<const S*>(p.b_ih)[k]) +
+           load<A>(static_cast<const S*>(p.b_hh)[k]);
+  }
+
+  RNNF_HD A bias(const void* b, int64_t gate, const Element& e) const {
+    return load<A>(static_cast<const S*>(b)[gate * p.H + e.U]);
+  }
+
+  RNNF_HD A h_prev_from_tile(const Element& e) const { return load<A>(h[e.r * t.ld_w_fwd + e.U]); }
+
+  RNNF_HD void write_h(const Element& e, S value) const {
+    static_cast<S*>(p.y)[e.row * p.H + e.U] = value;
+    if (e.last) static_cast<S*>(p.h)[e.R * p.H + e.U] = value;
+  }
+
+  RNNF_HD A* saved(const Element& e) const {
+    return static_cast<A*>(p.gates) + e.row * saved_gates_per_unit(p.cell) * p.H + e.U;
+  }
+
+  RNNF_HD void lstm(const Element& e) const {
+    const auto a = cells::lstm_activate(preact(0, e), preact(1, e), preact(2, e), preact(3, e));
+    A& c_state = c[e.r * t.units + e.u];
+    const A c_t = cells::lstm_cell(a, c_state, A(p.cell_clip));
+    c_state = c_t;
+    write_h(e, store<S>(cells::lstm_hidden(a, c_t)));
+    if (p.gates) {
+      A* g = saved(e);
+      g[0] = a.i;
+      g[p.H] = a.f;
+      g[2 * p.H] = a.g;
+      g[3 * p.H] = a.o;
+      static_cast<A*>(p.cells)[e.row * p.H + e.U] = c_t;
+    }
+  }
+
+  RNNF_HD void gru(const Element& e) const {
+    const A hn = gate_acc(2, e) + bias(p.b_hh, 2, e);
+    const A xn = gx_row(e)[2 * p.H + e.U] + bias(p.b_ih, 2, e);
+    const auto a = cells::gru_forward(preact(0, e), preact(1, e), xn, hn);
+    write_h(e, store<S>(cells::gru_hidden(a.z, a.n, h_prev_from_tile(e))));
+    if (p.gates) {
+      A* g = saved(e);
+      g[0] = a.r;
+      g[p.H] = a.z;
+      g[2 * p.H] = a.n;
+      g[3 * p.H] = a.hn;
+    }
+  }
+
+  // GRU_CHO phase 1: r, and r * h_{t-1} into the exchange buffer p.rh [B, H].
+  RNNF_HD void cho_reset(const Element& e) const {
+    const A r = cells::sigmoid(preact(0, e));
+    static_cast<S*>(p.rh)[e.R * p.H + e.U] = store<S>(r * h_prev_from_tile(e));
+    if (p.gates) saved(e)[0] = r;
+  }
+
+  // GRU_CHO phase 2: z (its product is still in acc from phase 1), n and h_t. The operand
+  // tile now holds r * h_{t-1}, so h_{t-1} is read again from where phase 1 loaded it.
+  RNNF_HD void cho_output(int64_t s, const Element& e) const {
+    const A z = cells::sigmoid(preact(1, e));
+    const A n = cells::gru_cho_candidate(gx_row(e)[2 * p.H + e.U] + bias(p.b_ih, 2, e),
+                                         gate_acc(2, e) + bias(p.b_hh, 2, e));
+    const A h_prev = load<A>(load_coherent(previous_state(s, e.R) + e.U));
+    write_h(e, store<S>(cells::gru_hidden(z, n, h_prev)));
+    if (p.gates) {
+      A* g = saved(e);
+      g[p.H] = z;
+      g[2 * p.H] = n;
+    }
+  }
+
+  RNNF_HD void rnn(const Element& e) const {
+    const A pre = preact(0, e);
+    write_h(e, store<S>(p.cell == Cell::RNN_RELU ? cells::rnn_relu_forward(pre) : cells::rnn_tanh_forward(pre)));
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Backward, in the reverse of the forward walk: Wᵀ tile [unit_rows][ld_w] resident (the
+// W_hh columns of the CTA's units, gate blocks of k_block columns); the gradient of h for
+// the CTA's (row, unit) elements carried in shared memory (LSTM: of c too). Per walk step:
+// fold in the recurrent gradient of the step processed before (its dG, from every CTA,
+// times Wᵀ), then the pointwise backward (gate gradients into dgx/dgh, stage 1's layout).
+// GRU_CHO takes two phases: z and n first, then the r gradient needs d(r * h) = dG_n W_hn.
+template <typename S, typename A>
+struct BackwardCta {
+  const BackwardParams& p;
+  const Tiling& t;
+  const Walk& walk;
+  const CtaSlice slice;
+  S* const w;
+  S* const dg;
+  A* const acc;
+  A* const partials;
+  A* const dh;
+  A* const dc;
+
+  RNNF_HD BackwardCta(const BackwardParams& params, const Tiling& tiling, const Walk& steps, int64_t cta, char* smem)
+      : p(params),
+        t(tiling),
+        walk(steps),
+        slice(tiling, cta),
+        w(region<S>(smem, tiling.bwd.weights)),
+        dg(region<S>(smem, tiling.bwd.operand)),
+        acc(region<A>(smem, tiling.bwd.acc)),
+        partials(region<A>(smem, tiling.bwd.partials)),
+        dh(region<A>(smem, tiling.bwd.state)),
+        dc(region<A>(smem, tiling.bwd.state2)) {}
+
+  RNNF_HD int phases() const { return p.cell == Cell::GRU_CHO ? 2 : 1; }
+
+  // The Wᵀ tile and the gradients of h_n (and c_n) into shared memory.
+  template <typename Ops>
+  RNNF_HD void begin(Ops& ops) {
+    const int64_t H = p.H, units = t.units, u0 = slice.u0, r0 = slice.r0, B = walk.B, ld = t.ld_w_bwd;
+    const int64_t block = t.k_block, gates = gates_per_unit(p.cell);
+    const S* w_hh = static_cast<const S*>(p.w_hh);
+    S* tile = w;
+    ops.for_each(t.unit_rows, t.k_bwd, [=](int64_t u, int64_t k) {
+      const int64_t gate = k / block, j = k % block;
+      const bool valid = u < units && u0 + u < H && gate < gates && j < H;
+      tile[u * ld + k] = valid ? w_hh[(gate * H + j) * H + u0 + u] : store<S>(A(0));
+    });
+    const A* dh_n = static_cast<const A*>(p.dh);
+    const A* dc_n = static_cast<const A*>(p.dc);
+    A* dh_state = dh;
+    A* dc_state = dc;
+    const bool lstm = p.cell == Cell::LSTM;
+    ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
+      const bool valid = r0 + r < B && u0 + u < H;
+      dh_state[r * units + u] = valid ? dh_n[(r0 + r) * H + u0 + u] : A(0);
+      if (lstm) dc_state[r * units + u] = valid ? dc_n[(r0 + r) * H + u0 + u] : A(0);
+    });
+    ops.sync();
+  }
+
+  // Walk steps are processed from s = T-1 down to 0: phase k of walk step s.
+  template <typename Ops>
+  RNNF_HD void phase(Ops& ops, int64_t s, int k) {
+    const int64_t H = p.H;
+    const bool first = s == walk.T - 1;
+    switch (p.cell) {
+      case Cell::LSTM:
+        if (!first) fold(ops, s + 1, 0, t.k_bwd, false);
+        for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { lstm(e); });
+        break;
+      case Cell::GRU:
+        if (!first) fold(ops, s + 1, 0, t.k_bwd, true);
+        for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { gru(e); });
+        break;
+      case Cell::RNN_TANH:
+      case Cell::RNN_RELU:
+        if (!first) fold(ops, s + 1, 0, t.k_bwd, false);
+        for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { rnn(e); });
+        break;
+      case Cell::GRU_CHO:
+        if (k == 0) {
+          if (!first) fold(ops, s + 1, 0, 2 * t.k_block, true);
+          for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { cho_nz(e); });
+        } else {
+          load_gradients(ops, s, 2 * t.k_block, 3 * t.k_block);
+          multiply(ops, 2 * t.k_block, 3 * t.k_block);
+          for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { cho_r(e); });
+        }
+        break;
+      default: invalid_cell(p.cell);
+    }
+    ops.sync();
+  }
+
+  // The gradients of h0 (and c0): fold in walk step 0's recurrent gradient, write them out.
+  template <typename Ops>
+  RNNF_HD void end(Ops& ops) {
+    const bool gru = p.cell == Cell::GRU || p.cell == Cell::GRU_CHO;
+    fold(ops, 0, 0, p.cell == Cell::GRU_CHO ? 2 * t.k_block : t.k_bwd, gru);
+    A* dh0 = static_cast<A*>(p.dh);
+    A* dc0 = static_cast<A*>(p.dc);
+    const A* dh_state = dh;
+    const A* dc_state = dc;
+    const bool lstm = p.cell == Cell::LSTM;
+    const int64_t H = p.H, units = t.units, u0 = slice.u0, r0 = slice.r0, B = walk.B;
+    ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
+      if (r0 + r >= B || u0 + u >= H) return;
+      dh0[(r0 + r) * H + u0 + u] = dh_state[r * units + u];
+      if (lstm) dc0[(r0 + r) * H + u0 + u] = dc_state[r * units + u];
+    });
+  }
+
+  // The dG tile of walk step s, columns [k0, k1) of the blocked layout (gate g's column j at
+  // g * k_block + j), from dgh (which dgx aliases except for GRU).
+  template <typename Ops>
+  RNNF_HD void load_gradients(Ops& ops, int64_t s, int64_t k0, int64_t k1) {
+    const int64_t H = p.H, G = p.G, ld = t.ld_w_bwd, block = t.k_block, r0 = slice.r0, rows = t.rows;
+    const int64_t active = walk.rows(s), offset = walk.offset(s);
+    const S* dgh = static_cast<const S*>(p.dgh);
+    S* tile = dg;
+    ops.for_each(t.rows_pad, k1 - k0, [=](int64_t r, int64_t kk) {
+      const int64_t k = k0 + kk, j = k % block, R = r0 + r;
+      const bool valid = r < rows && R < active && j < H;
+      tile[r * ld + k] = valid ? load_coherent(dgh + (offset + R) * G + k / block * H + j) : store<S>(A(0));
+    });
+    ops.sync();
+  }
+
+  // acc = Wᵀ columns [k0, k1) times the dG tile: d(h_{t-1}) of the CTA's units, or for
+  // GRU_CHO's n block d(r * h_{t-1}).
+  template <typename Ops>
+  RNNF_HD void multiply(Ops& ops, int64_t k0, int64_t k1) {
+    ops.gemm(acc, t.ld_acc_bwd, partials, t.unit_rows * t.ld_acc_bwd, static_cast<const S*>(w), t.ld_w_bwd,
+             static_cast<const S*>(dg), t.ld_w_bwd, int64_t(0), t.unit_rows, t.rows_pad, k0, k1, t.split_bwd);
+  }
+
+  // The recurrent gradient that walk step s's gate gradients send to h_{t-1}, for the rows
+  // active at s: set it (LSTM, RNN) or add it to the direct part the pointwise pass left
+  // (GRU: dh * z; GRU_CHO: dh * z + d(r * h) * r).
+  template <typename Ops>
+  RNNF_HD void fold(Ops& ops, int64_t s, int64_t k0, int64_t k1, bool add) {
+    load_gradients(ops, s, k0, k1);
+    multiply(ops, k0, k1);
+    const int64_t units = t.units, ld = t.ld_acc_bwd, r0 = slice.r0, u0 = slice.u0, H = p.H, active = walk.rows(s);
+    A* dh_state = dh;
+    const A* product = acc;
+    ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
+      if (r0 + r >= active || u0 + u >= H) return;
+      A& value = dh_state[r * units + u];
+      value = (add ? value : A(0)) + product[u * ld + r];
+    });
+    ops.sync();
+  }
+
+  RNNF_HD A dh_total(const Element& e) const {
+    return dh[e.r * t.units + e.u] + load<A>(static_cast<const S*>(p.dy)[e.row * p.H + e.U]);
+  }
+
+  RNNF_HD const A* saved(const Element& e) const {
+    return static_cast<const A*>(p.gates) + e.row * saved_gates_per_unit(p.cell) * p.H + e.U;
+  }
+
+  RNNF_HD A h_prev(const Element& e) const { return load<A>(static_cast<const S*>(p.h_prev)[e.row * p.H + e.U]); }
+
+  RNNF_HD void store_dg(S* out, int64_t gate, const Element& e, A value) const {
+    out[e.row * p.G + gate * p.H + e.U] = store<S>(value);
+  }
+
+  RNNF_HD void lstm(const Element& e) const {
+    const A* g = saved(e);
+    const cells::LstmGates<A> a{g[0], g[p.H], g[2 * p.H], g[3 * p.H]};
+    const int64_t i = e.row * p.H + e.U;
+    A& dc_state = dc[e.r * t.units + e.u];
+    A dc_prev;
+    const auto d = cells::lstm_backward(a, static_cast<const A*>(p.cells)[i], static_cast<const A*>(p.c_prev)[i],
+                                        dh_total(e), dc_state, A(p.cell_clip), A(p.grad_clip), dc_prev);
+    dc_state = dc_prev;
+    S* dgx = static_cast<S*>(p.dgx);
+    store_dg(dgx, 0, e, d.i);
+    store_dg(dgx, 1, e, d.f);
+    store_dg(dgx, 2, e, d.g);
+    store_dg(dgx, 3, e, d.o);
+  }
+
+  RNNF_HD void gru(const Element& e) const {
+    const A* g = saved(e);
+    const cells::GruGates<A> a{g[0], g[p.H], g[2 * p.H], g[3 * p.H]};
+    const auto d = cells::gru_backward(a, h_prev(e), dh_total(e), A(p.grad_clip));
+    dh[e.r * t.units + e.u] = d.dh_prev_direct;
+    S* dgx = static_cast<S*>(p.dgx);
+    S* dgh = static_cast<S*>(p.dgh);
+    store_dg(dgx, 0, e, d.d_r);
+    store_dg(dgh, 0, e, d.d_r);
+    store_dg(dgx, 1, e, d.d_z);
+    store_dg(dgh, 1, e, d.d_z);
+    store_dg(dgx, 2, e, d.d_xn);
+    store_dg(dgh, 2, e, d.d_hn);
+  }
+
+  RNNF_HD void rnn(const Element& e) const {
+    const A h_t = load<A>(static_cast<const S*>(p.hidden)[e.row * p.H + e.U]);
+    const A grad = dh_total(e), clip = A(p.grad_clip);
+    store_dg(static_cast<S*>(p.dgx), 0, e,
+             p.cell == Cell::RNN_RELU ? cells::rnn_relu_backward(h_t, grad, clip)
+                                      : cells::rnn_tanh_backward(h_t, grad, clip));
+  }
+
+  // GRU_CHO phase 1: gradients of the z and n pre-activations; dh becomes dh * z.
+  RNNF_HD void cho_nz(const Element& e) const {
+    const A* g = saved(e);
+    const auto d = cells::gru_cho_backward_nz(g[p.H], g[2 * p.H], h_prev(e), dh_total(e), A(p.grad_clip));
+    dh[e.r * t.units + e.u] = d.dh_prev_direct;
+    S* dgx = static_cast<S*>(p.dgx);
+    store_dg(dgx, 1, e, d.d_z);
+    store_dg(dgx, 2, e, d.d_xn);
+  }
+
+  // GRU_CHO phase 2: acc holds d(r * h_{t-1}); the gradient of the r pre-activation, the
+  // part of dh through r * h_{t-1}, and r * h_{t-1} itself (for dW_hn).
+  RNNF_HD void cho_r(const Element& e) const {
+    const A r = saved(e)[0], h = h_prev(e);
+    A& direct = dh[e.r * t.units + e.u];
+    store_dg(static_cast<S*>(p.dgx), 0, e,
+             cells::gru_cho_backward_r(r, h, acc[e.u * t.ld_acc_bwd + e.r], A(p.grad_clip), direct));
+    static_cast<S*>(p.rh)[e.row * p.H + e.U] = store<S>(r * h);
+  }
+};
+
+}  // namespace persistent
+}  // namespace rnnfused

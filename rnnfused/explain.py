@@ -1,0 +1,56 @@
+"""``rnnfused.explain(module, input)``: which kernel runs each layer direction, and why."""
+
+from typing import NamedTuple
+
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+from . import _C
+from .cells import GRUCell, LSTMCell, RNNCell
+from .functional import Cell
+from .modules import RNNBase
+
+
+class KernelChoice(NamedTuple):
+    layer: int
+    direction: str  # "forward" or "reverse"
+    kernel: str  # "stepwise", "persistent" or "persistent (host simulation)"
+    reason: str
+
+    def __str__(self):
+        return f"layer {self.layer} {self.direction}: {self.kernel} ({self.reason})"
+
+
+def explain(module, input):
+    """The kernel that runs the recurrence of every layer and direction of ``module`` (an
+    rnnfused RNN/GRU/LSTM or cell) for ``input`` (what you would pass to it), and why: the
+    stepwise kernels, or the persistent kernel that keeps W_hh on chip for the whole
+    sequence with its tiling, or the reason it does not apply (dtype, size, device, the
+    RNNFUSED_KERNEL setting). Returns a list of ``KernelChoice(layer, direction, kernel,
+    reason)``; ``print(*rnnfused.explain(m, x), sep="\\n")`` shows them."""
+    weight = module.weight_ih_l0 if isinstance(module, RNNBase) else module.weight_ih
+    dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) \
+        and weight.dtype != torch.float64 else weight.dtype
+    device = str(weight.device)
+    if isinstance(module, (LSTMCell, GRUCell, RNNCell)):
+        cell = {LSTMCell: Cell.LSTM, GRUCell: Cell.GRU if getattr(module, "reset_after", True) else Cell.GRU_CHO,
+                RNNCell: Cell.RNN_RELU if getattr(module, "nonlinearity", "tanh") == "relu" else Cell.RNN_TANH}
+        batch = input.size(0) if input.dim() == 2 else 1
+        kernel, reason = _C.kernel_choice(int(cell[type(module)]), module.hidden_size, module.hidden_size, batch, dtype,
+                                          device)
+        return [KernelChoice(0, "forward", kernel, reason)]
+    if not isinstance(module, RNNBase):
+        raise TypeError(f"explain: expected an rnnfused recurrent layer or cell, got {type(module).__name__}")
+    if isinstance(input, PackedSequence):
+        batch = input.sorted_indices.size(0) if input.sorted_indices is not None else int(input.batch_sizes[0])
+    elif input.dim() == 2:
+        batch = 1
+    else:
+        batch = input.size(0 if module.batch_first else 1)
+    width = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
+    choices = []
+    for layer in range(module.num_layers):
+        for direction in ("forward", "reverse") if module.bidirectional else ("forward",):
+            kernel, reason = _C.kernel_choice(int(module._cell()), module.hidden_size, width, batch, dtype, device)
+            choices.append(KernelChoice(layer, direction, kernel, reason))
+    return choices

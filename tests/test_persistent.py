@@ -1,0 +1,318 @@
+"""Stage 2, the persistent recurrence: the planner over every benchmark configuration, the
+CTA program run through its host simulation (RNNFUSED_KERNEL=simulate: the kernel's own
+tiling, shared-memory layout, padding, masking and phase order, CTAs in shuffled order)
+against the reference, kernel selection and rnnfused.explain; on a GPU, the kernel itself."""
+
+import contextlib
+import copy
+import itertools
+import os
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_sequence
+
+import rnnfused
+from rnnfused import _C
+from rnnfused._ops import Cell
+from bench import configs
+from conftest import flatten, max_error, tf32_switch
+
+H100 = dict(sm_count=132, smem_per_block=227 * 1024, compute_capability=90, cooperative_launch=True)
+A100 = dict(sm_count=108, smem_per_block=163 * 1024, compute_capability=80, cooperative_launch=True)
+ELEMENT = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
+
+
+@contextlib.contextmanager
+def environment(**values):
+    """Sets environment variables (None: unset) for the block."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _plan(cell, H, B, dtype, tf32=True, limits=H100, P=None, host_simulation=False):
+    return _C.plan(int(cell), H, H if P is None else P, B, dtype, tf32, limits["sm_count"], limits["smem_per_block"],
+                   limits["compute_capability"], limits["cooperative_launch"], host_simulation)
+
+
+def _check_tiling(plan, H, B, dtype, limits):
+    """Every (unit, row) belongs to exactly one CTA; the layout fits and is aligned."""
+    assert plan["unit_tiles"] * plan["units"] >= H > (plan["unit_tiles"] - 1) * plan["units"]
+    assert plan["row_tiles"] * plan["rows"] >= B > (plan["row_tiles"] - 1) * plan["rows"]
+    assert plan["ctas"] == plan["unit_tiles"] * plan["row_tiles"] <= limits["sm_count"]
+    for key in ("rows_pad", "gate_rows", "k_fwd", "unit_rows", "k_block", "k_bwd"):
+        assert plan[key] % 16 == 0, key
+    elem = ELEMENT[dtype]
+    for key in ("ld_w_fwd", "ld_w_bwd"):
+        assert plan[key] * elem % 16 == 0 and plan[key] >= plan["k_" + key[-3:]]
+    assert plan["ld_acc_fwd"] % 4 == 0 and plan["ld_acc_bwd"] % 4 == 0
+    for direction in ("fwd", "bwd"):
+        layout = plan[direction]
+        assert layout["bytes"] <= limits["smem_per_block"]
+        offsets = [layout[k] for k in ("weights", "operand", "acc", "partials", "state", "state2")]
+        assert offsets == sorted(offsets) and all(o % 128 == 0 for o in offsets)
+
+
+BENCH_CONFIGS = configs.BASELINES + configs.CPU_DEFAULTS + configs.CELL_LOOPS + configs.CPU_CELL_LOOPS + [
+    c for kind in ("batch", "hidden", "seq") for c in configs.sweep(kind, "cuda")]
+
+
+@pytest.mark.parametrize("config", BENCH_CONFIGS, ids=lambda c: f"{c.name}-{c.describe().replace(' ', '')}")
+@pytest.mark.parametrize("limits", [H100, A100], ids=["H100", "A100"])
+def test_every_bench_config_gets_a_valid_plan_or_a_stated_reason(config, limits):
+    for cell, dtype, tf32 in itertools.product(Cell, (torch.float16, torch.bfloat16, torch.float32), (True, False)):
+        plan = _plan(cell, config.H, config.B, dtype, tf32, limits)
+        if plan["persistent"]:
+            _check_tiling(plan, config.H, config.B, dtype, limits)
+            assert plan["reason"].startswith("persistent: ")
+        else:
+            assert plan["reason"].startswith("stepwise: ") and len(plan["reason"]) > 12
+
+
+def test_planner_decisions():
+    fastrnns = _plan(Cell.LSTM, 512, 64, torch.float16)
+    assert fastrnns["persistent"] and fastrnns["ctas"] > 100
+    latency = _plan(Cell.GRU, 256, 1, torch.bfloat16)
+    assert latency["persistent"] and latency["rows"] == 1 and latency["row_tiles"] == 1
+    assert "fit" in _plan(Cell.LSTM, 1024, 256, torch.float32)["reason"]  # "big" is stage 1's
+    assert "float64" in _plan(Cell.LSTM, 64, 8, torch.float64)["reason"]
+    assert "TF32 off" in _plan(Cell.LSTM, 64, 8, torch.float32, tf32=False)["reason"]
+    assert "projection" in _plan(Cell.LSTM, 64, 8, torch.float16, P=32)["reason"]
+    assert "8.0" in _plan(Cell.LSTM, 64, 8, torch.float16, limits=dict(H100, compute_capability=75))["reason"]
+    assert "cooperative" in _plan(Cell.GRU, 64, 8, torch.float16, limits=dict(H100, cooperative_launch=False))["reason"]
+    # The host simulation plans every dtype.
+    assert _plan(Cell.LSTM, 64, 8, torch.float64, host_simulation=True)["persistent"]
+
+
+def test_more_row_tiles_only_when_the_weights_fit():
+    """The batch tile is the smallest whose replicated weight slices fit."""
+    small = _plan(Cell.RNN_TANH, 128, 256, torch.float16)
+    assert small["persistent"] and small["rows"] == 16
+    tight = _plan(Cell.LSTM, 1024, 64, torch.float16)
+    if tight["persistent"]:
+        assert tight["rows"] >= 16
+
+
+# --- the host simulation against the reference -----------------------------------------
+
+MODULES = {"LSTM": rnnfused.LSTM, "GRU": rnnfused.GRU, "RNN": rnnfused.RNN}
+VARIANTS = [("LSTM", {}), ("LSTM", {"cell_clip": 0.3, "grad_clip": 0.2}), ("GRU", {}), ("GRU", {"grad_clip": 0.2}),
+            ("GRU", {"reset_after": False}), ("GRU", {"reset_after": False, "grad_clip": 0.2}),
+            ("RNN", {}), ("RNN", {"nonlinearity": "relu", "grad_clip": 0.2})]
+
+
+def _module(mode, options, input_size, hidden, dtype, **kwargs):
+    torch.manual_seed(0)
+    module = MODULES[mode](input_size, hidden, **options, **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(2)  # large enough that the clips fire
+    return module
+
+
+def _run(module, steps, batch, dtype, packed, forward=None, seed=3):
+    """Outputs, final states and the gradients of the input and every parameter of
+    forward(x) (default: the module) for fixed random input; packed with random lengths."""
+    g = torch.Generator().manual_seed(seed)
+    if packed:
+        lengths = torch.randint(1, steps + 1, (batch,), generator=g).tolist()
+        lengths[0] = steps
+        leaves = [torch.randn(n, module.input_size, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+                  for n in lengths]
+        x = pack_sequence(leaves, enforce_sorted=False)
+    else:
+        x = torch.randn(steps, batch, module.input_size, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+        leaves = [x]
+    values = flatten((forward or module)(x))
+    loss = sum((v.double() * torch.linspace(-1, 1, v.numel(), dtype=torch.float64).view_as(v)).sum() for v in values)
+    return [v.detach() for v in values] + list(torch.autograd.grad(loss, leaves + list(module.parameters())))
+
+
+def _simulated(module, steps, batch, dtype, packed, sms=None):
+    with environment(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SMS=sms):
+        probe = torch.zeros(steps, batch, module.input_size, dtype=dtype)
+        assert all(c.kernel == "persistent (host simulation)" for c in rnnfused.explain(module, probe))
+        return _run(module, steps, batch, dtype, packed)
+
+
+def _exact(module, steps, batch, packed):
+    """The reference equations in float64 with the module's parameters."""
+    double = copy.deepcopy(module).double()
+    return _run(double, steps, batch, torch.float64, packed,
+                forward=lambda x: rnnfused.reference.forward(double, x))
+
+
+# (steps, batch, input, hidden, layers, bidirectional, packed, SMs): odd sizes, B = 1, T = 1,
+# several row and unit tiles (fewer SMs force wider slices; more rows force row tiles).
+SHAPES = [(5, 3, 4, 7, 1, False, False, None), (1, 1, 3, 5, 1, False, False, None),
+          (6, 37, 5, 19, 2, True, False, 9), (7, 20, 3, 33, 1, True, True, 4), (4, 1, 2, 3, 2, True, True, 2),
+          (3, 50, 6, 18, 1, False, True, 132)]
+
+
+@pytest.mark.parametrize("mode,options", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_simulated_kernel_matches_reference_in_float64(mode, options, shape):
+    steps, batch, inputs, hidden, layers, bidirectional, packed, sms = shape
+    module = _module(mode, options, inputs, hidden, torch.float64, num_layers=layers, bidirectional=bidirectional)
+    simulated = _simulated(module, steps, batch, torch.float64, packed, sms)
+    assert max_error(simulated, _exact(module, steps, batch, packed)) <= 1e-10
+
+
+@pytest.mark.parametrize("mode,options", VARIANTS[::2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_simulated_kernel_in_low_precision(mode, options, dtype):
+    """fp16/bf16 operands and TF32 products (fp32) as on the GPU, fp32 accumulation: no
+    worse than twice the stepwise kernels' error in the same dtype, against float64."""
+    module = _module(mode, options, 5, 24, dtype, bidirectional=True)
+    exact = _exact(module, 9, 6, False)
+    simulated = max_error(_simulated(module, 9, 6, dtype, False), exact)
+    with environment(RNNFUSED_KERNEL="stepwise"):
+        stepwise = max_error(_run(module, 9, 6, dtype, False), exact)
+    tf32 = 2.0 ** -11 if dtype == torch.float32 else 0  # the stepwise CPU kernels do not round to TF32
+    assert simulated <= 2 * stepwise + 8 * tf32 + 4 * torch.finfo(dtype).eps, (simulated, stepwise)
+
+
+@pytest.mark.parametrize("mode,options", VARIANTS)
+def test_persistent_and_stepwise_halves_combine(mode, options):
+    """The saved activations have stage 1's layout: a simulated forward with a stepwise
+    backward, and the other way round, give the gradients of either alone."""
+    module = _module(mode, options, 3, 9, torch.float64, num_layers=2, bidirectional=True)
+    results = {}
+    for forward_kernel, backward_kernel in itertools.product(("simulate", "stepwise"), repeat=2):
+        x = torch.randn(5, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        with environment(RNNFUSED_KERNEL=forward_kernel):
+            values = flatten(module(x))
+        loss = sum((v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype).view_as(v)).sum() for v in values)
+        with environment(RNNFUSED_KERNEL=backward_kernel):
+            results[forward_kernel, backward_kernel] = values + list(
+                torch.autograd.grad(loss, [x] + list(module.parameters())))
+    reference = results["stepwise", "stepwise"]
+    for key, result in results.items():
+        assert max_error([r.detach() for r in result], [r.detach() for r in reference]) <= 1e-12, key
+
+
+def test_simulation_without_grad_and_the_cells():
+    module = _module("LSTM", {}, 4, 10, torch.float64)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        expected = flatten(module(x))
+        with environment(RNNFUSED_KERNEL="simulate"):
+            assert max_error(flatten(module(x)), expected) <= 1e-12
+    cell = rnnfused.GRUCell(4, 10).double()
+    h = torch.randn(3, 10, dtype=torch.float64)
+    expected = cell(x[0], h)
+    with environment(RNNFUSED_KERNEL="simulate"):
+        assert rnnfused.explain(cell, x[0])[0].kernel == "persistent (host simulation)"
+        assert max_error([cell(x[0], h)], [expected]) <= 1e-12
+
+
+def test_kernel_setting_errors_and_explanations():
+    module = rnnfused.LSTM(3, 4)
+    x = torch.randn(2, 1, 3)
+    with environment(RNNFUSED_KERNEL="persistent"), pytest.raises(RuntimeError, match="needs a CUDA device"):
+        module(x)
+    with environment(RNNFUSED_KERNEL="fastest"), pytest.raises(ValueError, match="must be auto, stepwise"):
+        module(x)
+    assert "CPU runs the stepwise" in rnnfused.explain(module, x)[0].reason
+    with environment(RNNFUSED_KERNEL="simulate"):
+        projected = rnnfused.LSTM(3, 4, proj_size=2)
+        assert "projection" in str(rnnfused.explain(projected, x)[0])
+        assert torch.equal(projected(x)[0], projected(x)[0])  # stepwise: runs
+
+
+# --- on the GPU ---------------------------------------------------------------------------
+
+GPU_CONFIGS = [(20, 16, 64, 64, "LSTM"), (12, 1, 32, 256, "GRU"), (9, 40, 48, 96, "RNN"), (15, 24, 16, 80, "GRU_CHO")]
+
+
+def _gpu_module(mode, inputs, hidden, dtype):
+    options = {"reset_after": False} if mode == "GRU_CHO" else {}
+    return _module("GRU" if mode == "GRU_CHO" else mode, options, inputs, hidden, dtype, bidirectional=True).cuda()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: c[-1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gpu_persistent_kernel_matches_reference_and_stage_1(config, dtype, packed):
+    steps, batch, inputs, hidden, mode = config
+    module = _gpu_module(mode, inputs, hidden, dtype)
+    with tf32_switch("allow_tf32", dtype == torch.float32):
+        with environment(RNNFUSED_KERNEL="persistent"):
+            assert all(c.kernel == "persistent" for c in rnnfused.explain(module, torch.zeros(
+                steps, batch, inputs, dtype=dtype, device="cuda")))
+            persistent = _run_cuda(module, steps, batch, dtype, packed)
+        with environment(RNNFUSED_KERNEL="stepwise"):
+            stepwise = _run_cuda(module, steps, batch, dtype, packed)
+    exact = _exact(module.cpu(), steps, batch, packed)
+    module.cuda()
+    errors = [max_error([v.cpu() for v in r], exact) for r in (persistent, stepwise)]
+    tf32 = 2.0 ** -11 if dtype == torch.float32 else 0
+    assert errors[0] <= 2 * errors[1] + 8 * tf32 + 4 * torch.finfo(dtype).eps, errors
+
+
+def _run_cuda(module, steps, batch, dtype, packed):
+    g = torch.Generator().manual_seed(3)
+    if packed:
+        lengths = torch.randint(1, steps + 1, (batch,), generator=g).tolist()
+        lengths[0] = steps
+        leaves = [torch.randn(n, module.input_size, generator=g, dtype=torch.float64).to("cuda", dtype)
+                  .requires_grad_() for n in lengths]
+        x = pack_sequence(leaves, enforce_sorted=False)
+    else:
+        x = torch.randn(steps, batch, module.input_size, generator=g, dtype=torch.float64).to("cuda", dtype) \
+            .requires_grad_()
+        leaves = [x]
+    values = flatten(module(x))
+    loss = sum((v.double() * torch.linspace(-1, 1, v.numel(), dtype=torch.float64, device="cuda").view_as(v)).sum()
+               for v in values)
+    return [v.detach() for v in values] + list(torch.autograd.grad(loss, leaves + list(module.parameters())))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "GRU_CHO", "RNN"])
+def test_gpu_persistent_backward_is_bitwise_repeatable(mode):
+    module = _gpu_module(mode, 16, 64, torch.float16)
+    x = torch.randn(30, 8, 16, device="cuda", dtype=torch.float16, requires_grad=True)
+    with environment(RNNFUSED_KERNEL="persistent"):
+        output = module(x)[0]
+        weight = torch.randn_like(output)
+        first = torch.autograd.grad(output, [x] + list(module.parameters()), weight, retain_graph=True)
+        second = torch.autograd.grad(output, [x] + list(module.parameters()), weight)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.cuda
+def test_gpu_persistent_kernels_do_not_spill():
+    info = _C.persistent_kernel_info()
+    assert len(info) == 6
+    assert all(k["local_bytes"] == 0 for k in info), info
+
+
+@pytest.mark.cuda
+def test_gpu_refused_launch_falls_back_to_stage_1():
+    """Planned for far more SMs than the GPU has: the cooperative launch is refused, stage 1
+    runs and says so, and the results are right."""
+    module = _gpu_module("LSTM", 64, 512, torch.float16)
+    x = torch.randn(10, 64, 64, device="cuda", dtype=torch.float16)
+    with environment(RNNFUSED_KERNEL="stepwise"), torch.no_grad():
+        expected = flatten(module(x))
+    with environment(RNNFUSED_KERNEL="persistent", RNNFUSED_PERSISTENT_SMS=100000), torch.no_grad():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            actual = flatten(module(x))
+    assert any("could not be launched" in str(w.message) for w in caught)
+    assert max_error(actual, expected) == 0
