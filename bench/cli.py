@@ -19,7 +19,7 @@ CELLS = ["LSTM", "GRU", "RNN", "RNN_RELU"]
 SUITES = {
     "default": "the baselines' six configs on a GPU (LSTM/GRU, fp16/bf16/fp32); CPU-sized configs on a CPU",
     "baselines": "the six configs of ../shared/baselines, every cell and dtype measured there",
-    "gpu-check": "fastrnns (T100 B64 I512 H512) for LSTM and GRU in fp16, bf16, fp32 (make gpu-check)",
+    "gpu-check": "fastrnns, latency_b1 and small_b16_h128 for LSTM and GRU in fp16, bf16, fp32 (make gpu-check)",
     "sweep-batch": "batch sizes around a base shape, with a plot",
     "sweep-hidden": "hidden sizes around a base shape, with a plot",
     "sweep-seq": "sequence lengths around a base shape",
@@ -65,7 +65,7 @@ def plan(args, device):
     if suite in ("default", "baselines"):
         config_list = configs.BASELINES if gpu else configs.CPU_DEFAULTS
     elif suite == "gpu-check":
-        config_list = [configs.NAMED["fastrnns"]]
+        config_list = [configs.NAMED[name] for name in ("fastrnns", "latency_b1", "small_b16_h128")]
     elif suite == "cells":
         config_list = configs.CELL_LOOPS if gpu else configs.CPU_CELL_LOOPS
     elif suite == "packed":

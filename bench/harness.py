@@ -30,7 +30,9 @@ class Result:
     mode: str
     impl: str
     status: str = "ok"  # ok | refused: ... | skipped: ... | failed: ...
+    kernel: str = None  # rnnfused's kernel for this case (stepwise / persistent)
     ms: float = None
+    us_per_step: float = None  # ms / T
     ratio: float = None  # ms / ms of torch.nn in the same case
     max_error: float = None
     peak_mb: float = None
@@ -87,12 +89,22 @@ def _cast(x, dtype):
     return type(x)(x.data.to(dtype), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
 
 
-def reference_result(base, cell, config, device, x):
-    """fp64 output and input gradient of the reference loop for input x."""
+_REFERENCES = {}
+
+
+def reference_result(base, cell, config, device, x, key=None):
+    """fp64 output and input gradient of the reference loop for input x; remembered under
+    `key` (the same for every dtype and mode of a case: same weights, same input)."""
+    if key is not None and key in _REFERENCES:
+        return _REFERENCES[key]
     runner = impls.make_reference(base, cell, config, device, torch.float64)
     x64 = _with_grad(_cast(x, torch.float64))
     output = runner(x64, "fwdbwd")
-    return output, _input_grad(x64).detach()
+    result = output, _input_grad(x64).detach()
+    if key is not None:
+        _REFERENCES.clear()  # one at a time: the cases of a config come together
+        _REFERENCES[key] = result
+    return result
 
 
 class Timer:
@@ -125,6 +137,7 @@ def run_case(cell, config, dtype, mode, names, device, warmup, repeats, tf32=Fal
     for name in names:
         result = Result(config.name, config.describe(), cell, str(dtype).replace("torch.", ""), mode, name)
         results[name] = result
+        result.kernel = impls.kernel_of(name, cell, config, device, dtype) if name.startswith("rnnfused") else None
         reason = impls.unavailable(name, cell, config, device, dtype)
         if reason:
             result.status = f"skipped: {reason}"
@@ -132,7 +145,7 @@ def run_case(cell, config, dtype, mode, names, device, warmup, repeats, tf32=Fal
         try:
             runner = impls.IMPLEMENTATIONS[name](base, cell, config, device, dtype)
             if reference is None:
-                reference = reference_result(base, cell, config, device, check_input)
+                reference = reference_result(base, cell, config, device, check_input, key=(cell, config, device, seed))
             error, ok, tolerance = check(runner, reference, check_input, dtype, tf32)
         except Exception as error:  # noqa: BLE001 - a failing competitor must not stop the run
             result.status = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
@@ -156,6 +169,7 @@ def run_case(cell, config, dtype, mode, names, device, warmup, repeats, tf32=Fal
         if not result.times_ms:
             continue
         result.ms = statistics.median(result.times_ms)
+        result.us_per_step = result.ms * 1e3 / config.T
         if device == "cuda":
             result.peak_mb = _peak_memory_mb(runner, _fresh(inputs, dtype, mode), mode)
     torch_ms = results.get("torch").ms if "torch" in results else None

@@ -8,6 +8,7 @@ implementation cannot run a case, or None.
 
 import contextlib
 import copy
+import os
 
 import torch
 from torch import nn
@@ -68,12 +69,50 @@ def _forward(module, config):
     return _cell_loop(module) if config.cell_loop else (lambda x: module(x)[0])
 
 
-def make_rnnfused(base, cell, config, device, dtype):
+@contextlib.contextmanager
+def kernel_setting(value):
+    """RNNFUSED_KERNEL for the calls inside (the kernels read it at every call)."""
+    old = os.environ.get("RNNFUSED_KERNEL")
+    os.environ["RNNFUSED_KERNEL"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["RNNFUSED_KERNEL"]
+        else:
+            os.environ["RNNFUSED_KERNEL"] = old
+
+
+def _ours(cell, config, base, device, dtype):
     classes = OURS_CELLS if config.cell_loop else OURS_CLASSES
     module = classes[cell](config.I, config.H, **module_kwargs(cell, config))
     module.load_state_dict(base.state_dict())
-    module = module.to(device=device, dtype=dtype)
-    return _runner(_forward(module, config))
+    return module.to(device=device, dtype=dtype)
+
+
+def make_rnnfused(base, cell, config, device, dtype):
+    """rnnfused as a user gets it (RNNFUSED_KERNEL=auto picks the kernel)."""
+    return _runner(_forward(_ours(cell, config, base, device, dtype), config), lambda: kernel_setting("auto"))
+
+
+def make_rnnfused_persistent(base, cell, config, device, dtype):
+    """rnnfused with the persistent kernel forced (RNNFUSED_KERNEL=persistent)."""
+    return _runner(_forward(_ours(cell, config, base, device, dtype), config), lambda: kernel_setting("persistent"))
+
+
+def kernel_of(name, cell, config, device, dtype):
+    """The kernel rnnfused's implementation `name` runs for this case (rnnfused.explain)."""
+    setting = {"rnnfused": "auto", "rnnfused_persistent": "persistent"}.get(name)
+    if setting is None:
+        return None
+    module = _ours(cell, config, base_module(cell, config), device, dtype)
+    probe = torch.empty(config.T, config.B, config.I, device=device, dtype=dtype)
+    with kernel_setting(setting):
+        try:
+            kernels = {choice.kernel for choice in rnnfused.explain(module, probe)}
+        except RuntimeError as error:
+            return f"none: {str(error).splitlines()[0]}"
+    return "/".join(sorted(kernels))
 
 
 def make_torch(base, cell, config, device, dtype):
@@ -131,6 +170,7 @@ def make_flashrnn(base, cell, config, device, dtype):
 
 IMPLEMENTATIONS = {
     "rnnfused": make_rnnfused,
+    "rnnfused_persistent": make_rnnfused_persistent,
     "torch": make_torch,
     "torch_native": make_torch_native,
     "reference": make_reference,
@@ -140,8 +180,14 @@ IMPLEMENTATIONS = {
 
 def unavailable(name, cell, config, device, dtype):
     """None when `name` can run this case, else the reason it is skipped."""
-    if name == "rnnfused" and device not in rnnfused.backends():
+    if name.startswith("rnnfused") and device not in rnnfused.backends():
         return f"this build has no {device} kernels"
+    if name == "rnnfused_persistent":
+        if device != "cuda":
+            return "the persistent kernel is a GPU kernel"
+        kernel = kernel_of(name, cell, config, device, dtype)
+        if kernel != "persistent":
+            return f"no persistent plan ({kernel})"
     if name == "torch_native" and device != "cuda":
         return "cuDNN on/off only matters on a GPU"
     if name == "torch_native" and config.cell_loop:

@@ -5,7 +5,8 @@ import dataclasses
 import json
 import os
 
-FIELDS = ["config", "shape", "cell", "dtype", "mode", "impl", "status", "ms", "ratio", "max_error", "peak_mb"]
+FIELDS = ["config", "shape", "cell", "dtype", "mode", "impl", "kernel", "status", "ms", "us_per_step", "ratio",
+          "max_error", "peak_mb"]
 
 
 def _fmt(value, spec, width):
@@ -15,8 +16,8 @@ def _fmt(value, spec, width):
 def table(results):
     """One row per implementation and case (ratio = time / time of torch.nn in the same case;
     below 1 is faster); implementations skipped for a reason are listed once underneath."""
-    header = f"{'config':<16} {'shape':<26} {'cell':<8} {'dtype':<9} {'mode':<7} {'impl':<13} " \
-             f"{'ms':>9} {'x torch':>8} {'max err':>9} {'peak MB':>8}  status"
+    header = f"{'config':<16} {'shape':<26} {'cell':<8} {'dtype':<9} {'mode':<7} {'impl':<19} {'kernel':<10} " \
+             f"{'ms':>9} {'us/step':>8} {'x torch':>8} {'max err':>9} {'peak MB':>8}  status"
     lines = [header, "-" * len(header)]
     skipped = {}
     for r in results:
@@ -25,9 +26,10 @@ def table(results):
             skipped[(r.impl, r.status)] += 1
             continue
         status = "" if r.status == "ok" else r.status
-        lines.append(f"{r.config:<16} {r.shape:<26} {r.cell:<8} {r.dtype:<9} {r.mode:<7} {r.impl:<13} "
-                     f"{_fmt(r.ms, '.3f', 9)} {_fmt(r.ratio, '.2f', 8)} {_fmt(r.max_error, '.1e', 9)} "
-                     f"{_fmt(r.peak_mb, '.1f', 8)}  {status}")
+        kernel = (r.kernel or "-")[:10]
+        lines.append(f"{r.config:<16} {r.shape:<26} {r.cell:<8} {r.dtype:<9} {r.mode:<7} {r.impl:<19} {kernel:<10} "
+                     f"{_fmt(r.ms, '.3f', 9)} {_fmt(r.us_per_step, '.1f', 8)} {_fmt(r.ratio, '.2f', 8)} "
+                     f"{_fmt(r.max_error, '.1e', 9)} {_fmt(r.peak_mb, '.1f', 8)}  {status}")
     for (impl, status), count in skipped.items():
         lines.append(f"{impl} {status} ({count} cases)")
     return "\n".join(lines)

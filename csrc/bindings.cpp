@@ -341,6 +341,7 @@ KernelChoice choose_kernel(Cell cell, int64_t H, int64_t P, int64_t B, DType dty
     if (!plan.persistent) return stepwise(plan.reason);
     return {"persistent (host simulation)", plan.reason, plan};
   }
+  if (!device.is_cuda()) return stepwise("no recurrent kernels for device " + device.str());
   TORCH_CHECK(setting != "simulate", "rnnfused: RNNFUSED_KERNEL=simulate is the CPU test harness; on a GPU use "
               "RNNFUSED_KERNEL=persistent");
   bool tf32 = false;
@@ -680,5 +681,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return out;
       },
       "Registers, local memory (spills) and static shared memory of every persistent kernel");
+  m.def(
+      "barrier_microseconds",
+      [](const std::string& kind, int ctas, int cluster, int iterations) {
+        return cuda::barrier_microseconds(kind, ctas, cluster, iterations, at::cuda::getCurrentCUDAStream());
+      },
+      "Microseconds per grid or cluster barrier (python -m bench.barrier)");
 #endif
 }

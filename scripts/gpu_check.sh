@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make gpu-check`: the one prepared call on the GPU machine (10 minutes per command there).
 # Builds the CUDA kernels for this GPU, then runs only what needs the GPU: the CUDA tests
-# and the build test, compute-sanitizer on a small case of every kernel, and a short
-# benchmark against cuDNN. It ends within GPU_CHECK_SECONDS (default 540) whatever hangs.
+# and the build test, compute-sanitizer on a small case of every kernel (stepwise and
+# persistent), the barrier microbenchmark, and a short benchmark of the stepwise and the
+# persistent kernels against cuDNN. It ends within GPU_CHECK_SECONDS (default 540).
 #
 # It fails loudly: no GPU, a failed build, a build without CUDA kernels, or a CUDA test that
 # could not run (RNNFUSED_REQUIRE_CUDA=1 turns their skips into errors) is FAILED, never OK.
@@ -89,6 +90,17 @@ step "CUDA tests" 200 "$LOGS/tests.log" env RNNFUSED_REQUIRE_CUDA=1 RNNFUSED_REQ
 note "  $(grep -E '[0-9]+ (passed|failed|error)' "$LOGS/tests.log" 2>/dev/null | tail -1)"
 while IFS= read -r line; do note "  $line"; done < <(grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" 2>/dev/null | head -25)
 
+step "barrier microbenchmark" 40 "$LOGS/barrier.log" $PYTHON -m bench.barrier
+
+# rnnfused (auto: stage 1 until verified), the persistent kernel forced, and cuDNN, at
+# fastrnns, latency_b1 and small_b16_h128 for LSTM and GRU in fp16, bf16 and fp32 (TF32).
+step "benchmark vs cuDNN" 170 "$LOGS/bench.log" $PYTHON -m bench --suite gpu-check --tf32 on --repeats 10 \
+  --warmup 3 --impls rnnfused,rnnfused_persistent,torch --no-plot --out "$LOGS/bench"
+echo "== barriers"
+cat "$LOGS/barrier.log" 2>/dev/null
+echo "== benchmark table"
+grep -E "^(config|-)|(rnnfused|rnnfused_persistent|torch) " "$LOGS/bench.log" | head -80
+
 SANITIZER=""
 for candidate in "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer \
     "$(command -v compute-sanitizer || true)"; do
@@ -99,27 +111,30 @@ for candidate in "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" /usr/local/c
 done
 # memcheck over every kernel (cuBLAS reading out of bounds would be our wrong leading
 # dimension), without torch's caching allocator so that a read past a buffer inside a cached
-# segment is seen; initcheck for reads of memory nothing wrote.
-for tool in memcheck initcheck; do
+# segment is seen; initcheck for reads of memory nothing wrote; racecheck (shared memory)
+# and synccheck (barriers) on the persistent kernels, the only ones with shared memory.
+for check in memcheck initcheck racecheck synccheck; do
   if [ -z "$SANITIZER" ]; then
-    note "compute-sanitizer $tool: SKIPPED (compute-sanitizer not found)"
+    note "compute-sanitizer $check: SKIPPED (compute-sanitizer not found)"
     continue
+  fi
+  options=(--report-api-errors no)
+  script=(scripts/sanitize_case.py)
+  if [ "$check" = racecheck ] || [ "$check" = synccheck ]; then
+    options+=(--kernel-name kns=persistent)
+    script+=(--persistent-only)
   fi
   log="$LOGS/sanitize.log"
   before=$(wc -l <"$log" 2>/dev/null || echo 0)
-  if ! step "compute-sanitizer $tool" 90 "$log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SANITIZER" --tool "$tool" --report-api-errors no --error-exitcode 1 $PYTHON scripts/sanitize_case.py; then
+  if ! step "compute-sanitizer $check" 90 "$log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SANITIZER" --tool "$check" "${options[@]}" --error-exitcode 1 $PYTHON "${script[@]}"; then
     if tail -n +"$((before + 1))" "$log" | grep -qiE "device not supported|not supported on this (device|platform)"; then
       unset 'SUMMARY[${#SUMMARY[@]}-1]'
-      note "compute-sanitizer $tool: SKIPPED (the sanitizer does not support this device)"
+      note "compute-sanitizer $check: SKIPPED (the sanitizer does not support this device)"
     else
       while IFS= read -r line; do note "  $line"; done < <(tail -n +"$((before + 1))" "$log" | grep -E "^=========" | head -12)
     fi
   fi
 done
 
-step "benchmark vs cuDNN" 150 "$LOGS/bench.log" $PYTHON -m bench --suite gpu-check --repeats 20 --no-plot \
-  --out "$LOGS/bench"
-echo "== benchmark table"
-grep -E "^(config|-)|(rnnfused|torch|torch_native) " "$LOGS/bench.log" | head -40
 COMPLETED=1

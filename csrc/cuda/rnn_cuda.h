@@ -34,6 +34,11 @@ struct KernelInfo {
 };
 std::vector<KernelInfo> persistent_kernel_info();
 
+// One launch of `ctas` blocks that pass `iterations` barriers of `kind` ("grid": the
+// cooperative grid barrier; "cluster": the cluster barrier, clusters of `cluster` blocks,
+// sm_90): microseconds per barrier, launch included.
+double barrier_microseconds(const std::string& kind, int ctas, int cluster, int iterations, cudaStream_t stream);
+
 // The compute capabilities this build has device code for, e.g. "8.0, 9.0".
 const char* compiled_archs();
 

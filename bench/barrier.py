@@ -1,0 +1,42 @@
+"""python -m bench.barrier: what one step's barrier costs on this GPU, the grid-wide
+barrier of a cooperative launch (what the persistent kernel uses) against the hardware
+barrier of a thread-block cluster (sm_90), as microseconds per barrier (median of runs of
+many barriers, the launch included and spread over them)."""
+
+import argparse
+import statistics
+
+import torch
+
+from rnnfused import _C
+
+
+def measure(kind, ctas, cluster, iterations, runs):
+    _C.barrier_microseconds(kind, ctas, cluster, iterations)  # warm-up
+    return statistics.median(_C.barrier_microseconds(kind, ctas, cluster, iterations) for _ in range(runs))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.barrier", description=__doc__)
+    parser.add_argument("--iterations", type=int, default=2000, help="barriers per launch (default %(default)s)")
+    parser.add_argument("--runs", type=int, default=9, help="launches to take the median of (default %(default)s)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() or not hasattr(_C, "barrier_microseconds"):
+        raise SystemExit("bench.barrier needs a CUDA device and a build with the CUDA kernels")
+    properties = torch.cuda.get_device_properties(0)
+    sms = properties.multi_processor_count
+    print(f"{torch.cuda.get_device_name()}: {sms} SMs; us per barrier (launch included), "
+          f"{args.iterations} barriers per launch")
+    print(f"{'barrier':<10}{'CTAs':>6}{'cluster':>9}{'us':>9}")
+    print(f"{'grid':<10}{sms:>6}{'-':>9}{measure('grid', sms, 1, args.iterations, args.runs):>9.3f}")
+    if (properties.major, properties.minor) >= (9, 0):
+        for cluster in (2, 4, 8):
+            ctas = sms // cluster * cluster
+            print(f"{'cluster':<10}{ctas:>6}{cluster:>9}{measure('cluster', ctas, cluster, args.iterations, args.runs):>9.3f}")
+    else:
+        print("cluster barriers need compute capability 9.0")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
