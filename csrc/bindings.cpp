@@ -307,9 +307,10 @@ std::string kernel_setting() {
   return setting;
 }
 
-// The device the persistent kernel would run on; RNNFUSED_PERSISTENT_SMS overrides its
-// multiprocessor count (to plan for another GPU, or to provoke a refused launch in a test).
-// The CPU's host simulation plans for an H100.
+// The device the persistent kernel would run on; RNNFUSED_PERSISTENT_SMS and
+// RNNFUSED_PERSISTENT_SMEM_KB override its multiprocessor count and shared memory per block
+// (to plan for another GPU, e.g. an A100's 108 and 163, or to provoke a refused launch in a
+// test). The CPU's host simulation plans for an H100.
 persistent::DeviceLimits device_limits(const at::Device& device) {
   persistent::DeviceLimits limits = persistent::h100_limits();
   limits.host_simulation = device.is_cpu();
@@ -323,6 +324,7 @@ persistent::DeviceLimits device_limits(const at::Device& device) {
   }
 #endif
   if (const char* sms = std::getenv("RNNFUSED_PERSISTENT_SMS")) limits.sm_count = std::atoll(sms);
+  if (const char* kb = std::getenv("RNNFUSED_PERSISTENT_SMEM_KB")) limits.smem_per_block = std::atoll(kb) * 1024;
   return limits;
 }
 
@@ -658,6 +660,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                           {"ld_acc_fwd", t.ld_acc_fwd}, {"split_fwd", t.split_fwd},
                                                           {"unit_rows", t.unit_rows}, {"k_block", t.k_block},
                                                           {"k_bwd", t.k_bwd}, {"ld_w_bwd", t.ld_w_bwd},
+                                                          {"chunk_gates", t.chunk_gates}, {"ld_dg", t.ld_dg},
                                                           {"ld_acc_bwd", t.ld_acc_bwd}, {"split_bwd", t.split_bwd}})
           out[name] = value;
         for (const auto& [name, layout] :

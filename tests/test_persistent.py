@@ -58,6 +58,7 @@ def _check_tiling(plan, H, B, dtype, limits):
     elem = ELEMENT[dtype]
     for key in ("ld_w_fwd", "ld_w_bwd"):
         assert plan[key] * elem % 16 == 0 and plan[key] >= plan["k_" + key[-3:]]
+    assert plan["ld_dg"] * elem % 16 == 0 and plan["ld_dg"] >= plan["chunk_gates"] * plan["k_block"]
     assert plan["ld_acc_fwd"] % 4 == 0 and plan["ld_acc_bwd"] % 4 == 0
     for direction in ("fwd", "bwd"):
         layout = plan[direction]
@@ -84,7 +85,9 @@ def test_every_bench_config_gets_a_valid_plan_or_a_stated_reason(config, limits)
 
 def test_planner_decisions():
     fastrnns = _plan(Cell.LSTM, 512, 64, torch.float16)
-    assert fastrnns["persistent"] and fastrnns["ctas"] > 100
+    assert fastrnns["persistent"] and fastrnns["ctas"] > 100 and fastrnns["chunk_gates"] == 4
+    tf32 = _plan(Cell.LSTM, 512, 64, torch.float32)  # its dG tile of all four gates would not fit
+    assert tf32["persistent"] and tf32["chunk_gates"] < 4
     latency = _plan(Cell.GRU, 256, 1, torch.bfloat16)
     assert latency["persistent"] and latency["rows"] == 1 and latency["row_tiles"] == 1
     assert "fit" in _plan(Cell.LSTM, 1024, 256, torch.float32)["reason"]  # "big" is stage 1's
@@ -141,8 +144,8 @@ def _run(module, steps, batch, dtype, packed, forward=None, seed=3):
     return [v.detach() for v in values] + list(torch.autograd.grad(loss, leaves + list(module.parameters())))
 
 
-def _simulated(module, steps, batch, dtype, packed, sms=None):
-    with environment(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SMS=sms):
+def _simulated(module, steps, batch, dtype, packed, sms=None, smem_kb=None):
+    with environment(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SMS=sms, RNNFUSED_PERSISTENT_SMEM_KB=smem_kb):
         probe = torch.zeros(steps, batch, module.input_size, dtype=dtype)
         assert all(c.kernel == "persistent (host simulation)" for c in rnnfused.explain(module, probe))
         return _run(module, steps, batch, dtype, packed)
@@ -155,19 +158,25 @@ def _exact(module, steps, batch, packed):
                 forward=lambda x: rnnfused.reference.forward(double, x))
 
 
-# (steps, batch, input, hidden, layers, bidirectional, packed, SMs): odd sizes, B = 1, T = 1,
-# several row and unit tiles (fewer SMs force wider slices; more rows force row tiles).
-SHAPES = [(5, 3, 4, 7, 1, False, False, None), (1, 1, 3, 5, 1, False, False, None),
-          (6, 37, 5, 19, 2, True, False, 9), (7, 20, 3, 33, 1, True, True, 4), (4, 1, 2, 3, 2, True, True, 2),
-          (3, 50, 6, 18, 1, False, True, 132)]
+# (steps, batch, input, hidden, layers, bidirectional, packed, SMs, shared KB): odd sizes,
+# B = 1, T = 1, several row and unit tiles (fewer SMs force wider slices; more rows force row
+# tiles), little shared memory (the backward takes its dG tile one or two gates at a time).
+SHAPES = [(5, 3, 4, 7, 1, False, False, None, None), (1, 1, 3, 5, 1, False, False, None, None),
+          (6, 37, 5, 19, 2, True, False, 9, None), (7, 20, 3, 33, 1, True, True, 4, None),
+          (4, 1, 2, 3, 2, True, True, 2, None), (3, 50, 6, 18, 1, False, True, 132, None),
+          (5, 18, 3, 40, 1, True, True, 3, 60)]
 
 
 @pytest.mark.parametrize("mode,options", VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_simulated_kernel_matches_reference_in_float64(mode, options, shape):
-    steps, batch, inputs, hidden, layers, bidirectional, packed, sms = shape
+    steps, batch, inputs, hidden, layers, bidirectional, packed, sms, smem_kb = shape
     module = _module(mode, options, inputs, hidden, torch.float64, num_layers=layers, bidirectional=bidirectional)
-    simulated = _simulated(module, steps, batch, torch.float64, packed, sms)
+    if smem_kb:
+        plan = _C.plan(0 if mode == "LSTM" else 1, hidden, hidden, batch, torch.float64, True, sms, smem_kb * 1024,
+                       90, True, True)
+        assert plan["persistent"] and plan["chunk_gates"] < (4 if mode == "LSTM" else 3), plan
+    simulated = _simulated(module, steps, batch, torch.float64, packed, sms, smem_kb)
     assert max_error(simulated, _exact(module, steps, batch, packed)) <= 1e-10
 
 

@@ -1,5 +1,6 @@
 // The GPU side of the persistent recurrence: the Ops of program.h on tensor cores (WMMA:
-// fp16 and bf16 16x16x16, fp32 as TF32 16x16x8, fp32 accumulation), one cooperative
+// fp16 and bf16 16x16x16, fp32 as TF32 16x16x8, fp32 accumulation), tiles copied in with
+// 16-byte loads through L2, one cooperative
 // launch per layer direction with a grid-wide barrier after every phase, and the launch
 // that says when the GPU refuses it (the caller then runs stage 1). Included by
 // csrc/cuda/backend.cuh; instantiated per dtype in rnn_<dtype>.cu.
@@ -11,7 +12,10 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "../cuda/check.h"
 #include "program.h"
@@ -38,16 +42,64 @@ struct MmaShape<float> {
 };
 
 struct DeviceOps {
+  // Tiles are small (well under 2^31 elements): 32-bit indices divide faster.
   template <typename F>
   __device__ __forceinline__ void for_each(int64_t rows, int64_t cols, const F& f) {
-    const int64_t total = rows * cols;
-    for (int64_t i = threadIdx.x; i < total; i += blockDim.x) f(i / cols, i % cols);
+    const int total = static_cast<int>(rows * cols), width = static_cast<int>(cols);
+    for (int i = threadIdx.x; i < total; i += blockDim.x) f(i / width, i % width);
   }
 
   __device__ __forceinline__ void sync() { __syncthreads(); }
 
+  // 16-byte loads through L2 (ld.global.cg), four in flight per thread, where a row segment
+  // is 16-byte aligned; element by element otherwise (H not a multiple of 8 / 4, or a row
+  // that starts off 16 bytes).
+  template <typename S, typename Source>
+  __device__ void copy_rows(S* dst, int64_t ld, int64_t rows, int64_t segments, int64_t dst_stride,
+                            int64_t src_stride, int64_t length, const Source& source) {
+    if (rows <= 0) return;
+    constexpr int kVector = 16 / sizeof(S);
+    if (length % kVector != 0 || src_stride % kVector != 0) {
+      const int per_row = static_cast<int>(segments * length), total = static_cast<int>(rows) * per_row;
+      for (int i = threadIdx.x; i < total; i += blockDim.x) {
+        const int r = i / per_row, g = i % per_row / static_cast<int>(length), j = i % static_cast<int>(length);
+        const S* row = source(r);
+        if (row != nullptr) dst[r * ld + g * dst_stride + j] = operand(load_coherent(row + g * src_stride + j));
+      }
+      return;
+    }
+    const int chunks = static_cast<int>(length / kVector), per_row = static_cast<int>(segments) * chunks;
+    const int total = static_cast<int>(rows) * per_row;
+    for (int base = threadIdx.x; base < total; base += 4 * blockDim.x) {
+      uint4 values[4];
+      const S* from[4];
+      S* to[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int index = base + i * blockDim.x;
+        from[i] = nullptr;
+        if (index >= total) continue;
+        const int r = index / per_row, g = index % per_row / chunks, chunk = index % chunks;
+        const S* row = source(r);
+        if (row == nullptr) continue;
+        from[i] = row + g * src_stride + chunk * kVector;
+        to[i] = dst + r * ld + g * dst_stride + chunk * kVector;
+        if (reinterpret_cast<uintptr_t>(from[i]) % 16 == 0) values[i] = __ldcg(reinterpret_cast<const uint4*>(from[i]));
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (from[i] == nullptr) continue;
+        const bool vector = reinterpret_cast<uintptr_t>(from[i]) % 16 == 0;
+        const S* in = reinterpret_cast<const S*>(&values[i]);
+#pragma unroll
+        for (int j = 0; j < kVector; ++j) to[i][j] = operand(vector ? in[j] : load_coherent(from[i] + j));
+      }
+    }
+  }
+
   // Warp `job % warps`: output tile `job % tiles`, K part `job / tiles` (program.h's contract;
-  // host.h's HostOps::gemm takes the same parts and adds them up in the same order).
+  // host.h's HostOps::gemm takes the same parts and adds them up in the same order). The
+  // operands are already TF32-rounded where fp32 (program.h's operand()).
   template <typename S>
   __device__ void gemm(float* acc, int64_t ld_acc, float* partials, int64_t partial_stride, const S* a, int64_t lda,
                        const S* b, int64_t ldb, int64_t m0, int64_t m1, int64_t n, int64_t k0, int64_t k1,
@@ -55,23 +107,20 @@ struct DeviceOps {
     namespace wmma = nvcuda::wmma;
     using Element = typename MmaShape<S>::Element;
     constexpr int kK = MmaShape<S>::kK;
-    const int64_t warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    const int64_t n_tiles = n / kTile, tiles = (m1 - m0) / kTile * n_tiles, steps = (k1 - k0) / kTile;
-    for (int64_t job = warp; job < tiles * split; job += warps) {
-      const int64_t tile = job % tiles, part = job / tiles;
+    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int n_tiles = static_cast<int>(n / kTile), tiles = static_cast<int>((m1 - m0) / kTile) * n_tiles;
+    const int steps = static_cast<int>((k1 - k0) / kTile), parts = static_cast<int>(split);
+    for (int job = warp; job < tiles * parts; job += warps) {
+      const int tile = job % tiles, part = job / tiles;
       const int64_t m = m0 + tile / n_tiles * kTile, c = tile % n_tiles * kTile;
-      const int64_t begin = k0 + part * steps / split * kTile, end = k0 + (part + 1) * steps / split * kTile;
+      const int64_t begin = part * steps / parts * kTile, end = (part + 1) * steps / parts * kTile;
       wmma::fragment<wmma::accumulator, 16, 16, kK, float> sum;
       wmma::fill_fragment(sum, 0.f);
       for (int64_t k = begin; k < end; k += kK) {
         wmma::fragment<wmma::matrix_a, 16, 16, kK, Element, wmma::row_major> fa;
         wmma::fragment<wmma::matrix_b, 16, 16, kK, Element, wmma::col_major> fb;
-        wmma::load_matrix_sync(fa, a + m * lda + k, static_cast<unsigned>(lda));
+        wmma::load_matrix_sync(fa, a + m * lda + k0 + k, static_cast<unsigned>(lda));
         wmma::load_matrix_sync(fb, b + c * ldb + k, static_cast<unsigned>(ldb));
-        if constexpr (std::is_same_v<S, float>) {
-          for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = wmma::__float_to_tf32(fa.x[i]);
-          for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = wmma::__float_to_tf32(fb.x[i]);
-        }
         wmma::mma_sync(sum, fa, fb, sum);
       }
       float* out = split > 1 ? partials + part * partial_stride : acc;
@@ -79,11 +128,11 @@ struct DeviceOps {
     }
     __syncthreads();
     if (split > 1) {
-      const int64_t rows = m1 - m0;
-      for (int64_t i = threadIdx.x; i < rows * n; i += blockDim.x) {
-        const int64_t m = m0 + i / n, c = i % n;
+      const int rows = static_cast<int>(m1 - m0), width = static_cast<int>(n);
+      for (int i = threadIdx.x; i < rows * width; i += blockDim.x) {
+        const int64_t m = m0 + i / width, c = i % width;
         float total = 0.f;
-        for (int64_t part = 0; part < split; ++part) total += partials[part * partial_stride + m * ld_acc + c];
+        for (int part = 0; part < parts; ++part) total += partials[part * partial_stride + m * ld_acc + c];
         acc[m * ld_acc + c] = total;
       }
       __syncthreads();
@@ -127,6 +176,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   cta.end(ops);
 }
 
+// What a launch needs to know about the current device and a kernel, asked once: the
+// multiprocessor count, and the kernel's dynamic shared-memory limit raised once to the
+// device's opt-in maximum (the attribute is per function and device, so setting it per
+// launch to the plan's size would race between threads launching different plans).
+inline int prepare_kernel(const void* kernel, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> prepared;  // -> multiprocessors
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, device);
+  auto found = prepared.find(key);
+  if (found != prepared.end()) return found->second;
+  int sms = 0, optin = 0;
+  RNNF_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  RNNF_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  RNNF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  prepared.emplace(key, sms);
+  return sms;
+}
+
 // Launches `kernel` cooperatively with `bytes` of shared memory per CTA. Returns the reason
 // when the GPU cannot run the grid at once (not enough co-resident CTAs, a refused
 // cooperative launch under MPS, MIG or green contexts): nothing was launched and the caller
@@ -134,14 +202,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename Kernel, typename Params>
 const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, int64_t bytes, cudaStream_t stream) {
   const Walk walk{p.T, p.B, p.reverse, p.kernel_batch_sizes, p.kernel_offsets};
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
-      cudaSuccess) {
-    cudaGetLastError();
-    return "the GPU refused the persistent kernel's shared memory";
-  }
-  int device = 0, sms = 0, per_sm = 0;
+  int device = 0, per_sm = 0;
   RNNF_CUDA_CHECK(cudaGetDevice(&device));
-  RNNF_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = prepare_kernel(reinterpret_cast<const void*>(kernel), device);
   RNNF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(bytes)));
   if (static_cast<int64_t>(per_sm) * sms < t.ctas()) return "fewer co-resident CTAs than the plan needs";
   void* args[] = {const_cast<Params*>(&p), const_cast<Tiling*>(&t), const_cast<Walk*>(&walk)};

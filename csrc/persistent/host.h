@@ -23,19 +23,7 @@
 namespace rnnfused {
 namespace persistent {
 
-// fp32 products on tensor cores round their inputs to TF32 (10 mantissa bits, to nearest,
-// ties away from zero, as cvt.rna.tf32.f32).
-inline float round_to_tf32(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;
-  std::memcpy(&x, &bits, sizeof(bits));
-  return x;
-}
-
 struct HostOps {
-  bool tf32 = false;  // round fp32 operands as the tensor cores do
-
   template <typename F>
   void for_each(int64_t rows, int64_t cols, const F& f) {
     for (int64_t r = 0; r < rows; ++r)
@@ -43,6 +31,17 @@ struct HostOps {
   }
 
   void sync() {}
+
+  template <typename S, typename Source>
+  void copy_rows(S* dst, int64_t ld, int64_t rows, int64_t segments, int64_t dst_stride, int64_t src_stride,
+                 int64_t length, const Source& source) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const S* row = source(r);
+      if (row == nullptr) continue;
+      for (int64_t g = 0; g < segments; ++g)
+        for (int64_t j = 0; j < length; ++j) dst[r * ld + g * dst_stride + j] = operand(row[g * src_stride + j]);
+    }
+  }
 
   // The partial sums go through the same slots as on the GPU (warp part p takes K steps
   // [p * steps / split, (p + 1) * steps / split)), then add up in the same order.
@@ -56,7 +55,8 @@ struct HostOps {
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t c = 0; c < n; ++c) {
           Acc sum = 0;
-          for (int64_t k = begin; k < end; ++k) sum += operand<Acc>(a[m * lda + k]) * operand<Acc>(b[c * ldb + k]);
+          for (int64_t k = begin; k < end; ++k)
+            sum += static_cast<Acc>(a[m * lda + k]) * static_cast<Acc>(b[c * ldb + k - k0]);
           out[m * ld_acc + c] = sum;
         }
     }
@@ -68,13 +68,6 @@ struct HostOps {
           acc[m * ld_acc + c] = sum;
         }
   }
-
-  template <typename Acc, typename S>
-  Acc operand(S x) const {
-    const Acc value = static_cast<Acc>(x);
-    if constexpr (std::is_same_v<S, float>) return tf32 ? round_to_tf32(value) : value;
-    return value;
-  }
 };
 
 // The walk of p in host memory (offsets of packed steps computed here).
@@ -82,10 +75,13 @@ struct HostWalk {
   std::vector<int64_t> offsets;
   Walk walk;
 
+  // Padded input (every step B rows) takes the GPU's arithmetic branch, packed input the
+  // table of batch sizes and offsets.
   explicit HostWalk(const LayerParams& p) {
     walk.T = p.T;
     walk.B = p.B;
     walk.reverse = p.reverse;
+    if (std::all_of(p.batch_sizes, p.batch_sizes + p.T, [&](int64_t rows) { return rows == p.B; })) return;
     walk.batch_sizes = p.batch_sizes;
     offsets.assign(p.T, 0);
     for (int64_t t = 1; t < p.T; ++t) offsets[t] = offsets[t - 1] + p.batch_sizes[t - 1];
@@ -96,7 +92,7 @@ struct HostWalk {
 // Runs a CTA program (ForwardCta or BackwardCta) for every CTA of the tiling: begin, the
 // phases of every walk step (forward: s = 0 .. T-1; backward: T-1 .. 0), end.
 template <typename Cta, typename Params>
-void simulate(const Params& p, const Tiling& t, bool backward, bool tf32) {
+void simulate(const Params& p, const Tiling& t, bool backward) {
   const HostWalk steps(p);
   const Layout& layout = backward ? t.bwd : t.fwd;
   const int64_t n = t.ctas();
@@ -111,7 +107,7 @@ void simulate(const Params& p, const Tiling& t, bool backward, bool tf32) {
     char* base = smem.back().get() + (128 - reinterpret_cast<uintptr_t>(smem.back().get()) % 128) % 128;
     ctas.emplace_back(p, t, steps.walk, i, base);
   }
-  HostOps ops{tf32};
+  HostOps ops;
   for (Cta& cta : ctas) cta.begin(ops);
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
@@ -128,12 +124,12 @@ void simulate(const Params& p, const Tiling& t, bool backward, bool tf32) {
 
 template <typename S, typename A>
 void simulate_forward(const ForwardParams& p, const Tiling& t) {
-  simulate<ForwardCta<S, A>>(p, t, false, std::is_same_v<S, float>);
+  simulate<ForwardCta<S, A>>(p, t, false);
 }
 
 template <typename S, typename A>
 void simulate_backward(const BackwardParams& p, const Tiling& t) {
-  simulate<BackwardCta<S, A>>(p, t, true, std::is_same_v<S, float>);
+  simulate<BackwardCta<S, A>>(p, t, true);
 }
 
 }  // namespace persistent

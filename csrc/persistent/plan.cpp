@@ -59,8 +59,10 @@ int64_t k_split(int64_t m, int64_t n, int64_t k) {
   return std::max<int64_t>(1, std::min(warps / std::max<int64_t>(tiles, 1), k / kTile / 2));
 }
 
-// The tiling and layouts for `rows` batch rows and `units` hidden units per CTA.
-Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_t elem, int64_t acc_elem) {
+// The tiling and layouts for `rows` batch rows and `units` hidden units per CTA; the backward
+// dG tile takes the most gates at a time that fit in `smem` bytes.
+Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_t elem, int64_t acc_elem,
+            int64_t smem) {
   const int64_t gates = gates_per_unit(cell);
   Tiling t;
   t.units = units;
@@ -85,11 +87,14 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
   t.k_bwd = gates * t.k_block;
   t.ld_w_bwd = padded_ld(t.k_bwd, elem);
   t.ld_acc_bwd = t.rows_pad + 4;
-  t.split_bwd = k_split(t.unit_rows, t.rows_pad, cell == Cell::GRU_CHO ? t.k_block : t.k_bwd);
-  place(t.bwd, t.unit_rows * t.ld_w_bwd * elem, t.rows_pad * t.ld_w_bwd * elem,
-        t.unit_rows * t.ld_acc_bwd * acc_elem,
-        t.split_bwd > 1 ? t.split_bwd * t.unit_rows * t.ld_acc_bwd * acc_elem : 0, state,
-        cell == Cell::LSTM ? state : 0);
+  for (t.chunk_gates = gates; t.chunk_gates >= 1; --t.chunk_gates) {
+    t.ld_dg = padded_ld(t.chunk_gates * t.k_block, elem);
+    t.split_bwd = k_split(t.unit_rows, t.rows_pad, t.chunk_gates * t.k_block);
+    place(t.bwd, t.unit_rows * t.ld_w_bwd * elem, t.rows_pad * t.ld_dg * elem, t.unit_rows * t.ld_acc_bwd * acc_elem,
+          t.split_bwd > 1 ? t.split_bwd * t.unit_rows * t.ld_acc_bwd * acc_elem : 0, state,
+          cell == Cell::LSTM ? state : 0);
+    if (t.bwd.bytes <= smem) break;
+  }
   return t;
 }
 
@@ -97,7 +102,7 @@ std::string describe(const Tiling& t) {
   std::ostringstream out;
   out << "persistent: " << t.ctas() << " CTAs = " << t.unit_tiles << " x " << t.units << " units, " << t.row_tiles
       << " x " << t.rows << " rows; shared memory " << t.fwd.bytes / 1024 << " KB forward, " << t.bwd.bytes / 1024
-      << " KB backward";
+      << " KB backward (dG " << t.chunk_gates << " gate" << (t.chunk_gates > 1 ? "s" : "") << " at a time)";
   return out.str();
 }
 
@@ -141,8 +146,8 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
     const int64_t row_tiles = ceil_div(B, rows);
     if (row_tiles > limits.sm_count) continue;
     const int64_t units = ceil_div(H, limits.sm_count / row_tiles);
-    const Tiling t = tile(cell, H, B, rows, units, elem, acc_elem);
-    if (t.fwd.bytes <= limits.smem_per_block && t.bwd.bytes <= limits.smem_per_block) {
+    const Tiling t = tile(cell, H, B, rows, units, elem, acc_elem, limits.smem_per_block);
+    if (t.chunk_gates >= 1 && t.fwd.bytes <= limits.smem_per_block && t.bwd.bytes <= limits.smem_per_block) {
       plan.persistent = true;
       plan.tiling = t;
       plan.reason = describe(t);

@@ -17,7 +17,8 @@
 //             part [split][gate_rows][ld_acc] A  partial sums when warps split K
 //             state [rows][units]         A   LSTM: c
 //   backward W    [unit_rows][ld_w]      S   Wᵀ: column g*k_block + j is W_hh[g*H + j][u0+u]
-//             dG   [rows_pad][ld_w]       S   dG of the CTA's rows, in the same blocked columns
+//             dG   [rows_pad][ld_dg]      S   dG of the CTA's rows for chunk_gates gates at a time,
+//                                             gate blocks of k_block columns as in W
 //             acc  [unit_rows][ld_acc]    A   Wᵀ dGᵀ: unit x batch row
 //             part [split][unit_rows][ld_acc] A
 //             state [rows][units]         A   the gradient of h carried to the next step
@@ -64,11 +65,13 @@ struct Tiling {
   int64_t gate_rows = 0;    // gates * gate_stride rounded up to kTile
   int64_t k_fwd = 0;        // H rounded up to kTile
   int64_t ld_w_fwd = 0, ld_acc_fwd = 0, split_fwd = 1;
-  // Backward: M = unit_rows, K = k_bwd = gates * k_block.
+  // Backward: M = unit_rows, K = k_bwd = gates * k_block, multiplied chunk_gates gates at a
+  // time (the dG tile of all gates can be too large: fp32 LSTM).
   int64_t unit_rows = 0;    // units rounded up to kTile
   int64_t k_block = 0;      // H rounded up to kTile: the column block of one gate
   int64_t k_bwd = 0;
-  int64_t ld_w_bwd = 0, ld_acc_bwd = 0, split_bwd = 1;
+  int64_t chunk_gates = 0;
+  int64_t ld_w_bwd = 0, ld_dg = 0, ld_acc_bwd = 0, split_bwd = 1;
   Layout fwd, bwd;
 
   int64_t ctas() const { return unit_tiles * row_tiles; }

@@ -6,11 +6,18 @@
 //
 //   ops.for_each(rows, cols, f)   f(r, c) for r < rows, c < cols, by all threads of the CTA
 //   ops.sync()                    barrier of the CTA's threads
+//   ops.copy_rows(dst, ld, rows, segments, dst_stride, src_stride, length, source)
+//       for every r < rows with a source row (source(r) not null) and g < segments:
+//       dst[r*ld + g*dst_stride + j] = operand(load_coherent(source(r) + g*src_stride + j)),
+//       j < length; other rows and columns are left as they are. Not synchronised.
 //   ops.gemm(acc, ld_acc, partials, partial_stride, a, lda, b, ldb, m0, m1, n, k0, k1, split)
-//       acc[m][c] = Σ_{k0 <= k < k1} a[m][k] b[c][k] for m0 <= m < m1, c < n (all multiples of
-//       kTile), accumulated in A; with split > 1 the K steps are divided among warps whose
+//       acc[m][c] = Σ_{k0 <= k < k1} a[m][k] b[c][k - k0] for m0 <= m < m1, c < n (all multiples
+//       of kTile), accumulated in A; with split > 1 the K steps are divided among warps whose
 //       partial sums go to partials[part][m][c] (part stride partial_stride) before adding up.
 //       Ends with the CTA synchronised.
+//
+// The operands of the products are stored already rounded as the tensor cores take them
+// (operand(): TF32 for fp32), once when they enter shared memory.
 //
 // Between phases a CTA may read what any CTA wrote before the barrier (through
 // load_coherent: L2, never a stale L1 line); within a phase it reads only what it wrote
@@ -18,6 +25,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "../cells.h"
 #include "../params.h"
@@ -52,6 +61,19 @@ RNNF_HD T load_coherent(const T* p) {
 #else
   return *p;
 #endif
+}
+
+// What the tensor cores multiply: fp32 rounded to TF32 (10 mantissa bits, to nearest, ties
+// away from zero: cvt.rna.tf32.f32); fp16, bf16 and (host simulation) fp64 as they are.
+template <typename S>
+RNNF_HD S operand(S x) {
+  if constexpr (std::is_same_v<S, float>) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof(bits));
+    if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;
+    memcpy(&x, &bits, sizeof(bits));
+  }
+  return x;
 }
 
 template <typename T>
@@ -115,7 +137,8 @@ struct ForwardCta {
 
   RNNF_HD int phases() const { return p.cell == Cell::GRU_CHO ? 2 : 1; }
 
-  // The W tile and (LSTM) the c0 tile into shared memory.
+  // The W tile and (LSTM) the c0 tile into shared memory; the operand tile zeroed once (its
+  // padding columns multiply W's and must be finite; rows are loaded per step).
   template <typename Ops>
   RNNF_HD void begin(Ops& ops) {
     const int64_t H = p.H, gates = gates_per_unit(p.cell), stride = t.gate_stride, ld = t.ld_w_fwd;
@@ -125,8 +148,10 @@ struct ForwardCta {
     ops.for_each(t.gate_rows, t.k_fwd, [=](int64_t m, int64_t k) {
       const int64_t gate = m / stride, u = m % stride;
       const bool valid = gate < gates && u < units && u0 + u < H && k < H;
-      tile[m * ld + k] = valid ? w_hh[(gate * H + u0 + u) * H + k] : store<S>(A(0));
+      tile[m * ld + k] = valid ? operand(w_hh[(gate * H + u0 + u) * H + k]) : store<S>(A(0));
     });
+    S* operand_tile = h;
+    ops.for_each(t.rows_pad, ld, [=](int64_t r, int64_t k) { operand_tile[r * ld + k] = store<S>(A(0)); });
     if (p.cell == Cell::LSTM) {
       const A* c0 = static_cast<const A*>(p.c);
       A* state = c;
@@ -180,18 +205,16 @@ struct ForwardCta {
     for_each_element(ops, t, walk, slice, p.H, s, cell);
   }
 
-  // The operand tile: h_{t-1} of the CTA's rows, or (GRU_CHO phase 2) r * h_{t-1}.
+  // The operand tile: h_{t-1} of the CTA's rows active at step s, or (GRU_CHO phase 2)
+  // r * h_{t-1}. Inactive rows keep stale values: their products are never read.
   template <typename Ops>
   RNNF_HD void load_operand(Ops& ops, int64_t s, bool reset_hidden) {
-    const int64_t H = p.H, ld = t.ld_w_fwd, r0 = slice.r0, rows = t.rows, active = walk.rows(s);
-    S* tile = h;
-    ops.for_each(t.rows_pad, t.k_fwd, [this, s, H, ld, r0, rows, active, tile, reset_hidden](int64_t r, int64_t k) {
-      const int64_t R = r0 + r;
-      const S* row = nullptr;
-      if (r < rows && R < active)
-        row = reset_hidden ? static_cast<const S*>(p.rh) + R * H : previous_state(s, R);
-      tile[r * ld + k] = (row != nullptr && k < H) ? load_coherent(row + k) : store<S>(A(0));
-    });
+    const int64_t r0 = slice.r0, active = walk.rows(s) - r0;
+    ops.copy_rows(h, t.ld_w_fwd, active < t.rows ? active : t.rows, int64_t(1), int64_t(0), int64_t(0), p.H,
+                  [this, s, r0, reset_hidden](int64_t r) {
+                    const int64_t R = r0 + r;
+                    return reset_hidden ? static_cast<const S*>(p.rh) + R * p.H : previous_state(s, R);
+                  });
     ops.sync();
   }
 
@@ -342,8 +365,11 @@ struct BackwardCta {
     ops.for_each(t.unit_rows, t.k_bwd, [=](int64_t u, int64_t k) {
       const int64_t gate = k / block, j = k % block;
       const bool valid = u < units && u0 + u < H && gate < gates && j < H;
-      tile[u * ld + k] = valid ? w_hh[(gate * H + j) * H + u0 + u] : store<S>(A(0));
+      tile[u * ld + k] = valid ? operand(w_hh[(gate * H + j) * H + u0 + u]) : store<S>(A(0));
     });
+    S* operand_tile = dg;
+    const int64_t ld_dg = t.ld_dg;
+    ops.for_each(t.rows_pad, ld_dg, [=](int64_t r, int64_t k) { operand_tile[r * ld_dg + k] = store<S>(A(0)); });
     const A* dh_n = static_cast<const A*>(p.dh);
     const A* dc_n = static_cast<const A*>(p.dc);
     A* dh_state = dh;
@@ -364,25 +390,25 @@ struct BackwardCta {
     const bool first = s == walk.T - 1;
     switch (p.cell) {
       case Cell::LSTM:
-        if (!first) fold(ops, s + 1, 0, t.k_bwd, false);
+        if (!first) fold(ops, s + 1, 0, gates_per_unit(p.cell), false);
         for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { lstm(e); });
         break;
       case Cell::GRU:
-        if (!first) fold(ops, s + 1, 0, t.k_bwd, true);
+        if (!first) fold(ops, s + 1, 0, gates_per_unit(p.cell), true);
         for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { gru(e); });
         break;
       case Cell::RNN_TANH:
       case Cell::RNN_RELU:
-        if (!first) fold(ops, s + 1, 0, t.k_bwd, false);
+        if (!first) fold(ops, s + 1, 0, gates_per_unit(p.cell), false);
         for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { rnn(e); });
         break;
       case Cell::GRU_CHO:
         if (k == 0) {
-          if (!first) fold(ops, s + 1, 0, 2 * t.k_block, true);
+          if (!first) fold(ops, s + 1, 0, 2, true);
           for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { cho_nz(e); });
-        } else {
-          load_gradients(ops, s, 2 * t.k_block, 3 * t.k_block);
-          multiply(ops, 2 * t.k_block, 3 * t.k_block);
+        } else {  // d(r * h_{t-1}) from the n gate alone: one chunk
+          load_gradients(ops, s, 2, 3);
+          multiply(ops, 2, 3);
           for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { cho_r(e); });
         }
         break;
@@ -395,7 +421,7 @@ struct BackwardCta {
   template <typename Ops>
   RNNF_HD void end(Ops& ops) {
     const bool gru = p.cell == Cell::GRU || p.cell == Cell::GRU_CHO;
-    fold(ops, 0, 0, p.cell == Cell::GRU_CHO ? 2 * t.k_block : t.k_bwd, gru);
+    fold(ops, 0, 0, p.cell == Cell::GRU_CHO ? 2 : gates_per_unit(p.cell), gru);
     A* dh0 = static_cast<A*>(p.dh);
     A* dc0 = static_cast<A*>(p.dc);
     const A* dh_state = dh;
@@ -409,46 +435,48 @@ struct BackwardCta {
     });
   }
 
-  // The dG tile of walk step s, columns [k0, k1) of the blocked layout (gate g's column j at
-  // g * k_block + j), from dgh (which dgx aliases except for GRU).
+  // The dG tile of walk step s for gates [g0, g1): gate g's column j in tile column
+  // (g - g0) * k_block + j, from dgh (which dgx aliases except for GRU). Rows of the CTA
+  // active at s; the others keep stale values, never read.
   template <typename Ops>
-  RNNF_HD void load_gradients(Ops& ops, int64_t s, int64_t k0, int64_t k1) {
-    const int64_t H = p.H, G = p.G, ld = t.ld_w_bwd, block = t.k_block, r0 = slice.r0, rows = t.rows;
-    const int64_t active = walk.rows(s), offset = walk.offset(s);
-    const S* dgh = static_cast<const S*>(p.dgh);
-    S* tile = dg;
-    ops.for_each(t.rows_pad, k1 - k0, [=](int64_t r, int64_t kk) {
-      const int64_t k = k0 + kk, j = k % block, R = r0 + r;
-      const bool valid = r < rows && R < active && j < H;
-      tile[r * ld + k] = valid ? load_coherent(dgh + (offset + R) * G + k / block * H + j) : store<S>(A(0));
-    });
+  RNNF_HD void load_gradients(Ops& ops, int64_t s, int64_t g0, int64_t g1) {
+    const int64_t r0 = slice.r0, active = walk.rows(s) - r0, offset = walk.offset(s), H = p.H, G = p.G;
+    const S* source = static_cast<const S*>(p.dgh) + g0 * H;
+    ops.copy_rows(dg, t.ld_dg, active < t.rows ? active : t.rows, g1 - g0, t.k_block, H, H,
+                  [=](int64_t r) { return source + (offset + r0 + r) * G; });
     ops.sync();
   }
 
-  // acc = Wᵀ columns [k0, k1) times the dG tile: d(h_{t-1}) of the CTA's units, or for
-  // GRU_CHO's n block d(r * h_{t-1}).
+  // acc = Wᵀ columns of gates [g0, g1) times the dG tile: (part of) d(h_{t-1}) of the CTA's
+  // units, or for GRU_CHO's n gate d(r * h_{t-1}).
   template <typename Ops>
-  RNNF_HD void multiply(Ops& ops, int64_t k0, int64_t k1) {
+  RNNF_HD void multiply(Ops& ops, int64_t g0, int64_t g1) {
     ops.gemm(acc, t.ld_acc_bwd, partials, t.unit_rows * t.ld_acc_bwd, static_cast<const S*>(w), t.ld_w_bwd,
-             static_cast<const S*>(dg), t.ld_w_bwd, int64_t(0), t.unit_rows, t.rows_pad, k0, k1, t.split_bwd);
+             static_cast<const S*>(dg), t.ld_dg, int64_t(0), t.unit_rows, t.rows_pad, g0 * t.k_block,
+             g1 * t.k_block, t.split_bwd);
   }
 
-  // The recurrent gradient that walk step s's gate gradients send to h_{t-1}, for the rows
-  // active at s: set it (LSTM, RNN) or add it to the direct part the pointwise pass left
-  // (GRU: dh * z; GRU_CHO: dh * z + d(r * h) * r).
+  // The recurrent gradient that walk step s's gate gradients (of gates [g0, g1)) send to
+  // h_{t-1}, for the rows active at s, in chunks of chunk_gates gates (what the dG tile
+  // holds): set it (LSTM, RNN) or add it to the direct part the pointwise pass left (GRU:
+  // dh * z; GRU_CHO: dh * z + d(r * h) * r).
   template <typename Ops>
-  RNNF_HD void fold(Ops& ops, int64_t s, int64_t k0, int64_t k1, bool add) {
-    load_gradients(ops, s, k0, k1);
-    multiply(ops, k0, k1);
+  RNNF_HD void fold(Ops& ops, int64_t s, int64_t g0, int64_t g1, bool add) {
     const int64_t units = t.units, ld = t.ld_acc_bwd, r0 = slice.r0, u0 = slice.u0, H = p.H, active = walk.rows(s);
     A* dh_state = dh;
     const A* product = acc;
-    ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
-      if (r0 + r >= active || u0 + u >= H) return;
-      A& value = dh_state[r * units + u];
-      value = (add ? value : A(0)) + product[u * ld + r];
-    });
-    ops.sync();
+    for (int64_t chunk = g0; chunk < g1; chunk += t.chunk_gates) {
+      const int64_t end = chunk + t.chunk_gates < g1 ? chunk + t.chunk_gates : g1;
+      load_gradients(ops, s, chunk, end);
+      multiply(ops, chunk, end);
+      const bool keep = add || chunk > g0;
+      ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
+        if (r0 + r >= active || u0 + u >= H) return;
+        A& value = dh_state[r * units + u];
+        value = (keep ? value : A(0)) + product[u * ld + r];
+      });
+      ops.sync();
+    }
   }
 
   RNNF_HD A dh_total(const Element& e) const {
