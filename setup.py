@@ -132,15 +132,17 @@ def extension():
     # What the CPU element loops need to vectorise: -fno-trapping-math to select between
     # computed values (torch builds with it too), and -fno-wrapv to undo Python's -fwrapv,
     # under which the vectoriser cannot prove that row * width + j steps affinely.
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno",
-                 "-fno-wrapv"]
+    # -fopenmp: at::parallel_for is inline and runs serially in code built without OpenMP;
+    # the library it links (libgomp.so.1) is the one torch has already loaded.
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fno-wrapv"]
     no_cuda = why_no_cuda()
     if no_cuda is not None and env_flag("RNNFUSED_REQUIRE_CUDA_BUILD"):
         raise SystemExit(f"rnnfused: RNNFUSED_REQUIRE_CUDA_BUILD is set but {no_cuda}")
     if no_cuda is not None:
         print(f"rnnfused: building the CPU kernels only ({no_cuda})")
         return cpp_extension.CppExtension(
-            "rnnfused._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "rnnfused._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
         )
 
     cublas_include, cublas_libdir, cublas_link = find_cublas()
@@ -157,7 +159,7 @@ def extension():
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + arch_flags(),
         },
-        extra_link_args=[f"-L{cublas_libdir}", cublas_link, f"-Wl,-rpath,{cublas_libdir}"],
+        extra_link_args=[f"-L{cublas_libdir}", cublas_link, f"-Wl,-rpath,{cublas_libdir}", "-fopenmp"],
     )
 
 

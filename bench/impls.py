@@ -100,9 +100,17 @@ def make_rnnfused_persistent(base, cell, config, device, dtype):
     return _runner(_forward(_ours(cell, config, base, device, dtype), config), lambda: kernel_setting("persistent"))
 
 
+def make_rnnfused_stepwise(base, cell, config, device, dtype):
+    """rnnfused with the stepwise kernels forced (RNNFUSED_KERNEL=stepwise): stage 1."""
+    return _runner(_forward(_ours(cell, config, base, device, dtype), config), lambda: kernel_setting("stepwise"))
+
+
+_SETTINGS = {"rnnfused": "auto", "rnnfused_persistent": "persistent", "rnnfused_stepwise": "stepwise"}
+
+
 def kernel_of(name, cell, config, device, dtype):
     """The kernel rnnfused's implementation `name` runs for this case (rnnfused.explain)."""
-    setting = {"rnnfused": "auto", "rnnfused_persistent": "persistent"}.get(name)
+    setting = _SETTINGS.get(name)
     if setting is None:
         return None
     module = _ours(cell, config, base_module(cell, config), device, dtype)
@@ -171,6 +179,7 @@ def make_flashrnn(base, cell, config, device, dtype):
 IMPLEMENTATIONS = {
     "rnnfused": make_rnnfused,
     "rnnfused_persistent": make_rnnfused_persistent,
+    "rnnfused_stepwise": make_rnnfused_stepwise,
     "torch": make_torch,
     "torch_native": make_torch_native,
     "reference": make_reference,
@@ -183,8 +192,6 @@ def unavailable(name, cell, config, device, dtype):
     if name.startswith("rnnfused") and device not in rnnfused.backends():
         return f"this build has no {device} kernels"
     if name == "rnnfused_persistent":
-        if device != "cuda":
-            return "the persistent kernel is a GPU kernel"
         kernel = kernel_of(name, cell, config, device, dtype)
         if kernel != "persistent":
             return f"no persistent plan ({kernel})"

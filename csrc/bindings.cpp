@@ -286,9 +286,11 @@ void run(const Tensor& x, const Params& p) {
 // the persistent kernel (stage 2, csrc/persistent/). RNNFUSED_KERNEL chooses:
 //   auto (default)  the persistent kernel where its plan fits, once verified on a GPU
 //   stepwise        stage 1 everywhere
-//   persistent      the persistent kernel, an error where it does not fit (CUDA only)
-//   simulate        on the CPU, the persistent kernel's program through its host simulation
-//                   (a test harness)
+//   persistent      the persistent kernel, an error where it does not fit
+//   simulate        on the CPU, the GPU persistent kernel's program through its host
+//                   simulation (a test harness)
+// On the CPU the persistent program runs on the CPU threads (make_cpu_plan), on a GPU as one
+// cooperative kernel (make_plan).
 
 // Until a GPU run of the persistent kernel's tests has passed, `auto` keeps stage 1 on GPUs.
 constexpr bool kPersistentVerifiedOnGpu = false;
@@ -332,16 +334,25 @@ KernelChoice stepwise(std::string reason) {
   return {"stepwise", std::move(reason), {}};
 }
 
-KernelChoice choose_kernel(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, const at::Device& device) {
+KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B, DType dtype,
+                           const at::Device& device) {
   const std::string setting = kernel_setting();
   if (setting == "stepwise") return stepwise("RNNFUSED_KERNEL=stepwise");
   if (device.is_cpu()) {
-    TORCH_CHECK(setting != "persistent", "rnnfused: RNNFUSED_KERNEL=persistent needs a CUDA device; on the CPU, "
-                "RNNFUSED_KERNEL=simulate runs the persistent kernel's program (a test harness)");
-    if (setting != "simulate") return stepwise("the CPU runs the stepwise kernels");
-    persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, dtype == DType::Float32, device_limits(device));
+    if (setting == "simulate") {
+      persistent::Plan plan =
+          persistent::make_plan(cell, H, P, B, dtype, dtype == DType::Float32, device_limits(device));
+      if (!plan.persistent) return stepwise(plan.reason);
+      return {"persistent (host simulation)", plan.reason, plan};
+    }
+    persistent::Plan plan = persistent::make_cpu_plan(cell, T, H, P, B, dtype, at::get_num_threads());
+    if (setting == "persistent") {
+      TORCH_CHECK(plan.persistent, "rnnfused: RNNFUSED_KERNEL=persistent but this layer cannot run persistent (",
+                  plan.reason, ")");
+      return {"persistent", plan.reason, plan};
+    }
     if (!plan.persistent) return stepwise(plan.reason);
-    return {"persistent (host simulation)", plan.reason, plan};
+    return {"persistent", plan.reason, plan};
   }
   if (!device.is_cuda()) return stepwise("no recurrent kernels for device " + device.str());
   TORCH_CHECK(setting != "simulate", "rnnfused: RNNFUSED_KERNEL=simulate is the CPU test harness; on a GPU use "
@@ -364,7 +375,7 @@ KernelChoice choose_kernel(Cell cell, int64_t H, int64_t P, int64_t B, DType dty
 }
 
 bool simulated(const KernelChoice& choice) {
-  return choice.plan.persistent && choice.kernel != "persistent";
+  return choice.kernel == "persistent (host simulation)";
 }
 
 // The host simulation is a test harness: it fills what the kernel must write with NaN first,
@@ -422,7 +433,7 @@ ForwardResult layer_forward(int64_t cell_index, const Tensor& x_in, const OptTen
   static_cast<LayerParams&>(p) = layer.p;
   const Tensor& x = layer.x;
   const auto &opts = layer.opts, &acc = layer.acc;
-  const KernelChoice choice = choose_kernel(cell, p.H, p.P, p.B, dtype_of(x), x.device());
+  const KernelChoice choice = choose_kernel(cell, p.T, p.H, p.P, p.B, dtype_of(x), x.device());
   Tensor table;
   attach_plan(p, choice, layer, table);
 
@@ -490,7 +501,7 @@ BackwardResult layer_backward(int64_t cell_index, const Tensor& x_in, const OptT
   static_cast<LayerParams&>(p) = layer.p;
   const Tensor& x = layer.x;
   const auto &opts = layer.opts, &acc = layer.acc;
-  const KernelChoice choice = choose_kernel(cell, p.H, p.P, p.B, dtype_of(x), x.device());
+  const KernelChoice choice = choose_kernel(cell, p.T, p.H, p.P, p.B, dtype_of(x), x.device());
   Tensor table;
   attach_plan(p, choice, layer, table);
   const int64_t saved = saved_gates_per_unit(cell);
@@ -629,12 +640,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def(
       "kernel_choice",
-      [](int64_t cell, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, const std::string& device) {
-        const KernelChoice choice = choose_kernel(cell_of(cell), H, P, B, dtype_of(dtype),
-                                                  at::Device(device));
+      [](int64_t cell, int64_t T, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, const std::string& device) {
+        const KernelChoice choice = choose_kernel(cell_of(cell), T, H, P, B, dtype_of(dtype), at::Device(device));
         return std::make_pair(choice.kernel, choice.reason);
       },
-      "(kernel, reason) for a layer direction: cell, hidden size, output width, batch, dtype, device");
+      "(kernel, reason) for a layer direction: cell, steps, hidden size, output width, batch, dtype, device");
   m.def(
       "plan",
       [](int64_t cell, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, bool tf32, int64_t sm_count,

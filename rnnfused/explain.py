@@ -36,21 +36,24 @@ def explain(module, input):
         cell = {LSTMCell: Cell.LSTM, GRUCell: Cell.GRU if getattr(module, "reset_after", True) else Cell.GRU_CHO,
                 RNNCell: Cell.RNN_RELU if getattr(module, "nonlinearity", "tanh") == "relu" else Cell.RNN_TANH}
         batch = input.size(0) if input.dim() == 2 else 1
-        kernel, reason = _C.kernel_choice(int(cell[type(module)]), module.hidden_size, module.hidden_size, batch, dtype,
-                                          device)
+        kernel, reason = _C.kernel_choice(int(cell[type(module)]), 1, module.hidden_size, module.hidden_size, batch,
+                                          dtype, device)
         return [KernelChoice(0, "forward", kernel, reason)]
     if not isinstance(module, RNNBase):
         raise TypeError(f"explain: expected an rnnfused recurrent layer or cell, got {type(module).__name__}")
     if isinstance(input, PackedSequence):
         batch = input.sorted_indices.size(0) if input.sorted_indices is not None else int(input.batch_sizes[0])
+        steps = input.batch_sizes.numel()
     elif input.dim() == 2:
-        batch = 1
+        batch, steps = 1, input.size(0)
     else:
         batch = input.size(0 if module.batch_first else 1)
+        steps = input.size(1 if module.batch_first else 0)
     width = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
     choices = []
     for layer in range(module.num_layers):
         for direction in ("forward", "reverse") if module.bidirectional else ("forward",):
-            kernel, reason = _C.kernel_choice(int(module._cell()), module.hidden_size, width, batch, dtype, device)
+            kernel, reason = _C.kernel_choice(int(module._cell()), steps, module.hidden_size, width, batch, dtype,
+                                              device)
             choices.append(KernelChoice(layer, direction, kernel, reason))
     return choices

@@ -230,16 +230,64 @@ def test_simulation_without_grad_and_the_cells():
 
 def test_kernel_setting_errors_and_explanations():
     module = rnnfused.LSTM(3, 4)
-    x = torch.randn(2, 1, 3)
-    with environment(RNNFUSED_KERNEL="persistent"), pytest.raises(RuntimeError, match="needs a CUDA device"):
-        module(x)
+    x = torch.randn(9, 1, 3)
     with environment(RNNFUSED_KERNEL="fastest"), pytest.raises(ValueError, match="must be auto, stepwise"):
         module(x)
-    assert "CPU runs the stepwise" in rnnfused.explain(module, x)[0].reason
+    assert "CPU thread" in rnnfused.explain(module, x)[0].reason
+    assert "fewer than 8 steps" in rnnfused.explain(module, x[:2])[0].reason
+    with environment(RNNFUSED_KERNEL="stepwise"):
+        assert rnnfused.explain(module, x)[0].kernel == "stepwise"
+    projected = rnnfused.LSTM(3, 4, proj_size=2)
+    with environment(RNNFUSED_KERNEL="persistent"), pytest.raises(RuntimeError, match="projection"):
+        projected(x)
     with environment(RNNFUSED_KERNEL="simulate"):
-        projected = rnnfused.LSTM(3, 4, proj_size=2)
         assert "projection" in str(rnnfused.explain(projected, x)[0])
         assert torch.equal(projected(x)[0], projected(x)[0])  # stepwise: runs
+
+
+# --- on CPU threads -----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def threads(count):
+    old = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# (steps, batch, input, hidden, layers, bidirectional, packed): hidden sizes that are not a
+# multiple of a vector, B = 1, batches past the 8-row register block, packed, deep.
+CPU_SHAPES = [(9, 3, 4, 7, 1, False, False), (8, 1, 3, 33, 1, True, False), (10, 37, 5, 19, 2, True, False),
+              (12, 20, 3, 40, 1, True, True), (8, 9, 6, 130, 1, False, True)]
+
+
+@pytest.mark.parametrize("mode,options", VARIANTS)
+@pytest.mark.parametrize("shape", CPU_SHAPES)
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_cpu_threads_match_reference_in_float64(mode, options, shape, count):
+    steps, batch, inputs, hidden, layers, bidirectional, packed = shape
+    module = _module(mode, options, inputs, hidden, torch.float64, num_layers=layers, bidirectional=bidirectional)
+    with threads(count), environment(RNNFUSED_KERNEL="persistent"):
+        probe = torch.zeros(steps, batch, inputs, dtype=torch.float64)
+        assert all("CPU thread" in c.reason for c in rnnfused.explain(module, probe))
+        results = _run(module, steps, batch, torch.float64, packed)
+    assert max_error(results, _exact(module, steps, batch, packed)) <= 1e-10
+
+
+@pytest.mark.parametrize("mode,options", VARIANTS[::2])
+def test_cpu_threads_in_float32_and_independent_of_the_thread_count(mode, options):
+    module = _module(mode, options, 5, 70, torch.float32, bidirectional=True)
+    with environment(RNNFUSED_KERNEL="stepwise"):
+        stepwise = _run(module, 11, 13, torch.float32, True)
+    by_threads = []
+    for count in (1, 2, 3):
+        with threads(count), environment(RNNFUSED_KERNEL="persistent"):
+            by_threads.append(_run(module, 11, 13, torch.float32, True))
+    assert max_error(by_threads[0], stepwise) <= 2e-5
+    for other in by_threads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(by_threads[0], other))
 
 
 # --- on the GPU ---------------------------------------------------------------------------

@@ -13,6 +13,8 @@
 
 #include "../persistent/host.h"
 #include "../recurrence.h"
+#include "kernels.h"
+#include "persistent_cpu.h"
 
 namespace rnnfused {
 namespace cpu {
@@ -23,37 +25,6 @@ at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t ld) {
   const auto dtype = c10::CppTypeToScalarType<T>::value;
   return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(dtype));
 }
-
-// The element loop, written once and compiled twice: for the baseline ISA and for
-// AVX2 + FMA, picked at run time. The cell functions inline into it and vectorise along j
-// (every (b, j) touches its own elements, which `omp simd` asserts).
-template <typename F>
-__attribute__((always_inline)) inline void rows(const F& f_in, int64_t begin, int64_t end, int64_t width) {
-  // A local copy: through the reference, a float member (a clip value) could alias the
-  // float stores of the loop, and the vectoriser would give up.
-  const F f = f_in;
-  for (int64_t b = begin; b < end; ++b) {
-#pragma omp simd
-    for (int64_t j = 0; j < width; ++j) f(b, j);
-  }
-}
-
-template <typename F>
-void rows_baseline(const F& f, int64_t begin, int64_t end, int64_t width) {
-  rows(f, begin, end, width);
-}
-
-template <typename F>
-__attribute__((target("avx2,fma"))) void rows_avx2(const F& f, int64_t begin, int64_t end, int64_t width) {
-  rows(f, begin, end, width);
-}
-
-bool has_avx2_fma() {
-  __builtin_cpu_init();  // a library's static initialiser may run before libgcc's own
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
-const bool kHasAvx2 = has_avx2_fma();
 
 // A pointwise element costs a few exp/tanh, so threads pay off for far fewer elements
 // than ATen's default grain (32768 cheap elements).
@@ -91,12 +62,7 @@ struct CpuBackend {
   void for_each(int64_t rows, int64_t width, const F& f) {
     if (rows == 0 || width == 0) return;
     const int64_t grain = std::max<int64_t>(1, kGrainElements / width);
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      if (kHasAvx2)
-        rows_avx2(f, begin, end, width);
-      else
-        rows_baseline(f, begin, end, width);
-    });
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { for_each_element(f, begin, end, 0, width); });
   }
 
   void copy(void* dst, const void* src, int64_t bytes) {
@@ -118,11 +84,33 @@ void dispatch(DType dtype, Fn&& fn) {
 }  // namespace
 
 const char* element_loop_isa() {
-  return kHasAvx2 ? "avx2+fma" : "baseline";
+  switch (cpu_isa()) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2+fma";
+    case Isa::Baseline: return "baseline";
+  }
+  return "baseline";
 }
 
-// With p.tiling the recurrence runs through the host simulation of the persistent kernel
-// (persistent/host.h): a test harness for the kernel's logic, not a fast path.
+// With p.tiling the recurrence runs as the persistent program: on CPU threads (a CPU plan,
+// float32 and float64) or, for a GPU plan, through its host simulation (persistent/host.h: a
+// test harness for the GPU kernel's logic, not a fast path).
+template <typename S, typename A>
+void persistent_forward(const ForwardParams& p) {
+  if constexpr (std::is_floating_point_v<S>) {
+    if (p.tiling->cpu_threads) return persistent_cpu::run<S, A>(p, *p.tiling);
+  }
+  persistent::simulate_forward<S, A>(p, *p.tiling);
+}
+
+template <typename S, typename A>
+void persistent_backward(const BackwardParams& p) {
+  if constexpr (std::is_floating_point_v<S>) {
+    if (p.tiling->cpu_threads) return persistent_cpu::run<S, A>(p, *p.tiling);
+  }
+  persistent::simulate_backward<S, A>(p, *p.tiling);
+}
+
 void run(const ForwardParams& p, DType dtype) {
   CpuBackend be;
   dispatch(dtype, [&](auto tag) {
@@ -130,7 +118,7 @@ void run(const ForwardParams& p, DType dtype) {
     using A = at::opmath_type<S>;
     rnnfused::forward_input_projection<S, A>(be, p);
     if (p.tiling)
-      persistent::simulate_forward<S, A>(p, *p.tiling);
+      persistent_forward<S, A>(p);
     else
       rnnfused::forward_steps<S, A>(be, p);
   });
@@ -143,7 +131,7 @@ void run(const BackwardParams& p, DType dtype) {
     using A = at::opmath_type<S>;
     rnnfused::backward_gather<S, A>(be, p);
     if (p.tiling)
-      persistent::simulate_backward<S, A>(p, *p.tiling);
+      persistent_backward<S, A>(p);
     else
       rnnfused::backward_steps<S, A>(be, p);
     rnnfused::backward_weight_gradients<S, A>(be, p);

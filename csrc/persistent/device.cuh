@@ -42,6 +42,11 @@ struct MmaShape<float> {
 };
 
 struct DeviceOps {
+  template <typename S>
+  __device__ __forceinline__ S operand(S x) const {
+    return tensor_core_operand(x);
+  }
+
   // Tiles are small (well under 2^31 elements): 32-bit indices divide faster.
   template <typename F>
   __device__ __forceinline__ void for_each(int64_t rows, int64_t cols, const F& f) {
@@ -64,7 +69,7 @@ struct DeviceOps {
       for (int i = threadIdx.x; i < total; i += blockDim.x) {
         const int r = i / per_row, g = i % per_row / static_cast<int>(length), j = i % static_cast<int>(length);
         const S* row = source(r);
-        if (row != nullptr) dst[r * ld + g * dst_stride + j] = operand(load_coherent(row + g * src_stride + j));
+        if (row != nullptr) dst[r * ld + g * dst_stride + j] = tensor_core_operand(load_coherent(row + g * src_stride + j));
       }
       return;
     }
@@ -92,14 +97,14 @@ struct DeviceOps {
         const bool vector = reinterpret_cast<uintptr_t>(from[i]) % 16 == 0;
         const S* in = reinterpret_cast<const S*>(&values[i]);
 #pragma unroll
-        for (int j = 0; j < kVector; ++j) to[i][j] = operand(vector ? in[j] : load_coherent(from[i] + j));
+        for (int j = 0; j < kVector; ++j) to[i][j] = tensor_core_operand(vector ? in[j] : load_coherent(from[i] + j));
       }
     }
   }
 
   // Warp `job % warps`: output tile `job % tiles`, K part `job / tiles` (program.h's contract;
   // host.h's HostOps::gemm takes the same parts and adds them up in the same order). The
-  // operands are already TF32-rounded where fp32 (program.h's operand()).
+  // operands are already TF32-rounded where fp32 (operand()).
   template <typename S>
   __device__ void gemm(float* acc, int64_t ld_acc, float* partials, int64_t partial_stride, const S* a, int64_t lda,
                        const S* b, int64_t ldb, int64_t m0, int64_t m1, int64_t n, int64_t k0, int64_t k1,

@@ -24,6 +24,11 @@ namespace rnnfused {
 namespace persistent {
 
 struct HostOps {
+  template <typename S>
+  S operand(S x) const {
+    return tensor_core_operand(x);
+  }
+
   template <typename F>
   void for_each(int64_t rows, int64_t cols, const F& f) {
     for (int64_t r = 0; r < rows; ++r)
@@ -39,7 +44,7 @@ struct HostOps {
       const S* row = source(r);
       if (row == nullptr) continue;
       for (int64_t g = 0; g < segments; ++g)
-        for (int64_t j = 0; j < length; ++j) dst[r * ld + g * dst_stride + j] = operand(row[g * src_stride + j]);
+        for (int64_t j = 0; j < length; ++j) dst[r * ld + g * dst_stride + j] = tensor_core_operand(row[g * src_stride + j]);
     }
   }
 

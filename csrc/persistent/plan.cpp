@@ -108,6 +108,34 @@ std::string describe(const Tiling& t) {
 
 }  // namespace
 
+Plan make_cpu_plan(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B, DType dtype, int64_t threads) {
+  Plan plan;
+  if (T < kMinCpuSteps) {
+    plan.reason = "stepwise: fewer than " + std::to_string(kMinCpuSteps) + " steps (packing W_hh would not pay)";
+    return plan;
+  }
+  if (P != H) {
+    plan.reason = "stepwise: LSTM with projection";
+    return plan;
+  }
+  if (dtype != DType::Float32 && dtype != DType::Float64) {
+    plan.reason = "stepwise: float16 and bfloat16 run stepwise on the CPU";
+    return plan;
+  }
+  Tiling& t = plan.tiling;
+  t.units = ceil_div(H, std::max<int64_t>(1, std::min(threads, H)));
+  t.unit_tiles = ceil_div(H, t.units);
+  t.rows = B;
+  t.row_tiles = 1;
+  t.cpu_threads = true;
+  plan.persistent = true;
+  std::ostringstream out;
+  out << "persistent on " << t.unit_tiles << " CPU thread" << (t.unit_tiles > 1 ? "s" : "") << ", " << t.units
+      << " units and W_hh " << gates_per_unit(cell) * t.units * H * storage_bytes(dtype) / 1024 << " KB each";
+  plan.reason = out.str();
+  return plan;
+}
+
 DeviceLimits h100_limits() {
   DeviceLimits limits;
   limits.sm_count = 132;

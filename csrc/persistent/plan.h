@@ -73,6 +73,7 @@ struct Tiling {
   int64_t chunk_gates = 0;
   int64_t ld_w_bwd = 0, ld_dg = 0, ld_acc_bwd = 0, split_bwd = 1;
   Layout fwd, bwd;
+  bool cpu_threads = false;  // make_cpu_plan's: run on CPU threads (else the GPU kernel or its simulation)
 
   int64_t ctas() const { return unit_tiles * row_tiles; }
 };
@@ -86,6 +87,14 @@ struct Plan {
 // The plan for one layer direction: cell, hidden size H, output width P (= H unless
 // projecting), batch B, storage dtype, whether fp32 products may use TF32, and the device.
 Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf32, const DeviceLimits& limits);
+
+// The plan of the CPU's persistent recurrence (csrc/cpu/persistent_cpu.h): one slice of the
+// hidden units per thread (units, unit_tiles; the rest of the tiling is the GPU's), all
+// batch rows, its W slice hot in its own cache for the whole sequence. float32 and float64.
+// Sequences shorter than kMinCpuSteps run stepwise: packing W_hh costs about what one step's
+// product does, and the cells (T = 1) would pay it every step.
+constexpr int64_t kMinCpuSteps = 8;
+Plan make_cpu_plan(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B, DType dtype, int64_t threads);
 
 // The limits of an H100 SXM (132 SMs, 227 KB per block, compute capability 9.0): the
 // device the host simulation plans for unless told otherwise.

@@ -8,7 +8,7 @@
 //   ops.sync()                    barrier of the CTA's threads
 //   ops.copy_rows(dst, ld, rows, segments, dst_stride, src_stride, length, source)
 //       for every r < rows with a source row (source(r) not null) and g < segments:
-//       dst[r*ld + g*dst_stride + j] = operand(load_coherent(source(r) + g*src_stride + j)),
+//       dst[r*ld + g*dst_stride + j] = ops.operand(load_coherent(source(r) + g*src_stride + j)),
 //       j < length; other rows and columns are left as they are. Not synchronised.
 //   ops.gemm(acc, ld_acc, partials, partial_stride, a, lda, b, ldb, m0, m1, n, k0, k1, split)
 //       acc[m][c] = Σ_{k0 <= k < k1} a[m][k] b[c][k - k0] for m0 <= m < m1, c < n (all multiples
@@ -16,8 +16,10 @@
 //       partial sums go to partials[part][m][c] (part stride partial_stride) before adding up.
 //       Ends with the CTA synchronised.
 //
-// The operands of the products are stored already rounded as the tensor cores take them
-// (operand(): TF32 for fp32), once when they enter shared memory.
+//   ops.operand(x)                an operand as the products take it: on the GPU (and in its
+//                                 host simulation) fp32 rounded to TF32; exact on the CPU.
+// The operands of the products are stored already so rounded, once, when they enter
+// shared memory.
 //
 // Between phases a CTA may read what any CTA wrote before the barrier (through
 // load_coherent: L2, never a stale L1 line); within a phase it reads only what it wrote
@@ -65,8 +67,9 @@ RNNF_HD T load_coherent(const T* p) {
 
 // What the tensor cores multiply: fp32 rounded to TF32 (10 mantissa bits, to nearest, ties
 // away from zero: cvt.rna.tf32.f32); fp16, bf16 and (host simulation) fp64 as they are.
+// The GPU's Ops and the host simulation take their operands so; the CPU's exactly.
 template <typename S>
-RNNF_HD S operand(S x) {
+RNNF_HD S tensor_core_operand(S x) {
   if constexpr (std::is_same_v<S, float>) {
     uint32_t bits;
     memcpy(&bits, &x, sizeof(bits));
@@ -148,7 +151,7 @@ struct ForwardCta {
     ops.for_each(t.gate_rows, t.k_fwd, [=](int64_t m, int64_t k) {
       const int64_t gate = m / stride, u = m % stride;
       const bool valid = gate < gates && u < units && u0 + u < H && k < H;
-      tile[m * ld + k] = valid ? operand(w_hh[(gate * H + u0 + u) * H + k]) : store<S>(A(0));
+      tile[m * ld + k] = valid ? ops.operand(w_hh[(gate * H + u0 + u) * H + k]) : store<S>(A(0));
     });
     S* operand_tile = h;
     ops.for_each(t.rows_pad, ld, [=](int64_t r, int64_t k) { operand_tile[r * ld + k] = store<S>(A(0)); });
@@ -365,7 +368,7 @@ struct BackwardCta {
     ops.for_each(t.unit_rows, t.k_bwd, [=](int64_t u, int64_t k) {
       const int64_t gate = k / block, j = k % block;
       const bool valid = u < units && u0 + u < H && gate < gates && j < H;
-      tile[u * ld + k] = valid ? operand(w_hh[(gate * H + j) * H + u0 + u]) : store<S>(A(0));
+      tile[u * ld + k] = valid ? ops.operand(w_hh[(gate * H + j) * H + u0 + u]) : store<S>(A(0));
     });
     S* operand_tile = dg;
     const int64_t ld_dg = t.ld_dg;

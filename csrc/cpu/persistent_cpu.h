@@ -1,0 +1,151 @@
+// The persistent recurrence on CPU threads (make_cpu_plan): each thread owns a slice of the
+// hidden units for the whole sequence and runs recurrence.h's own step loop with a backend
+// restricted to that slice. Its products compute only the columns of its units (all their
+// gates) from its slice of W_hh, packed once per call K-major into the vectors the
+// small-batch product reads, so the slice stays in the thread's cache; its pointwise passes
+// (steps.h's fused functors, vectorised) touch only its units. A barrier on each side of
+// every product exchanges the state: the CPU image of the GPU's persistent kernel, with
+// stage 1's arithmetic, layout and saved activations.
+//
+// float32 and float64, any number of threads; every element is computed by one thread in the
+// same order whatever the split, so results do not depend on the number of threads.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "../persistent/plan.h"
+#include "../recurrence.h"
+#include "kernels.h"
+
+namespace rnnfused {
+namespace cpu {
+namespace persistent_cpu {
+
+// A barrier for the threads of one parallel_for. A thread may own several slices (fewer
+// threads than planned, or a nested call that runs inline): it arrives for all of them at
+// once, so the barrier completes when every slice has arrived, however they are spread.
+class StepBarrier {
+ public:
+  explicit StepBarrier(int64_t slices) : slices_(slices) {}
+
+  void arrive_and_wait(int64_t count) {
+    const int64_t generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(count, std::memory_order_acq_rel) + count == slices_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins)
+      if (spins > 4000) std::this_thread::yield();  // oversubscribed: let the others run
+  }
+
+ private:
+  const int64_t slices_;
+  std::atomic<int64_t> arrived_{0};
+  std::atomic<int64_t> generation_{0};
+};
+
+// One thread's slice of a weight matrix for the small-batch product: the columns of units
+// [u0, u1) of each gate block of H columns, in panels of `lanes` columns, each K-major.
+template <typename T>
+struct PackedSlice {
+  const T* source = nullptr;  // what was packed: the weights, transposed or not, and the shape
+  bool transposed = false;
+  int64_t n = 0, k = 0;
+  int64_t vectors = 0;          // panels of `lanes` columns
+  std::vector<T> w;             // [vectors][k][lanes]
+  std::vector<int64_t> offset;  // [vectors] first output column of each vector
+  std::vector<int> valid;       // [vectors] its columns that are real (the rest is zero padding)
+};
+
+template <typename T>
+class SliceBackend {
+ public:
+  SliceBackend(int64_t H, int64_t u0, int64_t u1, StepBarrier& barrier, int64_t arrivals)
+      : H_(H), u0_(u0), u1_(u1), barrier_(barrier), arrivals_(arrivals), isa_(cpu_isa()) {}
+
+  // The thread's columns of c[m][n] = a[m][k] op(b) (+ c): the columns of its units in each
+  // block of H. The barriers: every thread's writes of a's rows (h, dG, r * h) are complete
+  // before, and nobody reads them any more after (the next pass may overwrite them).
+  template <typename In, typename Out>
+  void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const In* a, int64_t lda, const In* b,
+            int64_t ldb, double beta, Out* c, int64_t ldc) {
+    static_assert(std::is_same_v<In, T> && std::is_same_v<Out, T>, "the threaded recurrence is float32 / float64");
+    if (trans_a || n % H_ != 0) throw std::logic_error("rnnfused: unexpected product in the threaded recurrence");
+    barrier_.arrive_and_wait(arrivals_);
+    if (m > 0) {
+      const PackedSlice<T>& w = packed(b, trans_b, n, k, ldb);
+      small_batch_product(isa_, c, ldc, beta != 0, a, lda, w.w.data(), w.vectors, m, k, w.offset.data(),
+                          w.valid.data());
+    }
+    barrier_.arrive_and_wait(arrivals_);
+  }
+
+  template <typename F>
+  void for_each(int64_t rows, int64_t width, const F& f) {
+    if (width != H_) throw std::logic_error("rnnfused: unexpected pass in the threaded recurrence");
+    for_each_element(f, 0, rows, u0_, u1_);
+  }
+
+  void copy(void*, const void*, int64_t) {
+    throw std::logic_error("rnnfused: the threaded recurrence has no projection");
+  }
+
+ private:
+  const PackedSlice<T>& packed(const T* b, bool trans_b, int64_t n, int64_t k, int64_t ldb) {
+    for (const PackedSlice<T>& slice : slices_)
+      if (slice.source == b && slice.transposed == trans_b && slice.n == n && slice.k == k) return slice;
+    PackedSlice<T>& slice = slices_.emplace_back();
+    slice.source = b;
+    slice.transposed = trans_b;
+    slice.n = n;
+    slice.k = k;
+    const int lanes = cpu::lanes<T>(isa_);
+    const int64_t units = u1_ - u0_, per_block = (units + lanes - 1) / lanes, blocks = n / H_;
+    slice.vectors = blocks * per_block;
+    slice.w.assign(k * slice.vectors * lanes, T(0));
+    for (int64_t v = 0; v < slice.vectors; ++v) {
+      const int64_t block = v / per_block, first = (v % per_block) * lanes;
+      slice.offset.push_back(block * H_ + u0_ + first);
+      slice.valid.push_back(static_cast<int>(std::min<int64_t>(lanes, units - first)));
+      for (int64_t kk = 0; kk < k; ++kk)
+        for (int l = 0; l < slice.valid.back(); ++l) {
+          const int64_t column = block * H_ + u0_ + first + l;
+          slice.w[(v * k + kk) * lanes + l] = trans_b ? b[column * ldb + kk] : b[kk * ldb + column];
+        }
+    }
+    return slice;
+  }
+
+  const int64_t H_, u0_, u1_;
+  StepBarrier& barrier_;
+  const int64_t arrivals_;
+  const Isa isa_;
+  std::vector<PackedSlice<T>> slices_;
+};
+
+// Runs recurrence.h's forward or backward step loop on the threads of one parallel_for,
+// thread i owning the units of the plan's slices [first, last).
+template <typename S, typename A, typename Params>
+void run(const Params& p, const persistent::Tiling& t) {
+  StepBarrier barrier(t.unit_tiles);
+  at::parallel_for(0, t.unit_tiles, 1, [&](int64_t first, int64_t last) {
+    SliceBackend<S> be(p.H, first * t.units, std::min(p.H, last * t.units), barrier, last - first);
+    if constexpr (std::is_same_v<Params, ForwardParams>)
+      rnnfused::forward_steps<S, A>(be, p);
+    else
+      rnnfused::backward_steps<S, A>(be, p);
+  });
+}
+
+}  // namespace persistent_cpu
+}  // namespace cpu
+}  // namespace rnnfused
