@@ -292,8 +292,12 @@ void run(const Tensor& x, const Params& p) {
 // On the CPU the persistent program runs on the CPU threads (make_cpu_plan), on a GPU as one
 // cooperative kernel (make_plan).
 
-// Until a GPU run of the persistent kernel's tests has passed, `auto` keeps stage 1 on GPUs.
-constexpr bool kPersistentVerifiedOnGpu = false;
+// `auto` runs the persistent kernel only on the GPU architectures where `make gpu-check` has
+// passed its tests: compute capability 9.0 (an H100, 2026-11-26). Elsewhere stage 1 runs until
+// a GPU run of that architecture adds it here.
+bool persistent_verified_on(int compute_capability) {
+  return compute_capability == 90;
+}
 
 struct KernelChoice {
   std::string kernel;  // "stepwise", "persistent" or "persistent (host simulation)"
@@ -361,15 +365,18 @@ KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B
 #ifdef RNNFUSED_WITH_CUDA
   tf32 = dtype == DType::Float32 && cuda::tf32_allowed(at::cuda::getCurrentCUDABlasHandle());
 #endif
-  persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, tf32, device_limits(device));
+  const persistent::DeviceLimits limits = device_limits(device);
+  persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, tf32, limits);
   if (setting == "persistent") {
     TORCH_CHECK(plan.persistent, "rnnfused: RNNFUSED_KERNEL=persistent but this layer cannot run persistent (",
                 plan.reason, ")");
     return {"persistent", plan.reason, plan};
   }
-  if (!kPersistentVerifiedOnGpu)
-    return stepwise("auto keeps the stepwise kernels until the persistent kernel has passed its tests on a GPU "
-                    "(RNNFUSED_KERNEL=persistent forces it; its plan here: " + plan.reason + ")");
+  if (!persistent_verified_on(limits.compute_capability))
+    return stepwise("auto keeps the stepwise kernels on compute capability " +
+                    std::to_string(limits.compute_capability / 10) + "." + std::to_string(limits.compute_capability % 10) +
+                    ": the persistent kernel has passed its GPU tests on 9.0 only (RNNFUSED_KERNEL=persistent "
+                    "forces it; its plan here: " + plan.reason + ")");
   if (!plan.persistent) return stepwise(plan.reason);
   return {"persistent", plan.reason, plan};
 }

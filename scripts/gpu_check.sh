@@ -71,6 +71,7 @@ if ! $PYTHON -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
   exit 1
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+echo "host compiler: $(command -v "${CXX:-c++}") $("${CXX:-c++}" --version 2>/dev/null | head -1)"
 ARCH=${RNNFUSED_CUDA_ARCHS:-$($PYTHON -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")}
 note "device: $($PYTHON -c "import torch; print(torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)")"
 

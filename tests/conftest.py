@@ -60,9 +60,9 @@ def run_and_grad(fn, x, hx, leaves, params=None, seed=1):
     `leaves` and `params` (default: fn's parameters). Returns (results, gradients)."""
     params = list(fn.parameters()) if params is None else list(params)
     values = flatten(fn(x, hx))
-    generator = torch.Generator(device=values[0].device).manual_seed(seed)
-    loss = sum((v * torch.randn(v.shape, generator=generator, device=v.device, dtype=v.dtype)).sum()
-               for v in values)
+    # Drawn on the CPU whatever the device, so that a CUDA run and a CPU run get the same weights.
+    generator = torch.Generator().manual_seed(seed)
+    loss = sum((v * torch.randn(v.shape, generator=generator, dtype=v.dtype).to(v.device)).sum() for v in values)
     grads = torch.autograd.grad(loss, list(leaves) + params)
     return [v.detach() for v in values], list(grads)
 

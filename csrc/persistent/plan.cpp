@@ -2,12 +2,19 @@
 #include "plan.h"
 
 #include <algorithm>
-#include <sstream>
+#include <string>
 #include <vector>
 
 namespace rnnfused {
 namespace persistent {
 namespace {
+
+// Plain to_string rather than iostreams: an extension linked by a toolchain that puts part
+// of libstdc++ into the .so (seen on the GPU machine: /opt/gcc) crashed formatting a number
+// into a stream whose locale came from the system libstdc++.
+std::string num(int64_t value) {
+  return std::to_string(value);
+}
 
 int64_t round_up(int64_t x, int64_t multiple) {
   return (x + multiple - 1) / multiple * multiple;
@@ -99,11 +106,10 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
 }
 
 std::string describe(const Tiling& t) {
-  std::ostringstream out;
-  out << "persistent: " << t.ctas() << " CTAs = " << t.unit_tiles << " x " << t.units << " units, " << t.row_tiles
-      << " x " << t.rows << " rows; shared memory " << t.fwd.bytes / 1024 << " KB forward, " << t.bwd.bytes / 1024
-      << " KB backward (dG " << t.chunk_gates << " gate" << (t.chunk_gates > 1 ? "s" : "") << " at a time)";
-  return out.str();
+  return "persistent: " + num(t.ctas()) + " CTAs = " + num(t.unit_tiles) + " x " + num(t.units) + " units, " +
+         num(t.row_tiles) + " x " + num(t.rows) + " rows; shared memory " + num(t.fwd.bytes / 1024) + " KB forward, " +
+         num(t.bwd.bytes / 1024) + " KB backward (dG " + num(t.chunk_gates) + " gate" + (t.chunk_gates > 1 ? "s" : "") +
+         " at a time)";
 }
 
 }  // namespace
@@ -129,10 +135,9 @@ Plan make_cpu_plan(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B, DType 
   t.row_tiles = 1;
   t.cpu_threads = true;
   plan.persistent = true;
-  std::ostringstream out;
-  out << "persistent on " << t.unit_tiles << " CPU thread" << (t.unit_tiles > 1 ? "s" : "") << ", " << t.units
-      << " units and W_hh " << gates_per_unit(cell) * t.units * H * storage_bytes(dtype) / 1024 << " KB each";
-  plan.reason = out.str();
+  plan.reason = "persistent on " + num(t.unit_tiles) + " CPU thread" + (t.unit_tiles > 1 ? "s" : "") + ", " +
+                num(t.units) + " units and W_hh " + num(gates_per_unit(cell) * t.units * H * storage_bytes(dtype) / 1024) +
+                " KB each";
   return plan;
 }
 
@@ -182,11 +187,9 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
       return plan;
     }
   }
-  std::ostringstream why;
-  why << "W_hh (" << gates_per_unit(cell) * H * H * elem / 1024 << " KB) and the state of " << B
-      << " rows do not fit in the shared memory of " << limits.sm_count << " multiprocessors ("
-      << limits.smem_per_block / 1024 << " KB each) at any batch tile";
-  return stepwise(why.str());
+  return stepwise("W_hh (" + num(gates_per_unit(cell) * H * H * elem / 1024) + " KB) and the state of " + num(B) +
+                  " rows do not fit in the shared memory of " + num(limits.sm_count) + " multiprocessors (" +
+                  num(limits.smem_per_block / 1024) + " KB each) at any batch tile");
 }
 
 }  // namespace persistent
