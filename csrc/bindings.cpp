@@ -257,6 +257,67 @@ Layer prepare_layer(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes,
   return l;
 }
 
+// Normalized layers: the checked norm weights and running statistics (kept alive here:
+// params points into them). Layer norm has no running statistics; batch norm always takes
+// them: eval normalizes with them, training at steps with a single active row.
+struct Normalization {
+  NormParams params;
+  std::vector<Tensor> weights, running;
+  bool active() const { return params.kind != Norm::None; }
+  bool batch_training() const { return params.kind == Norm::Batch && params.own_statistics; }
+};
+
+Normalization prepare_norm(int64_t norm, at::TensorList weights, bool training, double eps, const Layer& layer) {
+  TORCH_CHECK_VALUE(norm >= 0 && norm <= 2, "rnnfused: norm must be 0 (none), 1 (batch) or 2 (layer), got ", norm);
+  Normalization out;
+  NormParams& n = out.params;
+  n.kind = static_cast<Norm>(norm);
+  if (n.kind == Norm::None) {
+    TORCH_CHECK_VALUE(weights.empty(), "rnnfused: norm weights are only for norm=1 (batch) or 2 (layer)");
+    return out;
+  }
+  const LayerParams& p = layer.p;
+  const bool lstm = p.cell == Cell::LSTM;
+  TORCH_CHECK_VALUE(weights.size() == (lstm ? 4u : 2u), "rnnfused: a normalized layer needs the norm weights "
+                    "[gamma_x, gamma_h", lstm ? ", gamma_c, beta_c" : "", "], got ", weights.size(), " tensors");
+  TORCH_CHECK_VALUE(eps > 0, "rnnfused: eps must be positive, got ", eps);
+  const char* weight_names[] = {"gamma_x", "gamma_h", "gamma_c", "beta_c"};
+  for (size_t i = 0; i < weights.size(); ++i)
+    out.weights.push_back(prepare(weights[i], weight_names[i], {i < 2 ? p.G : p.H}, layer.x));
+  n.gamma_x = ptr(out.weights[0]);
+  n.gamma_h = ptr(out.weights[1]);
+  if (lstm) {
+    n.gamma_c = ptr(out.weights[2]);
+    n.beta_c = ptr(out.weights[3]);
+  }
+  n.eps = eps;
+  n.own_statistics = n.kind == Norm::Layer || training;
+  return out;
+}
+
+// Forward: the running statistics of every step, which batch norm needs and layer norm has not.
+void attach_running_stats(Normalization& norm, at::TensorList running, const Layer& layer) {
+  NormParams& n = norm.params;
+  const LayerParams& p = layer.p;
+  const bool lstm = p.cell == Cell::LSTM;
+  if (n.kind != Norm::Batch) {
+    TORCH_CHECK_VALUE(running.empty(), "rnnfused: running statistics are only for batch norm (norm=1)");
+    return;
+  }
+  TORCH_CHECK_VALUE(!n.own_statistics || p.B > 1, "Expected more than 1 value per channel when training, got input "
+                    "size torch.Size([", p.B, ", ", p.G, "])");
+  TORCH_CHECK_VALUE(running.size() == (lstm ? 6u : 4u), "rnnfused: batch norm needs the running statistics of every "
+                    "step [mean_x, var_x, mean_h, var_h", lstm ? ", mean_c, var_c" : "", "], got ", running.size(),
+                    " tensors");
+  const char* running_names[] = {"running mean_x", "running var_x", "running mean_h",
+                                 "running var_h",  "running mean_c", "running var_c"};
+  const void** targets[] = {&n.mean_x, &n.var_x, &n.mean_h, &n.var_h, &n.mean_c, &n.var_c};
+  for (size_t i = 0; i < running.size(); ++i) {
+    norm.running.push_back(prepare(running[i], running_names[i], {p.T, i < 4 ? p.G : p.H}, layer.x));
+    *targets[i] = ptr(norm.running.back());
+  }
+}
+
 #ifdef RNNFUSED_WITH_CUDA
 constexpr bool kWithCuda = true;
 #else
@@ -426,21 +487,32 @@ Tensor absent(const Tensor& like) {
   return at::empty({0}, like.options());
 }
 
-using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>,
+                                 std::vector<Tensor>>;
+
+// Normalized layers run the stepwise kernels (the persistent program has no normalization).
+KernelChoice kernel_for(const Layer& layer, const Normalization& norm) {
+  if (norm.active()) return stepwise("normalized layers run the stepwise kernels");
+  const LayerParams& p = layer.p;
+  return choose_kernel(p.cell, p.T, p.H, p.P, p.B, dtype_of(layer.x), layer.x.device());
+}
 
 // rnnfused::layer_forward: see the schema in TORCH_LIBRARY below.
 ForwardResult layer_forward(int64_t cell_index, const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0,
                             const OptTensor& c0, at::TensorList weights, bool has_biases, bool reverse,
-                            bool save_for_backward, double cell_clip, double grad_clip) {
+                            bool save_for_backward, double cell_clip, double grad_clip, int64_t norm_index,
+                            at::TensorList norm_weights, at::TensorList running_stats, bool training, double eps) {
   const Cell cell = cell_of(cell_index);
   const c10::DeviceGuard guard(x_in.device());
   const Layer layer = prepare_layer(cell, x_in, batch_sizes, h0, unpack_weights(weights, has_biases), reverse,
                                     cell_clip, grad_clip);
+  Normalization norm = prepare_norm(norm_index, norm_weights, training, eps, layer);
+  attach_running_stats(norm, running_stats, layer);
   ForwardParams p;
   static_cast<LayerParams&>(p) = layer.p;
   const Tensor& x = layer.x;
   const auto &opts = layer.opts, &acc = layer.acc;
-  const KernelChoice choice = choose_kernel(cell, p.T, p.H, p.P, p.B, dtype_of(x), x.device());
+  const KernelChoice choice = kernel_for(layer, norm);
   Tensor table;
   attach_plan(p, choice, layer, table);
 
@@ -478,6 +550,46 @@ ForwardResult layer_forward(int64_t cell_index, const Tensor& x_in, const OptTen
   p.cells = ptr(cells);
   p.proj_in = ptr(proj_in);
   p.rh = ptr(rh);
+
+  // Normalized layers: x̂ and rstd of each normalization (norm_saved: [xhat_x, rstd_x, xhat_h,
+  // rstd_h] + LSTM [chat, rstd_c]), batch norm's statistics in training (batch_stats: [mean_x,
+  // var_x, mean_h, var_h] + LSTM [mean_c, var_c]).
+  std::vector<Tensor> norm_saved, batch_stats, scratch;  // scratch: alive until run() returns
+  Tensor c_tilde;
+  if (norm.active()) {
+    p.norm = &norm.params;
+    const bool batch = norm.params.kind == Norm::Batch, lstm = cell == Cell::LSTM;
+    const std::vector<int64_t> line_shapes[] = {
+        batch ? std::vector<int64_t>{p.T, p.G} : std::vector<int64_t>{p.N},
+        batch ? std::vector<int64_t>{p.T, p.G} : std::vector<int64_t>{p.N, hidden_norm_groups(cell)},
+        batch ? std::vector<int64_t>{p.T, p.H} : std::vector<int64_t>{p.N}};
+    const int64_t widths[] = {p.G, p.G, p.H};
+    void** xhats[] = {&p.xhat_x, &p.xhat_h, &p.chat};
+    void** rstds[] = {&p.rstd_x, &p.rstd_h, &p.rstd_c};
+    void** means[] = {&p.batch_mean_x, &p.batch_mean_h, &p.batch_mean_c};
+    void** vars[] = {&p.batch_var_x, &p.batch_var_h, &p.batch_var_c};
+    for (int i = 0; i < (lstm ? 3 : 2); ++i) {
+      Tensor rstd = empty(line_shapes[i], acc);
+      *rstds[i] = ptr(rstd);
+      if (save_for_backward) {
+        Tensor xhat = empty({p.N, widths[i]}, acc);
+        *xhats[i] = ptr(xhat);
+        norm_saved.insert(norm_saved.end(), {xhat, rstd});
+      } else {
+        scratch.push_back(rstd);
+      }
+      if (norm.batch_training()) {
+        Tensor mean = empty({p.T, widths[i]}, acc), var = empty({p.T, widths[i]}, acc);
+        *means[i] = ptr(mean);
+        *vars[i] = ptr(var);
+        batch_stats.insert(batch_stats.end(), {mean, var});
+      }
+    }
+    if (lstm) {
+      c_tilde = empty({p.B, p.H}, acc);
+      p.c_tilde = ptr(c_tilde);
+    }
+  }
   if (simulated(choice)) poison({y, h, gates, cells});
   run(x, p);
 
@@ -489,26 +601,32 @@ ForwardResult layer_forward(int64_t cell_index, const Tensor& x_in, const OptTen
           save_for_backward ? y.clone() : absent(x),
           gates.defined() ? gates : absent(x),
           cells.defined() ? cells : absent(x),
-          save_for_backward && proj_in.defined() ? proj_in : absent(x)};
+          save_for_backward && proj_in.defined() ? proj_in : absent(x),
+          norm_saved,
+          batch_stats};
 }
 
-using BackwardResult = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>;
+using BackwardResult = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>>;
 
 // rnnfused::layer_backward: see the schema in TORCH_LIBRARY below.
 BackwardResult layer_backward(int64_t cell_index, const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0,
                               const OptTensor& c0, at::TensorList weights, bool has_biases, bool reverse,
                               double cell_clip, double grad_clip, const Tensor& hidden, const OptTensor& gates,
                               const OptTensor& cells, const OptTensor& proj_in, const Tensor& dy,
-                              const Tensor& dh_n, const OptTensor& dc_n, bool need_dx, bool need_weights) {
+                              const Tensor& dh_n, const OptTensor& dc_n, bool need_dx, bool need_weights,
+                              int64_t norm_index, at::TensorList norm_weights, bool training,
+                              at::TensorList norm_saved) {
   const Cell cell = cell_of(cell_index);
   const c10::DeviceGuard guard(x_in.device());
   const Weights w = unpack_weights(weights, has_biases);
   const Layer layer = prepare_layer(cell, x_in, batch_sizes, h0, w, reverse, cell_clip, grad_clip);
+  // Backward reads the saved rstd: neither eps nor the statistics.
+  const Normalization norm = prepare_norm(norm_index, norm_weights, training, 1.0, layer);
   BackwardParams p;
   static_cast<LayerParams&>(p) = layer.p;
   const Tensor& x = layer.x;
   const auto &opts = layer.opts, &acc = layer.acc;
-  const KernelChoice choice = choose_kernel(cell, p.T, p.H, p.P, p.B, dtype_of(x), x.device());
+  const KernelChoice choice = kernel_for(layer, norm);
   Tensor table;
   attach_plan(p, choice, layer, table);
   const int64_t saved = saved_gates_per_unit(cell);
@@ -554,7 +672,7 @@ BackwardResult layer_backward(int64_t cell_index, const Tensor& x_in, const OptT
     }
   }
   Tensor dgx = empty({p.N, p.G}, opts);
-  Tensor dgh = cell == Cell::GRU ? empty({p.N, p.G}, opts) : dgx;
+  Tensor dgh = cell == Cell::GRU || norm.active() ? empty({p.N, p.G}, opts) : dgx;
   Tensor h_prev = empty({p.N, p.P}, opts);
   Tensor dht, dm, rh, drh;
   if (projected) {
@@ -592,12 +710,53 @@ BackwardResult layer_backward(int64_t cell_index, const Tensor& x_in, const OptT
   p.rh = ptr(rh);
   p.drh = ptr(drh);
   p.ones = ptr(ones);
+
+  std::vector<Tensor> saved_c, dnorm_weights;
+  Tensor dpre_x, dpre_h, dc_tilde, dc_norm;
+  if (norm.active()) {
+    p.norm = &norm.params;
+    const bool batch = norm.params.kind == Norm::Batch, lstm = cell == Cell::LSTM;
+    TORCH_CHECK(norm_saved.size() == (lstm ? 6u : 4u), "rnnfused: backward of a normalized layer needs what forward "
+                "saved for it (norm_saved), got ", norm_saved.size(), " tensors");
+    const int64_t widths[] = {p.G, p.G, p.H};
+    const char* names[] = {"x", "h", "c"};
+    const void** xhats[] = {&p.xhat_x, &p.xhat_h, &p.chat};
+    const void** rstds[] = {&p.rstd_x, &p.rstd_h, &p.rstd_c};
+    for (int i = 0; i < (lstm ? 3 : 2); ++i) {
+      const std::vector<int64_t> line_shape =
+          batch ? std::vector<int64_t>{p.T, widths[i]}
+                : (i == 1 ? std::vector<int64_t>{p.N, hidden_norm_groups(cell)} : std::vector<int64_t>{p.N});
+      const std::string xhat_name = std::string("the saved normalized ") + names[i];
+      const std::string rstd_name = std::string("the saved rstd of ") + names[i];
+      saved_c.push_back(prepare(norm_saved[2 * i], xhat_name.c_str(), {p.N, widths[i]}, x, acc_dtype));
+      saved_c.push_back(prepare(norm_saved[2 * i + 1], rstd_name.c_str(), line_shape, x, acc_dtype));
+      *xhats[i] = ptr(saved_c[2 * i]);
+      *rstds[i] = ptr(saved_c[2 * i + 1]);
+    }
+    dpre_x = empty({p.N, p.G}, opts);
+    dpre_h = cell == Cell::GRU ? empty({p.N, p.G}, opts) : dpre_x;
+    p.dpre_x = ptr(dpre_x);
+    p.dpre_h = ptr(dpre_h);
+    if (lstm) {
+      dc_tilde = empty({p.N, p.H}, acc);
+      dc_norm = empty({p.B, p.H}, acc);
+      p.dc_tilde = ptr(dc_tilde);
+      p.dc_norm = ptr(dc_norm);
+    }
+    if (need_weights) {
+      void** targets[] = {&p.dgamma_x, &p.dgamma_h, &p.dgamma_c, &p.dbeta_c};
+      for (size_t i = 0; i < norm.weights.size(); ++i) {
+        dnorm_weights.push_back(empty({i < 2 ? p.G : p.H}, opts));
+        *targets[i] = ptr(dnorm_weights.back());
+      }
+    }
+  }
   if (simulated(choice)) poison({dgx, dgh, rh});
   run(x, p);
 
   if (dx.defined() && !layer.packed) dx = dx.view(x.sizes());
   return {dx.defined() ? dx : absent(x), dh.to(x.scalar_type()), dc.defined() ? dc.to(x.scalar_type()) : absent(x),
-          dweights};
+          dweights, dnorm_weights};
 }
 
 }  // namespace
@@ -609,14 +768,17 @@ BackwardResult layer_backward(int64_t cell_index, const Tensor& x_in, const OptT
 TORCH_LIBRARY(rnnfused, m) {
   m.def(
       "layer_forward(int cell, Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor[] weights, "
-      "bool has_biases, bool reverse, bool save_for_backward, float cell_clip, float grad_clip) -> "
-      "(Tensor y, Tensor h_n, Tensor c_n, Tensor hidden, Tensor gates, Tensor cells, Tensor proj_in)",
+      "bool has_biases, bool reverse, bool save_for_backward, float cell_clip, float grad_clip, int norm, "
+      "Tensor[] norm_weights, Tensor[] running_stats, bool training, float eps) -> "
+      "(Tensor y, Tensor h_n, Tensor c_n, Tensor hidden, Tensor gates, Tensor cells, Tensor proj_in, "
+      "Tensor[] norm_saved, Tensor[] batch_stats)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "layer_backward(int cell, Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor[] weights, "
       "bool has_biases, bool reverse, float cell_clip, float grad_clip, Tensor hidden, Tensor? gates, "
-      "Tensor? cells, Tensor? proj_in, Tensor dy, Tensor dh_n, Tensor? dc_n, bool need_dx, bool need_weights) -> "
-      "(Tensor dx, Tensor dh0, Tensor dc0, Tensor[] dweights)",
+      "Tensor? cells, Tensor? proj_in, Tensor dy, Tensor dh_n, Tensor? dc_n, bool need_dx, bool need_weights, "
+      "int norm, Tensor[] norm_weights, bool training, Tensor[] norm_saved) -> "
+      "(Tensor dx, Tensor dh0, Tensor dc0, Tensor[] dweights, Tensor[] dnorm_weights)",
       {at::Tag::pt2_compliant_tag});
 }
 

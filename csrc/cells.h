@@ -105,24 +105,46 @@ RNNF_HD T lstm_hidden(const LstmGates<T>& a, T c) {
   return a.o * tanh_(c);
 }
 
-// dh: gradient w.r.t. h_t (all consumers); dc: gradient w.r.t. c_t from step t+1.
-// Returns the pre-activation gradients; writes the gradient w.r.t. c_{t-1} to dc_prev.
-// A saved c with |c| >= cell_clip is treated as clamped (pre-clip value unknown; the
-// boundary case c_pre == ±cell_clip exactly has measure zero).
+// The backward of an LSTM element in two parts, around h_t = o * tanh(c̃) where c̃ is c_t
+// itself or (normalized layers) its normalization.
+// Output part: from dh (gradient w.r.t. h_t), the gradient of the o pre-activation, and of
+// c̃ through tanh.
 template <typename T>
-RNNF_HD LstmGates<T> lstm_backward(const LstmGates<T>& a, T c, T c_prev, T dh, T dc,
-                                   T cell_clip, T grad_clip, T& dc_prev) {
-  const T tanh_c = tanh_(c);
-  T dc_total = dc + dh * a.o * (T(1) - tanh_c * tanh_c);
-  // With the clip off (infinity) nothing is clamped, not even an infinite c.
+struct LstmOutputGrads {
+  T d_o, dc_tilde;
+};
+
+template <typename T>
+RNNF_HD LstmOutputGrads<T> lstm_backward_output(T o, T c_tilde, T dh, T grad_clip) {
+  const T tanh_c = tanh_(c_tilde);
+  return {clamp(dh * tanh_c * o * (T(1) - o), grad_clip), dh * o * (T(1) - tanh_c * tanh_c)};
+}
+
+// Cell part: from dc_total (all of the gradient w.r.t. c_t) the gradients of the i, f, g
+// pre-activations (written to d.i, d.f, d.g) and of c_{t-1} (returned). A saved c with
+// |c| >= cell_clip is treated as clamped (pre-clip value unknown; the boundary case
+// c_pre == ±cell_clip exactly has measure zero); with the clip off (infinity) nothing is
+// clamped, not even an infinite c.
+template <typename T>
+RNNF_HD T lstm_backward_cell(const LstmGates<T>& a, T c, T c_prev, T dc_total, T cell_clip, T grad_clip,
+                             LstmGates<T>& d) {
   const bool clamped = ((c >= cell_clip) | (c <= -cell_clip)) & (cell_clip < T(INFINITY));
   dc_total = clamped ? T(0) : dc_total;
-  dc_prev = dc_total * a.f;
-  LstmGates<T> d;
   d.i = clamp(dc_total * a.g * a.i * (T(1) - a.i), grad_clip);
   d.f = clamp(dc_total * c_prev * a.f * (T(1) - a.f), grad_clip);
   d.g = clamp(dc_total * a.i * (T(1) - a.g * a.g), grad_clip);
-  d.o = clamp(dh * tanh_c * a.o * (T(1) - a.o), grad_clip);
+  return dc_total * a.f;
+}
+
+// dh: gradient w.r.t. h_t (all consumers); dc: gradient w.r.t. c_t from step t+1.
+// Returns the pre-activation gradients; writes the gradient w.r.t. c_{t-1} to dc_prev.
+template <typename T>
+RNNF_HD LstmGates<T> lstm_backward(const LstmGates<T>& a, T c, T c_prev, T dh, T dc, T cell_clip, T grad_clip,
+                                   T& dc_prev) {
+  const LstmOutputGrads<T> out = lstm_backward_output(a.o, c, dh, grad_clip);
+  LstmGates<T> d;
+  d.o = out.d_o;
+  dc_prev = lstm_backward_cell(a, c, c_prev, dc + out.dc_tilde, cell_clip, grad_clip, d);
   return d;
 }
 

@@ -38,6 +38,35 @@ constexpr int kNumCells = 5;
 
 enum class DType : int { Float32, Float64, Float16, BFloat16 };
 
+// Normalized layers (norm.h): recurrent batch normalization or layer normalization of the
+// input side x W_ihᵀ, the hidden side h W_hhᵀ and (LSTM) the cell c_t:
+//   pre = N_x(x W_ihᵀ; γ_x) + N_h(h W_hhᵀ; γ_h) + b_ih + b_hh,  LSTM h_t = o * tanh(N_c(c_t; γ_c, β_c)).
+// Batch norm normalizes each column over the rows active at a step, layer norm each row over
+// its G columns (GRU_CHO's hidden side: its r,z columns and its n columns apart) or H units.
+enum class Norm : int { None = 0, Batch = 1, Layer = 2 };
+
+struct NormParams {
+  Norm kind = Norm::None;
+  bool own_statistics = true;  // batch norm in training, layer norm; else batch norm's given statistics
+  double eps = 1e-5;
+  const void* gamma_x = nullptr;  // S [G]
+  const void* gamma_h = nullptr;  // S [G]
+  const void* gamma_c = nullptr;  // S [H] LSTM
+  const void* beta_c = nullptr;   // S [H] LSTM
+  // Batch norm in eval: the statistics of every step, S [T, G] (x, h) and [T, H] (c).
+  const void* mean_x = nullptr;
+  const void* var_x = nullptr;
+  const void* mean_h = nullptr;
+  const void* var_h = nullptr;
+  const void* mean_c = nullptr;
+  const void* var_c = nullptr;
+};
+
+// Columns normalized together on the hidden side by layer norm: all G, or GRU_CHO's r,z and n.
+inline int64_t hidden_norm_groups(Cell cell) {
+  return cell == Cell::GRU_CHO ? 2 : 1;
+}
+
 // Cells are checked where they enter (bindings.cpp); a switch over them still never falls
 // through silently: an invalid cell throws on the host and traps on the GPU.
 RNNF_HD void invalid_cell(Cell cell) {
@@ -90,6 +119,8 @@ struct LayerParams {
   const int64_t* kernel_batch_sizes = nullptr;
   const int64_t* kernel_offsets = nullptr;
 
+  const NormParams* norm = nullptr;  // normalized layers (null: none)
+
   const void* w_ih = nullptr;  // S [G, I]
   const void* w_hh = nullptr;  // S [G, P]
   const void* b_ih = nullptr;  // S [G], zeros for a layer without bias
@@ -116,6 +147,24 @@ struct ForwardParams : LayerParams {
   // backward, else [B, H] reused by every step. Null without projection.
   void* proj_in = nullptr;  // S
   void* rh = nullptr;       // S [B, H] GRU_CHO scratch: r * h_{t-1}
+
+  // Normalized layers. Saved for backward (null in inference): x̂ of each normalization, A.
+  void* xhat_x = nullptr;  // [N, G]
+  void* xhat_h = nullptr;  // [N, G]
+  void* chat = nullptr;    // [N, H] LSTM
+  // 1 / sqrt(var + eps) of each line, A (always: the passes need them): batch norm [T, G],
+  // [T, G], [T, H]; layer norm [N], [N, groups], [N].
+  void* rstd_x = nullptr;
+  void* rstd_h = nullptr;
+  void* rstd_c = nullptr;
+  void* c_tilde = nullptr;  // A [B, H] LSTM scratch: the normalized cell of one step
+  // Batch norm in training: the mean and biased variance of every step, A [T, G], [T, G], [T, H].
+  void* batch_mean_x = nullptr;
+  void* batch_var_x = nullptr;
+  void* batch_mean_h = nullptr;
+  void* batch_var_h = nullptr;
+  void* batch_mean_c = nullptr;
+  void* batch_var_c = nullptr;
 };
 
 struct BackwardParams : LayerParams {
@@ -143,7 +192,8 @@ struct BackwardParams : LayerParams {
   // Scratch.
   void* dgx = nullptr;     // S [N, G] gradient of the gate pre-activations (input side)
   void* dgh = nullptr;     // S [N, G] the same on the W_hh side; differs only for GRU
-                           //   (d(W_hn h) = r * d(n pre-activation)); aliases dgx otherwise
+                           //   (d(W_hn h) = r * d(n pre-activation)) and normalized layers;
+                           //   aliases dgx otherwise
   void* h_prev = nullptr;  // S [N, P] h_{t-1} of every row, gathered from h0 and y
   void* c_prev = nullptr;  // A [N, H] LSTM: c_{t-1} of every row, from c0 and cells
   void* dht = nullptr;     // S [N, P] LSTM with projection: total gradient of h_t
@@ -151,6 +201,25 @@ struct BackwardParams : LayerParams {
   void* rh = nullptr;      // S [N, H] GRU_CHO: r * h_{t-1} of every row
   void* drh = nullptr;     // A [B, H] GRU_CHO: gradient of r * h_{t-1}
   const void* ones = nullptr;  // S [N] all ones (bias gradients as matmuls: deterministic)
+
+  // Normalized layers: what forward saved (see ForwardParams), A.
+  const void* xhat_x = nullptr;
+  const void* xhat_h = nullptr;
+  const void* chat = nullptr;
+  const void* rstd_x = nullptr;
+  const void* rstd_h = nullptr;
+  const void* rstd_c = nullptr;
+  // Results, null when not needed: the gradients of γ_x, γ_h [G], γ_c, β_c [H] (LSTM), S.
+  void* dgamma_x = nullptr;
+  void* dgamma_h = nullptr;
+  void* dgamma_c = nullptr;
+  void* dbeta_c = nullptr;
+  // Scratch. dpre: the gradient of the normalized projections (the pre-activations); dgx, dgh
+  // are then the gradients of the projections before their normalization.
+  void* dpre_x = nullptr;    // S [N, G]
+  void* dpre_h = nullptr;    // S [N, G] differs only for GRU; aliases dpre_x otherwise
+  void* dc_tilde = nullptr;  // A [N, H] LSTM: gradient of N_c(c_t)
+  void* dc_norm = nullptr;   // A [B, H] LSTM: gradient of c_t through N_c
 };
 
 }  // namespace rnnfused

@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "norm.h"
 #include "params.h"
 #include "steps.h"
 
@@ -94,12 +95,80 @@ InputProjection<A> input_projection_buffer(const ForwardParams& p) {
   return {static_cast<A*>(p.gx), p.G};
 }
 
+// ---------------------------------------------------------------------------------------
+// Normalized layers (norm.h): the passes the recurrence calls where a layer normalizes.
+
+// Lines of a pass: the columns [col0, col0 + width) of `rows` rows from row0 (batch norm), or
+// those rows (layer norm); per-line values at stat_stride.
+inline Lines norm_lines(const NormParams& n, int64_t row0, int64_t rows, int64_t col0, int64_t width,
+                        int64_t stat_stride) {
+  return {n.kind == Norm::Batch, row0, rows, col0, width, stat_stride};
+}
+
+// Whether batch norm at a step uses the given (running) statistics: in eval, and in training
+// at a step with a single active row (packed input), whose own variance would be zero.
+inline bool given_statistics(const NormParams& n, int64_t rows) {
+  return n.kind == Norm::Batch && (!n.own_statistics || rows < 2);
+}
+
+// One normalization of the columns [col0, col0 + width) of the `rows` rows of step t, whose
+// first row is r0 (every buffer given from that row): batch norm per column with step t's
+// statistics at stats + t * stat_width + col0, layer norm per row with its statistics at
+// stats + (r0 + row) * groups + group.
+template <typename S, typename A, typename Backend>
+void normalize_step(Backend& be, const NormParams& n, int64_t t, int64_t r0, int64_t rows, int64_t col0,
+                    int64_t width, int64_t stat_width, int64_t group, int64_t groups, const A* in, int64_t ld_in,
+                    A* out, int64_t ld_out, A* saved, int64_t ld_saved, const void* gamma, const void* beta,
+                    A* rstd, A* batch_mean, A* batch_var, const void* given_mean, const void* given_var) {
+  if (rows == 0) return;
+  const bool batch = n.kind == Norm::Batch;
+  const int64_t stat = batch ? t * stat_width + col0 : r0 * groups + group;
+  auto at = [&](const void* base) { return base ? static_cast<const S*>(base) + stat : nullptr; };
+  const NormalizeLines<S, A> pass{norm_lines(n, 0, rows, col0, width, batch ? 1 : groups),
+                                  in, ld_in, out, ld_out, saved, ld_saved,
+                                  static_cast<const S*>(gamma), static_cast<const S*>(beta), rstd + stat,
+                                  batch && batch_mean ? batch_mean + stat : nullptr,
+                                  batch && batch_var ? batch_var + stat : nullptr,
+                                  given_statistics(n, rows) ? at(given_mean) : nullptr,
+                                  given_statistics(n, rows) ? at(given_var) : nullptr, A(n.eps)};
+  be.for_each(batch ? 1 : rows, batch ? column_blocks(width) : 1, pass);
+}
+
+// The backward of normalize_step: dx (the gradient of the normalization's input) from dy,
+// every buffer [*, ld] given from the step's first row.
+template <typename S, typename A, typename Backend, typename DY, typename DX>
+void normalize_step_backward(Backend& be, const NormParams& n, int64_t t, int64_t r0, int64_t rows, int64_t col0,
+                             int64_t width, int64_t stat_width, int64_t group, int64_t groups, const DY* dy, DX* dx,
+                             const A* saved, int64_t ld, const void* gamma, const A* rstd) {
+  if (rows == 0) return;
+  const bool batch = n.kind == Norm::Batch;
+  const int64_t stat = batch ? t * stat_width + col0 : r0 * groups + group;
+  const NormalizeLinesBackward<S, A, DY, DX> pass{norm_lines(n, 0, rows, col0, width, batch ? 1 : groups),
+                                                  dy, dx, saved, ld,
+                                                  static_cast<const S*>(gamma), rstd + stat,
+                                                  !given_statistics(n, rows)};
+  be.for_each(batch ? 1 : rows, batch ? column_blocks(width) : 1, pass);
+}
+
 // gx = x W_ihᵀ for all N rows: one matmul, before the recurrence (stepwise or persistent).
+// Normalized layers then normalize it: batch norm step by step (each step's rows), layer norm
+// all rows at once.
 template <typename S, typename A, typename Backend>
 void forward_input_projection(Backend& be, const ForwardParams& p) {
   const InputProjection<A> gx = input_projection_buffer<A>(p);
   be.template gemm<S, A>(false, true, p.N, p.G, p.I, static_cast<const S*>(p.x), p.I, static_cast<const S*>(p.w_ih),
                          p.I, 0, gx.gx, gx.ld);
+  if (!p.norm) return;
+  const NormParams& n = *p.norm;
+  auto* xhat = static_cast<A*>(p.xhat_x);
+  auto normalize = [&](int64_t t, int64_t r0, int64_t rows) {
+    normalize_step<S, A>(be, n, t, r0, rows, 0, p.G, p.G, 0, 1, gx.gx + r0 * gx.ld, gx.ld, gx.gx + r0 * gx.ld, gx.ld,
+                         xhat ? xhat + r0 * p.G : nullptr, p.G, n.gamma_x, nullptr, static_cast<A*>(p.rstd_x),
+                         static_cast<A*>(p.batch_mean_x), static_cast<A*>(p.batch_var_x), n.mean_x, n.var_x);
+  };
+  if (n.kind == Norm::Layer) return normalize(0, 0, p.N);
+  const auto offsets = step_offsets(p);
+  for (int64_t t = 0; t < p.T; ++t) normalize(t, offsets[t], p.batch_sizes[t]);
 }
 
 // The recurrence one step at a time: per step one matmul (two for GRU_CHO, plus the
@@ -124,6 +193,18 @@ void forward_steps(Backend& be, const ForwardParams& p) {
   auto* proj_in = static_cast<S*>(p.proj_in);
   auto* rh = static_cast<S*>(p.rh);
   const auto offsets = step_offsets(p);
+  const NormParams* norm = p.norm;
+  auto* xhat_h = static_cast<A*>(p.xhat_h);
+  auto* chat = static_cast<A*>(p.chat);
+  // Normalized layers: the hidden side gh of step t, columns [col0, col0 + width) (layer norm's
+  // group `group`), in place.
+  auto normalize_hidden = [&](int64_t t, int64_t r0, int64_t rows, int64_t col0, int64_t width, int64_t group) {
+    if (!norm) return;
+    normalize_step<S, A>(be, *norm, t, r0, rows, col0, width, G, group, hidden_norm_groups(p.cell), gh, G, gh, G,
+                         xhat_h ? xhat_h + r0 * G : nullptr, G, norm->gamma_h, nullptr, static_cast<A*>(p.rstd_h),
+                         static_cast<A*>(p.batch_mean_h), static_cast<A*>(p.batch_var_h), norm->mean_h,
+                         norm->var_h);
+  };
 
   for (int64_t s = 0; s < p.T; ++s) {
     const int64_t t = p.reverse ? p.T - 1 - s : s;
@@ -134,15 +215,27 @@ void forward_steps(Backend& be, const ForwardParams& p) {
     switch (p.cell) {
       case Cell::LSTM: {
         be.template gemm<S, A>(false, true, rows, G, P, h, P, w_hh, P, 0, gh, G);
+        normalize_hidden(t, r0, rows, 0, G, 0);
         // With a projection the step writes o * tanh(c_t) (the input of W_hr) and the state
         // is set after the projection matmul.
         S* m_t = w_hr ? proj_in + (gates ? r0 * H : 0) : y + r0 * H;
         A* cells_t = cells ? cells + r0 * H : nullptr;
         with_flag(gates != nullptr, [&](auto save) {
-          be.for_each(rows, H,
-                      LstmForwardStep<S, A, decltype(save)::value>{gx_t, gh, b_ih, b_hh, c, m_t, w_hr ? m_t : h,
-                                                                   gates_t, cells_t, H, ld_gx, A(p.cell_clip)});
+          with_flag(norm != nullptr, [&](auto norm_cell) {
+            be.for_each(rows, H,
+                        LstmForwardStep<S, A, decltype(save)::value, decltype(norm_cell)::value>{
+                            gx_t, gh, b_ih, b_hh, c, m_t, w_hr ? m_t : h, gates_t, cells_t, H, ld_gx,
+                            A(p.cell_clip), gh});
+          });
         });
+        if (norm) {  // h_t = o * tanh(N_c(c_t)), o left in gh by the step
+          auto* c_tilde = static_cast<A*>(p.c_tilde);
+          normalize_step<S, A>(be, *norm, t, r0, rows, 0, H, H, 0, 1, c, H, c_tilde, H, chat ? chat + r0 * H : nullptr,
+                               H, norm->gamma_c, norm->beta_c, static_cast<A*>(p.rstd_c),
+                               static_cast<A*>(p.batch_mean_c), static_cast<A*>(p.batch_var_c), norm->mean_c,
+                               norm->var_c);
+          be.for_each(rows, H, LstmNormOutputStep<S, A>{c_tilde, gh, m_t, w_hr ? m_t : h, H});
+        }
         if (w_hr) {
           be.template gemm<S, S>(false, true, rows, P, H, m_t, H, w_hr, H, 0, y + r0 * P, P);
           be.copy(h, y + r0 * P, rows * P * static_cast<int64_t>(sizeof(S)));
@@ -151,6 +244,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
       }
       case Cell::GRU:
         be.template gemm<S, A>(false, true, rows, G, H, h, H, w_hh, H, 0, gh, G);
+        normalize_hidden(t, r0, rows, 0, G, 0);
         with_flag(gates != nullptr, [&](auto save) {
           be.for_each(rows, H,
                       GruForwardStep<S, A, decltype(save)::value>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, gates_t, H, ld_gx});
@@ -158,10 +252,12 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         break;
       case Cell::GRU_CHO:
         be.template gemm<S, A>(false, true, rows, 2 * H, H, h, H, w_hh, H, 0, gh, G);
+        normalize_hidden(t, r0, rows, 0, 2 * H, 0);
         with_flag(gates != nullptr, [&](auto save) {
           be.for_each(rows, H, GruChoResetStep<S, A, decltype(save)::value>{gx_t, gh, b_ih, b_hh, h, rh, gates_t, H, ld_gx});
         });
         be.template gemm<S, A>(false, true, rows, H, H, rh, H, w_hh + 2 * H * H, H, 0, gh + 2 * H, G);
+        normalize_hidden(t, r0, rows, 2 * H, H, 1);
         with_flag(gates != nullptr, [&](auto save) {
           be.for_each(rows, H,
                       GruChoOutputStep<S, A, decltype(save)::value>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, gates_t, H, ld_gx});
@@ -170,6 +266,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
       case Cell::RNN_TANH:
       case Cell::RNN_RELU:
         be.template gemm<S, A>(false, true, rows, H, H, h, H, w_hh, H, 0, gh, H);
+        normalize_hidden(t, r0, rows, 0, H, 0);
         if (p.cell == Cell::RNN_TANH)
           be.for_each(rows, H, RnnForwardStep<S, A, false>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H});
         else
@@ -223,6 +320,20 @@ void backward_steps(Backend& be, const BackwardParams& p) {
   const A cell_clip = A(p.cell_clip), grad_clip = A(p.grad_clip);
   const int64_t saved_width = saved_gates_per_unit(p.cell) * H;
   const auto offsets = step_offsets(p);
+  // The steps' passes write the gradients of the pre-activations to dpre; the matmuls read
+  // dgh. Without normalization they are the same buffers.
+  const NormParams* norm = p.norm;
+  S* dpre_x = norm ? static_cast<S*>(p.dpre_x) : dgx;
+  S* dpre_h = norm ? static_cast<S*>(p.dpre_h) : dgh;
+  const auto* xhat_h = static_cast<const A*>(p.xhat_h);
+  const auto* chat = static_cast<const A*>(p.chat);
+  auto normalize_hidden_backward = [&](int64_t t, int64_t r0, int64_t rows, int64_t col0, int64_t width,
+                                       int64_t group) {
+    if (!norm) return;
+    normalize_step_backward<S, A>(be, *norm, t, r0, rows, col0, width, G, group, hidden_norm_groups(p.cell),
+                                  dpre_h + r0 * G, dgh + r0 * G, xhat_h + r0 * G, G, norm->gamma_h,
+                                  static_cast<const A*>(p.rstd_h));
+  };
 
   // Steps in the opposite order of the forward walk.
   for (int64_t s = 0; s < p.T; ++s) {
@@ -239,41 +350,63 @@ void backward_steps(Backend& be, const BackwardParams& p) {
           be.template gemm<S, A>(false, false, rows, H, P, dht + r0 * P, P, w_hr, H, 0, dm, H);
           dh_t = dm;
         }
-        with_flag(w_hr != nullptr, [&](auto projected) {
+        if (norm) {  // around N_c: the o gradient and dc̃, N_c's backward, then the rest
+          A* dc_tilde_t = static_cast<A*>(p.dc_tilde) + r0 * H;
+          auto* dc_norm = static_cast<A*>(p.dc_norm);
+          with_flag(w_hr != nullptr, [&](auto projected) {
+            be.for_each(rows, H,
+                        LstmNormBackwardOutputStep<S, A, decltype(projected)::value>{
+                            gates_t, chat + r0 * H, static_cast<const S*>(norm->gamma_c),
+                            static_cast<const S*>(norm->beta_c), dy_t, dh_t, dc_tilde_t, dpre_x + r0 * G, H,
+                            grad_clip});
+          });
+          normalize_step_backward<S, A>(be, *norm, t, r0, rows, 0, H, H, 0, 1, dc_tilde_t, dc_norm, chat + r0 * H, H,
+                                        norm->gamma_c, static_cast<const A*>(p.rstd_c));
           be.for_each(rows, H,
-                      LstmBackwardStep<S, A, decltype(projected)::value>{
-                          gates_t, cells + r0 * H, c_prev + r0 * H, dy_t, dh_t, dc, dgx + r0 * G, H, cell_clip,
-                          grad_clip});
-        });
-        be.template gemm<S, A>(false, false, rows, P, G, dgx + r0 * G, G, w_hh, P, 0, dh, P);
+                      LstmNormBackwardCellStep<S, A>{gates_t, cells + r0 * H, c_prev + r0 * H, dc_norm, dc,
+                                                     dpre_x + r0 * G, H, cell_clip, grad_clip});
+        } else {
+          with_flag(w_hr != nullptr, [&](auto projected) {
+            be.for_each(rows, H,
+                        LstmBackwardStep<S, A, decltype(projected)::value>{
+                            gates_t, cells + r0 * H, c_prev + r0 * H, dy_t, dh_t, dc, dpre_x + r0 * G, H, cell_clip,
+                            grad_clip});
+          });
+        }
+        normalize_hidden_backward(t, r0, rows, 0, G, 0);
+        be.template gemm<S, A>(false, false, rows, P, G, dgh + r0 * G, G, w_hh, P, 0, dh, P);
         break;
       }
       case Cell::GRU:
         be.for_each(rows, H,
-                    GruBackwardStep<S, A>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dgx + r0 * G,
-                                          dgh + r0 * G, H, grad_clip});
+                    GruBackwardStep<S, A>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
+                                          dpre_h + r0 * G, H, grad_clip});
+        normalize_hidden_backward(t, r0, rows, 0, G, 0);
         be.template gemm<S, A>(false, false, rows, H, G, dgh + r0 * G, G, w_hh, H, 1, dh, H);
         break;
       case Cell::GRU_CHO:
         be.for_each(rows, H,
-                    GruChoBackwardNzStep<S, A>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dgx + r0 * G,
+                    GruChoBackwardNzStep<S, A>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
                                                H, grad_clip});
-        be.template gemm<S, A>(false, false, rows, H, H, dgx + r0 * G + 2 * H, G, w_hh + 2 * H * H, H,
+        normalize_hidden_backward(t, r0, rows, 2 * H, H, 1);
+        be.template gemm<S, A>(false, false, rows, H, H, dgh + r0 * G + 2 * H, G, w_hh + 2 * H * H, H,
                                0, drh, H);
         be.for_each(rows, H,
-                    GruChoBackwardRStep<S, A>{gates_t, h_prev + r0 * H, drh, dh, dgx + r0 * G,
+                    GruChoBackwardRStep<S, A>{gates_t, h_prev + r0 * H, drh, dh, dpre_x + r0 * G,
                                               rh + r0 * H, H, grad_clip});
-        be.template gemm<S, A>(false, false, rows, H, 2 * H, dgx + r0 * G, G, w_hh, H, 1, dh, H);
+        normalize_hidden_backward(t, r0, rows, 0, 2 * H, 0);
+        be.template gemm<S, A>(false, false, rows, H, 2 * H, dgh + r0 * G, G, w_hh, H, 1, dh, H);
         break;
       case Cell::RNN_TANH:
       case Cell::RNN_RELU:
         if (p.cell == Cell::RNN_TANH)
           be.for_each(rows, H,
-                      RnnBackwardStep<S, A, false>{hidden + r0 * H, dy + r0 * H, dh, dgx + r0 * G, H, grad_clip});
+                      RnnBackwardStep<S, A, false>{hidden + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G, H, grad_clip});
         else
           be.for_each(rows, H,
-                      RnnBackwardStep<S, A, true>{hidden + r0 * H, dy + r0 * H, dh, dgx + r0 * G, H, grad_clip});
-        be.template gemm<S, A>(false, false, rows, H, H, dgx + r0 * G, G, w_hh, H, 0, dh, H);
+                      RnnBackwardStep<S, A, true>{hidden + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G, H, grad_clip});
+        normalize_hidden_backward(t, r0, rows, 0, H, 0);
+        be.template gemm<S, A>(false, false, rows, H, H, dgh + r0 * G, G, w_hh, H, 0, dh, H);
         break;
       default:
         invalid_cell(p.cell);
@@ -282,9 +415,40 @@ void backward_steps(Backend& be, const BackwardParams& p) {
 
 }
 
+// Normalized layers after the backward recurrence: dgx from dpre_x through the input side's
+// normalization (batch norm step by step, layer norm all rows at once), and the gradients of
+// γ and β as column sums.
+template <typename S, typename A, typename Backend>
+void backward_normalization(Backend& be, const BackwardParams& p) {
+  const NormParams& n = *p.norm;
+  const int64_t G = p.G, H = p.H, N = p.N;
+  const auto* dpre_x = static_cast<const S*>(p.dpre_x);
+  const auto* dpre_h = static_cast<const S*>(p.dpre_h);
+  const auto* xhat_x = static_cast<const A*>(p.xhat_x);
+  const auto* xhat_h = static_cast<const A*>(p.xhat_h);
+  const auto* chat = static_cast<const A*>(p.chat);
+  const auto* dc_tilde = static_cast<const A*>(p.dc_tilde);
+  auto* dgx = static_cast<S*>(p.dgx);
+  auto input_side = [&](int64_t t, int64_t r0, int64_t rows) {
+    normalize_step_backward<S, A>(be, n, t, r0, rows, 0, G, G, 0, 1, dpre_x + r0 * G, dgx + r0 * G, xhat_x + r0 * G,
+                                  G, n.gamma_x, static_cast<const A*>(p.rstd_x));
+  };
+  if (n.kind == Norm::Layer) {
+    input_side(0, 0, N);
+  } else {
+    const auto offsets = step_offsets(p);
+    for (int64_t t = 0; t < p.T; ++t) input_side(t, offsets[t], p.batch_sizes[t]);
+  }
+  if (p.dgamma_x) be.for_each(1, column_blocks(G), ColumnSums<S, A, S>{dpre_x, G, xhat_x, G, static_cast<S*>(p.dgamma_x), N, G});
+  if (p.dgamma_h) be.for_each(1, column_blocks(G), ColumnSums<S, A, S>{dpre_h, G, xhat_h, G, static_cast<S*>(p.dgamma_h), N, G});
+  if (p.dgamma_c) be.for_each(1, column_blocks(H), ColumnSums<S, A, A>{dc_tilde, H, chat, H, static_cast<S*>(p.dgamma_c), N, H});
+  if (p.dbeta_c) be.for_each(1, column_blocks(H), ColumnSums<S, A, A>{dc_tilde, H, nullptr, 0, static_cast<S*>(p.dbeta_c), N, H});
+}
+
 // After the backward recurrence: dx and the weight gradients as matmuls over all N rows.
 template <typename S, typename A, typename Backend>
 void backward_weight_gradients(Backend& be, const BackwardParams& p) {
+  if (p.norm) backward_normalization<S, A>(be, p);
   const int64_t H = p.H, P = p.P, G = p.G, N = p.N;
   const auto* x = static_cast<const S*>(p.x);
   const auto* w_ih = static_cast<const S*>(p.w_ih);
@@ -304,9 +468,12 @@ void backward_weight_gradients(Backend& be, const BackwardParams& p) {
       be.template gemm<S, S>(true, false, G, P, N, dgh, G, h_prev, P, 0, dw_hh, P);
     }
   }
+  // The biases are added after the normalizations: their gradients are those of the pre-activations.
+  const auto* dbias_x = static_cast<const S*>(p.norm ? p.dpre_x : p.dgx);
+  const auto* dbias_h = static_cast<const S*>(p.norm ? p.dpre_h : p.dgh);
   const auto* ones = static_cast<const S*>(p.ones);
-  if (p.db_ih) be.template gemm<S, S>(true, false, G, 1, N, dgx, G, ones, 1, 0, static_cast<S*>(p.db_ih), 1);
-  if (p.db_hh) be.template gemm<S, S>(true, false, G, 1, N, dgh, G, ones, 1, 0, static_cast<S*>(p.db_hh), 1);
+  if (p.db_ih) be.template gemm<S, S>(true, false, G, 1, N, dbias_x, G, ones, 1, 0, static_cast<S*>(p.db_ih), 1);
+  if (p.db_hh) be.template gemm<S, S>(true, false, G, 1, N, dbias_h, G, ones, 1, 0, static_cast<S*>(p.db_hh), 1);
   if (p.dw_hr)
     be.template gemm<S, S>(true, false, P, H, N, dht, P, static_cast<const S*>(p.proj_in), H, 0,
                            static_cast<S*>(p.dw_hr), H);

@@ -67,7 +67,9 @@ RNNF_HD A preact(const A* x_row, const A* h_row, const S* b_ih, const S* b_hh, i
 // ---------------------------------------------------------------------------------------
 // Forward steps
 
-template <typename S, typename A, bool kSave>
+// kNormCell (normalized layers): h_t = o * tanh(N_c(c_t)) needs the statistics of c_t first,
+// so the step stops at c_t and leaves o in o_out (norm.h's LstmNormOutputStep finishes).
+template <typename S, typename A, bool kSave, bool kNormCell = false>
 struct LstmForwardStep {
   const A* gx;       // [rows, ld_gx] x W_ihᵀ (may be gates itself)
   const A* gh;       // [rows, 4H]
@@ -80,6 +82,7 @@ struct LstmForwardStep {
   A* cells;          // [rows, H] kSave: c_t
   int64_t H, ld_gx;
   A cell_clip;
+  A* o_out = nullptr;  // [rows, 4H] kNormCell: o in column block 3 (may be gh itself)
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
     const int64_t row = b * 4 * H;
@@ -92,9 +95,13 @@ struct LstmForwardStep {
     const int64_t e = b * H + j;
     const A c_t = cells::lstm_cell(a, c[e], cell_clip);
     c[e] = c_t;
-    const S h = store<S>(cells::lstm_hidden(a, c_t));
-    h_out[e] = h;
-    h_state[e] = h;
+    if constexpr (kNormCell) {
+      o_out[row + 3 * H + j] = a.o;
+    } else {
+      const S h = store<S>(cells::lstm_hidden(a, c_t));
+      h_out[e] = h;
+      h_state[e] = h;
+    }
     if constexpr (kSave) {
       gates[row + j] = a.i;
       gates[row + H + j] = a.f;

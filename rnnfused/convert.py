@@ -27,7 +27,7 @@ def convert(model, to="rnnfused"):
     the module's hooks. A layer that cannot be converted without losing something raises:
     a subclass (its own code would be lost), a parametrized or weight-normalized layer
     (parameters other than the standard ones), and, towards torch, rnnfused's extras
-    (``reset_after=False``, ``cell_clip``, ``grad_clip``). The model is changed in place
+    (``reset_after=False``, ``cell_clip``, ``grad_clip``, ``norm``). The model is changed in place
     (containers get the new layers) and returned, since the model itself may be replaced.
     """
     if to not in ("rnnfused", "torch"):
@@ -68,7 +68,8 @@ def _convert_layer(old, cls, to):
     is_cell = cls in (nn.LSTMCell, nn.GRUCell, nn.RNNCell, cells.LSTMCell, cells.GRUCell, cells.RNNCell)
     if to == "torch":
         extras = {"reset_after": getattr(old, "reset_after", True) is not True,
-                  "cell_clip": getattr(old, "cell_clip", None) is not None, "grad_clip": old.grad_clip is not None}
+                  "cell_clip": getattr(old, "cell_clip", None) is not None, "grad_clip": old.grad_clip is not None,
+                  "norm": getattr(old, "norm", None) is not None}
         used = [name for name, on in extras.items() if on]
         if used:
             raise ValueError(f"convert: torch.nn.{cls.__name__} has no equivalent of {', '.join(used)}; "

@@ -7,14 +7,14 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import _C
 from .cells import GRUCell, LSTMCell, RNNCell
-from .functional import Cell
+from .functional import Cell, fused_norm_on
 from .modules import RNNBase
 
 
 class KernelChoice(NamedTuple):
     layer: int
     direction: str  # "forward" or "reverse"
-    kernel: str  # "stepwise", "persistent" or "persistent (host simulation)"
+    kernel: str  # "stepwise", "persistent", "persistent (host simulation)" or "reference equations"
     reason: str
 
     def __str__(self):
@@ -53,7 +53,13 @@ def explain(module, input):
     choices = []
     for layer in range(module.num_layers):
         for direction in ("forward", "reverse") if module.bidirectional else ("forward",):
-            kernel, reason = _C.kernel_choice(int(module._cell()), steps, module.hidden_size, width, batch, dtype,
-                                              device)
+            if module.norm is None:
+                kernel, reason = _C.kernel_choice(int(module._cell()), steps, module.hidden_size, width, batch,
+                                                  dtype, device)
+            elif fused_norm_on(device):
+                kernel, reason = "stepwise", "normalized layers run the stepwise kernels"
+            else:
+                kernel, reason = "reference equations", ("normalized layers on CUDA until their fused kernels have "
+                                                         "passed their GPU tests (RNNFUSED_CUDA_NORM=fused)")
             choices.append(KernelChoice(layer, direction, kernel, reason))
     return choices

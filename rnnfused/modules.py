@@ -9,7 +9,39 @@ The classes derive from ``nn.Module``, not from ``torch.nn.RNNBase``: torch.comp
 to trace instances of the torch.nn recurrent classes.
 
 Extras beyond torch.nn (keyword-only, off by default): ``grad_clip`` for every layer,
-``cell_clip`` for LSTM and ``reset_after`` for GRU; see the class docstrings.
+``cell_clip`` for LSTM, ``reset_after`` for GRU, and normalized layers for every cell
+(``norm="batch"`` or ``"layer"``, below); see the class docstrings.
+
+Normalized layers
+-----------------
+``norm="batch"``: recurrent batch normalization (Cooijmans et al., "Recurrent Batch
+Normalization", ICLR 2017); ``norm="layer"``: layer normalization (Ba, Kiros and Hinton 2016,
+as in haste's LayerNormLSTM). The input and the hidden projection are normalized apart, then
+the biases are added; an LSTM also normalizes its cell before the output tanh::
+
+    pre = N(x_t W_ihᵀ; γ_ih) + N(h_{t-1} W_hhᵀ; γ_hh) + b_ih + b_hh
+    LSTM:  c_t as usual,  h_t = o ⊙ tanh(N(c_t; γ_c, β_c))     (c_t itself is not normalized)
+    GRU:   n = tanh(x_n + r ⊙ (N(h W_hhᵀ)_n + b_hn));  Cho form: N(W_hn (r ⊙ h)) normalized on its own
+    N(v; γ, β) = γ (v - mean) / sqrt(var + eps) + β
+
+Batch norm normalizes each column over the batch rows active at a time step (for packed
+input, the sequences that reach that step): in training with the step's own mean and biased
+variance, in eval with running statistics kept *per time step* for steps 0..``max_steps``-1
+(later steps use the last ones), updated in training as ``nn.BatchNorm1d`` does with
+``momentum`` (the variance unbiased). A training step with a single active row is normalized
+with its running statistics and does not update them; a batch of one in training is an error,
+as in ``nn.BatchNorm1d``. Statistics are indexed by time step t, also for the reverse
+direction. Layer norm normalizes each row over its G gate pre-activations (the Cho GRU's
+hidden side: over its r, z columns and its n columns apart) and the cell over its H units; it
+has no running statistics and works for any batch.
+
+Parameters per layer k and direction (suffix ``_l{k}`` / ``_l{k}_reverse``): ``norm_weight_ih``
+and ``norm_weight_hh`` ``[G]`` (γ of the two projections), LSTM also ``norm_weight_c`` and
+``norm_bias_c`` ``[H]``; batch norm buffers ``running_mean_ih``, ``running_var_ih``,
+``running_mean_hh``, ``running_var_hh`` ``[max_steps, G]`` (LSTM also ``running_mean_c``,
+``running_var_c`` ``[max_steps, H]``). γ starts at 0.1 for batch norm, as the paper
+recommends (it keeps tanh and σ out of saturation early on), at 1 for layer norm; β at 0.
+The standard weights draw the same random numbers as without norm.
 """
 
 import math
@@ -27,6 +59,8 @@ from .functional import Cell, _clip_value, recurrent_layer
 __all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_NORMS = (None, "batch", "layer")
+_BATCH_NORM_GAMMA = 0.1  # Cooijmans et al.: γ = 0.1 keeps the gates out of saturation early on
 
 
 class RNNBase(nn.Module):
@@ -42,7 +76,8 @@ class RNNBase(nn.Module):
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
-                 grad_clip=None, cell_clip=None, reset_after=True):
+                 grad_clip=None, cell_clip=None, reset_after=True, norm=None, momentum=0.1, eps=1e-5,
+                 max_steps=1000):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.mode = mode
@@ -57,6 +92,10 @@ class RNNBase(nn.Module):
         self.grad_clip = grad_clip
         self.cell_clip = cell_clip
         self.reset_after = reset_after
+        self.norm = norm
+        self.momentum = momentum
+        self.eps = eps
+        self.max_steps = max_steps
         _check_config(self, dropout)
 
         gate_size = _GATES[mode] * hidden_size
@@ -82,14 +121,54 @@ class RNNBase(nn.Module):
                     names.append(name)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        # Normalized layers: after the standard weights, so that those draw torch.nn's numbers.
+        self._norm_weights_names = []
+        self._running_stats_names = []
+        if norm is not None:
+            widths = {"ih": gate_size, "hh": gate_size}  # of each normalization
+            if mode == "LSTM":
+                widths["c"] = hidden_size
+            for index, names in enumerate(self._all_weights):
+                suffix = f"_l{index // num_directions}" + ("_reverse" if index % num_directions else "")
+                shapes = {f"norm_weight_{side}": width for side, width in widths.items()}
+                if mode == "LSTM":
+                    shapes["norm_bias_c"] = hidden_size
+                norm_names = [kind + suffix for kind in shapes]
+                for name, width in zip(norm_names, shapes.values()):
+                    setattr(self, name, nn.Parameter(torch.empty(width, **factory_kwargs)))
+                names.extend(norm_names)
+                self._norm_weights_names.append(norm_names)
+                running_names = []
+                if norm == "batch":
+                    for side, width in widths.items():
+                        for stat in ("mean", "var"):
+                            running_names.append(f"running_{stat}_{side}{suffix}")
+                            self.register_buffer(running_names[-1], torch.empty(max_steps, width, **factory_kwargs))
+                self._running_stats_names.append(running_names)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every parameter, in registration
-        order (the same random draws as torch.nn)."""
+        """U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every standard weight, in
+        registration order (the same random draws as torch.nn); normalized layers: γ 0.1
+        (batch) or 1 (layer), β 0, and the running statistics reset."""
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
+        for weight in self._flat_weights:
             init.uniform_(weight, -stdv, stdv)
+        for names in self._norm_weights_names:
+            for name in names:
+                value = 0.0 if name.startswith("norm_bias") else _BATCH_NORM_GAMMA if self.norm == "batch" else 1.0
+                init.constant_(getattr(self, name), value)
+        self.reset_running_stats()
+
+    def reset_running_stats(self) -> None:
+        """Batch norm: running means 0 and variances 1 at every step, as nn.BatchNorm1d."""
+        for names in self._running_stats_names:
+            for name in names:
+                buffer = getattr(self, name)
+                if name.startswith("running_mean"):
+                    init.zeros_(buffer)
+                else:
+                    init.ones_(buffer)
 
     @property
     def _flat_weights(self):
@@ -128,6 +207,10 @@ class RNNBase(nn.Module):
             s += f", cell_clip={self.cell_clip}"
         if self.reset_after is not True:
             s += f", reset_after={self.reset_after}"
+        if self.norm is not None:
+            s += f", norm={self.norm!r}, eps={self.eps}"
+            if self.norm == "batch":
+                s += f", momentum={self.momentum}, max_steps={self.max_steps}"
         return s
 
     # --- checks, as torch.nn ---------------------------------------------------------------
@@ -188,11 +271,17 @@ class RNNBase(nn.Module):
                 def param(kind):
                     return getattr(self, kind + suffix, None)
 
+                normalization = {}
+                if self.norm is not None:
+                    normalization = dict(
+                        norm=self.norm, norm_weights=[getattr(self, n) for n in self._norm_weights_names[index]],
+                        running_stats=[getattr(self, n) for n in self._running_stats_names[index]],
+                        training=self.training, momentum=self.momentum, eps=self.eps)
                 y, h, c = recurrent_layer(
                     cell, layer_input, hx[index], None if cx is None else cx[index],
                     param("weight_ih"), param("weight_hh"), param("bias_ih"), param("bias_hh"),
                     param("weight_hr"), batch_sizes=batch_sizes, reverse=direction == 1,
-                    cell_clip=self.cell_clip, grad_clip=self.grad_clip)
+                    cell_clip=self.cell_clip, grad_clip=self.grad_clip, **normalization)
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)
@@ -299,6 +388,14 @@ def _check_config(module, dropout):
         raise ValueError("reset_after is only supported for GRU")
     if not isinstance(module.reset_after, bool):
         raise TypeError(f"reset_after should be of type bool, got: {type(module.reset_after).__name__}")
+    if module.norm not in _NORMS:
+        raise ValueError(f"norm must be None, 'batch' or 'layer', got {module.norm!r}")
+    if isinstance(module.eps, bool) or not isinstance(module.eps, numbers.Real) or not module.eps > 0:
+        raise ValueError(f"eps must be a positive number, got {module.eps!r}")
+    if isinstance(module.momentum, bool) or not isinstance(module.momentum, numbers.Real):
+        raise TypeError(f"momentum should be a number, got: {type(module.momentum).__name__}")
+    if isinstance(module.max_steps, bool) or not isinstance(module.max_steps, int) or module.max_steps <= 0:
+        raise ValueError(f"max_steps must be a positive int, got {module.max_steps!r}")
 
 
 class RNN(RNNBase):

@@ -6,7 +6,8 @@ dtype and device. Gradients come from autograd through the loop. Written for cla
 not speed, and independent of the fused kernels and of :mod:`rnnfused.modules`.
 
 :func:`forward` runs a whole module's configuration (torch.nn or rnnfused, any layers and
-directions, padded, batch_first, unbatched or packed input) without dropout.
+directions, padded, batch_first, unbatched or packed input; rnnfused's normalized layers)
+without dropout, and without updating batch norm's running statistics.
 """
 
 import torch
@@ -45,36 +46,98 @@ def _linear(x, weight, bias=None):
     return out if bias is None else out + bias
 
 
-def cell_step(mode, x, h, c, weights, *, reset_after=True, cell_clip=None, grad_clip=None):
+class Normalization:
+    """A normalized layer's settings for :func:`layer` (the math: :mod:`rnnfused.modules`).
+
+    ``kind`` is ``"batch"`` or ``"layer"``; gamma_x, gamma_h [G], gamma_c, beta_c [H] (LSTM).
+    Batch norm normalizes each column over the rows active at a step, with their own
+    statistics in training, with ``running`` (the statistics of every time step, ``[mean_x,
+    var_x, mean_h, var_h]`` + LSTM ``[mean_c, var_c]``, each [T, *]) in eval and at steps with
+    fewer than 2 active rows. After :func:`layer`, ``batch_stats`` holds the mean and biased
+    variance each step used, in the order of ``running``, [T, *] (batch norm).
+    """
+
+    def __init__(self, kind, gamma_x, gamma_h, gamma_c=None, beta_c=None, *, eps=1e-5, training=True,
+                 running=None):
+        if kind not in ("batch", "layer"):
+            raise ValueError(f"norm must be 'batch' or 'layer', got {kind!r}")
+        self.kind, self.eps, self.training, self.running = kind, eps, training, running
+        self.gamma = {"x": gamma_x, "h": gamma_h, "c": gamma_c}
+        self.beta_c = beta_c
+        self.batch_stats = None
+
+
+class _StepNorm:
+    """The normalizations of one step t: ``active`` [B] marks the rows in the step (None: all)."""
+
+    def __init__(self, norm, t, active):
+        self.norm, self.t, self.active = norm, t, active
+        self.stats = {}
+
+    def __call__(self, side, v, cols=None):
+        """N(v) of side "x", "h" or "c" for the columns ``cols`` (a slice; layer norm's group)."""
+        norm = self.norm
+        cols = cols or slice(0, v.size(1))
+        gamma = norm.gamma[side][cols]
+        beta = norm.beta_c if side == "c" else None
+        if norm.kind == "layer":
+            mean = v.mean(1, keepdim=True)
+            var = v.var(1, unbiased=False, keepdim=True)
+        else:
+            rows = v if self.active is None else v[self.active]
+            index = {"x": 0, "h": 2, "c": 4}[side]
+            if norm.training and rows.size(0) >= 2:
+                mean, var = rows.mean(0), rows.var(0, unbiased=False)
+            else:
+                mean, var = (norm.running[index + k][self.t, cols].to(v.dtype) for k in (0, 1))
+            self.stats.setdefault(side, []).append((mean, var))
+        out = (v - mean) / torch.sqrt(var + norm.eps) * gamma
+        return out if beta is None else out + beta
+
+
+def _no_norm(side, v, cols=None):
+    return v
+
+
+def cell_step(mode, x, h, c, weights, *, reset_after=True, cell_clip=None, grad_clip=None, norm=None):
     """One step of one cell for a batch: x [B, I], h [B, P], c [B, H] (LSTM) or None.
 
-    ``weights`` maps w_ih, w_hh, b_ih, b_hh, w_hr to tensors or None. Returns (h', c').
+    ``weights`` maps w_ih, w_hh, b_ih, b_hh, w_hr to tensors or None. ``norm`` (normalized
+    layers, see :class:`Normalization`) is called as ``norm(side, v, cols)``; the biases are
+    added after it. Returns (h', c').
     """
+    norm = norm or _no_norm
     w_ih, w_hh, b_ih, b_hh = weights["w_ih"], weights["w_hh"], weights["b_ih"], weights["b_hh"]
+    b_ih = 0 if b_ih is None else b_ih
+    gx = norm("x", _linear(x, w_ih)) + b_ih
     if mode == "LSTM":
-        pre = clamp_grad(_linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh), grad_clip)
+        pre = clamp_grad(gx + norm("h", _linear(h, w_hh)) + (0 if b_hh is None else b_hh), grad_clip)
         i, f, g, o = pre.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         if cell_clip is not None:
             c = c.clamp(-cell_clip, cell_clip)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        h = torch.sigmoid(o) * torch.tanh(norm("c", c))
         if weights["w_hr"] is not None:
             h = _linear(h, weights["w_hr"])
         return h, c
     if mode == "GRU":
-        x_r, x_z, x_n = _linear(x, w_ih, b_ih).chunk(3, dim=1)
+        x_r, x_z, x_n = gx.chunk(3, dim=1)
         hidden = h.size(1)
-        w_hr, w_hz, w_hn = w_hh.split(hidden, dim=0)
-        b_hr, b_hz, b_hn = (None, None, None) if b_hh is None else b_hh.split(hidden)
-        r = torch.sigmoid(clamp_grad(x_r + _linear(h, w_hr, b_hr), grad_clip))
-        z = torch.sigmoid(clamp_grad(x_z + _linear(h, w_hz, b_hz), grad_clip))
+        b_hh = torch.zeros_like(w_hh[:, 0]) if b_hh is None else b_hh
         if reset_after:
-            n_pre = x_n + r * _linear(h, w_hn, b_hn)
+            h_r, h_z, h_n = (norm("h", _linear(h, w_hh)) + b_hh).chunk(3, dim=1)
+        else:  # Cho et al.: W_hn multiplies r * h, normalized apart from the r, z columns
+            h_r, h_z = (norm("h", _linear(h, w_hh[:2 * hidden]), slice(0, 2 * hidden)) + b_hh[:2 * hidden]).chunk(2, 1)
+        r = torch.sigmoid(clamp_grad(x_r + h_r, grad_clip))
+        z = torch.sigmoid(clamp_grad(x_z + h_z, grad_clip))
+        if reset_after:
+            n_pre = x_n + r * h_n
         else:
-            n_pre = x_n + _linear(r * h, w_hn, b_hn)
+            n_pre = x_n + norm("h", _linear(r * h, w_hh[2 * hidden:]), slice(2 * hidden, 3 * hidden)) \
+                + b_hh[2 * hidden:]
         n = torch.tanh(clamp_grad(n_pre, grad_clip))
         return (1 - z) * n + z * h, None
-    pre = clamp_grad(_linear(x, w_ih, b_ih) + _linear(h, w_hh, b_hh), grad_clip)
+    pre = clamp_grad(gx + norm("h", _linear(h, w_hh)) + (0 if b_hh is None else b_hh), grad_clip)
     if mode == "RNN_TANH":
         return torch.tanh(pre), None
     if mode == "RNN_RELU":
@@ -82,29 +145,37 @@ def cell_step(mode, x, h, c, weights, *, reset_after=True, cell_clip=None, grad_
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def layer(mode, x, h0, c0, weights, *, lengths=None, reverse=False, **options):
+def layer(mode, x, h0, c0, weights, *, lengths=None, reverse=False, norm=None, **options):
     """One layer in one direction over padded input.
 
     x [T, B, I]; lengths [B] (None: all T) marks the valid steps of each sequence. A
     sequence's state stays put outside its valid steps, so the forward direction ends on
-    its last valid step and the reverse direction starts from h0 at it. Returns
-    (y [T, B, P] with zeros at padding, h_n [B, P], c_n [B, H] or None).
+    its last valid step and the reverse direction starts from h0 at it. ``norm``: a
+    :class:`Normalization` for a normalized layer. Returns (y [T, B, P] with zeros at padding,
+    h_n [B, P], c_n [B, H] or None).
     """
     steps = x.size(0)
     h, c = h0, c0
     outputs = [None] * steps
+    step_stats = [None] * steps
     order = range(steps - 1, -1, -1) if reverse else range(steps)
     for t in order:
-        h_new, c_new = cell_step(mode, x[t], h, c, weights, **options)
+        active = None if lengths is None else (t < lengths).to(x.device)
+        step_norm = None if norm is None else _StepNorm(norm, t, active)
+        h_new, c_new = cell_step(mode, x[t], h, c, weights, norm=step_norm, **options)
+        if step_norm is not None:
+            step_stats[t] = step_norm.stats
         if lengths is None:
             h, c = h_new, c_new
             outputs[t] = h
         else:
-            active = (t < lengths).to(x.device).unsqueeze(1)
-            h = torch.where(active, h_new, h)
+            h = torch.where(active.unsqueeze(1), h_new, h)
             if c is not None:
-                c = torch.where(active, c_new, c)
-            outputs[t] = torch.where(active, h_new, torch.zeros_like(h_new))
+                c = torch.where(active.unsqueeze(1), c_new, c)
+            outputs[t] = torch.where(active.unsqueeze(1), h_new, torch.zeros_like(h_new))
+    if norm is not None and norm.kind == "batch":
+        norm.batch_stats = [torch.stack([torch.cat([part[k] for part in stats[side]]) for stats in step_stats])
+                            for side in ("x", "h", "c") if side in step_stats[0] for k in (0, 1)]
     return torch.stack(outputs), h, c
 
 
@@ -113,6 +184,17 @@ def _module_weights(module, layer_index, direction):
     names = {"w_ih": "weight_ih", "w_hh": "weight_hh", "b_ih": "bias_ih", "b_hh": "bias_hh",
              "w_hr": "weight_hr"}
     return {key: getattr(module, name + suffix, None) for key, name in names.items()}
+
+
+def _module_norm(module, index, steps):
+    """The Normalization of a normalized rnnfused layer direction (None without norm); the
+    running statistics of steps beyond max_steps are those of the last step kept."""
+    if getattr(module, "norm", None) is None:
+        return None
+    running = [getattr(module, name) for name in module._running_stats_names[index]]
+    running = [r[torch.arange(steps).clamp(max=r.size(0) - 1)] for r in running]
+    return Normalization(module.norm, *(getattr(module, name) for name in module._norm_weights_names[index]),
+                         eps=module.eps, training=module.training, running=running or None)
 
 
 def forward(module, input, hx=None):
@@ -158,7 +240,7 @@ def forward(module, input, hx=None):
             index = layer_index * directions + direction
             y, h, c = layer(mode, layer_input, h0[index], None if c0 is None else c0[index],
                             _module_weights(module, layer_index, direction), lengths=lengths,
-                            reverse=direction == 1, **options)
+                            reverse=direction == 1, norm=_module_norm(module, index, x.size(0)), **options)
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)

@@ -248,7 +248,7 @@ def _saved_lstm_layer(device="cpu"):
     x = torch.randn(3, 2, 4, device=device)
     h0, c0 = torch.zeros(2, 5, device=device), torch.zeros(2, 5, device=device)
     weights = [torch.randn(20, 4, device=device), torch.randn(20, 5, device=device)]
-    y, h_n, c_n, hidden, gates, cells, _ = _ops.layer_forward(
+    y, h_n, c_n, hidden, gates, cells, *_ = _ops.layer_forward(
         _ops.Cell.LSTM, x, None, h0, c0, weights, has_biases=False, reverse=False, save_for_backward=True,
         cell_clip=inf, grad_clip=inf)
 

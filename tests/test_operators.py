@@ -13,6 +13,10 @@ from rnnfused._ops import GATES_PER_UNIT, Cell
 from conftest import CUDA_USABLE, flatten, make_twins, max_error
 
 INF = float("inf")
+# The operators' trailing arguments of an unnormalized layer: forward (norm, norm_weights,
+# running_stats, training, eps), backward (norm, norm_weights, training, norm_saved).
+NO_NORM_FORWARD = (0, [], [], True, 1e-5)
+NO_NORM_BACKWARD = (0, [], True, [])
 DEVICES = ["cpu"] + (["cuda"] if CUDA_USABLE else [])
 
 
@@ -32,7 +36,7 @@ def _operator_args(cell, packed, proj, requires_grad, dtype, device):
         batch_sizes, x = None, t(4, 3, 3)
     weights = [t(gates, 3), t(gates, width), t(gates), t(gates)] + ([t(width, hidden)] if proj else [])
     c0 = t(3, hidden) if cell == Cell.LSTM else None
-    return (int(cell), x, batch_sizes, t(3, width), c0, weights, True, False, True, INF, 0.5)
+    return (int(cell), x, batch_sizes, t(3, width), c0, weights, True, False, True, INF, 0.5, *NO_NORM_FORWARD)
 
 
 OPCHECK_CASES = [
@@ -53,13 +57,13 @@ def test_opcheck_layer_forward(cell, packed, proj, requires_grad, dtype, device)
                          [c for c in OPCHECK_CASES if not c[3]])
 def test_opcheck_layer_backward(cell, packed, proj, requires_grad, dtype, device):
     args = _operator_args(cell, packed, proj, False, dtype, device)
-    cell_, x, batch_sizes, h0, c0, weights, has_biases, reverse, _, cell_clip, grad_clip = args
-    y, h_n, c_n, hidden, gates, cells, proj_in = torch.ops.rnnfused.layer_forward(*args)
+    cell_, x, batch_sizes, h0, c0, weights, has_biases, reverse, _, cell_clip, grad_clip = args[:11]
+    y, h_n, c_n, hidden, gates, cells, proj_in, _, _ = torch.ops.rnnfused.layer_forward(*args)
     is_lstm = cell == Cell.LSTM
     backward_args = (cell_, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip, grad_clip, hidden,
                      gates if cell not in (Cell.RNN_TANH, Cell.RNN_RELU) else None, cells if is_lstm else None,
                      proj_in if proj else None, torch.randn_like(y), torch.randn_like(h_n),
-                     torch.randn_like(c_n) if is_lstm else None, True, True)
+                     torch.randn_like(c_n) if is_lstm else None, True, True, *NO_NORM_BACKWARD)
     torch.library.opcheck(torch.ops.rnnfused.layer_backward.default, backward_args)
 
 
