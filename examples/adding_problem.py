@@ -9,8 +9,11 @@ the lag; LSTM and GRU can.
 
     python examples/adding_problem.py                 # rnnfused layers
     python examples/adding_problem.py --impl torch    # the same with torch.nn
+    python examples/adding_problem.py --cells LSTM,RNN --norm none,batch,layer
+                                                      # normalized layers against plain ones
 
-Prints each cell's test MSE and writes examples/out/adding_problem.png.
+Prints each run's test MSE and writes examples/out/adding_problem.png (with --norm other
+than none: adding_problem_norm.png).
 """
 
 import argparse
@@ -38,10 +41,10 @@ def batch(size, length, generator):
 
 
 class ManyToOne(nn.Module):
-    def __init__(self, cell, hidden, library):
+    def __init__(self, cell, hidden, library, norm=None):
         super().__init__()
-        layer = getattr(library, "RNN" if cell == "RNN" else cell)
-        self.rnn = layer(2, hidden, batch_first=True)
+        layer = getattr(library, cell)
+        self.rnn = layer(2, hidden, batch_first=True, **({"norm": norm} if norm else {}))
         self.readout = nn.Linear(hidden, 1)
 
     def forward(self, x):
@@ -49,9 +52,9 @@ class ManyToOne(nn.Module):
         return self.readout(output[:, -1])
 
 
-def train(cell, args, library):
+def train(cell, norm, args, library):
     torch.manual_seed(args.seed)
-    model = ManyToOne(cell, args.hidden, library)
+    model = ManyToOne(cell, args.hidden, library, norm)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     history = []
@@ -67,14 +70,22 @@ def train(cell, args, library):
     seconds = time.perf_counter() - start
     test_x, test_target = batch(2000, args.length, torch.Generator().manual_seed(args.seed + 1))
     with torch.no_grad():
+        model.eval()
         test_mse = nn.functional.mse_loss(model(test_x), test_target).item()
-    return history, test_mse, seconds
+        # Batch norm: also with the test batch's own statistics (training mode, after the
+        # evaluation above: it updates the running statistics), to tell the model from the
+        # running statistics that eval uses.
+        model.train()
+        own_statistics_mse = nn.functional.mse_loss(model(test_x), test_target).item()
+    return history, test_mse, own_statistics_mse, seconds
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impl", choices=["rnnfused", "torch"], default="rnnfused", help="layer library")
     parser.add_argument("--cells", default="LSTM,GRU,RNN", help="comma-separated cells to train")
+    parser.add_argument("--norm", default="none",
+                        help="comma-separated normalizations to train each cell with: none, batch, layer (rnnfused)")
     parser.add_argument("--length", type=int, default=100, help="sequence length (the lag)")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
@@ -84,14 +95,21 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     args = parser.parse_args()
     library = rnnfused if args.impl == "rnnfused" else nn
+    norms = args.norm.split(",")
+    if args.impl == "torch" and norms != ["none"]:
+        parser.error("--norm needs --impl rnnfused (torch.nn has no normalized recurrent layers)")
 
     results = {}
     for cell in args.cells.split(","):
-        history, test_mse, seconds = train(cell, args, library)
-        results[cell] = history
-        verdict = "solved" if test_mse < SOLVED_MSE else "not solved"
-        print(f"{cell:5s} ({args.impl}): test MSE {test_mse:.4f} (predicting the mean: {BASELINE_MSE:.3f}) "
-              f"-> {verdict}; {args.steps} steps in {seconds:.0f} s", flush=True)
+        for norm in norms:
+            name = cell if norm == "none" else f"{cell} norm={norm}"
+            history, test_mse, own_statistics_mse, seconds = train(cell, None if norm == "none" else norm, args,
+                                                                    library)
+            results[name] = history
+            verdict = "solved" if test_mse < SOLVED_MSE else "not solved"
+            batch_stats = f" (with the test batch's statistics: {own_statistics_mse:.4f})" if norm == "batch" else ""
+            print(f"{name:16s} ({args.impl}): test MSE {test_mse:.4f}{batch_stats} (predicting the mean: "
+                  f"{BASELINE_MSE:.3f}) -> {verdict}; {args.steps} steps in {seconds:.0f} s", flush=True)
 
     import matplotlib
     matplotlib.use("Agg")
@@ -109,7 +127,7 @@ def main():
     ax.set_title(f"adding problem, T = {args.length} ({args.impl})")
     ax.legend()
     fig.tight_layout()
-    path = os.path.join(args.out, "adding_problem.png")
+    path = os.path.join(args.out, "adding_problem.png" if norms == ["none"] else "adding_problem_norm.png")
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
