@@ -276,6 +276,25 @@ def test_cpu_threads_match_reference_in_float64(mode, options, shape, count):
     assert max_error(results, _exact(module, steps, batch, packed)) <= 1e-10
 
 
+@pytest.mark.parametrize("mode,options", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_threads_in_half_precision_no_worse_than_stage_1(mode, options, dtype):
+    """float16 / bfloat16 multiply in float32 panels on the threads; against the float64
+    reference they are no less accurate than stage 1 (which forms its products in the
+    storage dtype), and independent of the thread count."""
+    module = _module(mode, options, 5, 70, dtype, bidirectional=True)
+    exact = _exact(module, 11, 13, True)
+    with environment(RNNFUSED_KERNEL="stepwise"):
+        stepwise = _run(module, 11, 13, dtype, True)
+    by_threads = []
+    for count in (1, 2):
+        with threads(count), environment(RNNFUSED_KERNEL="persistent"):
+            assert all("CPU thread" in c.reason for c in rnnfused.explain(module, torch.zeros(11, 13, 5, dtype=dtype)))
+            by_threads.append(_run(module, 11, 13, dtype, True))
+    assert max_error(by_threads[0], exact) <= 1.5 * max_error(stepwise, exact) + 4 * torch.finfo(dtype).eps
+    assert all(torch.equal(a, b) for a, b in zip(by_threads[0], by_threads[1]))
+
+
 @pytest.mark.parametrize("mode,options", VARIANTS[::2])
 def test_cpu_threads_in_float32_and_independent_of_the_thread_count(mode, options):
     module = _module(mode, options, 5, 70, torch.float32, bidirectional=True)

@@ -7,8 +7,10 @@
 // every product exchanges the state: the CPU image of the GPU's persistent kernel, with
 // stage 1's arithmetic, layout and saved activations.
 //
-// float32 and float64, any number of threads; every element is computed by one thread in the
-// same order whatever the split, so results do not depend on the number of threads.
+// Every dtype, any number of threads; every element is computed by one thread in the same
+// order whatever the split, so results do not depend on the number of threads. float16 and
+// bfloat16 multiply in float32: W_hh's slice is packed into float32 panels once per call, the
+// rows of each product's left operand (h, dG, r * h) widened once per product.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -57,7 +59,7 @@ class StepBarrier {
 // [u0, u1) of each gate block of H columns, in panels of `lanes` columns, each K-major.
 template <typename T>
 struct PackedSlice {
-  const T* source = nullptr;  // what was packed: the weights, transposed or not, and the shape
+  const void* source = nullptr;  // what was packed: the weights, transposed or not, and the shape
   bool transposed = false;
   int64_t n = 0, k = 0;
   int64_t vectors = 0;          // panels of `lanes` columns
@@ -66,8 +68,12 @@ struct PackedSlice {
   std::vector<int> valid;       // [vectors] its columns that are real (the rest is zero padding)
 };
 
-template <typename T>
+// The backend of one thread for storage dtype S; its products run in T (float64 for double,
+// else float32, the accumulation type of recurrence.h).
+template <typename S>
 class SliceBackend {
+  using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
  public:
   SliceBackend(int64_t H, int64_t u0, int64_t u1, StepBarrier& barrier, int64_t arrivals)
       : H_(H), u0_(u0), u1_(u1), barrier_(barrier), arrivals_(arrivals), isa_(cpu_isa()) {}
@@ -78,15 +84,11 @@ class SliceBackend {
   template <typename In, typename Out>
   void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const In* a, int64_t lda, const In* b,
             int64_t ldb, double beta, Out* c, int64_t ldc) {
-    static_assert(std::is_same_v<In, T> && std::is_same_v<Out, T>, "the threaded recurrence is float32 / float64");
-    if (trans_a || n % H_ != 0) throw std::logic_error("rnnfused: unexpected product in the threaded recurrence");
-    barrier_.arrive_and_wait(arrivals_);
-    if (m > 0) {
-      const PackedSlice<T>& w = packed(b, trans_b, n, k, ldb);
-      small_batch_product(isa_, c, ldc, beta != 0, a, lda, w.w.data(), w.vectors, m, k, w.offset.data(),
-                          w.valid.data());
-    }
-    barrier_.arrive_and_wait(arrivals_);
+    static_assert(std::is_same_v<In, S>, "the threaded recurrence multiplies its storage dtype");
+    if constexpr (std::is_same_v<Out, T>)
+      product(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta != 0, c, ldc);
+    else  // a product into the storage dtype is the projection's, which the plan refuses
+      throw std::logic_error("rnnfused: the threaded recurrence has no projection");
   }
 
   template <typename F>
@@ -100,7 +102,34 @@ class SliceBackend {
   }
 
  private:
-  const PackedSlice<T>& packed(const T* b, bool trans_b, int64_t n, int64_t k, int64_t ldb) {
+  void product(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* b,
+               int64_t ldb, bool accumulate, T* c, int64_t ldc) {
+    if (trans_a || n % H_ != 0) throw std::logic_error("rnnfused: unexpected product in the threaded recurrence");
+    barrier_.arrive_and_wait(arrivals_);
+    if (m > 0) {
+      const PackedSlice<T>& w = packed(b, trans_b, n, k, ldb);
+      const T* rows = widened(a, m, k, lda);
+      small_batch_product(isa_, c, ldc, accumulate, rows, lda, w.w.data(), w.vectors, m, k, w.offset.data(),
+                          w.valid.data());
+    }
+    barrier_.arrive_and_wait(arrivals_);
+  }
+
+  // The rows of the left operand in T: a itself, or (float16 / bfloat16) its float32 copy,
+  // whose leading dimension lda becomes.
+  const T* widened(const S* a, int64_t m, int64_t k, int64_t& lda) {
+    if constexpr (std::is_same_v<S, T>) {
+      return a;
+    } else {
+      widened_.resize(m * k);
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t kk = 0; kk < k; ++kk) widened_[r * k + kk] = static_cast<T>(a[r * lda + kk]);
+      lda = k;
+      return widened_.data();
+    }
+  }
+
+  const PackedSlice<T>& packed(const S* b, bool trans_b, int64_t n, int64_t k, int64_t ldb) {
     for (const PackedSlice<T>& slice : slices_)
       if (slice.source == b && slice.transposed == trans_b && slice.n == n && slice.k == k) return slice;
     PackedSlice<T>& slice = slices_.emplace_back();
@@ -119,7 +148,7 @@ class SliceBackend {
       for (int64_t kk = 0; kk < k; ++kk)
         for (int l = 0; l < slice.valid.back(); ++l) {
           const int64_t column = block * H_ + u0_ + first + l;
-          slice.w[(v * k + kk) * lanes + l] = trans_b ? b[column * ldb + kk] : b[kk * ldb + column];
+          slice.w[(v * k + kk) * lanes + l] = static_cast<T>(trans_b ? b[column * ldb + kk] : b[kk * ldb + column]);
         }
     }
     return slice;
@@ -130,6 +159,7 @@ class SliceBackend {
   const int64_t arrivals_;
   const Isa isa_;
   std::vector<PackedSlice<T>> slices_;
+  std::vector<T> widened_;  // float16 / bfloat16: the product's left operand in float32
 };
 
 // Runs recurrence.h's forward or backward step loop on the threads of one parallel_for,

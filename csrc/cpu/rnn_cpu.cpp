@@ -92,22 +92,18 @@ const char* element_loop_isa() {
   return "baseline";
 }
 
-// With p.tiling the recurrence runs as the persistent program: on CPU threads (a CPU plan,
-// float32 and float64) or, for a GPU plan, through its host simulation (persistent/host.h: a
-// test harness for the GPU kernel's logic, not a fast path).
+// With p.tiling the recurrence runs as the persistent program: on CPU threads (a CPU plan)
+// or, for a GPU plan, through its host simulation (persistent/host.h: a test harness for the
+// GPU kernel's logic, not a fast path).
 template <typename S, typename A>
 void persistent_forward(const ForwardParams& p) {
-  if constexpr (std::is_floating_point_v<S>) {
-    if (p.tiling->cpu_threads) return persistent_cpu::run<S, A>(p, *p.tiling);
-  }
+  if (p.tiling->cpu_threads) return persistent_cpu::run<S, A>(p, *p.tiling);
   persistent::simulate_forward<S, A>(p, *p.tiling);
 }
 
 template <typename S, typename A>
 void persistent_backward(const BackwardParams& p) {
-  if constexpr (std::is_floating_point_v<S>) {
-    if (p.tiling->cpu_threads) return persistent_cpu::run<S, A>(p, *p.tiling);
-  }
+  if (p.tiling->cpu_threads) return persistent_cpu::run<S, A>(p, *p.tiling);
   persistent::simulate_backward<S, A>(p, *p.tiling);
 }
 

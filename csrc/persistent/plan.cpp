@@ -124,10 +124,6 @@ Plan make_cpu_plan(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B, DType 
     plan.reason = "stepwise: LSTM with projection";
     return plan;
   }
-  if (dtype != DType::Float32 && dtype != DType::Float64) {
-    plan.reason = "stepwise: float16 and bfloat16 run stepwise on the CPU";
-    return plan;
-  }
   Tiling& t = plan.tiling;
   t.units = ceil_div(H, std::max<int64_t>(1, std::min(threads, H)));
   t.unit_tiles = ceil_div(H, t.units);
@@ -135,9 +131,11 @@ Plan make_cpu_plan(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B, DType 
   t.row_tiles = 1;
   t.cpu_threads = true;
   plan.persistent = true;
+  // float16 / bfloat16 weights are packed into float32 panels.
+  const int64_t panel_bytes = dtype == DType::Float64 ? 8 : 4;
   plan.reason = "persistent on " + num(t.unit_tiles) + " CPU thread" + (t.unit_tiles > 1 ? "s" : "") + ", " +
-                num(t.units) + " units and W_hh " + num(gates_per_unit(cell) * t.units * H * storage_bytes(dtype) / 1024) +
-                " KB each";
+                num(t.units) + " units and W_hh " + num(gates_per_unit(cell) * t.units * H * panel_bytes / 1024) +
+                " KB each" + (panel_bytes == 4 && dtype != DType::Float32 ? " (float32 panels)" : "");
   return plan;
 }
 

@@ -90,7 +90,8 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
 
 // The plan of the CPU's persistent recurrence (csrc/cpu/persistent_cpu.h): one slice of the
 // hidden units per thread (units, unit_tiles; the rest of the tiling is the GPU's), all
-// batch rows, its W slice hot in its own cache for the whole sequence. float32 and float64.
+// batch rows, its W slice hot in its own cache for the whole sequence. Every dtype (float16
+// and bfloat16 multiply in float32).
 // Sequences shorter than kMinCpuSteps run stepwise: packing W_hh costs about what one step's
 // product does, and the cells (T = 1) would pay it every step.
 constexpr int64_t kMinCpuSteps = 8;
