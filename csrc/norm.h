@@ -219,9 +219,9 @@ struct LstmNormOutputStep {
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
     const int64_t e = b * H + j;
-    const S h = store<S>(o[b * 4 * H + 3 * H + j] * cells::tanh_(c_tilde[e]));
-    h_out[e] = h;
-    h_state[e] = h;
+    const A h = o[b * 4 * H + 3 * H + j] * cells::tanh_(c_tilde[e]);
+    h_out[e] = store<S>(h);
+    h_state[e] = store<S>(h);
   }
 };
 

@@ -13,7 +13,8 @@
 // call, so no separate [N, G] buffer is needed.
 //
 // The bodies are branch-free (options are template parameters: kSave = also write what
-// backward needs) so that the CPU loop over j vectorises.
+// backward needs) so that the CPU loop over j vectorises. A value stored twice is converted
+// twice: GCC does not vectorise a copy of a float16 / bfloat16 struct.
 #pragma once
 
 #include <cstdint>
@@ -98,9 +99,9 @@ struct LstmForwardStep {
     if constexpr (kNormCell) {
       o_out[row + 3 * H + j] = a.o;
     } else {
-      const S h = store<S>(cells::lstm_hidden(a, c_t));
-      h_out[e] = h;
-      h_state[e] = h;
+      const A h = cells::lstm_hidden(a, c_t);
+      h_out[e] = store<S>(h);
+      h_state[e] = store<S>(h);
     }
     if constexpr (kSave) {
       gates[row + j] = a.i;
@@ -131,9 +132,9 @@ struct GruForwardStep {
     const auto a = cells::gru_forward(preact(x_row, h_row, b_ih, b_hh, j),
                                       preact(x_row, h_row, b_ih, b_hh, H + j), xn, hn);
     const int64_t e = b * H + j;
-    const S h = store<S>(cells::gru_hidden(a.z, a.n, load<A>(h_state[e])));
-    h_state[e] = h;
-    h_out[e] = h;
+    const A h = cells::gru_hidden(a.z, a.n, load<A>(h_state[e]));
+    h_state[e] = store<S>(h);
+    h_out[e] = store<S>(h);
     if constexpr (kSave) {
       const int64_t saved = b * 4 * H;
       gates[saved + j] = a.r;
@@ -184,9 +185,9 @@ struct GruChoOutputStep {
     const A n = cells::gru_cho_candidate(x_row[2 * H + j] + load<A>(b_ih[2 * H + j]),
                                          h_row[2 * H + j] + load<A>(b_hh[2 * H + j]));
     const int64_t e = b * H + j;
-    const S h = store<S>(cells::gru_hidden(z, n, load<A>(h_state[e])));
-    h_state[e] = h;
-    h_out[e] = h;
+    const A h = cells::gru_hidden(z, n, load<A>(h_state[e]));
+    h_state[e] = store<S>(h);
+    h_out[e] = store<S>(h);
     if constexpr (kSave) {
       gates[row + H + j] = z;
       gates[row + 2 * H + j] = n;
@@ -206,9 +207,9 @@ struct RnnForwardStep {
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
     const A pre = preact(gx + b * H, gh + b * H, b_ih, b_hh, j);
-    const S h = store<S>(kRelu ? cells::rnn_relu_forward(pre) : cells::rnn_tanh_forward(pre));
-    h_state[b * H + j] = h;
-    h_out[b * H + j] = h;
+    const A h = kRelu ? cells::rnn_relu_forward(pre) : cells::rnn_tanh_forward(pre);
+    h_state[b * H + j] = store<S>(h);
+    h_out[b * H + j] = store<S>(h);
   }
 };
 
@@ -268,8 +269,10 @@ struct GruBackwardStep {
     const auto d = cells::gru_backward(a, load<A>(h_prev[e]), dh[e] + load<A>(dy[e]), grad_clip);
     dh[e] = d.dh_prev_direct;
     const int64_t row = b * 3 * H;
-    dgx[row + j] = dgh[row + j] = store<S>(d.d_r);
-    dgx[row + H + j] = dgh[row + H + j] = store<S>(d.d_z);
+    dgx[row + j] = store<S>(d.d_r);
+    dgh[row + j] = store<S>(d.d_r);
+    dgx[row + H + j] = store<S>(d.d_z);
+    dgh[row + H + j] = store<S>(d.d_z);
     dgx[row + 2 * H + j] = store<S>(d.d_xn);
     dgh[row + 2 * H + j] = store<S>(d.d_hn);
   }

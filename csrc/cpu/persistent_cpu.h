@@ -25,6 +25,7 @@
 
 #include "../persistent/plan.h"
 #include "../recurrence.h"
+#include "convert.h"
 #include "kernels.h"
 
 namespace rnnfused {
@@ -123,7 +124,7 @@ class SliceBackend {
     } else {
       widened_.resize(m * k);
       for (int64_t r = 0; r < m; ++r)
-        for (int64_t kk = 0; kk < k; ++kk) widened_[r * k + kk] = static_cast<T>(a[r * lda + kk]);
+        for (int64_t kk = 0; kk < k; ++kk) widened_[r * k + kk] = load<T>(a[r * lda + kk]);
       lda = k;
       return widened_.data();
     }
@@ -148,7 +149,7 @@ class SliceBackend {
       for (int64_t kk = 0; kk < k; ++kk)
         for (int l = 0; l < slice.valid.back(); ++l) {
           const int64_t column = block * H_ + u0_ + first + l;
-          slice.w[(v * k + kk) * lanes + l] = static_cast<T>(trans_b ? b[column * ldb + kk] : b[kk * ldb + column]);
+          slice.w[(v * k + kk) * lanes + l] = load<T>(trans_b ? b[column * ldb + kk] : b[kk * ldb + column]);
         }
     }
     return slice;

@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <type_traits>
 
+#include "convert.h"  // first: its load / store are used by every pass below
 #include "../persistent/host.h"
 #include "../recurrence.h"
 #include "kernels.h"
