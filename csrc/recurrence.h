@@ -212,9 +212,14 @@ void forward_steps(Backend& be, const ForwardParams& p) {
     const int64_t r0 = offsets[t];
     const A* gx_t = gx + r0 * ld_gx;
     A* gates_t = gates ? gates + r0 * saved_width : nullptr;
+    // h_{t-1} for the product: the previous step's output rows when every row of this step
+    // was active there, else the state h. Output rows are written once, so a product reading
+    // them overlaps the passes of this step (persistent_cpu.h: one barrier per step).
+    const int64_t prev = p.reverse ? t + 1 : t - 1;
+    const S* h_in = s > 0 && p.batch_sizes[prev] >= rows ? y + offsets[prev] * P : h;
     switch (p.cell) {
       case Cell::LSTM: {
-        be.template gemm<S, A>(false, true, rows, G, P, h, P, w_hh, P, 0, gh, G);
+        be.template gemm<S, A>(false, true, rows, G, P, h_in, P, w_hh, P, 0, gh, G);
         normalize_hidden(t, r0, rows, 0, G, 0);
         // With a projection the step writes o * tanh(c_t) (the input of W_hr) and the state
         // is set after the projection matmul.
@@ -243,7 +248,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         break;
       }
       case Cell::GRU:
-        be.template gemm<S, A>(false, true, rows, G, H, h, H, w_hh, H, 0, gh, G);
+        be.template gemm<S, A>(false, true, rows, G, H, h_in, H, w_hh, H, 0, gh, G);
         normalize_hidden(t, r0, rows, 0, G, 0);
         with_flag(gates != nullptr, [&](auto save) {
           be.for_each(rows, H,
@@ -251,7 +256,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         });
         break;
       case Cell::GRU_CHO:
-        be.template gemm<S, A>(false, true, rows, 2 * H, H, h, H, w_hh, H, 0, gh, G);
+        be.template gemm<S, A>(false, true, rows, 2 * H, H, h_in, H, w_hh, H, 0, gh, G);
         normalize_hidden(t, r0, rows, 0, 2 * H, 0);
         with_flag(gates != nullptr, [&](auto save) {
           be.for_each(rows, H, GruChoResetStep<S, A, decltype(save)::value>{gx_t, gh, b_ih, b_hh, h, rh, gates_t, H, ld_gx});
@@ -265,7 +270,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         break;
       case Cell::RNN_TANH:
       case Cell::RNN_RELU:
-        be.template gemm<S, A>(false, true, rows, H, H, h, H, w_hh, H, 0, gh, H);
+        be.template gemm<S, A>(false, true, rows, H, H, h_in, H, w_hh, H, 0, gh, H);
         normalize_hidden(t, r0, rows, 0, H, 0);
         if (p.cell == Cell::RNN_TANH)
           be.for_each(rows, H, RnnForwardStep<S, A, false>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H});

@@ -3,9 +3,10 @@
 // restricted to that slice. Its products compute only the columns of its units (all their
 // gates) from its slice of W_hh, packed once per call K-major into the vectors the
 // small-batch product reads, so the slice stays in the thread's cache; its pointwise passes
-// (steps.h's fused functors, vectorised) touch only its units. A barrier on each side of
-// every product exchanges the state: the CPU image of the GPU's persistent kernel, with
-// stage 1's arithmetic, layout and saved activations.
+// (steps.h's fused functors, vectorised) touch only its units. A barrier before every
+// product exchanges the state (one more after it where the next pass overwrites what it
+// read): the CPU image of the GPU's persistent kernel, with stage 1's arithmetic, layout and
+// saved activations.
 //
 // Every dtype, any number of threads; every element is computed by one thread in the same
 // order whatever the split, so results do not depend on the number of threads. float16 and
@@ -76,12 +77,18 @@ class SliceBackend {
   using T = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
  public:
-  SliceBackend(int64_t H, int64_t u0, int64_t u1, StepBarrier& barrier, int64_t arrivals)
-      : H_(H), u0_(u0), u1_(u1), barrier_(barrier), arrivals_(arrivals), isa_(cpu_isa()) {}
+  // Rows of [once_begin, once_end) are written by one pass and never again (a layer's output
+  // rows y in the forward, the gate gradients dG in the backward).
+  SliceBackend(int64_t H, int64_t u0, int64_t u1, StepBarrier& barrier, int64_t arrivals, const void* once_begin,
+               const void* once_end)
+      : H_(H), u0_(u0), u1_(u1), barrier_(barrier), arrivals_(arrivals), isa_(cpu_isa()),
+        once_begin_(reinterpret_cast<std::uintptr_t>(once_begin)), once_end_(reinterpret_cast<std::uintptr_t>(once_end)) {}
 
   // The thread's columns of c[m][n] = a[m][k] op(b) (+ c): the columns of its units in each
-  // block of H. The barriers: every thread's writes of a's rows (h, dG, r * h) are complete
-  // before, and nobody reads them any more after (the next pass may overwrite them).
+  // block of H. The barriers: every thread's writes of a's rows (h_{t-1}, dG, r * h) are
+  // complete before; after, nobody reads them any more, needed only where the next pass may
+  // overwrite them (the state h, r * h), not where a's rows are written once. So a step whose
+  // product reads the previous step's output rows has one barrier.
   template <typename In, typename Out>
   void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const In* a, int64_t lda, const In* b,
             int64_t ldb, double beta, Out* c, int64_t ldc) {
@@ -113,7 +120,8 @@ class SliceBackend {
       small_batch_product(isa_, c, ldc, accumulate, rows, lda, w.w.data(), w.vectors, m, k, w.offset.data(),
                           w.valid.data());
     }
-    barrier_.arrive_and_wait(arrivals_);
+    const auto left = reinterpret_cast<std::uintptr_t>(a);
+    if (left < once_begin_ || left >= once_end_) barrier_.arrive_and_wait(arrivals_);
   }
 
   // The rows of the left operand in T: a itself, or (float16 / bfloat16) its float32 copy,
@@ -159,17 +167,32 @@ class SliceBackend {
   StepBarrier& barrier_;
   const int64_t arrivals_;
   const Isa isa_;
+  const std::uintptr_t once_begin_, once_end_;
   std::vector<PackedSlice<T>> slices_;
   std::vector<T> widened_;  // float16 / bfloat16: the product's left operand in float32
 };
+
+// The rows a pass writes once: the output y [N, P] (forward), the gate gradients dG [N, G]
+// (backward).
+template <typename S>
+const S* written_once(const ForwardParams& p) {
+  return static_cast<const S*>(p.y);
+}
+template <typename S>
+const S* written_once(const BackwardParams& p) {
+  return static_cast<const S*>(p.dgh);
+}
 
 // Runs recurrence.h's forward or backward step loop on the threads of one parallel_for,
 // thread i owning the units of the plan's slices [first, last).
 template <typename S, typename A, typename Params>
 void run(const Params& p, const persistent::Tiling& t) {
   StepBarrier barrier(t.unit_tiles);
+  const S* once = written_once<S>(p);
+  const S* once_end = once + p.N * (std::is_same_v<Params, ForwardParams> ? p.P : p.G);
   at::parallel_for(0, t.unit_tiles, 1, [&](int64_t first, int64_t last) {
-    SliceBackend<S> be(p.H, first * t.units, std::min(p.H, last * t.units), barrier, last - first);
+    SliceBackend<S> be(p.H, first * t.units, std::min(p.H, last * t.units), barrier, last - first, once,
+                       once_end);
     if constexpr (std::is_same_v<Params, ForwardParams>)
       rnnfused::forward_steps<S, A>(be, p);
     else
