@@ -109,3 +109,14 @@ def test_plot_of_cases(tmp_path):
     path = report.plot_cases(rows, str(tmp_path), "test")
     assert path and os.path.getsize(path) > 0
     assert report.plot_cases(rows[:0], str(tmp_path), "empty") is None
+
+
+def test_floor_times_the_products_next_to_both_layers(capsys):
+    from bench import floor
+
+    assert floor.main(["--configs", "T4,B2,I3,H5", "--rounds", "1", "--threads", str(torch.get_num_threads())]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("T4 B2 I3 H5")]
+    assert [row[4] for row in rows] == ["fwd", "fwd+bwd"]
+    assert all(float(value) > 0 for row in rows for value in row[5:])
+    with pytest.raises(SystemExit):  # a stack's products are not one layer's
+        floor.main(["--configs", "T4,B2,I3,H5,L2", "--rounds", "1"])
