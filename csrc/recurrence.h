@@ -213,8 +213,8 @@ void forward_steps(Backend& be, const ForwardParams& p) {
     const A* gx_t = gx + r0 * ld_gx;
     A* gates_t = gates ? gates + r0 * saved_width : nullptr;
     // h_{t-1} for the product: the previous step's output rows when every row of this step
-    // was active there, else the state h. Output rows are written once, so a product reading
-    // them overlaps the passes of this step (persistent_cpu.h: one barrier per step).
+    // was active there, else the state h. Output rows are written once: this step's pass may
+    // start while other threads still read them (persistent_cpu.h: one barrier per step).
     const int64_t prev = p.reverse ? t + 1 : t - 1;
     const S* h_in = s > 0 && p.batch_sizes[prev] >= rows ? y + offsets[prev] * P : h;
     switch (p.cell) {

@@ -85,10 +85,10 @@ class SliceBackend {
         once_begin_(reinterpret_cast<std::uintptr_t>(once_begin)), once_end_(reinterpret_cast<std::uintptr_t>(once_end)) {}
 
   // The thread's columns of c[m][n] = a[m][k] op(b) (+ c): the columns of its units in each
-  // block of H. The barriers: every thread's writes of a's rows (h_{t-1}, dG, r * h) are
-  // complete before; after, nobody reads them any more, needed only where the next pass may
-  // overwrite them (the state h, r * h), not where a's rows are written once. So a step whose
-  // product reads the previous step's output rows has one barrier.
+  // block of H. The barrier before: every thread's writes of a's rows (h_{t-1}, dG, r * h)
+  // are complete. The barrier after (nobody reads them any more) only where the next pass
+  // may overwrite them (the state h, r * h): a step whose product reads rows written once,
+  // the previous step's output or dG, has one barrier.
   template <typename In, typename Out>
   void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const In* a, int64_t lda, const In* b,
             int64_t ldb, double beta, Out* c, int64_t ldc) {
