@@ -9,9 +9,10 @@
 // saved activations.
 //
 // Every dtype, any number of threads; every element is computed by one thread in the same
-// order whatever the split, so results do not depend on the number of threads. float16 and
-// bfloat16 multiply in float32: W_hh's slice is packed into float32 panels once per call, the
-// rows of each product's left operand (h, dG, r * h) widened once per product.
+// order whatever the split, so the recurrence's results do not depend on the number of
+// threads (the weight gradients after it are MKL's). float16 and bfloat16 multiply in
+// float32: W_hh's slice is packed into float32 panels once per call, the rows of each
+// product's left operand (h, dG, r * h) widened once per product.
 #pragma once
 
 #include <ATen/Parallel.h>
