@@ -1,7 +1,6 @@
 """Training steps run by tests/test_distributed.py in each of two gloo processes (and once
 alone): a small model with a recurrent layer, float64, SGD on a fixed global batch."""
 
-import os
 
 import torch
 import torch.distributed as dist
@@ -47,9 +46,10 @@ def train(model, rank=0, world=1):
     return {name: (p.detach().clone(), p.grad.clone()) for name, p in model.named_parameters()}
 
 
-def worker(rank, world, port, impl, wrapper, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank, world, init_file, impl, wrapper, out):
+    # A file rendezvous: a free TCP port found by the parent can be taken before the workers
+    # bind it.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = make_model(impl)
         if wrapper in ("ddp", "ddp+compile"):

@@ -1,8 +1,6 @@
 """rnnfused under DistributedDataParallel (and FSDP2) with the gloo backend: two processes on
 the CPU train the same model as one process on the whole batch, and as torch.nn does."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,15 +12,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with gloo")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _distributed(impl, wrapper, tmp_path):
     out = tmp_path / f"{impl}-{wrapper}.pt"
-    mp.spawn(worker.worker, args=(2, _free_port(), impl, wrapper, str(out)), nprocs=2, join=True)
+    init_file = tmp_path / f"{impl}-{wrapper}.rendezvous"
+    mp.spawn(worker.worker, args=(2, str(init_file), impl, wrapper, str(out)), nprocs=2, join=True)
     return torch.load(out)
 
 
