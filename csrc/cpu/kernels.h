@@ -13,7 +13,10 @@ enum class Isa { Baseline, Avx2, Avx512 };
 
 inline Isa detect_isa() {
   __builtin_cpu_init();  // a library's static initialiser may run before libgcc's own
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return Isa::Avx512;
+  // BW and VL: the element loops' float16 / bfloat16 values in 512-bit vectors.
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl"))
+    return Isa::Avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
   return Isa::Baseline;
 }
@@ -49,8 +52,9 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const F& f, int64_t begin, in
 }
 
 template <typename F>
-__attribute__((target("avx512f,avx512dq,avx2,fma"))) void rows_avx512(const F& f, int64_t begin, int64_t end,
-                                                                     int64_t j0, int64_t j1) {
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))) void rows_avx512(const F& f, int64_t begin,
+                                                                                       int64_t end, int64_t j0,
+                                                                                       int64_t j1) {
   rows(f, begin, end, j0, j1);
 }
 
@@ -143,7 +147,7 @@ constexpr int lanes(Isa isa) {
 }
 
 template <typename T>
-__attribute__((target("avx512f,avx512dq,avx2,fma"), optimize("fp-contract=fast"))) void product_avx512(
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"), optimize("fp-contract=fast"))) void product_avx512(
     T* c, int64_t ldc, bool accumulate, const T* a, int64_t lda, const T* w, int64_t vectors, int64_t m, int64_t k,
     const int64_t* offset, const int* valid) {
   constexpr int kV = 64 / sizeof(T);
