@@ -1,7 +1,6 @@
 """Training steps run by tests/test_distributed.py in each of two gloo processes (and once
 alone): a small model with a recurrent layer, float64, SGD on a fixed global batch."""
 
-
 import torch
 import torch.distributed as dist
 from torch import nn
