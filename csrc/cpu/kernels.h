@@ -147,9 +147,9 @@ constexpr int lanes(Isa isa) {
 }
 
 template <typename T>
-__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"), optimize("fp-contract=fast"))) void product_avx512(
-    T* c, int64_t ldc, bool accumulate, const T* a, int64_t lda, const T* w, int64_t vectors, int64_t m, int64_t k,
-    const int64_t* offset, const int* valid) {
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"), optimize("fp-contract=fast"))) void
+product_avx512(T* c, int64_t ldc, bool accumulate, const T* a, int64_t lda, const T* w, int64_t vectors, int64_t m,
+               int64_t k, const int64_t* offset, const int* valid) {
   constexpr int kV = 64 / sizeof(T);
   product<T, kV, 8, 2>(c, ldc, accumulate, a, lda, w, vectors, m, k, Columns<T, kV>{offset, valid});
 }

@@ -23,6 +23,7 @@
 #include <stdexcept>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../persistent/plan.h"
@@ -173,15 +174,17 @@ class SliceBackend {
   std::vector<T> widened_;  // float16 / bfloat16: the product's left operand in float32
 };
 
-// The rows a pass writes once: the output y [N, P] (forward), the gate gradients dG [N, G]
-// (backward).
+// The rows a pass writes once, [begin, end): the output y [N, P] (forward), the gate
+// gradients dG [N, G] (backward).
 template <typename S>
-const S* written_once(const ForwardParams& p) {
-  return static_cast<const S*>(p.y);
+std::pair<const S*, const S*> written_once(const ForwardParams& p) {
+  const auto* y = static_cast<const S*>(p.y);
+  return {y, y + p.N * p.P};
 }
 template <typename S>
-const S* written_once(const BackwardParams& p) {
-  return static_cast<const S*>(p.dgh);
+std::pair<const S*, const S*> written_once(const BackwardParams& p) {
+  const auto* dg = static_cast<const S*>(p.dgh);
+  return {dg, dg + p.N * p.G};
 }
 
 // Runs recurrence.h's forward or backward step loop on the threads of one parallel_for,
@@ -189,10 +192,9 @@ const S* written_once(const BackwardParams& p) {
 template <typename S, typename A, typename Params>
 void run(const Params& p, const persistent::Tiling& t) {
   StepBarrier barrier(t.unit_tiles);
-  const S* once = written_once<S>(p);
-  const S* once_end = once + p.N * (std::is_same_v<Params, ForwardParams> ? p.P : p.G);
+  const auto [once_begin, once_end] = written_once<S>(p);
   at::parallel_for(0, t.unit_tiles, 1, [&](int64_t first, int64_t last) {
-    SliceBackend<S> be(p.H, first * t.units, std::min(p.H, last * t.units), barrier, last - first, once,
+    SliceBackend<S> be(p.H, first * t.units, std::min(p.H, last * t.units), barrier, last - first, once_begin,
                        once_end);
     if constexpr (std::is_same_v<Params, ForwardParams>)
       rnnfused::forward_steps<S, A>(be, p);
