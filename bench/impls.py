@@ -95,6 +95,13 @@ def make_rnnfused(base, cell, config, device, dtype):
     return _runner(_forward(_ours(cell, config, base, device, dtype), config), lambda: kernel_setting("auto"))
 
 
+def make_rnnfused_ours(base, cell, config, device, dtype):
+    """rnnfused on our own kernels only (RNNFUSED_KERNEL=ours: never cuDNN; the persistent
+    kernel where it plans, verified or not), so that their ratio to cuDNN stays visible
+    behind the dispatch."""
+    return _runner(_forward(_ours(cell, config, base, device, dtype), config), lambda: kernel_setting("ours"))
+
+
 def make_rnnfused_persistent(base, cell, config, device, dtype):
     """rnnfused with the persistent kernel forced (RNNFUSED_KERNEL=persistent)."""
     return _runner(_forward(_ours(cell, config, base, device, dtype), config), lambda: kernel_setting("persistent"))
@@ -105,7 +112,8 @@ def make_rnnfused_stepwise(base, cell, config, device, dtype):
     return _runner(_forward(_ours(cell, config, base, device, dtype), config), lambda: kernel_setting("stepwise"))
 
 
-_SETTINGS = {"rnnfused": "auto", "rnnfused_persistent": "persistent", "rnnfused_stepwise": "stepwise"}
+_SETTINGS = {"rnnfused": "auto", "rnnfused_ours": "ours", "rnnfused_persistent": "persistent",
+             "rnnfused_stepwise": "stepwise"}
 
 
 def kernel_of(name, cell, config, device, dtype):
@@ -178,6 +186,7 @@ def make_flashrnn(base, cell, config, device, dtype):
 
 IMPLEMENTATIONS = {
     "rnnfused": make_rnnfused,
+    "rnnfused_ours": make_rnnfused_ours,
     "rnnfused_persistent": make_rnnfused_persistent,
     "rnnfused_stepwise": make_rnnfused_stepwise,
     "torch": make_torch,
