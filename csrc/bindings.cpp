@@ -274,8 +274,8 @@ Layer prepare_layer(const LayerOptions& options, const Tensor& x_in, const OptTe
   p.w_hr = ptr(l.w_hr);
   if (step_flags.has_value()) {
     TORCH_CHECK_VALUE(!l.packed, "rnnfused: step_flags are for padded input; packed input has none");
-    l.step_flags = prepare(*step_flags, "step_flags", {p.T, p.B}, l.x, at::kByte);
-    p.step_flags = l.step_flags.data_ptr<uint8_t>();
+    l.step_flags = prepare(*step_flags, "step_flags", {p.T, p.B}, l.x, at::kInt);
+    p.step_flags = l.step_flags.data_ptr<int32_t>();
   }
   l.opts = l.x.options();
   l.acc = l.opts.dtype(acc_type(l.x.scalar_type()));

@@ -116,15 +116,17 @@ struct LayerOptions {
   double eps = 1e-5;        // normalized layers: added to every variance
 };
 
-// Bits of LayerParams::step_flags, one byte per row of padded input (Python: rnnfused._ops).
+// Bits of LayerParams::step_flags, one int32 per row of padded input (Python: rnnfused._ops;
+// int32 rather than bytes: a byte pointer may alias the float stores of a step, which keeps the
+// compiler from hoisting the row's flags out of the vectorised loop).
 //   kStepReset     the state carried into the row's step is zero (a new segment starts): its
 //                  product with W_hh and the LSTM cell are read as zeros, and no gradient flows
 //                  to the state before it.
 //   kStepInactive  the row does not step: its state (h, c) is held, its output row is zero and
 //                  it neither receives nor passes on gradient at this step, except that the
 //                  gradient of the held state passes through unchanged.
-constexpr uint8_t kStepReset = 1;
-constexpr uint8_t kStepInactive = 2;
+constexpr int32_t kStepReset = 1;
+constexpr int32_t kStepInactive = 2;
 
 struct LayerParams {
   Cell cell = Cell::LSTM;
@@ -133,9 +135,9 @@ struct LayerParams {
   const int64_t* batch_sizes = nullptr;  // host memory, [T]
   double cell_clip = 0;  // LSTM only; +inf: off
   double grad_clip = 0;  // +inf: off
-  // Padded input only (null otherwise, and then every row steps): uint8 [T, B] of kStep* bits,
+  // Padded input only (null otherwise, and then every row steps): int32 [T, B] of kStep* bits,
   // in the memory of the input's device.
-  const uint8_t* step_flags = nullptr;
+  const int32_t* step_flags = nullptr;
 
   // Stage 2 (csrc/persistent/): run the recurrence as one persistent kernel with this tiling
   // (null: step by step). Packed input also needs its batch sizes and the first row of every

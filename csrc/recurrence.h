@@ -219,11 +219,12 @@ void forward_steps(Backend& be, const ForwardParams& p) {
     // With step flags, y holds every row's state too (an inactive row's held one) until
     // bindings.cpp zeroes the inactive rows after the layer.
     const S* h_in = s > 0 && p.batch_sizes[prev] >= rows ? y + offsets[prev] * P : h;
-    const uint8_t* flags_t = p.step_flags ? p.step_flags + r0 : nullptr;  // padded: r0 = t * B
+    const int32_t* flags_t = p.step_flags ? p.step_flags + r0 : nullptr;  // padded: r0 = t * B
     switch (p.cell) {
       case Cell::LSTM: {
         be.template gemm<S, A>(false, true, rows, G, P, h_in, P, w_hh, P, 0, gh, G);
         normalize_hidden(t, r0, rows, 0, G, 0);
+        if (flags_t) be.for_each(rows, H, StartSegments<S, A>{gh, G, 4, c, nullptr, H, flags_t});
         // With a projection the step writes o * tanh(c_t) (the input of W_hr) and the state
         // is set after the projection matmul.
         S* m_t = w_hr ? proj_in + (gates ? r0 * H : 0) : y + r0 * H;
@@ -259,6 +260,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
       case Cell::GRU:
         be.template gemm<S, A>(false, true, rows, G, H, h_in, H, w_hh, H, 0, gh, G);
         normalize_hidden(t, r0, rows, 0, G, 0);
+        if (flags_t) be.for_each(rows, H, StartSegments<S, A>{gh, G, 3, nullptr, h, H, flags_t});
         with_flag(gates != nullptr, [&](auto save) {
           with_flag(flags_t != nullptr, [&](auto flagged) {
             be.for_each(rows, H,
@@ -270,12 +272,9 @@ void forward_steps(Backend& be, const ForwardParams& p) {
       case Cell::GRU_CHO:
         be.template gemm<S, A>(false, true, rows, 2 * H, H, h_in, H, w_hh, H, 0, gh, G);
         normalize_hidden(t, r0, rows, 0, 2 * H, 0);
+        if (flags_t) be.for_each(rows, H, StartSegments<S, A>{gh, G, 2, nullptr, h, H, flags_t});
         with_flag(gates != nullptr, [&](auto save) {
-          with_flag(flags_t != nullptr, [&](auto flagged) {
-            be.for_each(rows, H,
-                        GruChoResetStep<S, A, decltype(save)::value, decltype(flagged)::value>{
-                            gx_t, gh, b_ih, b_hh, h, rh, gates_t, H, ld_gx, flags_t});
-          });
+          be.for_each(rows, H, GruChoResetStep<S, A, decltype(save)::value>{gx_t, gh, b_ih, b_hh, h, rh, gates_t, H, ld_gx});
         });
         be.template gemm<S, A>(false, true, rows, H, H, rh, H, w_hh + 2 * H * H, H, 0, gh + 2 * H, G);
         normalize_hidden(t, r0, rows, 2 * H, H, 1);
@@ -291,6 +290,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
       case Cell::RNN_RELU:
         be.template gemm<S, A>(false, true, rows, H, H, h_in, H, w_hh, H, 0, gh, H);
         normalize_hidden(t, r0, rows, 0, H, 0);
+        if (flags_t) be.for_each(rows, H, StartSegments<S, A>{gh, H, 1, nullptr, nullptr, H, flags_t});
         with_flag(flags_t != nullptr, [&](auto flagged) {
           constexpr bool kFlags = decltype(flagged)::value;
           if (p.cell == Cell::RNN_TANH)
@@ -380,8 +380,12 @@ void backward_steps(Backend& be, const BackwardParams& p) {
     const int64_t rows = p.batch_sizes[t];
     const int64_t r0 = offsets[t];
     const A* gates_t = gates + r0 * saved_width;
-    const uint8_t* flags_t = p.step_flags ? p.step_flags + r0 : nullptr;  // padded: r0 = t * B
-    const uint8_t* next_flags = p.step_flags && s > 0 ? p.step_flags + (p.reverse ? t - 1 : t + 1) * p.B : nullptr;
+    const int32_t* flags_t = p.step_flags ? p.step_flags + r0 : nullptr;  // padded: r0 = t * B
+    if (flags_t && s > 0) {  // the step after t (in the forward walk) may have reset the row
+      const int32_t* next_flags = p.step_flags + (p.reverse ? t - 1 : t + 1) * p.B;
+      be.for_each(rows, P, CutAtResets<A>{dh, P, next_flags});
+      if (p.cell == Cell::LSTM) be.for_each(rows, H, CutAtResets<A>{dc, H, next_flags});
+    }
     with_flag(flags_t != nullptr, [&](auto flagged) {
       constexpr bool kFlags = decltype(flagged)::value;
       switch (p.cell) {
@@ -389,7 +393,7 @@ void backward_steps(Backend& be, const BackwardParams& p) {
           const S* dy_t = dy + r0 * P;
           A* dh_t = dh;
           if (w_hr) {  // the cell's output m = o * tanh(c) reaches h through W_hr
-            be.for_each(rows, P, AddStep<S, A, kFlags>{dy_t, dh, dht + r0 * P, P, flags_t, next_flags});
+            be.for_each(rows, P, AddStep<S, A, kFlags>{dy_t, dh, dht + r0 * P, P, flags_t});
             be.template gemm<S, A>(false, false, rows, H, P, dht + r0 * P, P, w_hr, H, 0, dm, H);
             dh_t = dm;
           }
@@ -413,7 +417,7 @@ void backward_steps(Backend& be, const BackwardParams& p) {
               be.for_each(rows, H,
                           LstmBackwardStep<S, A, decltype(projected)::value, kFlags>{
                               gates_t, cells + r0 * H, c_prev + r0 * H, dy_t, dh_t, dc, dpre_x + r0 * G, H,
-                              cell_clip, grad_clip, flags_t, next_flags});
+                              cell_clip, grad_clip, flags_t});
             });
           }
           normalize_hidden_backward(t, r0, rows, 0, G, 0);
@@ -423,14 +427,14 @@ void backward_steps(Backend& be, const BackwardParams& p) {
         case Cell::GRU:
           be.for_each(rows, H,
                       GruBackwardStep<S, A, kFlags>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
-                                                    dpre_h + r0 * G, H, grad_clip, flags_t, next_flags});
+                                                    dpre_h + r0 * G, H, grad_clip, flags_t});
           normalize_hidden_backward(t, r0, rows, 0, G, 0);
           be.template gemm<S, A>(false, false, rows, H, G, dgh + r0 * G, G, w_hh, H, 1, dh, H);
           break;
         case Cell::GRU_CHO:
           be.for_each(rows, H,
                       GruChoBackwardNzStep<S, A, kFlags>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
-                                                         H, grad_clip, flags_t, next_flags});
+                                                         H, grad_clip, flags_t});
           normalize_hidden_backward(t, r0, rows, 2 * H, H, 1);
           be.template gemm<S, A>(false, false, rows, H, H, dgh + r0 * G + 2 * H, G, w_hh + 2 * H * H, H,
                                  0, drh, H);
@@ -445,11 +449,11 @@ void backward_steps(Backend& be, const BackwardParams& p) {
           if (p.cell == Cell::RNN_TANH)
             be.for_each(rows, H,
                         RnnBackwardStep<S, A, false, kFlags>{hidden + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G, H,
-                                                             grad_clip, flags_t, next_flags});
+                                                             grad_clip, flags_t});
           else
             be.for_each(rows, H,
                         RnnBackwardStep<S, A, true, kFlags>{hidden + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G, H,
-                                                            grad_clip, flags_t, next_flags});
+                                                            grad_clip, flags_t});
           normalize_hidden_backward(t, r0, rows, 0, H, 0);
           be.template gemm<S, A>(false, false, rows, H, H, dgh + r0 * G, G, w_hh, H, dh_beta, dh, H);
           break;
@@ -459,7 +463,7 @@ void backward_steps(Backend& be, const BackwardParams& p) {
     });
   }
   if (p.step_flags) {  // the step the walk ended on started from h0 (c0) unless it reset
-    const uint8_t* first = p.step_flags + (p.reverse ? p.T - 1 : 0) * p.B;
+    const int32_t* first = p.step_flags + (p.reverse ? p.T - 1 : 0) * p.B;
     be.for_each(p.B, P, CutAtResets<A>{dh, P, first});
     if (p.cell == Cell::LSTM) be.for_each(p.B, H, CutAtResets<A>{dc, H, first});
   }

@@ -13,12 +13,17 @@
 // call, so no separate [N, G] buffer is needed.
 //
 // The bodies are branch-free (options are template parameters: kSave = also write what
-// backward needs) so that the CPU loop over j vectorises. kFlags: the layer has step flags
-// (params.h: kStepReset, kStepInactive; `flags` points at the step's B bytes): a reset row
-// reads its carried state and its product with W_hh as zeros; an inactive row keeps its state
-// and writes it to its output row (bindings.cpp zeroes those rows of y after the layer, so the
-// saved copy holds every row's state for the backward's gather). A value stored twice is converted
+// backward needs) so that the CPU loop over j vectorises. A value stored twice is converted
 // twice: GCC does not vectorise a copy of a float16 / bfloat16 struct.
+//
+// kFlags: the layer has step flags (params.h; `flags` points at the step's B values). Such a
+// pass is `step` for the rows that step and `hold` for the inactive ones (kHolds, held(b));
+// the CPU's element loop picks one per row (cpu/kernels.h), so `step` stays the vectorised
+// plain pass, and a GPU thread per element. An inactive row keeps its state and writes it to
+// its output row (bindings.cpp zeroes those rows of y after the layer, so that the saved copy
+// holds every row's state for the backward's gather). A reset needs nothing in these passes:
+// StartSegments zeroes the row's carried state and its product with W_hh before the pass, and
+// in the backward CutAtResets zeroes the gradient carried back across the reset.
 #pragma once
 
 #include <cstdint>
@@ -64,27 +69,35 @@ RNNF_HD __nv_bfloat16 store<__nv_bfloat16, float>(float x) {
 #endif
 
 // Sum of the input and recurrent pre-activation of gate column k (both biases included);
-// x_row and h_row point at the row of gx and gh. `reset`: the carried state is zero, and so
-// is its product with W_hh.
+// x_row and h_row point at the row of gx and gh.
 template <typename A, typename S>
-RNNF_HD A preact(const A* x_row, const A* h_row, const S* b_ih, const S* b_hh, int64_t k, bool reset = false) {
-  return x_row[k] + (reset ? A(0) : h_row[k]) + load<A>(b_ih[k]) + load<A>(b_hh[k]);
+RNNF_HD A preact(const A* x_row, const A* h_row, const S* b_ih, const S* b_hh, int64_t k) {
+  return x_row[k] + h_row[k] + load<A>(b_ih[k]) + load<A>(b_hh[k]);
 }
 
-// The step flags of row b: 0 (every row steps, nothing resets) for a layer without them.
-template <bool kFlags>
-RNNF_HD uint8_t row_flags(const uint8_t* flags, int64_t b) {
-  if constexpr (kFlags)
-    return flags ? flags[b] : uint8_t(0);
-  else
-    return 0;
+// Whether row b holds its state at this step (`flags` are the step's).
+RNNF_HD bool holds(const int32_t* flags, int64_t b) {
+  return (flags[b] & kStepInactive) != 0;
 }
 
-RNNF_HD bool is_inactive(uint8_t flags) {
-  return (flags & kStepInactive) != 0;
-}
+// The members of a pass with kFlags: kHolds, held(b), and operator() choosing between its
+// step(b, j) and hold(b, j).
+#define RNNF_STEP_OR_HOLD(kFlags)                                                 \
+  static constexpr bool kHolds = kFlags;                                          \
+  RNNF_HD bool held(int64_t b) const {                                            \
+    if constexpr (kFlags)                                                         \
+      return holds(flags, b);                                                     \
+    else                                                                          \
+      return false;                                                               \
+  }                                                                               \
+  RNNF_HD void operator()(int64_t b, int64_t j) const {                           \
+    if (held(b))                                                                  \
+      hold(b, j);                                                                 \
+    else                                                                          \
+      step(b, j);                                                                 \
+  }
 
-RNNF_HD bool is_reset(uint8_t flags) {
+RNNF_HD bool is_reset(int32_t flags) {
   return (flags & kStepReset) != 0;
 }
 
@@ -94,7 +107,7 @@ RNNF_HD bool is_reset(uint8_t flags) {
 // kNormCell (normalized layers): h_t = o * tanh(N_c(c_t)) needs the statistics of c_t first,
 // so the step stops at c_t and leaves o in o_out (norm.h's LstmNormOutputStep finishes).
 // kFlags: an inactive row keeps c and writes its held h to h_out, or zeros when projecting
-// (hold_output false: h_out is then o * tanh(c_t), and the projection's pass holds y).
+// (hold_output false: h_out and h_state are then o * tanh(c_t), and HoldProjectedStep holds y).
 template <typename S, typename A, bool kSave, bool kNormCell = false, bool kFlags = false>
 struct LstmForwardStep {
   const A* gx;       // [rows, ld_gx] x W_ihᵀ (may be gates itself)
@@ -109,29 +122,21 @@ struct LstmForwardStep {
   int64_t H, ld_gx;
   A cell_clip;
   A* o_out = nullptr;  // [rows, 4H] kNormCell: o in column block 3 (may be gh itself)
-  const uint8_t* flags = nullptr;  // [rows] kFlags
+  const int32_t* flags = nullptr;  // [rows] kFlags
   bool hold_output = true;         // kFlags: an inactive row writes its held h to h_out (else zeros)
 
-  RNNF_HD void operator()(int64_t b, int64_t j) const {
+  RNNF_STEP_OR_HOLD(kFlags)
+
+  RNNF_HD void step(int64_t b, int64_t j) const {
     const int64_t row = b * 4 * H;
-    const int64_t e = b * H + j;
-    const uint8_t f = row_flags<kFlags>(flags, b);
-    if (kFlags && is_inactive(f)) {  // saved: zero activations and the held cell
-      h_out[e] = hold_output ? h_state[e] : store<S>(A(0));
-      if constexpr (kSave) {
-        for (int gate = 0; gate < 4; ++gate) gates[row + gate * H + j] = A(0);
-        cells[e] = c[e];
-      }
-      return;
-    }
-    const bool reset = kFlags && is_reset(f);
     const A* x_row = gx + b * ld_gx;
     const A* h_row = gh + row;
-    const auto a = cells::lstm_activate(preact(x_row, h_row, b_ih, b_hh, j, reset),
-                                        preact(x_row, h_row, b_ih, b_hh, H + j, reset),
-                                        preact(x_row, h_row, b_ih, b_hh, 2 * H + j, reset),
-                                        preact(x_row, h_row, b_ih, b_hh, 3 * H + j, reset));
-    const A c_t = cells::lstm_cell(a, reset ? A(0) : c[e], cell_clip);
+    const auto a = cells::lstm_activate(preact(x_row, h_row, b_ih, b_hh, j),
+                                        preact(x_row, h_row, b_ih, b_hh, H + j),
+                                        preact(x_row, h_row, b_ih, b_hh, 2 * H + j),
+                                        preact(x_row, h_row, b_ih, b_hh, 3 * H + j));
+    const int64_t e = b * H + j;
+    const A c_t = cells::lstm_cell(a, c[e], cell_clip);
     c[e] = c_t;
     if constexpr (kNormCell) {
       o_out[row + 3 * H + j] = a.o;
@@ -148,6 +153,16 @@ struct LstmForwardStep {
       cells[e] = c_t;
     }
   }
+
+  // An inactive row: c and the state stay; saved, zero activations and the held cell.
+  RNNF_HD void hold(int64_t b, int64_t j) const {
+    const int64_t e = b * H + j;
+    h_out[e] = hold_output ? h_state[e] : store<S>(A(0));
+    if constexpr (kSave) {
+      for (int64_t gate = 0; gate < 4; ++gate) gates[b * 4 * H + gate * H + j] = A(0);
+      cells[e] = c[e];
+    }
+  }
 };
 
 template <typename S, typename A, bool kSave, bool kFlags = false>
@@ -160,25 +175,19 @@ struct GruForwardStep {
   S* h_out;       // [rows, H] y rows
   A* gates;       // [rows, 4H] kSave: r, z, n, W_hn h + b_hn
   int64_t H, ld_gx;
-  const uint8_t* flags = nullptr;  // [rows] kFlags
+  const int32_t* flags = nullptr;  // [rows] kFlags
 
-  RNNF_HD void operator()(int64_t b, int64_t j) const {
-    const int64_t e = b * H + j;
-    const uint8_t f = row_flags<kFlags>(flags, b);
-    if (kFlags && is_inactive(f)) {
-      h_out[e] = h_state[e];
-      if constexpr (kSave)
-        for (int gate = 0; gate < 4; ++gate) gates[b * 4 * H + gate * H + j] = A(0);
-      return;
-    }
-    const bool reset = kFlags && is_reset(f);
+  RNNF_STEP_OR_HOLD(kFlags)
+
+  RNNF_HD void step(int64_t b, int64_t j) const {
     const A* x_row = gx + b * ld_gx;
     const A* h_row = gh + b * 3 * H;
-    const A hn = (reset ? A(0) : h_row[2 * H + j]) + load<A>(b_hh[2 * H + j]);
+    const A hn = h_row[2 * H + j] + load<A>(b_hh[2 * H + j]);
     const A xn = x_row[2 * H + j] + load<A>(b_ih[2 * H + j]);
-    const auto a = cells::gru_forward(preact(x_row, h_row, b_ih, b_hh, j, reset),
-                                      preact(x_row, h_row, b_ih, b_hh, H + j, reset), xn, hn);
-    const A h = cells::gru_hidden(a.z, a.n, reset ? A(0) : load<A>(h_state[e]));
+    const auto a = cells::gru_forward(preact(x_row, h_row, b_ih, b_hh, j),
+                                      preact(x_row, h_row, b_ih, b_hh, H + j), xn, hn);
+    const int64_t e = b * H + j;
+    const A h = cells::gru_hidden(a.z, a.n, load<A>(h_state[e]));
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
     if constexpr (kSave) {
@@ -189,10 +198,16 @@ struct GruForwardStep {
       gates[saved + 3 * H + j] = a.hn;
     }
   }
+
+  RNNF_HD void hold(int64_t b, int64_t j) const {
+    h_out[b * H + j] = h_state[b * H + j];
+    if constexpr (kSave)
+      for (int64_t gate = 0; gate < 4; ++gate) gates[b * 4 * H + gate * H + j] = A(0);
+  }
 };
 
 // GRU_CHO phase 1: r and r * h_{t-1} (the input of the second matmul).
-template <typename S, typename A, bool kSave, bool kFlags = false>
+template <typename S, typename A, bool kSave>
 struct GruChoResetStep {
   const A* gx;     // [rows, ld_gx] x W_ihᵀ (r columns used; may be gates itself)
   const A* gh;     // [rows, 3H] (r columns hold W_hr h)
@@ -202,13 +217,11 @@ struct GruChoResetStep {
   S* rh;           // [rows, H] out: r * h_{t-1}
   A* gates;        // [rows, 3H] kSave: r (column block 0)
   int64_t H, ld_gx;
-  const uint8_t* flags = nullptr;  // [rows] kFlags
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
-    const bool reset = kFlags && is_reset(row_flags<kFlags>(flags, b));
-    const A r = cells::sigmoid(preact(gx + b * ld_gx, gh + b * 3 * H, b_ih, b_hh, j, reset));
+    const A r = cells::sigmoid(preact(gx + b * ld_gx, gh + b * 3 * H, b_ih, b_hh, j));
     const int64_t e = b * H + j;
-    rh[e] = store<S>(r * (reset ? A(0) : load<A>(h_state[e])));
+    rh[e] = store<S>(r * load<A>(h_state[e]));
     if constexpr (kSave) gates[b * 3 * H + j] = r;
   }
 };
@@ -224,31 +237,32 @@ struct GruChoOutputStep {
   S* h_out;       // [rows, H] y rows
   A* gates;       // [rows, 3H] kSave: z, n (column blocks 1, 2)
   int64_t H, ld_gx;
-  const uint8_t* flags = nullptr;  // [rows] kFlags
+  const int32_t* flags = nullptr;  // [rows] kFlags
 
-  RNNF_HD void operator()(int64_t b, int64_t j) const {
-    const int64_t e = b * H + j;
-    const uint8_t f = row_flags<kFlags>(flags, b);
+  RNNF_STEP_OR_HOLD(kFlags)
+
+  RNNF_HD void step(int64_t b, int64_t j) const {
     const int64_t row = b * 3 * H;
-    if (kFlags && is_inactive(f)) {
-      h_out[e] = h_state[e];
-      if constexpr (kSave)
-        for (int gate = 0; gate < 3; ++gate) gates[row + gate * H + j] = A(0);
-      return;
-    }
-    const bool reset = kFlags && is_reset(f);  // W_hn (r * 0) is zero already; W_hz h is not
     const A* x_row = gx + b * ld_gx;
     const A* h_row = gh + row;
-    const A z = cells::sigmoid(preact(x_row, h_row, b_ih, b_hh, H + j, reset));
+    const A z = cells::sigmoid(preact(x_row, h_row, b_ih, b_hh, H + j));
     const A n = cells::gru_cho_candidate(x_row[2 * H + j] + load<A>(b_ih[2 * H + j]),
                                          h_row[2 * H + j] + load<A>(b_hh[2 * H + j]));
-    const A h = cells::gru_hidden(z, n, reset ? A(0) : load<A>(h_state[e]));
+    const int64_t e = b * H + j;
+    const A h = cells::gru_hidden(z, n, load<A>(h_state[e]));
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
     if constexpr (kSave) {
       gates[row + H + j] = z;
       gates[row + 2 * H + j] = n;
     }
+  }
+
+  // Saved: zero activations, r (phase 1's) too.
+  RNNF_HD void hold(int64_t b, int64_t j) const {
+    h_out[b * H + j] = h_state[b * H + j];
+    if constexpr (kSave)
+      for (int64_t gate = 0; gate < 3; ++gate) gates[b * 3 * H + gate * H + j] = A(0);
   }
 };
 
@@ -261,18 +275,19 @@ struct RnnForwardStep {
   S* h_state;     // [rows, H] out: h_t
   S* h_out;       // [rows, H] y rows
   int64_t H;
-  const uint8_t* flags = nullptr;  // [rows] kFlags
+  const int32_t* flags = nullptr;  // [rows] kFlags
 
-  RNNF_HD void operator()(int64_t b, int64_t j) const {
-    const uint8_t f = row_flags<kFlags>(flags, b);
-    if (kFlags && is_inactive(f)) {
-      h_out[b * H + j] = h_state[b * H + j];
-      return;
-    }
-    const A pre = preact(gx + b * H, gh + b * H, b_ih, b_hh, j, kFlags && is_reset(f));
+  RNNF_STEP_OR_HOLD(kFlags)
+
+  RNNF_HD void step(int64_t b, int64_t j) const {
+    const A pre = preact(gx + b * H, gh + b * H, b_ih, b_hh, j);
     const A h = kRelu ? cells::rnn_relu_forward(pre) : cells::rnn_tanh_forward(pre);
     h_state[b * H + j] = store<S>(h);
     h_out[b * H + j] = store<S>(h);
+  }
+
+  RNNF_HD void hold(int64_t b, int64_t j) const {
+    h_out[b * H + j] = h_state[b * H + j];
   }
 };
 
@@ -280,18 +295,9 @@ struct RnnForwardStep {
 // Backward steps. `dh` holds the gradient of h_t that arrived from step t+1 (in the
 // direction of the recurrence); `dy` the gradient of the layer output at step t.
 //
-// kFlags: `flags` are this step's, `next_flags` those of the step that consumed this step's
-// state (the one visited before in the backward walk; null for the first). Where that step
-// reset the row, the gradient carried back from it is zero. An inactive row passes the carried
-// gradient on unchanged and has zero gate gradients. The products of LSTM and RNN then
-// accumulate into dh (beta 1): the step leaves 0 in an active row's dh and the carried
-// gradient in an inactive one's.
-
-// Whether the gradient carried into row b from the step after it is cut by a reset there.
-template <bool kFlags>
-RNNF_HD bool carried_cut(const uint8_t* next_flags, int64_t b) {
-  return kFlags && next_flags && is_reset(next_flags[b]);
-}
+// kFlags: `flags` are this step's. An inactive row passes the carried gradient on unchanged
+// (dh, dc untouched) and has zero gate gradients. The products of LSTM and RNN then
+// accumulate into dh (beta 1): the step leaves 0 in an active row's dh.
 
 // kProjected: h_t = W_hr (o * tanh(c_t)); dh then holds the whole gradient of o * tanh(c_t)
 // (AddStep applied the flags to the state's gradient) and dy is not read.
@@ -307,32 +313,29 @@ struct LstmBackwardStep {
   S* dg;            // [rows, 4H] out: gradients of the gate pre-activations
   int64_t H;
   A cell_clip, grad_clip;
-  const uint8_t* flags = nullptr;       // [rows] kFlags
-  const uint8_t* next_flags = nullptr;  // [rows] kFlags, may be null
+  const int32_t* flags = nullptr;  // [rows] kFlags
 
-  RNNF_HD void operator()(int64_t b, int64_t j) const {
+  RNNF_STEP_OR_HOLD(kFlags)
+
+  RNNF_HD void step(int64_t b, int64_t j) const {
     const int64_t row = b * 4 * H;
-    const int64_t e = b * H + j;
-    const bool cut = carried_cut<kFlags>(next_flags, b);
-    const A dc_in = cut ? A(0) : dc[e];
-    A dh_total = (cut && !kProjected) ? A(0) : dh[e];
-    if (kFlags && is_inactive(row_flags<kFlags>(flags, b))) {
-      dc[e] = dc_in;
-      if constexpr (!kProjected) dh[e] = dh_total;
-      for (int gate = 0; gate < 4; ++gate) dg[row + gate * H + j] = store<S>(A(0));
-      return;
-    }
-    if constexpr (!kProjected) dh_total += load<A>(dy[e]);
-    if constexpr (kFlags && !kProjected) dh[e] = A(0);
     const cells::LstmGates<A> a{gates[row + j], gates[row + H + j], gates[row + 2 * H + j],
                                 gates[row + 3 * H + j]};
+    const int64_t e = b * H + j;
+    A dh_total = dh[e];
+    if constexpr (!kProjected) dh_total += load<A>(dy[e]);
+    if constexpr (kFlags && !kProjected) dh[e] = A(0);
     A dc_prev;
-    const auto d = cells::lstm_backward(a, cells[e], c_prev[e], dh_total, dc_in, cell_clip, grad_clip, dc_prev);
+    const auto d = cells::lstm_backward(a, cells[e], c_prev[e], dh_total, dc[e], cell_clip, grad_clip, dc_prev);
     dc[e] = dc_prev;
     dg[row + j] = store<S>(d.i);
     dg[row + H + j] = store<S>(d.f);
     dg[row + 2 * H + j] = store<S>(d.g);
     dg[row + 3 * H + j] = store<S>(d.o);
+  }
+
+  RNNF_HD void hold(int64_t b, int64_t j) const {
+    for (int64_t gate = 0; gate < 4; ++gate) dg[b * 4 * H + gate * H + j] = store<S>(A(0));
   }
 };
 
@@ -347,32 +350,31 @@ struct GruBackwardStep {
   S* dgh;           // [rows, 3H] out: gradients of h_r, h_z, h_n
   int64_t H;
   A grad_clip;
-  const uint8_t* flags = nullptr;       // [rows] kFlags
-  const uint8_t* next_flags = nullptr;  // [rows] kFlags, may be null
+  const int32_t* flags = nullptr;  // [rows] kFlags
 
-  RNNF_HD void operator()(int64_t b, int64_t j) const {
-    const int64_t e = b * H + j;
-    const int64_t row = b * 3 * H;
-    const A dh_in = carried_cut<kFlags>(next_flags, b) ? A(0) : dh[e];
-    if (kFlags && is_inactive(row_flags<kFlags>(flags, b))) {
-      dh[e] = dh_in;
-      for (int gate = 0; gate < 3; ++gate) {
-        dgx[row + gate * H + j] = store<S>(A(0));
-        dgh[row + gate * H + j] = store<S>(A(0));
-      }
-      return;
-    }
+  RNNF_STEP_OR_HOLD(kFlags)
+
+  RNNF_HD void step(int64_t b, int64_t j) const {
     const int64_t saved = b * 4 * H;
     const cells::GruGates<A> a{gates[saved + j], gates[saved + H + j], gates[saved + 2 * H + j],
                                gates[saved + 3 * H + j]};
-    const auto d = cells::gru_backward(a, load<A>(h_prev[e]), dh_in + load<A>(dy[e]), grad_clip);
+    const int64_t e = b * H + j;
+    const auto d = cells::gru_backward(a, load<A>(h_prev[e]), dh[e] + load<A>(dy[e]), grad_clip);
     dh[e] = d.dh_prev_direct;
+    const int64_t row = b * 3 * H;
     dgx[row + j] = store<S>(d.d_r);
     dgh[row + j] = store<S>(d.d_r);
     dgx[row + H + j] = store<S>(d.d_z);
     dgh[row + H + j] = store<S>(d.d_z);
     dgx[row + 2 * H + j] = store<S>(d.d_xn);
     dgh[row + 2 * H + j] = store<S>(d.d_hn);
+  }
+
+  RNNF_HD void hold(int64_t b, int64_t j) const {
+    for (int64_t gate = 0; gate < 3; ++gate) {
+      dgx[b * 3 * H + gate * H + j] = store<S>(A(0));
+      dgh[b * 3 * H + gate * H + j] = store<S>(A(0));
+    }
   }
 };
 
@@ -387,25 +389,24 @@ struct GruChoBackwardNzStep {
   S* dg;            // [rows, 3H] out: columns of z and n
   int64_t H;
   A grad_clip;
-  const uint8_t* flags = nullptr;       // [rows] kFlags
-  const uint8_t* next_flags = nullptr;  // [rows] kFlags, may be null
+  const int32_t* flags = nullptr;  // [rows] kFlags
 
-  RNNF_HD void operator()(int64_t b, int64_t j) const {
+  RNNF_STEP_OR_HOLD(kFlags)
+
+  RNNF_HD void step(int64_t b, int64_t j) const {
     const int64_t row = b * 3 * H;
     const int64_t e = b * H + j;
-    const A dh_in = carried_cut<kFlags>(next_flags, b) ? A(0) : dh[e];
-    if (kFlags && is_inactive(row_flags<kFlags>(flags, b))) {
-      dh[e] = dh_in;
-      dg[row + H + j] = store<S>(A(0));
-      dg[row + 2 * H + j] = store<S>(A(0));
-      return;
-    }
     const auto d = cells::gru_cho_backward_nz(gates[row + H + j], gates[row + 2 * H + j],
-                                              load<A>(h_prev[e]), dh_in + load<A>(dy[e]),
+                                              load<A>(h_prev[e]), dh[e] + load<A>(dy[e]),
                                               grad_clip);
     dh[e] = d.dh_prev_direct;
     dg[row + H + j] = store<S>(d.d_z);
     dg[row + 2 * H + j] = store<S>(d.d_xn);
+  }
+
+  RNNF_HD void hold(int64_t b, int64_t j) const {
+    dg[b * 3 * H + H + j] = store<S>(A(0));
+    dg[b * 3 * H + 2 * H + j] = store<S>(A(0));
   }
 };
 
@@ -422,22 +423,24 @@ struct GruChoBackwardRStep {
   S* rh;            // [rows, H] out: r * h_{t-1}
   int64_t H;
   A grad_clip;
-  const uint8_t* flags = nullptr;  // [rows] kFlags
+  const int32_t* flags = nullptr;  // [rows] kFlags
 
-  RNNF_HD void operator()(int64_t b, int64_t j) const {
+  RNNF_STEP_OR_HOLD(kFlags)
+
+  RNNF_HD void step(int64_t b, int64_t j) const {
     const int64_t row = b * 3 * H;
     const int64_t e = b * H + j;
-    if (kFlags && is_inactive(row_flags<kFlags>(flags, b))) {
-      dg[row + j] = store<S>(A(0));
-      rh[e] = store<S>(A(0));
-      return;
-    }
     const A r = gates[row + j];
     const A h = load<A>(h_prev[e]);
     A direct = dh[e];
     dg[row + j] = store<S>(cells::gru_cho_backward_r(r, h, drh[e], grad_clip, direct));
     dh[e] = direct;
     rh[e] = store<S>(r * h);
+  }
+
+  RNNF_HD void hold(int64_t b, int64_t j) const {
+    dg[b * 3 * H + j] = store<S>(A(0));
+    rh[b * H + j] = store<S>(A(0));
   }
 };
 
@@ -449,22 +452,21 @@ struct RnnBackwardStep {
   S* dg;        // [rows, H] out: gradient of the pre-activation
   int64_t H;
   A grad_clip;
-  const uint8_t* flags = nullptr;       // [rows] kFlags
-  const uint8_t* next_flags = nullptr;  // [rows] kFlags, may be null
+  const int32_t* flags = nullptr;  // [rows] kFlags
 
-  RNNF_HD void operator()(int64_t b, int64_t j) const {
+  RNNF_STEP_OR_HOLD(kFlags)
+
+  RNNF_HD void step(int64_t b, int64_t j) const {
     const int64_t e = b * H + j;
-    const A dh_in = carried_cut<kFlags>(next_flags, b) ? A(0) : dh[e];
-    if (kFlags && is_inactive(row_flags<kFlags>(flags, b))) {
-      dh[e] = dh_in;
-      dg[e] = store<S>(A(0));
-      return;
-    }
-    if constexpr (kFlags) dh[e] = A(0);
     const A h_t = load<A>(h[e]);
-    const A grad = dh_in + load<A>(dy[e]);
+    const A grad = dh[e] + load<A>(dy[e]);
+    if constexpr (kFlags) dh[e] = A(0);
     dg[e] = store<S>(kRelu ? cells::rnn_relu_backward(h_t, grad, grad_clip)
                            : cells::rnn_tanh_backward(h_t, grad, grad_clip));
+  }
+
+  RNNF_HD void hold(int64_t b, int64_t j) const {
+    dg[b * H + j] = store<S>(A(0));
   }
 };
 
@@ -476,19 +478,18 @@ struct AddStep {
   A* b;        // [rows, width]
   S* out;      // [rows, width]
   int64_t width;
-  const uint8_t* flags = nullptr;       // [rows] kFlags
-  const uint8_t* next_flags = nullptr;  // [rows] kFlags, may be null
+  const int32_t* flags = nullptr;  // [rows] kFlags
 
-  RNNF_HD void operator()(int64_t r, int64_t k) const {
+  RNNF_STEP_OR_HOLD(kFlags)
+
+  RNNF_HD void step(int64_t r, int64_t k) const {
     const int64_t e = r * width + k;
-    const A carried = carried_cut<kFlags>(next_flags, r) ? A(0) : b[e];
-    if (kFlags && is_inactive(row_flags<kFlags>(flags, r))) {
-      out[e] = store<S>(A(0));
-      b[e] = carried;
-      return;
-    }
-    out[e] = store<S>(load<A>(a[e]) + carried);
+    out[e] = store<S>(load<A>(a[e]) + b[e]);
     if constexpr (kFlags) b[e] = A(0);
+  }
+
+  RNNF_HD void hold(int64_t r, int64_t k) const {
+    out[r * width + k] = store<S>(A(0));
   }
 };
 
@@ -502,14 +503,35 @@ struct HoldProjectedStep {
   S* y;      // [rows, P]
   S* h;      // [rows, P] the state
   int64_t P;
-  const uint8_t* flags;  // [rows]
+  const int32_t* flags;  // [rows]
 
   RNNF_HD void operator()(int64_t b, int64_t k) const {
     const int64_t e = b * P + k;
-    if (is_inactive(flags[b]))
+    if (holds(flags, b))
       y[e] = h[e];
     else
       h[e] = y[e];
+  }
+};
+
+// Forward, after a step's product with W_hh and before its cell pass: a row that starts a new
+// segment (kStepReset) starts from zero states, so its product (just computed from the carried
+// state) and the carried state the pass reads (LSTM c, GRU h) are zeroed, in the columns of unit
+// j of every block of gh that the step has computed so far.
+template <typename S, typename A>
+struct StartSegments {
+  A* gh;        // [rows, ld_gh]
+  int64_t ld_gh, blocks;
+  A* c;         // [rows, H] LSTM, else null
+  S* h;         // [rows, H] the GRU forms (their pass reads h_{t-1}), else null
+  int64_t H;
+  const int32_t* flags;  // [rows]
+
+  RNNF_HD void operator()(int64_t b, int64_t j) const {
+    if (!is_reset(flags[b])) return;
+    for (int64_t block = 0; block < blocks; ++block) gh[b * ld_gh + block * H + j] = A(0);
+    if (c) c[b * H + j] = A(0);
+    if (h) h[b * H + j] = store<S>(A(0));
   }
 };
 
@@ -521,7 +543,7 @@ struct GatherStatesWithFlags {
   T* dst;           // [T * B, width]
   const T* out;     // [T * B, width]
   const T* init;    // [B, width]
-  const uint8_t* flags;  // [T * B]
+  const int32_t* flags;  // [T * B]
   int64_t T_steps, B, width;
   bool reverse;
 
@@ -538,13 +560,14 @@ struct GatherStatesWithFlags {
   }
 };
 
-// Backward, after the recurrence: no gradient reaches h0 or c0 in a row whose first step
-// (in the forward walk) reset its state.
+// Backward: no gradient crosses a reset. Before a step, in the rows where the step after it (in
+// the forward walk; visited before in the backward walk) reset its state, the gradient carried
+// back from there; after the recurrence, that of h0 or c0 in a row whose first step reset.
 template <typename A>
 struct CutAtResets {
   A* grad;  // [rows, width]
   int64_t width;
-  const uint8_t* flags;  // [rows]
+  const int32_t* flags;  // [rows]
 
   RNNF_HD void operator()(int64_t b, int64_t k) const {
     if (is_reset(flags[b])) grad[b * width + k] = A(0);

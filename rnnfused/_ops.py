@@ -44,7 +44,7 @@ class Norm(enum.IntEnum):
     LAYER = 2
 
 
-# Bits of ``step_flags`` (uint8, one per row of padded input [T, B]), as csrc/params.h.
+# Bits of ``step_flags`` (int32, one per row of padded input [T, B]), as csrc/params.h.
 STEP_RESET = 1  # the state carried into the row's step is zero: a new segment starts there
 STEP_INACTIVE = 2  # the row does not step: its state is held, its output is zero, no gradient flows
 
@@ -91,7 +91,7 @@ def layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), run
     Normalized layers: ``norm_weights`` is ``[gamma_x, gamma_h]`` [G] (+ LSTM ``[gamma_c,
     beta_c]`` [H]); batch norm takes ``running_stats``, the statistics of every step
     ``[mean_x, var_x, mean_h, var_h]`` [T, G] (+ LSTM ``[mean_c, var_c]`` [T, H]), used in eval
-    and at training steps with a single active row. ``step_flags`` (padded input only): uint8
+    and at training steps with a single active row. ``step_flags`` (padded input only): int32
     [T, B] of STEP_RESET / STEP_INACTIVE bits, or None.
 
     Returns ``(y, h_n, c_n, saved, batch_stats)``: y in the layout of x with P features, h_n

@@ -143,7 +143,7 @@ def check_resets(resets, steps, batch):
 
 def step_flags(steps, batch, device, *, lengths=None, resets=None, reverse=False):
     """The operators' step flags of one direction for padded input of ``steps`` x ``batch``:
-    uint8 [steps, batch] on ``device`` (None without lengths and resets), computed on the
+    int32 [steps, batch] on ``device`` (None without lengths and resets), computed on the
     device without a host sync.
 
     lengths [batch] (checked, see :func:`check_lengths`): steps t >= lengths[b] of sequence b are
@@ -165,9 +165,9 @@ def step_flags(steps, batch, device, *, lengths=None, resets=None, reverse=False
             starts = starts & ~inactive
         if reverse:
             starts = torch.cat([starts[1:], torch.zeros_like(starts[:1])])
-        flags = starts.to(torch.uint8) * STEP_RESET
-        return flags if inactive is None else flags + inactive.to(torch.uint8) * STEP_INACTIVE
-    return inactive.to(torch.uint8) * STEP_INACTIVE
+        flags = starts.to(torch.int32) * STEP_RESET
+        return flags if inactive is None else flags + inactive.to(torch.int32) * STEP_INACTIVE
+    return inactive.to(torch.int32) * STEP_INACTIVE
 
 
 def _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), step_statistics=(), flags=None):

@@ -315,7 +315,7 @@ class RNNBase(nn.Module):
                             training=self.training, eps=self.eps)
 
     def _step_flags(self, x, lengths, resets, is_batched):
-        """The step flags of each direction ([T, B] uint8) for time-major padded x [T, B, I] and
+        """The step flags of each direction ([T, B] int32) for time-major padded x [T, B, I] and
         the forward's ``lengths`` and ``resets`` (as the caller gave them), or None."""
         if lengths is None and resets is None:
             return None

@@ -179,7 +179,7 @@ def layer(mode, x, h0, c0, weights, *, lengths=None, resets=None, step_flags=Non
     direction runs the segment from zero states, the reverse direction starts its walk
     through the segment from zero states at the segment's last step, exactly as if each
     segment were a sequence of its own (resets past a sequence's length are ignored).
-    step_flags [T, B] uint8 is the operators' form of the same (rnnfused._ops.STEP_RESET:
+    step_flags [T, B] int32 is the operators' form of the same (rnnfused._ops.STEP_RESET:
     zero states carried into the step; STEP_INACTIVE: the row does not step), in place of
     lengths and resets. ``norm``: a :class:`Normalization` for a normalized layer. Returns (y
     [T, B, P] with zeros at padding, h_n [B, P], c_n [B, H] or None).

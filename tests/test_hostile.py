@@ -144,13 +144,13 @@ BAD_INPUTS = {
         " None, None, None, torch.zeros(3, 2, 4), torch.zeros(2, 4), None, True, True)"),
     "step_flags of the wrong shape": (
         "layer_forward(1, torch.zeros(3, 2, 2), None, torch.zeros(2, 4), None,"
-        " [torch.zeros(12, 2), torch.zeros(12, 4)], False, False, True, inf, inf, torch.zeros(2, 3, dtype=torch.uint8))"),
+        " [torch.zeros(12, 2), torch.zeros(12, 4)], False, False, True, inf, inf, torch.zeros(2, 3, dtype=torch.int32))"),
     "step_flags of the wrong dtype": (
         "layer_forward(1, torch.zeros(3, 2, 2), None, torch.zeros(2, 4), None,"
         " [torch.zeros(12, 2), torch.zeros(12, 4)], False, False, True, inf, inf, torch.zeros(3, 2, dtype=torch.bool))"),
     "step_flags with packed input": (
         "layer_forward(1, torch.zeros(3, 2), torch.tensor([2, 1]), torch.zeros(2, 4), None,"
-        " [torch.zeros(12, 2), torch.zeros(12, 4)], False, False, True, inf, inf, torch.zeros(2, 2, dtype=torch.uint8))"),
+        " [torch.zeros(12, 2), torch.zeros(12, 4)], False, False, True, inf, inf, torch.zeros(2, 2, dtype=torch.int32))"),
     "module: 4-D input": "rnnfused.LSTM(2, 4)(torch.zeros(1, 3, 2, 2))",
     "module: wrong feature size": "rnnfused.GRU(2, 4)(torch.zeros(3, 2, 5))",
     "module: int input": "rnnfused.RNN(2, 4)(torch.zeros(3, 2, 2, dtype=torch.long))",

@@ -35,7 +35,7 @@ def _operator_args(cell, packed, proj, requires_grad, dtype, device, flags=False
     c0 = t(3, hidden) if cell == Cell.LSTM else None
     step_flags = None
     if flags:
-        step_flags = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 2], [1, 2, 2]], dtype=torch.uint8, device=device)
+        step_flags = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 2], [1, 2, 2]], dtype=torch.int32, device=device)
     options = LayerOptions(cell, has_biases=True, reverse=False, cell_clip=INF, grad_clip=0.5)
     return (x, batch_sizes, t(3, width), c0, weights, [], [], step_flags, *options.op_args(), True)
 

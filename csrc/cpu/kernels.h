@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace rnnfused {
 namespace cpu {
@@ -30,14 +31,30 @@ inline Isa cpu_isa() {
 // The element loop: f(b, j) for b in [begin, end), j in [j0, j1). The cell functions inline
 // into it and vectorise along j (every (b, j) touches its own elements, which `omp simd`
 // asserts).
+// A pass with step flags (steps.h: kHolds) picks its step or its hold per row, outside the
+// vectorised loop.
+template <typename F, typename = void>
+struct HoldsRows : std::false_type {};
+template <typename F>
+struct HoldsRows<F, std::enable_if_t<F::kHolds>> : std::true_type {};
+
 template <typename F>
 __attribute__((always_inline)) inline void rows(const F& f_in, int64_t begin, int64_t end, int64_t j0, int64_t j1) {
   // A local copy: through the reference, a float member (a clip value) could alias the
   // float stores of the loop, and the vectoriser would give up.
   const F f = f_in;
   for (int64_t b = begin; b < end; ++b) {
+    if constexpr (HoldsRows<F>::value) {
+      if (f.held(b)) {
+        for (int64_t j = j0; j < j1; ++j) f.hold(b, j);
+        continue;
+      }
 #pragma omp simd
-    for (int64_t j = j0; j < j1; ++j) f(b, j);
+      for (int64_t j = j0; j < j1; ++j) f.step(b, j);
+    } else {
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) f(b, j);
+    }
   }
 }
 
