@@ -293,9 +293,10 @@ class _EagerLayer(torch.autograd.Function):
 def differentiable_layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(),
                                  step_flags=None):
     """layer_forward with save_for_backward=True, differentiable: through _EagerLayer in
-    eager mode, through the operator's registered autograd when compiling or exporting.
+    eager mode, through the operator's registered autograd when compiling, exporting or
+    tracing (torch.jit.trace records operators, not Python autograd Functions).
     Returns ``(y, h_n, c_n, batch_stats)``."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         y, h_n, c_n, _, batch_stats = layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights,
                                                     running_stats, step_flags, save_for_backward=True)
         return y, h_n, c_n, batch_stats

@@ -316,7 +316,10 @@ def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running
     if reference or unverified or _needs_differentiable_equations(tensors):
         y, h_n, c_n, batch_stats = _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights,
                                                     step_statistics, flags)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    elif torch.jit.is_tracing() or torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                   for t in tensors):
+        # Traced, the operator always saves for backward: a module traced under no_grad (or in
+        # eval) can then still be differentiated, and trace's check records the same graph.
         y, h_n, c_n, batch_stats = _ops.differentiable_layer_forward(options, x, batch_sizes, h0, c0, weights,
                                                                      norm_weights, step_statistics, flags)
     else:
