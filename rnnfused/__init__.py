@@ -27,6 +27,9 @@ from .cells import GRUCell, LSTMCell, RNNCell  # noqa: E402
 from .convert import convert  # noqa: E402
 from .explain import explain  # noqa: E402
 from .modules import GRU, LSTM, RNN  # noqa: E402
+from . import _interop  # noqa: E402
+
+_interop.install()
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "explain", "functional", "reference", "backends", "show_config"]
 

@@ -20,15 +20,17 @@ from .functional import Cell, _clip_value, recurrent_layer
 __all__ = ["RNNCellBase", "RNNCell", "LSTMCell", "GRUCell"]
 
 
-class RNNCellBase(nn.Module):
+class RNNCellBase(nn.RNNCellBase):
     """Parameters and checks shared by the cells: ``weight_ih`` [G, I], ``weight_hh`` [G, H],
-    ``bias_ih`` and ``bias_hh`` [G] (None without bias), G = gates * hidden_size."""
+    ``bias_ih`` and ``bias_hh`` [G] (None without bias), G = gates * hidden_size. A subclass
+    of ``torch.nn.RNNCellBase`` (so ``isinstance(rnnfused.LSTMCell(...), nn.LSTMCell)`` holds)
+    whose ``__init__`` is not called."""
 
     __constants__ = ["input_size", "hidden_size", "bias"]
 
     def __init__(self, input_size, hidden_size, bias, num_chunks, device=None, dtype=None, *, grad_clip=None):
         factory_kwargs = {"device": device, "dtype": dtype}
-        super().__init__()
+        nn.Module.__init__(self)  # not torch.nn.RNNCellBase's: it would create and initialise its own weights
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -43,6 +45,11 @@ class RNNCellBase(nn.Module):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         self.reset_parameters()
+
+    def _get_name(self):
+        # repr tells ours from torch.nn's; a user's subclass keeps its own name.
+        name = type(self).__name__
+        return f"rnnfused.{name}" if type(self).__module__ == __name__ else name
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -110,7 +117,7 @@ class RNNCellBase(nn.Module):
         return h_n, c_n
 
 
-class RNNCell(RNNCellBase):
+class RNNCell(RNNCellBase, nn.RNNCell):
     r"""An Elman RNN cell, drop-in for :class:`torch.nn.RNNCell`:
     :math:`h' = \tanh(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})` (ReLU with ``nonlinearity='relu'``).
 
@@ -153,7 +160,7 @@ class RNNCell(RNNCellBase):
         return h if is_batched else h.squeeze(0)
 
 
-class GRUCell(RNNCellBase):
+class GRUCell(RNNCellBase, nn.GRUCell):
     r"""A gated recurrent unit cell, drop-in for :class:`torch.nn.GRUCell`::
 
         r = σ(W_ir x + b_ir + W_hr h + b_hr),  z = σ(W_iz x + b_iz + W_hz h + b_hz)
@@ -189,7 +196,7 @@ class GRUCell(RNNCellBase):
         return h if is_batched else h.squeeze(0)
 
 
-class LSTMCell(RNNCellBase):
+class LSTMCell(RNNCellBase, nn.LSTMCell):
     r"""A long short-term memory cell, drop-in for :class:`torch.nn.LSTMCell`::
 
         i, f, o = σ(W_i* x + b_i* + W_h* h + b_h*),   g = tanh(W_ig x + b_ig + W_hg h + b_hg)

@@ -5,8 +5,11 @@ initialisation (the same seed gives the same weights), state_dict, forward signa
 outputs, PackedSequence handling and errors as torch.nn; the recurrence runs on the fused
 kernels of :mod:`rnnfused.functional`.
 
-The classes derive from ``nn.Module``, not from ``torch.nn.RNNBase``: torch.compile refuses
-to trace instances of the torch.nn recurrent classes.
+Each class derives from the torch.nn class it replaces (``isinstance(rnnfused.LSTM(...),
+nn.LSTM)`` holds, so code that finds ``nn.LSTM`` modules finds ours), but none of torch.nn's
+code runs: every method that reads torch.nn's private state is overridden here. torch.compile
+refuses to trace instances of the torch.nn recurrent classes (``torch._dynamo.config.allow_rnn``);
+:mod:`rnnfused._interop` lets it trace ours, which are one operator per layer.
 
 Extras beyond torch.nn (keyword-only, off by default): ``grad_clip`` for every layer,
 ``cell_clip`` for LSTM, ``reset_after`` for GRU, and normalized layers for every cell
@@ -91,12 +94,14 @@ _WEIGHT_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 _BATCH_NORM_GAMMA = 0.1  # Cooijmans et al.: γ = 0.1 keeps the gates out of saturation early on
 
 
-class RNNBase(nn.Module):
+class RNNBase(nn.RNNBase):
     """Stack of ``num_layers`` recurrent layers, each in one or two directions.
 
     Holds what torch.nn.RNNBase holds (the same attributes and parameters) and runs the
     stack layer by layer; ``dropout`` is applied to the output of every layer but the last
-    in training mode, as torch.nn does.
+    in training mode, as torch.nn does. A subclass of ``torch.nn.RNNBase`` whose
+    ``__init__`` is not called: torch.nn's methods that depend on its private state
+    (``_flat_weights`` as a list, weak references, pickling hooks) are replaced below.
     """
 
     __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
@@ -107,7 +112,7 @@ class RNNBase(nn.Module):
                  grad_clip=None, cell_clip=None, reset_after=True, norm=None, momentum=0.1, eps=1e-5,
                  max_steps=1000):
         factory_kwargs = {"device": device, "dtype": dtype}
-        super().__init__()
+        nn.Module.__init__(self)  # not torch.nn.RNNBase's: it would create and initialise its own weights
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -202,6 +207,31 @@ class RNNBase(nn.Module):
     @property
     def _flat_weights(self):
         return [getattr(self, name, None) for name in self._flat_weights_names]
+
+    # torch.nn.RNNBase keeps ``_flat_weights`` as a list it refreshes on every assignment, copy
+    # and pickling; here it is computed from the parameters, so that machinery is not needed.
+    __setattr__ = nn.Module.__setattr__
+    __getstate__ = nn.Module.__getstate__
+    __setstate__ = nn.Module.__setstate__
+
+    def _init_flat_weights(self) -> None:
+        self.flatten_parameters()
+
+    def _weights_have_changed(self) -> bool:
+        return False
+
+    def _update_flat_weights(self) -> None:
+        pass
+
+    def _replicate_for_data_parallel(self):
+        replica = nn.Module._replicate_for_data_parallel(self)
+        replica._flat_weights_names = self._flat_weights_names[:]
+        return replica
+
+    def _get_name(self):
+        # repr tells ours from torch.nn's; a user's subclass keeps its own name.
+        name = type(self).__name__
+        return f"rnnfused.{name}" if type(self).__module__ == __name__ else name
 
     @property
     def all_weights(self):
@@ -525,7 +555,7 @@ def _check_config(module, dropout):
         raise ValueError(f"max_steps must be a positive int, got {module.max_steps!r}")
 
 
-class RNN(RNNBase):
+class RNN(RNNBase, nn.RNN):
     r"""Multi-layer Elman RNN, drop-in for :class:`torch.nn.RNN`.
 
     ``RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
@@ -566,7 +596,7 @@ class RNN(RNNBase):
         return self._forward(input, hx, lengths, resets)
 
 
-class GRU(RNNBase):
+class GRU(RNNBase, nn.GRU):
     r"""Multi-layer gated recurrent unit, drop-in for :class:`torch.nn.GRU`.
 
     ``GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -593,7 +623,7 @@ class GRU(RNNBase):
         return self._forward(input, hx, lengths, resets)
 
 
-class LSTM(RNNBase):
+class LSTM(RNNBase, nn.LSTM):
     r"""Multi-layer long short-term memory, drop-in for :class:`torch.nn.LSTM`.
 
     ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
