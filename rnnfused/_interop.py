@@ -17,6 +17,7 @@ the torch.nn classes they replace (docs/deployment.md):
 import importlib.abc
 import importlib.machinery
 import sys
+import warnings
 
 import torch
 
@@ -51,32 +52,47 @@ def _let_dynamo_trace_ours(builder):
     variable_builder.wrap_module = wrap_module_tracing_rnnfused
 
 
-class _AfterBuilderImport(importlib.abc.MetaPathFinder):
-    """Finds torch._dynamo.variables.builder as Python would, and patches it once executed."""
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds the module ``name`` as Python would, and calls ``then(module)`` once it has been
+    executed (a post-import hook: registering with a part of torch that is costly to import,
+    without importing it)."""
+
+    def __init__(self, name, then):
+        self.name, self.then = name, then
 
     def find_spec(self, name, path, target=None):
-        if name != _BUILDER:
+        if name != self.name:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path, target)
         if spec is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
-        def exec_then_patch(module):
+        def exec_then(module):
             exec_module(module)
-            _let_dynamo_trace_ours(module)
             if self in sys.meta_path:
                 sys.meta_path.remove(self)
+            _call_safely(self.then, module)
 
-        spec.loader.exec_module = exec_then_patch
+        spec.loader.exec_module = exec_then
         return spec
 
 
-def _install_dynamo_hook():
-    if _BUILDER in sys.modules:
-        _let_dynamo_trace_ours(sys.modules[_BUILDER])
-    elif not any(isinstance(finder, _AfterBuilderImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _AfterBuilderImport())
+def _call_safely(then, module):
+    # A registration that fails (another torch) must not break the import of torch's module.
+    try:
+        then(module)
+    except Exception as error:  # noqa: BLE001
+        warnings.warn(f"rnnfused: could not register with {module.__name__} ({error!r}); torch's tools may "
+                      "treat rnnfused's layers as unknown (docs/deployment.md)", stacklevel=2)
+
+
+def after_import(name, then):
+    """Calls ``then(module)`` now if ``name`` is imported, else right after its import."""
+    if name in sys.modules:
+        _call_safely(then, sys.modules[name])
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, then))
 
 
 # --- torch.load(weights_only=True) -------------------------------------------------------------
@@ -123,7 +139,21 @@ def _register_dynamic_quantization():
         DEFAULT_DYNAMIC_QUANT_MODULE_MAPPINGS.setdefault(ours, _dynamic_quantized(quantized, to_torch))
 
 
+# --- ONNX ---------------------------------------------------------------------------------------
+
+# The exporter's table of translations (_torchlib_registry) is imported by _registration, whose
+# classes it needs: register once _registration is complete.
+_ONNX_REGISTRATION = "torch.onnx._internal.exporter._registration"
+
+
+def _register_onnx():
+    from . import onnx
+    onnx.register_with_torchscript_exporter()
+    after_import(_ONNX_REGISTRATION, onnx.register_with_dynamo_exporter)
+
+
 def install():
-    _install_dynamo_hook()
+    after_import(_BUILDER, _let_dynamo_trace_ours)
+    _register_onnx()
     _register_safe_globals()
     _register_dynamic_quantization()

@@ -125,7 +125,7 @@ class RNNCell(RNNCellBase, nn.RNNCell):
     *, grad_clip=None)``
 
     Shapes: input ``(N, H_in)`` or ``(H_in)``; hx ``(N, H)`` or ``(H)`` (zeros if None);
-    output h' shaped as hx. ``forward(input, hx=None, *, reset=None)``: reset, a bool ``(N)``
+    output h' shaped as hx. ``forward(input, hx=None, reset=None)``: reset, a bool ``(N)``
     (or 0-d) tensor, starts the rows where it is True from zero states (an episode boundary;
     no gradient reaches their hx). grad_clip: clamp the gradient of the pre-activation to
     [-grad_clip, grad_clip] in the backward pass (None: off).
@@ -143,7 +143,7 @@ class RNNCell(RNNCellBase, nn.RNNCell):
     def mode(self):
         return "RNN_RELU" if self.nonlinearity == "relu" else "RNN_TANH"
 
-    def forward(self, input, hx=None, *, reset=None):
+    def forward(self, input, hx=None, reset=None):
         self._check_input("RNNCell", input, [("hidden", hx)])
         is_batched = input.dim() == 2
         if not is_batched:
@@ -182,7 +182,7 @@ class GRUCell(RNNCellBase, nn.GRUCell):
 
     mode = "GRU"
 
-    def forward(self, input, hx=None, *, reset=None):
+    def forward(self, input, hx=None, reset=None):
         self._check_input("GRUCell", input, [("hidden", hx)])
         is_batched = input.dim() == 2
         if not is_batched:
@@ -217,7 +217,7 @@ class LSTMCell(RNNCellBase, nn.LSTMCell):
 
     mode = "LSTM"
 
-    def forward(self, input, hx=None, *, reset=None):
+    def forward(self, input, hx=None, reset=None):
         self._check_input("LSTMCell", input, [] if hx is None else [(f"hx[{i}]", s) for i, s in enumerate(hx)])
         is_batched = input.dim() == 2
         if not is_batched:

@@ -17,7 +17,7 @@ Extras beyond torch.nn (keyword-only, off by default): ``grad_clip`` for every l
 
 Lengths and resets
 ------------------
-``forward(input, hx=None, *, lengths=None, resets=None)`` takes padded input (not a
+``forward(input, hx=None, lengths=None, resets=None)`` takes padded input (not a
 PackedSequence) with, optionally:
 
 * ``lengths``: integers ``[N]`` in 1..L, on any device (unsorted is fine). The result is
@@ -35,7 +35,8 @@ PackedSequence) with, optionally:
   flows across a reset. ``h_n`` holds the states after the last step of each direction.
   Resets past a sequence's length are ignored.
 
-Both are fused in the kernels: per step and row, a reset reads the carried state as zeros
+(Not keyword-only: torch.onnx's TorchScript exporter passes every defaulted parameter of
+``forward`` positionally.) Both are fused in the kernels: per step and row, a reset reads the carried state as zeros
 and a finished row keeps its state (:func:`rnnfused.functional.step_flags`). Normalized
 layers do not take them yet.
 
@@ -592,7 +593,7 @@ class RNN(RNNBase, nn.RNN):
                 f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(mode, *args, **kwargs)
 
-    def forward(self, input, hx=None, *, lengths=None, resets=None):
+    def forward(self, input, hx=None, lengths=None, resets=None):
         return self._forward(input, hx, lengths, resets)
 
 
@@ -619,7 +620,7 @@ class GRU(RNNBase, nn.GRU):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
 
-    def forward(self, input, hx=None, *, lengths=None, resets=None):
+    def forward(self, input, hx=None, lengths=None, resets=None):
         return self._forward(input, hx, lengths, resets)
 
 
@@ -651,7 +652,7 @@ class LSTM(RNNBase, nn.LSTM):
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
 
-    def forward(self, input, hx=None, *, lengths=None, resets=None):
+    def forward(self, input, hx=None, lengths=None, resets=None):
         num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
