@@ -80,6 +80,7 @@ class LayerOptions:
 
 
 NUM_OPTIONS = len(dataclasses.fields(LayerOptions))
+_LAYER_FORWARD = torch.ops.rnnfused.layer_forward.default
 
 
 def layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), step_flags=None, *,
@@ -103,8 +104,18 @@ def layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), run
     and biased variance of every step, in the order of ``running_stats``, in the
     accumulation dtype.
     """
-    return torch.ops.rnnfused.layer_forward(x, batch_sizes, h0, c0, list(weights), list(norm_weights),
-                                            list(running_stats), step_flags, *options.op_args(), save_for_backward)
+    args = (x, batch_sizes, h0, c0, _as_list(weights), _as_list(norm_weights), _as_list(running_stats), step_flags,
+            *options.op_args(), save_for_backward)
+    if not save_for_backward and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        # Nothing will be differentiated: skip the operator's autograd kernel (register_autograd's
+        # Python wrapper, which would only redispatch; ~30 µs per call, python -m bench.overhead).
+        with torch._C._AutoDispatchBelowAutograd():
+            return _LAYER_FORWARD(*args)
+    return _LAYER_FORWARD(*args)
+
+
+def _as_list(tensors):
+    return tensors if type(tensors) is list else list(tensors)
 
 
 def layer_backward(options, x, batch_sizes, h0, c0, weights, norm_weights, step_flags, saved, dy, dh_n, dc_n, *,

@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn import init
 
 from . import dispatch
-from .functional import Cell, _clip_value, recurrent_layer
+from .functional import Cell, _clip_value, check_resets, run_layer, step_flags
+from .modules import layer_options
 
 __all__ = ["RNNCellBase", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -111,10 +112,14 @@ class RNNCellBase(nn.RNNCellBase):
             return op(input, h, *weights), None
         if choice.kernel == "reference":
             dispatch.warn_reference(choice)
-        _, h_n, c_n = recurrent_layer(cell, input.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih,
-                                      self.bias_hh, cell_clip=cell_clip, grad_clip=self.grad_clip, resets=reset,
-                                      reference=choice.kernel == "reference")
-        return h_n, c_n
+        # The module has checked what recurrent_layer would: run the layer directly.
+        options = layer_options(cell, self.bias, False, cell_clip, self.grad_clip, None, True, 1e-5)
+        batch = input.size(0)
+        flags = None if reset is None else step_flags(1, batch, input.device, resets=check_resets(reset, 1, batch))
+        weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
+        _, h_n, c_n = run_layer(options, input.unsqueeze(0), None, h, c, weights, flags=flags,
+                                reference=choice.kernel == "reference")
+        return h_n, (c_n if cell == Cell.LSTM else None)
 
 
 class RNNCell(RNNCellBase, nn.RNNCell):

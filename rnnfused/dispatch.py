@@ -224,6 +224,11 @@ def decide(facts, setting, verified, rows, autotune=None):
                            f"vs {row['ours_ms']:.3f} ms ours, {row['card']}, {row['date']})", row)
 
 
+# Off CUDA the choice is always ours: one Choice per device type (a decoder's call with one step
+# is short enough for building it every time to show).
+_OFF_CUDA = {}
+
+
 def choose(module, weight, batch, training, flags=None, autotune=None):
     """The kernel of one call of ``module`` (an rnnfused RNN / GRU / LSTM stack or cell; a cell
     is a one-layer stack of one step in the table's keys): ``weight`` is
@@ -233,7 +238,13 @@ def choose(module, weight, batch, training, flags=None, autotune=None):
     RNNFUSED_AUTOTUNE) and returns "ours" or "cudnn"."""
     device = weight.device
     if device.type != "cuda":
-        facts = Facts(device.type)
+        setting = _setting()
+        if setting == "cudnn":
+            return decide(Facts(device.type), setting, _VERIFIED, _ROWS)  # the error it raises
+        choice = _OFF_CUDA.get(device.type)
+        if choice is None:
+            choice = _OFF_CUDA[device.type] = decide(Facts(device.type), setting, _VERIFIED, _ROWS)
+        return choice
     else:
         compute_capability = _compute_capability(device)
         key = table_key(compute_capability, module.mode, _effective_dtype(weight), module.hidden_size, batch,

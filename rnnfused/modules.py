@@ -72,6 +72,7 @@ recommends (it keeps tanh and σ out of saturation early on), at 1 for layer nor
 The standard weights draw the same random numbers as without norm.
 """
 
+import functools
 import math
 import numbers
 import warnings
@@ -340,10 +341,8 @@ class RNNBase(nn.RNNBase):
 
     def _layer_options(self, reverse):
         """The options of one layer direction of this stack, as the operators take them."""
-        return LayerOptions(self._cell(), has_biases=self.bias, reverse=reverse,
-                            cell_clip=_clip_value(self.cell_clip, "cell_clip"),
-                            grad_clip=_clip_value(self.grad_clip, "grad_clip"), norm=_norm_kind(self.norm),
-                            training=self.training, eps=self.eps)
+        return layer_options(self._cell(), self.bias, reverse, self.cell_clip, self.grad_clip, self.norm,
+                             self.training, self.eps)
 
     def _step_flags(self, x, lengths, resets, is_batched):
         """The step flags of each direction ([T, B] uint8) for time-major padded x [T, B, I] and
@@ -402,7 +401,7 @@ class RNNBase(nn.RNNBase):
         weight = self.weight_ih_l0
         training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         autotune = None
-        if dispatch.autotune_enabled() and x.is_cuda and not torch.compiler.is_compiling() \
+        if x.is_cuda and dispatch.autotune_enabled() and not torch.compiler.is_compiling() \
                 and not torch.cuda.is_current_stream_capturing():
             candidates = self._autotune_candidates(x, batch_sizes, hx, cx, training)
             autotune = lambda key: dispatch.autotuned(key, candidates)  # noqa: E731
@@ -425,9 +424,9 @@ class RNNBase(nn.RNNBase):
             outputs = []
             for direction in range(num_directions):
                 index = layer * num_directions + direction
-                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                weights = [getattr(self, kind + suffix) for kind in _WEIGHT_KINDS if hasattr(self, kind + suffix)]
+                names = self._all_weights[index]  # the standard weights in the operators' order, then norm's
                 norm_weights = [getattr(self, n) for n in self._norm_weights_names[index]] if self.norm else ()
+                weights = [getattr(self, n) for n in names[:len(names) - len(norm_weights)]]
                 running_stats = [getattr(self, n) for n in self._running_stats_names[index]] if self.norm else ()
                 y, h, c = run_layer(options[direction], layer_input, batch_sizes, hx[index],
                                     None if cx is None else cx[index], weights, norm_weights, running_stats,
@@ -438,7 +437,7 @@ class RNNBase(nn.RNNBase):
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        return layer_input, torch.stack(h_n), (torch.stack(c_n) if cx is not None else None)
+        return layer_input, _stack(h_n), (_stack(c_n) if cx is not None else None)
 
     def _forward(self, input, hx, lengths, resets):
         """Shared forward of GRU and RNN (a single hidden state); LSTM has its own."""
@@ -492,6 +491,28 @@ class RNNBase(nn.RNNBase):
             output = output.squeeze(0 if self.batch_first else 1)
             h_n = h_n.squeeze(1)
         return output, h_n
+
+
+def _stack(states):
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
+
+
+def _make_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps):
+    return LayerOptions(cell, has_biases=bias, reverse=reverse, cell_clip=_clip_value(cell_clip, "cell_clip"),
+                        grad_clip=_clip_value(grad_clip, "grad_clip"), norm=_norm_kind(norm), training=training,
+                        eps=eps)
+
+
+_cached_options = functools.lru_cache(maxsize=256)(_make_options)
+
+
+def layer_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps):
+    """The LayerOptions of a layer direction (or cell) with these module attributes, made once
+    per combination in eager mode: a call with one step is short enough for building the
+    record every time to show (python -m bench.overhead)."""
+    if torch.compiler.is_compiling():
+        return _make_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps)
+    return _cached_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps)
 
 
 def _refuse_lengths_and_resets(lengths, resets):
