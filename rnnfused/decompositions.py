@@ -24,7 +24,6 @@ import dataclasses
 import math
 
 import torch
-from torch._higher_order_ops.scan import scan_op
 
 from . import _ops, reference
 from ._ops import STEP_INACTIVE, STEP_RESET, Cell, LayerOptions, Norm
@@ -46,6 +45,8 @@ def _scan_layer(options, x, h0, c0, weights, step_flags):
     None). The operator itself, not torch's ``scan()`` function: that one compiles its body
     with dynamo, which fails inside run_decompositions' retrace; the operator traces it as
     part of the graph (and runs it as a loop in eager mode)."""
+    from torch._higher_order_ops.scan import scan_op  # torch's private module: imported when used
+
     mode, reset_after = ("GRU", False) if options.cell == Cell.GRU_CHO else (options.cell.name, True)
     cell_clip = None if math.isinf(options.cell_clip) else options.cell_clip
     is_lstm = options.cell == Cell.LSTM
