@@ -81,6 +81,7 @@ class LayerOptions:
 
 NUM_OPTIONS = len(dataclasses.fields(LayerOptions))
 _LAYER_FORWARD = torch.ops.rnnfused.layer_forward.default
+_LAYER_BACKWARD = torch.ops.rnnfused.layer_backward.default
 
 
 def layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), step_flags=None, *,
@@ -124,8 +125,14 @@ def layer_backward(options, x, batch_sizes, h0, c0, weights, norm_weights, step_
     Returns ``(dx, dh0, dc0, dweights, dnorm_weights)``: dx as x (empty unless ``need_dx``),
     dh0 [B, P], dc0 [B, H] (LSTM), dweights and dnorm_weights shaped as ``weights`` and
     ``norm_weights`` (empty unless ``need_weights``)."""
-    return torch.ops.rnnfused.layer_backward(x, batch_sizes, h0, c0, list(weights), list(norm_weights), step_flags,
-                                             list(saved), dy, dh_n, dc_n, *options.op_args(), need_dx, need_weights)
+    args = (x, batch_sizes, h0, c0, _as_list(weights), _as_list(norm_weights), step_flags, _as_list(saved), dy, dh_n,
+            dc_n, *options.op_args(), need_dx, need_weights)
+    if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        # The gradients are not differentiated (create_graph runs the reference equations):
+        # skip autograd's fallback kernel.
+        with torch._C._AutoDispatchBelowAutograd():
+            return _LAYER_BACKWARD(*args)
+    return _LAYER_BACKWARD(*args)
 
 
 def _acc_dtype(dtype):
@@ -286,8 +293,11 @@ class _EagerLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, options, x, batch_sizes, h0, c0, running_stats, step_flags, n_weights, *all_weights):
         weights, norm_weights = all_weights[:n_weights], all_weights[n_weights:]
-        y, h_n, c_n, saved, batch_stats = layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights,
-                                                        running_stats, step_flags, save_for_backward=True)
+        # This Function is the autograd formula: skip the operator's own (a Python wrapper that
+        # would only redispatch here, where grad mode is off).
+        with torch._C._AutoDispatchBelowAutograd():
+            y, h_n, c_n, saved, batch_stats = layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights,
+                                                            running_stats, step_flags, save_for_backward=True)
         _save(ctx, options, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, saved,
               batch_stats)
         return (y, h_n, c_n, *saved, *batch_stats)

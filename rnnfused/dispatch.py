@@ -236,16 +236,17 @@ def choose(module, weight, batch, training, flags=None, autotune=None):
     call records for backward, ``flags`` its step flags (lengths / resets) or None.
     ``autotune(key)``, if given, times ours against cuDNN for the call's key (see
     RNNFUSED_AUTOTUNE) and returns "ours" or "cudnn"."""
-    device = weight.device
-    if device.type != "cuda":
+    if not weight.is_cuda:
+        device_type = "cpu" if weight.is_cpu else weight.device.type
         setting = _setting()
         if setting == "cudnn":
-            return decide(Facts(device.type), setting, _VERIFIED, _ROWS)  # the error it raises
-        choice = _OFF_CUDA.get(device.type)
+            return decide(Facts(device_type), setting, _VERIFIED, _ROWS)  # the error it raises
+        choice = _OFF_CUDA.get(device_type)
         if choice is None:
-            choice = _OFF_CUDA[device.type] = decide(Facts(device.type), setting, _VERIFIED, _ROWS)
+            choice = _OFF_CUDA[device_type] = decide(Facts(device_type), setting, _VERIFIED, _ROWS)
         return choice
     else:
+        device = weight.device
         compute_capability = _compute_capability(device)
         key = table_key(compute_capability, module.mode, _effective_dtype(weight), module.hidden_size, batch,
                         getattr(module, "num_layers", 1), getattr(module, "bidirectional", False), training,

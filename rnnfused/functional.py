@@ -314,8 +314,9 @@ def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running
     if options.norm == Norm.BATCH and options.training and h0.size(0) < 2:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size([h0.size(0), weights[0].size(0)])}")
-    x, h0, c0, *all_weights = _autocast((x, h0, c0, *weights, *norm_weights), x.device.type)
-    weights, norm_weights = all_weights[:len(weights)], all_weights[len(weights):]
+    if torch._C._is_any_autocast_enabled():  # else _autocast changes nothing: skip its repacking
+        x, h0, c0, *all_weights = _autocast((x, h0, c0, *weights, *norm_weights), x.device.type)
+        weights, norm_weights = all_weights[:len(weights)], all_weights[len(weights):]
     tensors = (x, h0, c0, *weights, *norm_weights)
     steps = batch_sizes.numel() if batch_sizes is not None else x.size(0)
     step_statistics = _step_statistics(running_stats, steps, x.dtype) if options.norm == Norm.BATCH else []

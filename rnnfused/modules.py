@@ -35,10 +35,10 @@ PackedSequence) with, optionally:
   flows across a reset. ``h_n`` holds the states after the last step of each direction.
   Resets past a sequence's length are ignored.
 
-(Not keyword-only: torch.onnx's TorchScript exporter passes every defaulted parameter of
-``forward`` positionally.) Both are fused in the kernels: per step and row, a reset reads the carried state as zeros
+Both are fused in the kernels: per step and row, a reset reads the carried state as zeros
 and a finished row keeps its state (:func:`rnnfused.functional.step_flags`). Normalized
-layers do not take them yet.
+layers do not take them yet. (They are not keyword-only: torch.onnx's TorchScript exporter
+passes every defaulted parameter of ``forward`` positionally.)
 
 Normalized layers
 -----------------
@@ -91,8 +91,6 @@ __all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _NORMS = (None, "batch", "layer")
-# The weights of one layer direction in the operators' order.
-_WEIGHT_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 _BATCH_NORM_GAMMA = 0.1  # Cooijmans et al.: γ = 0.1 keeps the gates out of saturation early on
 
 

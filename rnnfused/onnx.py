@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ._ops import GATES_PER_UNIT, Cell, LayerOptions, Norm
+from ._ops import GATES_PER_UNIT, STEP_INACTIVE, STEP_RESET, Cell, LayerOptions, Norm
 
 __all__ = ["custom_translation_table"]
 
@@ -36,7 +36,6 @@ __all__ = ["custom_translation_table"]
 _ONNX_GATE_ORDER = {Cell.LSTM: (0, 3, 1, 2), Cell.GRU: (1, 0, 2), Cell.GRU_CHO: (1, 0, 2),
                     Cell.RNN_TANH: (0,), Cell.RNN_RELU: (0,)}
 _INT64_MIN = -(2 ** 63)
-_INT64_MAX = 2 ** 63 - 1
 
 
 class UnsupportedExport(RuntimeError):
@@ -102,16 +101,16 @@ def layer_forward_onnxscript(x, batch_sizes, h0, c0, weights, norm_weights, runn
         bound = op.CastLike(op.Constant(value_float=options.cell_clip), x)
         if flags_given:
             flags = op.Unsqueeze(step_flags, [2])
-            reset = op.Cast(op.BitwiseAnd(flags, op.Constant(value=_uint8(1))), to=9)  # 9: BOOL
-            active = op.Not(op.Cast(op.BitwiseAnd(flags, op.Constant(value=_uint8(2))), to=9))
+            reset = op.Cast(op.BitwiseAnd(flags, op.Constant(value=_uint8(STEP_RESET))), to=9)  # 9: BOOL
+            active = op.Not(op.Cast(op.BitwiseAnd(flags, op.Constant(value=_uint8(STEP_INACTIVE))), to=9))
         else:
             shape = op.Concat(op.Slice(op.Shape(x), [0], [2], [0]), op.Constant(value_ints=[1]), axis=0)
             reset = op.Expand(op.Constant(value=_bool(False)), shape)
             active = op.Expand(op.Constant(value=_bool(True)), shape)
         if options.reverse:
             gx, reset, active = (op.Slice(v, [-1], [_INT64_MIN], [0], [-1]) for v in (gx, reset, active))
-        y, h_n, c_n = _onnx_functions.rnnfused_lstm_loop(gx, h0, c0, op.Transpose(w_hh, perm=[1, 0]), w_hr_t, op.Neg(bound), bound,
-                                   reset, active)
+        y, h_n, c_n = _onnx_functions.rnnfused_lstm_loop(gx, h0, c0, op.Transpose(w_hh, perm=[1, 0]), w_hr_t,
+                                                         op.Neg(bound), bound, reset, active)
         if options.reverse:
             y = op.Slice(y, [-1], [_INT64_MIN], [0], [-1])
     else:
@@ -206,11 +205,9 @@ def layer_forward_symbolic(g, x, batch_sizes, h0, c0, weights, norm_weights, run
     if options.has_biases:
         bias = g.op("Unsqueeze", g.op("Concat", g.op("Gather", weights[2], rows, axis_i=0),
                                       g.op("Gather", weights[3], rows, axis_i=0), axis_i=0), zero_axis)
-    attributes = {"hidden_size_i": hidden, "direction_s": "reverse" if options.reverse else "forward"}
-    if cell in (Cell.GRU, Cell.GRU_CHO):
-        attributes["linear_before_reset_i"] = 1 if cell == Cell.GRU else 0
-    if cell in (Cell.RNN_TANH, Cell.RNN_RELU):
-        attributes["activations_s"] = ["Tanh" if cell == Cell.RNN_TANH else "Relu"]
+    # g.op names an attribute's type by a suffix: _i integers, _s strings.
+    attributes = {f"{name}_{'i' if isinstance(value, int) else 's'}": value
+                  for name, value in _node_attributes(cell, hidden, options.reverse).items()}
     inputs = [x, onnx_layout(weights[0]), onnx_layout(weights[1]), bias, absent, g.op("Unsqueeze", h0, zero_axis)]
     if cell == Cell.LSTM:
         y, h_n, c_n = g.op("LSTM", *inputs, g.op("Unsqueeze", c0, zero_axis), outputs=3, **attributes)
