@@ -47,6 +47,11 @@ class RNNCellBase(nn.RNNCellBase):
             self.register_parameter("bias_hh", None)
         self.reset_parameters()
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"rnnfused.{type(self).__name__} cannot be compiled by torch.jit.script (TorchScript cannot "
+            "compile its Python forward); use torch.compile or torch.export, or torch.jit.trace")
+
     def _get_name(self):
         # repr tells ours from torch.nn's; a user's subclass keeps its own name.
         name = type(self).__name__

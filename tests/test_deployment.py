@@ -104,6 +104,12 @@ def test_instances_of_the_torch_nn_classes_with_their_surface(name):
         assert ours._flat_weights[1] is ours.weight_hh_l0
 
 
+@pytest.mark.parametrize("name", [*LAYERS, *CELLS])
+def test_script_says_what_to_use_instead(name):
+    with pytest.raises(RuntimeError, match="torch.jit.script.*torch.compile or torch.export, or torch.jit.trace"):
+        torch.jit.script(getattr(rnnfused, name)(3, 4))
+
+
 def test_a_subclass_keeps_its_own_name_in_repr():
     class Mine(rnnfused.GRU):
         pass
