@@ -3,15 +3,17 @@ the torch.nn classes they replace (docs/deployment.md):
 
 * torch.compile: dynamo refuses to trace any instance of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``
   unless ``torch._dynamo.config.allow_rnn`` is set (``VariableBuilder.wrap_module``, the one
-  place it checks), and our layers are such instances. torch.nn's layers are refused because
-  their op decomposes into a loop of small ops when traced; ours are one operator per layer,
-  so wrapping one of *our* modules sets ``allow_rnn`` for that call only. torch.nn's layers keep
-  torch's behaviour. torch._dynamo takes seconds to import, so the patch is applied when torch
-  imports it (an import hook), not by importing it here.
+  place it checks), and our layers are such instances. torch.nn's support there is marked
+  experimental; ours are one custom operator per layer, which dynamo traces like any other,
+  so wrapping one of *our* modules sets ``allow_rnn`` for that call only, and torch.nn's layers
+  keep torch's behaviour. torch._dynamo takes seconds to import, so the patch is applied when
+  torch imports it (an import hook), not by importing it here.
 * ``torch.load(weights_only=True)``: our modules are on its safe-globals list.
 * ``torch.ao.quantization.quantize_dynamic``: naming our classes quantizes them into torch.ao's
   dynamic quantized modules (torch.ao matches modules by exact type, so naming only torch.nn's
   classes cannot select ours).
+* ``torch.onnx.export``: the translations of :mod:`rnnfused.onnx` (the TorchScript exporter's
+  symbolic at once, the dynamo exporter's when torch imports that exporter).
 """
 
 import importlib.abc
@@ -34,7 +36,7 @@ def _ours():
 def _let_dynamo_trace_ours(builder):
     """Wraps ``builder.VariableBuilder.wrap_module`` so that it wraps our modules with
     ``allow_rnn`` set; does nothing where that method or flag is missing (another torch:
-    compiling then graph-breaks on our layers as on torch.nn's, and tests/test_interop.py says so)."""
+    compiling then graph-breaks on our layers as on torch.nn's, and tests/test_deployment.py says so)."""
     variable_builder = getattr(builder, "VariableBuilder", None)
     wrap_module = getattr(variable_builder, "wrap_module", None)
     config = getattr(builder, "config", None)
@@ -72,25 +74,26 @@ class _AfterImport(importlib.abc.MetaPathFinder):
             exec_module(module)
             if self in sys.meta_path:
                 sys.meta_path.remove(self)
-            _call_safely(self.then, module)
+            _call_safely(self.then, module, what=module.__name__)
 
         spec.loader.exec_module = exec_then
         return spec
 
 
-def _call_safely(then, module):
-    # A registration that fails (another torch) must not break the import of torch's module.
+def _call_safely(then, *args, what):
+    # A registration that fails (another torch) must break neither `import rnnfused` nor the
+    # import of torch's module: it costs only what it would have given.
     try:
-        then(module)
+        then(*args)
     except Exception as error:  # noqa: BLE001
-        warnings.warn(f"rnnfused: could not register with {module.__name__} ({error!r}); torch's tools may "
-                      "treat rnnfused's layers as unknown (docs/deployment.md)", stacklevel=2)
+        warnings.warn(f"rnnfused: could not register with {what} ({error!r}); torch's tools may treat "
+                      "rnnfused's layers as unknown there (docs/deployment.md)", stacklevel=2)
 
 
 def after_import(name, then):
     """Calls ``then(module)`` now if ``name`` is imported, else right after its import."""
     if name in sys.modules:
-        _call_safely(then, sys.modules[name])
+        _call_safely(then, sys.modules[name], what=name)
     elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport(name, then))
 
@@ -154,6 +157,6 @@ def _register_onnx():
 
 def install():
     after_import(_BUILDER, _let_dynamo_trace_ours)
-    _register_onnx()
-    _register_safe_globals()
-    _register_dynamic_quantization()
+    _call_safely(_register_onnx, what="torch.onnx")
+    _call_safely(_register_safe_globals, what="torch.serialization")
+    _call_safely(_register_dynamic_quantization, what="torch.ao.quantization")
