@@ -19,7 +19,7 @@ build: $(VENV)/.built
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" numpy numba pytest hypothesis build expecttest ninja setuptools wheel matplotlib tqdm
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" numpy numba pytest hypothesis build expecttest ninja setuptools wheel matplotlib tqdm onnx onnxscript onnxruntime
 	touch $@
 
 $(VENV)/.built: $(VENV)/.installed $(SOURCES)

@@ -21,12 +21,15 @@ except ImportError as error:  # most often: torch changed since the build
 if _build.version_mismatch():
     warnings.warn(_build.version_mismatch(), stacklevel=2)
 
-from . import functional, reference  # noqa: E402
+from . import decompositions, functional, reference  # noqa: E402,F401
 from ._build import show_config  # noqa: E402
 from .cells import GRUCell, LSTMCell, RNNCell  # noqa: E402
 from .convert import convert  # noqa: E402
 from .explain import explain  # noqa: E402
 from .modules import GRU, LSTM, RNN  # noqa: E402
+from . import _interop  # noqa: E402
+
+_interop.install()
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "explain", "functional", "reference", "backends", "show_config"]
 

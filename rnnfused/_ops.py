@@ -80,6 +80,8 @@ class LayerOptions:
 
 
 NUM_OPTIONS = len(dataclasses.fields(LayerOptions))
+_LAYER_FORWARD = torch.ops.rnnfused.layer_forward.default
+_LAYER_BACKWARD = torch.ops.rnnfused.layer_backward.default
 
 
 def layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), step_flags=None, *,
@@ -103,8 +105,18 @@ def layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), run
     and biased variance of every step, in the order of ``running_stats``, in the
     accumulation dtype.
     """
-    return torch.ops.rnnfused.layer_forward(x, batch_sizes, h0, c0, list(weights), list(norm_weights),
-                                            list(running_stats), step_flags, *options.op_args(), save_for_backward)
+    args = (x, batch_sizes, h0, c0, _as_list(weights), _as_list(norm_weights), _as_list(running_stats), step_flags,
+            *options.op_args(), save_for_backward)
+    if not save_for_backward and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        # Nothing will be differentiated: skip the operator's autograd kernel (register_autograd's
+        # Python wrapper, which would only redispatch; ~30 µs per call, python -m bench.overhead).
+        with torch._C._AutoDispatchBelowAutograd():
+            return _LAYER_FORWARD(*args)
+    return _LAYER_FORWARD(*args)
+
+
+def _as_list(tensors):
+    return tensors if type(tensors) is list else list(tensors)
 
 
 def layer_backward(options, x, batch_sizes, h0, c0, weights, norm_weights, step_flags, saved, dy, dh_n, dc_n, *,
@@ -113,8 +125,14 @@ def layer_backward(options, x, batch_sizes, h0, c0, weights, norm_weights, step_
     Returns ``(dx, dh0, dc0, dweights, dnorm_weights)``: dx as x (empty unless ``need_dx``),
     dh0 [B, P], dc0 [B, H] (LSTM), dweights and dnorm_weights shaped as ``weights`` and
     ``norm_weights`` (empty unless ``need_weights``)."""
-    return torch.ops.rnnfused.layer_backward(x, batch_sizes, h0, c0, list(weights), list(norm_weights), step_flags,
-                                             list(saved), dy, dh_n, dc_n, *options.op_args(), need_dx, need_weights)
+    args = (x, batch_sizes, h0, c0, _as_list(weights), _as_list(norm_weights), step_flags, _as_list(saved), dy, dh_n,
+            dc_n, *options.op_args(), need_dx, need_weights)
+    if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        # The gradients are not differentiated (create_graph runs the reference equations):
+        # skip autograd's fallback kernel.
+        with torch._C._AutoDispatchBelowAutograd():
+            return _LAYER_BACKWARD(*args)
+    return _LAYER_BACKWARD(*args)
 
 
 def _acc_dtype(dtype):
@@ -275,8 +293,11 @@ class _EagerLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, options, x, batch_sizes, h0, c0, running_stats, step_flags, n_weights, *all_weights):
         weights, norm_weights = all_weights[:n_weights], all_weights[n_weights:]
-        y, h_n, c_n, saved, batch_stats = layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights,
-                                                        running_stats, step_flags, save_for_backward=True)
+        # This Function is the autograd formula: skip the operator's own (a Python wrapper that
+        # would only redispatch here, where grad mode is off).
+        with torch._C._AutoDispatchBelowAutograd():
+            y, h_n, c_n, saved, batch_stats = layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights,
+                                                            running_stats, step_flags, save_for_backward=True)
         _save(ctx, options, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, saved,
               batch_stats)
         return (y, h_n, c_n, *saved, *batch_stats)
@@ -293,9 +314,10 @@ class _EagerLayer(torch.autograd.Function):
 def differentiable_layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(),
                                  step_flags=None):
     """layer_forward with save_for_backward=True, differentiable: through _EagerLayer in
-    eager mode, through the operator's registered autograd when compiling or exporting.
+    eager mode, through the operator's registered autograd when compiling, exporting or
+    tracing (torch.jit.trace records operators, not Python autograd Functions).
     Returns ``(y, h_n, c_n, batch_stats)``."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         y, h_n, c_n, _, batch_stats = layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights,
                                                     running_stats, step_flags, save_for_backward=True)
         return y, h_n, c_n, batch_stats

@@ -15,20 +15,23 @@ from torch import nn
 from torch.nn import init
 
 from . import dispatch
-from .functional import Cell, _clip_value, recurrent_layer
+from .functional import Cell, _clip_value, check_resets, run_layer, step_flags
+from .modules import layer_options
 
 __all__ = ["RNNCellBase", "RNNCell", "LSTMCell", "GRUCell"]
 
 
-class RNNCellBase(nn.Module):
+class RNNCellBase(nn.RNNCellBase):
     """Parameters and checks shared by the cells: ``weight_ih`` [G, I], ``weight_hh`` [G, H],
-    ``bias_ih`` and ``bias_hh`` [G] (None without bias), G = gates * hidden_size."""
+    ``bias_ih`` and ``bias_hh`` [G] (None without bias), G = gates * hidden_size. A subclass
+    of ``torch.nn.RNNCellBase`` (so ``isinstance(rnnfused.LSTMCell(...), nn.LSTMCell)`` holds)
+    whose ``__init__`` is not called."""
 
     __constants__ = ["input_size", "hidden_size", "bias"]
 
     def __init__(self, input_size, hidden_size, bias, num_chunks, device=None, dtype=None, *, grad_clip=None):
         factory_kwargs = {"device": device, "dtype": dtype}
-        super().__init__()
+        nn.Module.__init__(self)  # not torch.nn.RNNCellBase's: it would create and initialise its own weights
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -43,6 +46,16 @@ class RNNCellBase(nn.Module):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         self.reset_parameters()
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"rnnfused.{type(self).__name__} cannot be compiled by torch.jit.script (TorchScript cannot "
+            "compile its Python forward); use torch.compile or torch.export, or torch.jit.trace")
+
+    def _get_name(self):
+        # repr tells ours from torch.nn's; a user's subclass keeps its own name.
+        name = type(self).__name__
+        return f"rnnfused.{name}" if type(self).__module__ == __name__ else name
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -104,13 +117,17 @@ class RNNCellBase(nn.Module):
             return op(input, h, *weights), None
         if choice.kernel == "reference":
             dispatch.warn_reference(choice)
-        _, h_n, c_n = recurrent_layer(cell, input.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih,
-                                      self.bias_hh, cell_clip=cell_clip, grad_clip=self.grad_clip, resets=reset,
-                                      reference=choice.kernel == "reference")
-        return h_n, c_n
+        # The module has checked what recurrent_layer would: run the layer directly.
+        options = layer_options(cell, self.bias, False, cell_clip, self.grad_clip, None, True, 1e-5)
+        batch = input.size(0)
+        flags = None if reset is None else step_flags(1, batch, input.device, resets=check_resets(reset, 1, batch))
+        weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
+        _, h_n, c_n = run_layer(options, input.unsqueeze(0), None, h, c, weights, flags=flags,
+                                reference=choice.kernel == "reference")
+        return h_n, (c_n if cell == Cell.LSTM else None)
 
 
-class RNNCell(RNNCellBase):
+class RNNCell(RNNCellBase, nn.RNNCell):
     r"""An Elman RNN cell, drop-in for :class:`torch.nn.RNNCell`:
     :math:`h' = \tanh(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})` (ReLU with ``nonlinearity='relu'``).
 
@@ -118,7 +135,7 @@ class RNNCell(RNNCellBase):
     *, grad_clip=None)``
 
     Shapes: input ``(N, H_in)`` or ``(H_in)``; hx ``(N, H)`` or ``(H)`` (zeros if None);
-    output h' shaped as hx. ``forward(input, hx=None, *, reset=None)``: reset, a bool ``(N)``
+    output h' shaped as hx. ``forward(input, hx=None, reset=None)``: reset, a bool ``(N)``
     (or 0-d) tensor, starts the rows where it is True from zero states (an episode boundary;
     no gradient reaches their hx). grad_clip: clamp the gradient of the pre-activation to
     [-grad_clip, grad_clip] in the backward pass (None: off).
@@ -136,7 +153,7 @@ class RNNCell(RNNCellBase):
     def mode(self):
         return "RNN_RELU" if self.nonlinearity == "relu" else "RNN_TANH"
 
-    def forward(self, input, hx=None, *, reset=None):
+    def forward(self, input, hx=None, reset=None):
         self._check_input("RNNCell", input, [("hidden", hx)])
         is_batched = input.dim() == 2
         if not is_batched:
@@ -153,7 +170,7 @@ class RNNCell(RNNCellBase):
         return h if is_batched else h.squeeze(0)
 
 
-class GRUCell(RNNCellBase):
+class GRUCell(RNNCellBase, nn.GRUCell):
     r"""A gated recurrent unit cell, drop-in for :class:`torch.nn.GRUCell`::
 
         r = σ(W_ir x + b_ir + W_hr h + b_hr),  z = σ(W_iz x + b_iz + W_hz h + b_hz)
@@ -175,7 +192,7 @@ class GRUCell(RNNCellBase):
 
     mode = "GRU"
 
-    def forward(self, input, hx=None, *, reset=None):
+    def forward(self, input, hx=None, reset=None):
         self._check_input("GRUCell", input, [("hidden", hx)])
         is_batched = input.dim() == 2
         if not is_batched:
@@ -189,7 +206,7 @@ class GRUCell(RNNCellBase):
         return h if is_batched else h.squeeze(0)
 
 
-class LSTMCell(RNNCellBase):
+class LSTMCell(RNNCellBase, nn.LSTMCell):
     r"""A long short-term memory cell, drop-in for :class:`torch.nn.LSTMCell`::
 
         i, f, o = σ(W_i* x + b_i* + W_h* h + b_h*),   g = tanh(W_ig x + b_ig + W_hg h + b_hg)
@@ -210,7 +227,7 @@ class LSTMCell(RNNCellBase):
 
     mode = "LSTM"
 
-    def forward(self, input, hx=None, *, reset=None):
+    def forward(self, input, hx=None, reset=None):
         self._check_input("LSTMCell", input, [] if hx is None else [(f"hx[{i}]", s) for i, s in enumerate(hx)])
         is_batched = input.dim() == 2
         if not is_batched:

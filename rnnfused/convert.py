@@ -58,6 +58,8 @@ def convert(model, to="rnnfused"):
 
 
 def _refuse_subclass(module, table):
+    if table is _TO_OURS and isinstance(module, tuple(_TO_TORCH)):
+        return  # already rnnfused (ours subclass torch.nn's classes): left as it is
     for base in table:
         if isinstance(module, base) and type(module) not in table:
             raise TypeError(f"convert: {type(module).__name__} is a subclass of {base.__name__}; converting it "

@@ -224,6 +224,11 @@ def decide(facts, setting, verified, rows, autotune=None):
                            f"vs {row['ours_ms']:.3f} ms ours, {row['card']}, {row['date']})", row)
 
 
+# Off CUDA the choice is always ours: one Choice per device type (a decoder's call with one step
+# is short enough for building it every time to show).
+_OFF_CUDA = {}
+
+
 def choose(module, weight, batch, training, flags=None, autotune=None):
     """The kernel of one call of ``module`` (an rnnfused RNN / GRU / LSTM stack or cell; a cell
     is a one-layer stack of one step in the table's keys): ``weight`` is
@@ -231,10 +236,17 @@ def choose(module, weight, batch, training, flags=None, autotune=None):
     call records for backward, ``flags`` its step flags (lengths / resets) or None.
     ``autotune(key)``, if given, times ours against cuDNN for the call's key (see
     RNNFUSED_AUTOTUNE) and returns "ours" or "cudnn"."""
-    device = weight.device
-    if device.type != "cuda":
-        facts = Facts(device.type)
+    if not weight.is_cuda:
+        device_type = "cpu" if weight.is_cpu else weight.device.type
+        setting = _setting()
+        if setting == "cudnn":
+            return decide(Facts(device_type), setting, _VERIFIED, _ROWS)  # the error it raises
+        choice = _OFF_CUDA.get(device_type)
+        if choice is None:
+            choice = _OFF_CUDA[device_type] = decide(Facts(device_type), setting, _VERIFIED, _ROWS)
+        return choice
     else:
+        device = weight.device
         compute_capability = _compute_capability(device)
         key = table_key(compute_capability, module.mode, _effective_dtype(weight), module.hidden_size, batch,
                         getattr(module, "num_layers", 1), getattr(module, "bidirectional", False), training,

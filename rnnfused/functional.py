@@ -291,6 +291,16 @@ def recurrent_layer(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None
     return y, h_n, (c_n if is_lstm else None)
 
 
+def _recording_for_backward(tensors):
+    """Whether the operator saves for backward: when autograd records, and always under
+    torch.jit.trace (a module traced under no_grad or in eval can then still be differentiated,
+    and trace's check records the same graph), but not when tracing for ONNX (an inference
+    graph)."""
+    if torch.jit.is_tracing():
+        return not torch.onnx.is_in_onnx_export()
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), momentum=0.1,
               flags=None, reference=False):
     """:func:`recurrent_layer` with its arguments checked and grouped: a
@@ -304,8 +314,9 @@ def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running
     if options.norm == Norm.BATCH and options.training and h0.size(0) < 2:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size([h0.size(0), weights[0].size(0)])}")
-    x, h0, c0, *all_weights = _autocast((x, h0, c0, *weights, *norm_weights), x.device.type)
-    weights, norm_weights = all_weights[:len(weights)], all_weights[len(weights):]
+    if torch._C._is_any_autocast_enabled():  # else _autocast changes nothing: skip its repacking
+        x, h0, c0, *all_weights = _autocast((x, h0, c0, *weights, *norm_weights), x.device.type)
+        weights, norm_weights = all_weights[:len(weights)], all_weights[len(weights):]
     tensors = (x, h0, c0, *weights, *norm_weights)
     steps = batch_sizes.numel() if batch_sizes is not None else x.size(0)
     step_statistics = _step_statistics(running_stats, steps, x.dtype) if options.norm == Norm.BATCH else []
@@ -316,7 +327,7 @@ def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running
     if reference or unverified or _needs_differentiable_equations(tensors):
         y, h_n, c_n, batch_stats = _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights,
                                                     step_statistics, flags)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    elif _recording_for_backward(tensors):
         y, h_n, c_n, batch_stats = _ops.differentiable_layer_forward(options, x, batch_sizes, h0, c0, weights,
                                                                      norm_weights, step_statistics, flags)
     else:

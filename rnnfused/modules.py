@@ -5,8 +5,11 @@ initialisation (the same seed gives the same weights), state_dict, forward signa
 outputs, PackedSequence handling and errors as torch.nn; the recurrence runs on the fused
 kernels of :mod:`rnnfused.functional`.
 
-The classes derive from ``nn.Module``, not from ``torch.nn.RNNBase``: torch.compile refuses
-to trace instances of the torch.nn recurrent classes.
+Each class derives from the torch.nn class it replaces (``isinstance(rnnfused.LSTM(...),
+nn.LSTM)`` holds, so code that finds ``nn.LSTM`` modules finds ours), but none of torch.nn's
+code runs: every method that reads torch.nn's private state is overridden here. torch.compile
+refuses to trace instances of the torch.nn recurrent classes (``torch._dynamo.config.allow_rnn``);
+:mod:`rnnfused._interop` lets it trace ours, which are one operator per layer.
 
 Extras beyond torch.nn (keyword-only, off by default): ``grad_clip`` for every layer,
 ``cell_clip`` for LSTM, ``reset_after`` for GRU, and normalized layers for every cell
@@ -14,7 +17,7 @@ Extras beyond torch.nn (keyword-only, off by default): ``grad_clip`` for every l
 
 Lengths and resets
 ------------------
-``forward(input, hx=None, *, lengths=None, resets=None)`` takes padded input (not a
+``forward(input, hx=None, lengths=None, resets=None)`` takes padded input (not a
 PackedSequence) with, optionally:
 
 * ``lengths``: integers ``[N]`` in 1..L, on any device (unsorted is fine). The result is
@@ -34,7 +37,8 @@ PackedSequence) with, optionally:
 
 Both are fused in the kernels: per step and row, a reset reads the carried state as zeros
 and a finished row keeps its state (:func:`rnnfused.functional.step_flags`). Normalized
-layers do not take them yet.
+layers do not take them yet. (They are not keyword-only: torch.onnx's TorchScript exporter
+passes every defaulted parameter of ``forward`` positionally.)
 
 Normalized layers
 -----------------
@@ -68,6 +72,7 @@ recommends (it keeps tanh and σ out of saturation early on), at 1 for layer nor
 The standard weights draw the same random numbers as without norm.
 """
 
+import functools
 import math
 import numbers
 import warnings
@@ -86,17 +91,17 @@ __all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _NORMS = (None, "batch", "layer")
-# The weights of one layer direction in the operators' order.
-_WEIGHT_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 _BATCH_NORM_GAMMA = 0.1  # Cooijmans et al.: γ = 0.1 keeps the gates out of saturation early on
 
 
-class RNNBase(nn.Module):
+class RNNBase(nn.RNNBase):
     """Stack of ``num_layers`` recurrent layers, each in one or two directions.
 
     Holds what torch.nn.RNNBase holds (the same attributes and parameters) and runs the
     stack layer by layer; ``dropout`` is applied to the output of every layer but the last
-    in training mode, as torch.nn does.
+    in training mode, as torch.nn does. A subclass of ``torch.nn.RNNBase`` whose
+    ``__init__`` is not called: torch.nn's methods that depend on its private state
+    (``_flat_weights`` as a list, weak references, pickling hooks) are replaced below.
     """
 
     __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
@@ -107,7 +112,7 @@ class RNNBase(nn.Module):
                  grad_clip=None, cell_clip=None, reset_after=True, norm=None, momentum=0.1, eps=1e-5,
                  max_steps=1000):
         factory_kwargs = {"device": device, "dtype": dtype}
-        super().__init__()
+        nn.Module.__init__(self)  # not torch.nn.RNNBase's: it would create and initialise its own weights
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -202,6 +207,31 @@ class RNNBase(nn.Module):
     @property
     def _flat_weights(self):
         return [getattr(self, name, None) for name in self._flat_weights_names]
+
+    # torch.nn.RNNBase keeps ``_flat_weights`` as a list it refreshes on every assignment, copy
+    # and pickling; here it is computed from the parameters, so that machinery is not needed.
+    __setattr__ = nn.Module.__setattr__
+    __getstate__ = nn.Module.__getstate__
+    __setstate__ = nn.Module.__setstate__
+
+    def _init_flat_weights(self) -> None:
+        self.flatten_parameters()
+
+    def _weights_have_changed(self) -> bool:
+        return False
+
+    def _update_flat_weights(self) -> None:
+        pass
+
+    def _replicate_for_data_parallel(self):
+        replica = nn.Module._replicate_for_data_parallel(self)
+        replica._flat_weights_names = self._flat_weights_names[:]
+        return replica
+
+    def _get_name(self):
+        # repr tells ours from torch.nn's; a user's subclass keeps its own name.
+        name = type(self).__name__
+        return f"rnnfused.{name}" if type(self).__module__ == __name__ else name
 
     @property
     def all_weights(self):
@@ -309,10 +339,8 @@ class RNNBase(nn.Module):
 
     def _layer_options(self, reverse):
         """The options of one layer direction of this stack, as the operators take them."""
-        return LayerOptions(self._cell(), has_biases=self.bias, reverse=reverse,
-                            cell_clip=_clip_value(self.cell_clip, "cell_clip"),
-                            grad_clip=_clip_value(self.grad_clip, "grad_clip"), norm=_norm_kind(self.norm),
-                            training=self.training, eps=self.eps)
+        return layer_options(self._cell(), self.bias, reverse, self.cell_clip, self.grad_clip, self.norm,
+                             self.training, self.eps)
 
     def _step_flags(self, x, lengths, resets, is_batched):
         """The step flags of each direction ([T, B] int32) for time-major padded x [T, B, I] and
@@ -371,7 +399,7 @@ class RNNBase(nn.Module):
         weight = self.weight_ih_l0
         training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         autotune = None
-        if dispatch.autotune_enabled() and x.is_cuda and not torch.compiler.is_compiling() \
+        if x.is_cuda and dispatch.autotune_enabled() and not torch.compiler.is_compiling() \
                 and not torch.cuda.is_current_stream_capturing():
             candidates = self._autotune_candidates(x, batch_sizes, hx, cx, training)
             autotune = lambda key: dispatch.autotuned(key, candidates)  # noqa: E731
@@ -394,9 +422,9 @@ class RNNBase(nn.Module):
             outputs = []
             for direction in range(num_directions):
                 index = layer * num_directions + direction
-                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-                weights = [getattr(self, kind + suffix) for kind in _WEIGHT_KINDS if hasattr(self, kind + suffix)]
+                names = self._all_weights[index]  # the standard weights in the operators' order, then norm's
                 norm_weights = [getattr(self, n) for n in self._norm_weights_names[index]] if self.norm else ()
+                weights = [getattr(self, n) for n in names[:len(names) - len(norm_weights)]]
                 running_stats = [getattr(self, n) for n in self._running_stats_names[index]] if self.norm else ()
                 y, h, c = run_layer(options[direction], layer_input, batch_sizes, hx[index],
                                     None if cx is None else cx[index], weights, norm_weights, running_stats,
@@ -407,7 +435,7 @@ class RNNBase(nn.Module):
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        return layer_input, torch.stack(h_n), (torch.stack(c_n) if cx is not None else None)
+        return layer_input, _stack(h_n), (_stack(c_n) if cx is not None else None)
 
     def _forward(self, input, hx, lengths, resets):
         """Shared forward of GRU and RNN (a single hidden state); LSTM has its own."""
@@ -461,6 +489,28 @@ class RNNBase(nn.Module):
             output = output.squeeze(0 if self.batch_first else 1)
             h_n = h_n.squeeze(1)
         return output, h_n
+
+
+def _stack(states):
+    return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
+
+
+def _make_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps):
+    return LayerOptions(cell, has_biases=bias, reverse=reverse, cell_clip=_clip_value(cell_clip, "cell_clip"),
+                        grad_clip=_clip_value(grad_clip, "grad_clip"), norm=_norm_kind(norm), training=training,
+                        eps=eps)
+
+
+_cached_options = functools.lru_cache(maxsize=256)(_make_options)
+
+
+def layer_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps):
+    """The LayerOptions of a layer direction (or cell) with these module attributes, made once
+    per combination in eager mode: a call with one step is short enough for building the
+    record every time to show (python -m bench.overhead)."""
+    if torch.compiler.is_compiling():
+        return _make_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps)
+    return _cached_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps)
 
 
 def _refuse_lengths_and_resets(lengths, resets):
@@ -525,7 +575,7 @@ def _check_config(module, dropout):
         raise ValueError(f"max_steps must be a positive int, got {module.max_steps!r}")
 
 
-class RNN(RNNBase):
+class RNN(RNNBase, nn.RNN):
     r"""Multi-layer Elman RNN, drop-in for :class:`torch.nn.RNN`.
 
     ``RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
@@ -562,11 +612,11 @@ class RNN(RNNBase):
                 f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(mode, *args, **kwargs)
 
-    def forward(self, input, hx=None, *, lengths=None, resets=None):
+    def forward(self, input, hx=None, lengths=None, resets=None):
         return self._forward(input, hx, lengths, resets)
 
 
-class GRU(RNNBase):
+class GRU(RNNBase, nn.GRU):
     r"""Multi-layer gated recurrent unit, drop-in for :class:`torch.nn.GRU`.
 
     ``GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -589,11 +639,11 @@ class GRU(RNNBase):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
 
-    def forward(self, input, hx=None, *, lengths=None, resets=None):
+    def forward(self, input, hx=None, lengths=None, resets=None):
         return self._forward(input, hx, lengths, resets)
 
 
-class LSTM(RNNBase):
+class LSTM(RNNBase, nn.LSTM):
     r"""Multi-layer long short-term memory, drop-in for :class:`torch.nn.LSTM`.
 
     ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -621,7 +671,7 @@ class LSTM(RNNBase):
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
 
-    def forward(self, input, hx=None, *, lengths=None, resets=None):
+    def forward(self, input, hx=None, lengths=None, resets=None):
         num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
