@@ -101,8 +101,8 @@ def layer_forward_onnxscript(x, batch_sizes, h0, c0, weights, norm_weights, runn
         bound = op.CastLike(op.Constant(value_float=options.cell_clip), x)
         if flags_given:
             flags = op.Unsqueeze(step_flags, [2])
-            reset = op.Cast(op.BitwiseAnd(flags, op.Constant(value=_uint8(STEP_RESET))), to=9)  # 9: BOOL
-            active = op.Not(op.Cast(op.BitwiseAnd(flags, op.Constant(value=_uint8(STEP_INACTIVE))), to=9))
+            reset = op.Cast(op.BitwiseAnd(flags, op.Constant(value=_int32(STEP_RESET))), to=9)  # 9: BOOL
+            active = op.Not(op.Cast(op.BitwiseAnd(flags, op.Constant(value=_int32(STEP_INACTIVE))), to=9))
         else:
             shape = op.Concat(op.Slice(op.Shape(x), [0], [2], [0]), op.Constant(value_ints=[1]), axis=0)
             reset = op.Expand(op.Constant(value=_bool(False)), shape)
@@ -142,10 +142,11 @@ def layer_forward_onnxscript(x, batch_sizes, h0, c0, weights, norm_weights, runn
     return y, h_n, c_n, saved, op.SequenceEmpty()
 
 
-def _uint8(value):
+def _int32(value):
+    """A constant of the step flags' dtype (int32)."""
     import onnx_ir as ir
     import numpy as np
-    return ir.tensor(np.array(value, dtype=np.uint8))
+    return ir.tensor(np.array(value, dtype=np.int32))
 
 
 def _bool(value):
