@@ -54,7 +54,7 @@ struct DeviceOps {
     for (int i = threadIdx.x; i < total; i += blockDim.x) f(i / width, i % width);
   }
 
-  __device__ __forceinline__ void sync() { __syncthreads(); }
+  __device__ __forceinline__ void sync(Sync) { __syncthreads(); }
 
   // 16-byte loads through L2 (ld.global.cg), four in flight per thread, where a row segment
   // is 16-byte aligned; element by element otherwise (H not a multiple of 8 / 4, or a row
