@@ -5,6 +5,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -34,10 +35,25 @@ struct KernelInfo {
 };
 std::vector<KernelInfo> persistent_kernel_info();
 
-// One launch of `ctas` blocks that pass `iterations` barriers of `kind` ("grid": the
-// cooperative grid barrier; "cluster": the cluster barrier, clusters of `cluster` blocks,
+// One launch of `ctas` blocks that pass `iterations` barriers of `kind` ("grid": cooperative
+// groups' grid.sync(); "counter": the persistent kernels' own bounded grid barrier,
+// persistent/grid_barrier.cuh; "cluster": the cluster barrier, clusters of `cluster` blocks,
 // sm_90): microseconds per barrier, launch included.
 double barrier_microseconds(const std::string& kind, int ctas, int cluster, int iterations, cudaStream_t stream);
+
+// The arrival counter of the grid barrier (persistent/grid_barrier.cuh) for the next launch on
+// `stream` of `device`, already cleared on the stream, and a lock to hold until that launch
+// is enqueued. Launches on one stream run one after another and share one counter; the lock
+// keeps two host threads that launch on one stream from interleaving their clears and
+// launches (a kernel would start on the other's count). Kernels on different streams may run
+// at once and get different counters. A launch captured into a CUDA graph gets a counter of
+// its own (the graph may later run on any stream, next to other launches; its clear is
+// captured with it). Counters are never freed: 8 bytes per stream and per captured launch.
+struct BarrierLaunch {
+  std::unique_lock<std::mutex> lock;
+  unsigned long long* arrivals;
+};
+BarrierLaunch prepare_barrier(int device, cudaStream_t stream);
 
 // The compute capabilities this build has device code for, e.g. "8.0, 9.0".
 const char* compiled_archs();

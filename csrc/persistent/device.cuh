@@ -1,12 +1,11 @@
 // The GPU side of the persistent recurrence: the Ops of program.h on tensor cores (WMMA:
 // fp16 and bf16 16x16x16, fp32 as TF32 16x16x8, fp32 accumulation), tiles copied in with
-// 16-byte loads through L2, one cooperative
-// launch per layer direction with a grid-wide barrier after every phase, and the launch
-// that says when the GPU refuses it (the caller then runs stage 1). Included by
+// 16-byte loads through L2, one cooperative launch per layer direction with a grid-wide
+// barrier after every phase (grid_barrier.cuh: bounded, it traps instead of hanging), and the
+// launch that says when the GPU refuses it (the caller then runs stage 1). Included by
 // csrc/cuda/backend.cuh; instantiated per dtype in rnn_<dtype>.cu.
 #pragma once
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -18,6 +17,8 @@
 #include <utility>
 
 #include "../cuda/check.h"
+#include "../cuda/rnn_cuda.h"
+#include "grid_barrier.cuh"
 #include "program.h"
 
 namespace rnnfused {
@@ -42,6 +43,12 @@ struct MmaShape<float> {
 };
 
 struct DeviceOps {
+  // The barrier after every phase (grid_barrier.cuh); target = k * CTAs at the k-th.
+  __device__ __forceinline__ void grid_sync(unsigned long long* arrivals, unsigned long long target,
+                                            const char* message) {
+    grid_barrier(arrivals, target, message, [] {});
+  }
+
   template <typename S>
   __device__ __forceinline__ S operand(S x) const {
     return tensor_core_operand(x);
@@ -146,20 +153,23 @@ struct DeviceOps {
 };
 
 // Every CTA runs begin, the phases of every walk step, end; the grid barrier separates the
-// phases. All CTAs reach every barrier: the trip counts depend only on T and the cell.
+// phases (none between begin and the first phase: begin writes only this CTA's shared
+// memory). All CTAs reach every barrier: the trip counts depend only on T and the cell.
+// `arrivals`: the barrier's counter, zero at the start.
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const __grid_constant__ ForwardParams p, const __grid_constant__ Tiling t,
-                   const __grid_constant__ Walk walk) {
+                   const __grid_constant__ Walk walk, unsigned long long* arrivals) {
   extern __shared__ __align__(128) char smem[];
   DeviceOps ops;
   ForwardCta<S, float> cta(p, t, walk, blockIdx.x, smem);
-  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  unsigned long long target = 0;
   cta.begin(ops);
   for (int64_t s = 0; s < walk.T; ++s)
     for (int k = 0; k < cta.phases(); ++k) {
       cta.phase(ops, s, k);
-      grid.sync();
+      target += gridDim.x;
+      ops.grid_sync(arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent forward kernel"));
     }
   cta.end(ops);
 }
@@ -167,16 +177,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_kernel(const __grid_constant__ BackwardParams p, const __grid_constant__ Tiling t,
-                    const __grid_constant__ Walk walk) {
+                    const __grid_constant__ Walk walk, unsigned long long* arrivals) {
   extern __shared__ __align__(128) char smem[];
   DeviceOps ops;
   BackwardCta<S, float> cta(p, t, walk, blockIdx.x, smem);
-  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  unsigned long long target = 0;
   cta.begin(ops);
   for (int64_t s = walk.T - 1; s >= 0; --s)
     for (int k = 0; k < cta.phases(); ++k) {
       cta.phase(ops, s, k);
-      grid.sync();
+      target += gridDim.x;
+      ops.grid_sync(arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent backward kernel"));
     }
   cta.end(ops);
 }
@@ -200,8 +211,9 @@ inline int prepare_kernel(const void* kernel, int device) {
   return sms;
 }
 
-// Launches `kernel` cooperatively with `bytes` of shared memory per CTA. Returns the reason
-// when the GPU cannot run the grid at once (not enough co-resident CTAs, a refused
+// Launches `kernel` cooperatively with `bytes` of shared memory per CTA: the cooperative
+// launch guarantees that all CTAs are resident at once, which the grid barrier needs. Returns
+// the reason when the GPU cannot run the grid at once (not enough co-resident CTAs, a refused
 // cooperative launch under MPS, MIG or green contexts): nothing was launched and the caller
 // runs stage 1. Any other error throws.
 template <typename Kernel, typename Params>
@@ -212,7 +224,9 @@ const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, 
   const int sms = prepare_kernel(reinterpret_cast<const void*>(kernel), device);
   RNNF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(bytes)));
   if (static_cast<int64_t>(per_sm) * sms < t.ctas()) return "fewer co-resident CTAs than the plan needs";
-  void* args[] = {const_cast<Params*>(&p), const_cast<Tiling*>(&t), const_cast<Walk*>(&walk)};
+  // The barrier's counter, cleared on the stream; the lock held until the launch is enqueued.
+  cuda::BarrierLaunch barrier = cuda::prepare_barrier(device, stream);
+  void* args[] = {const_cast<Params*>(&p), const_cast<Tiling*>(&t), const_cast<Walk*>(&walk), &barrier.arrivals};
   const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(static_cast<unsigned>(t.ctas())),
                                                       dim3(kThreads), args, static_cast<size_t>(bytes), stream);
   if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported || err == cudaErrorNotPermitted) {
