@@ -1,10 +1,12 @@
 // Host-side state of the persistent kernels shared by every dtype's launches (rnn_cuda.h):
-// the grid barrier's counters.
+// the grid barrier's counters, and the per-phase timing records of a timed build.
 #include <cuda_runtime.h>
 
 #include <map>
 #include <mutex>
+#include <stdexcept>
 #include <utility>
+#include <vector>
 
 #include "check.h"
 #include "rnn_cuda.h"
@@ -53,6 +55,63 @@ BarrierLaunch prepare_barrier(int device, cudaStream_t stream) {
   RNNF_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(*counter), stream));
   return {std::move(lock), counter};
 }
+
+#if defined(RNNFUSED_PHASE_TIMING)
+namespace {
+
+struct TimedLaunches {
+  persistent::PhaseRecord* records = nullptr;  // device memory
+  size_t capacity = 0;                         // records
+  PhaseTimes last;                             // what the last launch was (ctas left empty)
+  int64_t ctas = 0;
+};
+
+std::mutex timing_mutex;
+std::map<std::pair<int, bool>, TimedLaunches> timed;  // (device, backward) ->
+
+}  // namespace
+
+persistent::PhaseRecord* phase_records_for_launch(int device, bool backward, int64_t ctas, int64_t steps,
+                                                  int64_t phases_per_step) {
+  std::lock_guard<std::mutex> lock(timing_mutex);
+  TimedLaunches& launches = timed[std::make_pair(device, backward)];
+  if (launches.capacity < static_cast<size_t>(ctas)) {
+    if (launches.records) RNNF_CUDA_CHECK(cudaFree(launches.records));
+    launches.records = static_cast<persistent::PhaseRecord*>(
+        allocate_while_maybe_capturing(static_cast<size_t>(ctas) * sizeof(persistent::PhaseRecord)));
+    launches.capacity = static_cast<size_t>(ctas);
+  }
+  ++launches.last.launches;
+  launches.last.steps = steps;
+  launches.last.phases_per_step = phases_per_step;
+  launches.ctas = ctas;
+  return launches.records;
+}
+
+PhaseTimes last_phase_times(bool backward) {
+  int device = 0;
+  RNNF_CUDA_CHECK(cudaGetDevice(&device));
+  RNNF_CUDA_CHECK(cudaDeviceSynchronize());
+  std::lock_guard<std::mutex> lock(timing_mutex);
+  PhaseTimes out;
+  auto found = timed.find(std::make_pair(device, backward));
+  if (found == timed.end()) return out;
+  out = found->second.last;
+  out.ctas.resize(static_cast<size_t>(found->second.ctas));
+  RNNF_CUDA_CHECK(cudaMemcpy(out.ctas.data(), found->second.records, out.ctas.size() * sizeof(persistent::PhaseRecord),
+                             cudaMemcpyDeviceToHost));
+  return out;
+}
+#else
+persistent::PhaseRecord* phase_records_for_launch(int, bool, int64_t, int64_t, int64_t) {
+  throw std::logic_error("rnnfused: built without RNNFUSED_PHASE_TIMING");
+}
+
+PhaseTimes last_phase_times(bool) {
+  throw std::runtime_error("rnnfused: this build has no phase timer; rebuild with RNNFUSED_PHASE_TIMING=1 "
+                           "(python -m bench.phases)");
+}
+#endif
 
 }  // namespace cuda
 }  // namespace rnnfused

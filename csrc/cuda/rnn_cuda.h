@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../params.h"
+#include "../persistent/timing.h"
 
 namespace rnnfused {
 namespace cuda {
@@ -54,6 +55,19 @@ struct BarrierLaunch {
   unsigned long long* arrivals;
 };
 BarrierLaunch prepare_barrier(int device, cudaStream_t stream);
+
+// Per-phase timing (builds with RNNFUSED_PHASE_TIMING; python -m bench.phases): where the next
+// persistent launch of `device` writes its per-CTA records, and a copy of the last forward or
+// backward launch's (after synchronizing the device). Other builds throw.
+struct PhaseTimes {
+  int64_t launches = 0;         // timed launches of this direction so far on the device
+  int64_t steps = 0;            // of the last one
+  int64_t phases_per_step = 0;  // grid barriers per step (2 for GRU_CHO)
+  std::vector<persistent::PhaseRecord> ctas;
+};
+persistent::PhaseRecord* phase_records_for_launch(int device, bool backward, int64_t ctas, int64_t steps,
+                                                  int64_t phases_per_step);
+PhaseTimes last_phase_times(bool backward);
 
 // The compute capabilities this build has device code for, e.g. "8.0, 9.0".
 const char* compiled_archs();

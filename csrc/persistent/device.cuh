@@ -4,6 +4,10 @@
 // barrier after every phase (grid_barrier.cuh: bounded, it traps instead of hanging), and the
 // launch that says when the GPU refuses it (the caller then runs stage 1). Included by
 // csrc/cuda/backend.cuh; instantiated per dtype in rnn_<dtype>.cu.
+//
+// Built with RNNFUSED_PHASE_TIMING (setup.py), thread 0 of every CTA also times the phases of
+// the program (ops.stamp, timing.h) and writes them out at the end (python -m bench.phases);
+// otherwise ops.stamp is empty and the kernels are as without it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -43,10 +47,50 @@ struct MmaShape<float> {
 };
 
 struct DeviceOps {
+#if defined(RNNFUSED_PHASE_TIMING)
+  PhaseRecord* record;  // this CTA's
+  long long last = 0, clock_begin = 0;
+  unsigned long long ns_begin = 0;
+  unsigned long long cycles[kPhases] = {};
+
+  __device__ explicit DeviceOps(PhaseRecord* records) : record(records + blockIdx.x) {
+    if (threadIdx.x == 0) {
+      ns_begin = global_nanoseconds();
+      last = clock_begin = clock64();
+    }
+  }
+
+  // Thread 0 charges the cycles since the previous stamp; the program stamps right after a
+  // CTA barrier, so a phase ends when its slowest thread does.
+  __device__ __forceinline__ void stamp(Phase phase) {
+    if (threadIdx.x != 0) return;
+    const long long now = clock64();
+    cycles[static_cast<int>(phase)] += static_cast<unsigned long long>(now - last);
+    last = now;
+  }
+
+  // After end(): this CTA's record.
+  __device__ __forceinline__ void finish() {
+    __syncthreads();
+    stamp(Phase::End);
+    if (threadIdx.x != 0) return;
+    for (int i = 0; i < kPhases; ++i) record->cycles[i] = cycles[i];
+    record->clock_begin = static_cast<unsigned long long>(clock_begin);
+    record->clock_end = static_cast<unsigned long long>(last);
+    record->ns_begin = ns_begin;
+    record->ns_end = global_nanoseconds();
+  }
+#else
+  __device__ explicit DeviceOps(PhaseRecord*) {}
+  __device__ __forceinline__ void stamp(Phase) {}
+  __device__ __forceinline__ void finish() {}
+#endif
+
   // The barrier after every phase (grid_barrier.cuh); target = k * CTAs at the k-th.
   __device__ __forceinline__ void grid_sync(unsigned long long* arrivals, unsigned long long target,
                                             const char* message) {
-    grid_barrier(arrivals, target, message, [] {});
+    grid_barrier(arrivals, target, message, [this] { stamp(Phase::Stores); });
+    stamp(Phase::Barrier);
   }
 
   template <typename S>
@@ -155,13 +199,14 @@ struct DeviceOps {
 // Every CTA runs begin, the phases of every walk step, end; the grid barrier separates the
 // phases (none between begin and the first phase: begin writes only this CTA's shared
 // memory). All CTAs reach every barrier: the trip counts depend only on T and the cell.
-// `arrivals`: the barrier's counter, zero at the start.
+// `arrivals`: the barrier's counter, zero at the start; `times`: the phase records of a
+// timed build (null otherwise).
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const __grid_constant__ ForwardParams p, const __grid_constant__ Tiling t,
-                   const __grid_constant__ Walk walk, unsigned long long* arrivals) {
+                   const __grid_constant__ Walk walk, unsigned long long* arrivals, PhaseRecord* times) {
   extern __shared__ __align__(128) char smem[];
-  DeviceOps ops;
+  DeviceOps ops(times);
   ForwardCta<S, float> cta(p, t, walk, blockIdx.x, smem);
   unsigned long long target = 0;
   cta.begin(ops);
@@ -172,14 +217,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       ops.grid_sync(arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent forward kernel"));
     }
   cta.end(ops);
+  ops.finish();
 }
 
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_kernel(const __grid_constant__ BackwardParams p, const __grid_constant__ Tiling t,
-                    const __grid_constant__ Walk walk, unsigned long long* arrivals) {
+                    const __grid_constant__ Walk walk, unsigned long long* arrivals, PhaseRecord* times) {
   extern __shared__ __align__(128) char smem[];
-  DeviceOps ops;
+  DeviceOps ops(times);
   BackwardCta<S, float> cta(p, t, walk, blockIdx.x, smem);
   unsigned long long target = 0;
   cta.begin(ops);
@@ -190,6 +236,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       ops.grid_sync(arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent backward kernel"));
     }
   cta.end(ops);
+  ops.finish();
 }
 
 // What a launch needs to know about the current device and a kernel, asked once: the
@@ -217,7 +264,8 @@ inline int prepare_kernel(const void* kernel, int device) {
 // cooperative launch under MPS, MIG or green contexts): nothing was launched and the caller
 // runs stage 1. Any other error throws.
 template <typename Kernel, typename Params>
-const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, int64_t bytes, cudaStream_t stream) {
+const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, int64_t bytes, bool backward,
+                               cudaStream_t stream) {
   const Walk walk{p.T, p.B, p.reverse, p.kernel_batch_sizes, p.kernel_offsets};
   int device = 0, per_sm = 0;
   RNNF_CUDA_CHECK(cudaGetDevice(&device));
@@ -226,7 +274,15 @@ const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, 
   if (static_cast<int64_t>(per_sm) * sms < t.ctas()) return "fewer co-resident CTAs than the plan needs";
   // The barrier's counter, cleared on the stream; the lock held until the launch is enqueued.
   cuda::BarrierLaunch barrier = cuda::prepare_barrier(device, stream);
-  void* args[] = {const_cast<Params*>(&p), const_cast<Tiling*>(&t), const_cast<Walk*>(&walk), &barrier.arrivals};
+  PhaseRecord* times = nullptr;
+#if defined(RNNFUSED_PHASE_TIMING)
+  const int phases = p.cell == Cell::GRU_CHO ? 2 : 1;
+  times = cuda::phase_records_for_launch(device, backward, t.ctas(), p.T, phases);
+#else
+  (void)backward;
+#endif
+  void* args[] = {const_cast<Params*>(&p), const_cast<Tiling*>(&t), const_cast<Walk*>(&walk), &barrier.arrivals,
+                  &times};
   const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(static_cast<unsigned>(t.ctas())),
                                                       dim3(kThreads), args, static_cast<size_t>(bytes), stream);
   if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported || err == cudaErrorNotPermitted) {
@@ -239,12 +295,12 @@ const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, 
 
 template <typename S>
 const char* launch_forward(const ForwardParams& p, cudaStream_t stream) {
-  return launch_cooperative(forward_kernel<S>, p, *p.tiling, p.tiling->fwd.bytes, stream);
+  return launch_cooperative(forward_kernel<S>, p, *p.tiling, p.tiling->fwd.bytes, false, stream);
 }
 
 template <typename S>
 const char* launch_backward(const BackwardParams& p, cudaStream_t stream) {
-  return launch_cooperative(backward_kernel<S>, p, *p.tiling, p.tiling->bwd.bytes, stream);
+  return launch_cooperative(backward_kernel<S>, p, *p.tiling, p.tiling->bwd.bytes, true, stream);
 }
 
 }  // namespace persistent

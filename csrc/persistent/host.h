@@ -343,6 +343,8 @@ struct HostOps {
     if (!check->skips(point)) check->sync();
   }
 
+  void stamp(Phase) {}
+
   // DeviceOps::copy_rows's two paths: whole 16-byte vectors, one per thread and chunk index,
   // where every row segment is made of them; element by element (element i by thread i)
   // otherwise.

@@ -17,6 +17,8 @@
 //       of kTile), accumulated in A; with split > 1 the K steps are divided among warps whose
 //       partial sums go to partials[part][m][c] (part stride partial_stride) before adding up.
 //       Ends with the CTA synchronised.
+//   ops.stamp(phase)              charges the time since the previous stamp to `phase` (a GPU
+//                                 build with RNNFUSED_PHASE_TIMING; free everywhere else)
 //
 //   ops.operand(x)                an operand as the products take it: on the GPU (and in its
 //                                 host simulation) fp32 rounded to TF32; exact on the CPU.
@@ -42,6 +44,7 @@
 #include "../params.h"
 #include "../steps.h"
 #include "plan.h"
+#include "timing.h"
 
 namespace rnnfused {
 namespace persistent {
@@ -224,6 +227,7 @@ struct ForwardCta {
       });
     }
     ops.sync(Sync::Begin);
+    ops.stamp(Phase::Begin);
   }
 
   template <typename Ops>
@@ -247,6 +251,7 @@ struct ForwardCta {
       default: invalid_cell(p.cell);
     }
     ops.sync(Sync::PhaseEnd);
+    ops.stamp(Phase::Cell);
   }
 
   // (LSTM) c_n from shared memory.
@@ -280,6 +285,7 @@ struct ForwardCta {
                     return reset_hidden ? static_cast<const S*>(p.rh) + R * p.H : previous_state(s, R);
                   });
     ops.sync(Sync::Operand);
+    ops.stamp(Phase::Exchange);
   }
 
   // acc rows [m0, m1) = W tile rows [m0, m1) times the operand tile.
@@ -287,6 +293,7 @@ struct ForwardCta {
   RNNF_HD void multiply(Ops& ops, int64_t m0, int64_t m1) {
     ops.gemm(acc, t.ld_acc_fwd, partials, t.gate_rows * t.ld_acc_fwd, static_cast<const S*>(w), t.ld_w_fwd,
              static_cast<const S*>(h), t.ld_w_fwd, m0, m1, t.rows_pad, int64_t(0), t.k_fwd, t.split_fwd);
+    ops.stamp(Phase::Mma);
   }
 
   // Row R's state before walk step s (R active at s): the output of the previous walk step,
@@ -445,6 +452,7 @@ struct BackwardCta {
       if (lstm) write(dc_state + r * units + u, valid ? read(dc_n + (r0 + r) * H + u0 + u) : A(0));
     });
     ops.sync(Sync::Begin);
+    ops.stamp(Phase::Begin);
   }
 
   // Walk steps are processed from s = T-1 down to 0: phase k of walk step s.
@@ -479,6 +487,7 @@ struct BackwardCta {
       default: invalid_cell(p.cell);
     }
     ops.sync(Sync::PhaseEnd);
+    ops.stamp(Phase::Cell);
   }
 
   // The gradients of h0 (and c0): fold in walk step 0's recurrent gradient, write them out.
@@ -509,6 +518,7 @@ struct BackwardCta {
     ops.copy_rows(dg, t.ld_dg, active < t.rows ? active : t.rows, g1 - g0, t.k_block, H, H,
                   [=](int64_t r) { return source + (offset + r0 + r) * G; });
     ops.sync(Sync::Operand);
+    ops.stamp(Phase::Exchange);
   }
 
   // acc = Wᵀ columns of gates [g0, g1) times the dG tile: (part of) d(h_{t-1}) of the CTA's
@@ -518,6 +528,7 @@ struct BackwardCta {
     ops.gemm(acc, t.ld_acc_bwd, partials, t.unit_rows * t.ld_acc_bwd, static_cast<const S*>(w), t.ld_w_bwd,
              static_cast<const S*>(dg), t.ld_dg, int64_t(0), t.unit_rows, t.rows_pad, g0 * t.k_block,
              g1 * t.k_block, t.split_bwd);
+    ops.stamp(Phase::Mma);
   }
 
   // The recurrent gradient that walk step s's gate gradients (of gates [g0, g1)) send to
@@ -540,6 +551,7 @@ struct BackwardCta {
         write(value, (keep ? read(value) : A(0)) + read(product + u * ld + r));
       });
       ops.sync(Sync::Fold);
+      ops.stamp(Phase::Mma);
     }
   }
 
