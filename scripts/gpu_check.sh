@@ -2,7 +2,7 @@
 # `make gpu-check`: the one prepared call on the GPU machine (10 minutes per command there).
 # Builds the CUDA kernels for this GPU, then runs only what needs the GPU: the CUDA tests
 # and the build test, compute-sanitizer on a small case of every kernel (stepwise and
-# persistent), the barrier microbenchmark, a short
+# persistent) and a larger one of the persistent kernel, the barrier microbenchmark, a short
 # benchmark of the stepwise and the persistent kernels against cuDNN, and last the persistent
 # kernel's per-phase times (python -m bench.phases) from a second build with the phase timer,
 # made in the background while the GPU steps run. It ends within GPU_CHECK_SECONDS (default 540).
