@@ -32,8 +32,8 @@
 // Every memory access of the program, global or shared, goes through read, write or
 // load_coherent (below): on the GPU plain loads and stores (ld.global.cg for load_coherent);
 // in the host simulation each also tells the checker which simulated thread touched which
-// bytes. A raw dereference here would be invisible to it (tests/test_persistent.py checks
-// that program.h has none).
+// bytes. A raw dereference here would be invisible to it (tests/test_persistent_checker.py
+// checks that program.h has none).
 #pragma once
 
 #include <cstdint>
