@@ -71,8 +71,7 @@ std::map<std::pair<int, bool>, TimedLaunches> timed;  // (device, backward) ->
 
 }  // namespace
 
-persistent::PhaseRecord* phase_records_for_launch(int device, bool backward, int64_t ctas, int64_t steps,
-                                                  int64_t phases_per_step) {
+persistent::PhaseRecord* phase_records(int device, bool backward, int64_t ctas) {
   std::lock_guard<std::mutex> lock(timing_mutex);
   TimedLaunches& launches = timed[std::make_pair(device, backward)];
   if (launches.capacity < static_cast<size_t>(ctas)) {
@@ -81,11 +80,16 @@ persistent::PhaseRecord* phase_records_for_launch(int device, bool backward, int
         allocate_while_maybe_capturing(static_cast<size_t>(ctas) * sizeof(persistent::PhaseRecord)));
     launches.capacity = static_cast<size_t>(ctas);
   }
+  return launches.records;
+}
+
+void phase_records_launched(int device, bool backward, int64_t ctas, int64_t steps, int64_t phases_per_step) {
+  std::lock_guard<std::mutex> lock(timing_mutex);
+  TimedLaunches& launches = timed[std::make_pair(device, backward)];
   ++launches.last.launches;
   launches.last.steps = steps;
   launches.last.phases_per_step = phases_per_step;
   launches.ctas = ctas;
-  return launches.records;
 }
 
 PhaseTimes last_phase_times(bool backward) {
@@ -103,7 +107,11 @@ PhaseTimes last_phase_times(bool backward) {
   return out;
 }
 #else
-persistent::PhaseRecord* phase_records_for_launch(int, bool, int64_t, int64_t, int64_t) {
+persistent::PhaseRecord* phase_records(int, bool, int64_t) {
+  throw std::logic_error("rnnfused: built without RNNFUSED_PHASE_TIMING");
+}
+
+void phase_records_launched(int, bool, int64_t, int64_t, int64_t) {
   throw std::logic_error("rnnfused: built without RNNFUSED_PHASE_TIMING");
 }
 

@@ -57,16 +57,18 @@ struct BarrierLaunch {
 BarrierLaunch prepare_barrier(int device, cudaStream_t stream);
 
 // Per-phase timing (builds with RNNFUSED_PHASE_TIMING; python -m bench.phases): where the next
-// persistent launch of `device` writes its per-CTA records, and a copy of the last forward or
-// backward launch's (after synchronizing the device). Other builds throw.
+// persistent launch of `device` writes its per-CTA records; what a launch that was enqueued
+// is (only those count, so a refused launch leaves the last record as it was); and a copy of
+// the last forward or backward launch's records (after synchronizing the device). Other
+// builds throw.
 struct PhaseTimes {
   int64_t launches = 0;         // timed launches of this direction so far on the device
   int64_t steps = 0;            // of the last one
   int64_t phases_per_step = 0;  // grid barriers per step (2 for GRU_CHO)
   std::vector<persistent::PhaseRecord> ctas;
 };
-persistent::PhaseRecord* phase_records_for_launch(int device, bool backward, int64_t ctas, int64_t steps,
-                                                  int64_t phases_per_step);
+persistent::PhaseRecord* phase_records(int device, bool backward, int64_t ctas);
+void phase_records_launched(int device, bool backward, int64_t ctas, int64_t steps, int64_t phases_per_step);
 PhaseTimes last_phase_times(bool backward);
 
 // The compute capabilities this build has device code for, e.g. "8.0, 9.0".

@@ -276,8 +276,7 @@ const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, 
   cuda::BarrierLaunch barrier = cuda::prepare_barrier(device, stream);
   PhaseRecord* times = nullptr;
 #if defined(RNNFUSED_PHASE_TIMING)
-  const int phases = p.cell == Cell::GRU_CHO ? 2 : 1;
-  times = cuda::phase_records_for_launch(device, backward, t.ctas(), p.T, phases);
+  times = cuda::phase_records(device, backward, t.ctas());
 #else
   (void)backward;
 #endif
@@ -290,6 +289,9 @@ const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, 
     return "the GPU refused the cooperative launch";
   }
   RNNF_CUDA_CHECK(err);
+#if defined(RNNFUSED_PHASE_TIMING)
+  cuda::phase_records_launched(device, backward, t.ctas(), p.T, p.cell == Cell::GRU_CHO ? 2 : 1);
+#endif
   return nullptr;
 }
 
