@@ -8,6 +8,8 @@ Environment:
   RNNFUSED_REQUIRE_CUDA_BUILD=1 fail instead of falling back to a CPU-only build (CI)
   RNNFUSED_CUDA_ARCHS="80;90+PTX"  compute capabilities to compile for (the default); "+PTX" also
                                 embeds PTX, which newer GPUs run through the driver's JIT
+  RNNFUSED_PHASE_TIMING=1       time the phases of the persistent kernel on the GPU (a -D define;
+                                python -m bench.phases reads the times). Off: no timing code at all
   MAX_JOBS                      parallel compile jobs (default: from cores and free memory)
 """
 
@@ -160,22 +162,27 @@ def extension():
     if no_cuda is not None and env_flag("RNNFUSED_REQUIRE_CUDA_BUILD"):
         raise SystemExit(f"rnnfused: RNNFUSED_REQUIRE_CUDA_BUILD is set but {no_cuda}")
     if no_cuda is not None:
-        print(f"rnnfused: building the CPU kernels only ({no_cuda})")
+        print(f"rnnfused: building the CPU kernels only ({no_cuda})"
+              + ("; RNNFUSED_PHASE_TIMING has no effect without them" if env_flag("RNNFUSED_PHASE_TIMING") else ""))
         return cpp_extension.CppExtension(
             "rnnfused._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
 
+    define_macros = [("RNNFUSED_WITH_CUDA", None)]
+    if env_flag("RNNFUSED_PHASE_TIMING"):
+        define_macros.append(("RNNFUSED_PHASE_TIMING", "1"))
     cublas_include, cublas_libdir, cublas_link = find_cublas()
     # The toolkit's headers first; the wheel directory only adds what the toolkit lacks.
     include_dirs += [os.path.join(cpp_extension.CUDA_HOME, "include"), cublas_include]
     sources += relative(sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))))
-    print(f"rnnfused: building the CPU and CUDA kernels ({' '.join(arch_flags())})")
+    print(f"rnnfused: building the CPU and CUDA kernels ({' '.join(arch_flags())})"
+          + (", with the persistent kernel's phase timer" if env_flag("RNNFUSED_PHASE_TIMING") else ""))
     return cpp_extension.CUDAExtension(
         "rnnfused._C",
         sources,
         include_dirs=list(dict.fromkeys(include_dirs)),
-        define_macros=[("RNNFUSED_WITH_CUDA", None)],
+        define_macros=define_macros,
         extra_compile_args={
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + arch_flags(),

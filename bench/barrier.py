@@ -1,7 +1,8 @@
-"""python -m bench.barrier: what one step's barrier costs on this GPU, the grid-wide
-barrier of a cooperative launch (what the persistent kernel uses) against the hardware
-barrier of a thread-block cluster (sm_90), as microseconds per barrier (median of runs of
-many barriers, the launch included and spread over them)."""
+"""python -m bench.barrier: what one step's barrier costs on this GPU: cooperative groups'
+grid.sync(), the persistent kernel's own bounded grid barrier on a counter
+(csrc/persistent/grid_barrier.cuh, what the kernel uses), both in a cooperative launch, and
+the hardware barrier of a thread-block cluster (sm_90), as microseconds per barrier (median of
+runs of many barriers, the launch included and spread over them)."""
 
 import argparse
 import statistics
@@ -29,6 +30,7 @@ def main(argv=None):
           f"{args.iterations} barriers per launch")
     print(f"{'barrier':<10}{'CTAs':>6}{'cluster':>9}{'us':>9}")
     print(f"{'grid':<10}{sms:>6}{'-':>9}{measure('grid', sms, 1, args.iterations, args.runs):>9.3f}")
+    print(f"{'counter':<10}{sms:>6}{'-':>9}{measure('counter', sms, 1, args.iterations, args.runs):>9.3f}")
     if (properties.major, properties.minor) >= (9, 0):
         for cluster in (2, 4, 8):
             ctas = sms // cluster * cluster

@@ -19,6 +19,7 @@
 #include "kernel_choice.h"
 #include "params.h"
 #include "persistent/plan.h"
+#include "persistent/timing.h"
 
 #ifdef RNNFUSED_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -817,5 +818,37 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return cuda::barrier_microseconds(kind, ctas, cluster, iterations, at::cuda::getCurrentCUDAStream());
       },
       "Microseconds per grid or cluster barrier (python -m bench.barrier)");
+#endif
+
+  // --- the persistent kernel's phase timer (python -m bench.phases) -------------------------
+  // Builds with RNNFUSED_PHASE_TIMING=1 (setup.py) time the phases of every persistent launch
+  // (csrc/persistent/timing.h); phase_times returns the last forward or backward launch's.
+#if defined(RNNFUSED_WITH_CUDA) && defined(RNNFUSED_PHASE_TIMING)
+  m.attr("phase_timing") = true;
+#else
+  m.attr("phase_timing") = false;
+#endif
+  {
+    py::list names;
+    for (const char* name : persistent::kPhaseNames) names.append(name);
+    m.attr("phase_names") = names;
+  }
+#ifdef RNNFUSED_WITH_CUDA
+  m.def(
+      "phase_times",
+      [](bool backward) {
+        const cuda::PhaseTimes times = cuda::last_phase_times(backward);
+        py::list ctas;
+        for (const persistent::PhaseRecord& r : times.ctas)
+          ctas.append(py::dict(py::arg("cycles") = std::vector<unsigned long long>(r.cycles, r.cycles + persistent::kPhases),
+                               py::arg("clock") = std::make_pair(r.clock_begin, r.clock_end),
+                               py::arg("ns") = std::make_pair(r.ns_begin, r.ns_end)));
+        return py::dict(py::arg("launches") = times.launches, py::arg("steps") = times.steps,
+                        py::arg("phases_per_step") = times.phases_per_step, py::arg("ctas") = ctas);
+      },
+      py::arg("backward"),
+      "The phase times of the last persistent launch (forward, or backward): launches (timed so far), steps, "
+      "phases_per_step, and per CTA its clock64 cycles per phase (phase_names), clock and %globaltimer ns at its "
+      "start and end. Needs a build with RNNFUSED_PHASE_TIMING=1");
 #endif
 }

@@ -2,8 +2,10 @@
 # `make gpu-check`: the one prepared call on the GPU machine (10 minutes per command there).
 # Builds the CUDA kernels for this GPU, then runs only what needs the GPU: the CUDA tests
 # and the build test, compute-sanitizer on a small case of every kernel (stepwise and
-# persistent), the barrier microbenchmark, and a short benchmark of the stepwise and the
-# persistent kernels against cuDNN. It ends within GPU_CHECK_SECONDS (default 540).
+# persistent) and a larger one of the persistent kernel, the barrier microbenchmark, a short
+# benchmark of the stepwise and the persistent kernels against cuDNN, and last the persistent
+# kernel's per-phase times (python -m bench.phases) from a second build with the phase timer,
+# made in the background while the GPU steps run. It ends within GPU_CHECK_SECONDS (default 540).
 #
 # It fails loudly: no GPU, a failed build, a build without CUDA kernels, or a CUDA test that
 # could not run (RNNFUSED_REQUIRE_CUDA=1 turns their skips into errors) is FAILED, never OK.
@@ -86,6 +88,20 @@ if ! $PYTHON -c "import sys, rnnfused; sys.exit(0 if 'cuda' in rnnfused.backends
   exit 1
 fi
 
+# The phase timer's build (RNNFUSED_PHASE_TIMING=1) into a folder of its own, in the background
+# at low priority while the GPU steps below run, bounded by what is left of the budget; the
+# last step (scripts/phase_timing.sh) waits for it and runs python -m bench.phases on it.
+TIMING_BUILD=$PWD/build/phase-timing
+rm -rf "$TIMING_BUILD/status" "$TIMING_BUILD/lib"
+mkdir -p "$TIMING_BUILD"
+(
+  timeout --kill-after=10 $((BUDGET - (SECONDS - START))) nice -n 10 \
+    env RNNFUSED_PHASE_TIMING=1 RNNFUSED_CUDA_ARCHS="$ARCH" MAX_JOBS=$(($(nproc) / 2 + 1)) RNNFUSED_REQUIRE_CUDA_BUILD=1 \
+    $PYTHON setup.py build_ext --build-lib "$TIMING_BUILD/lib" --build-temp "$TIMING_BUILD/tmp" \
+    >"$LOGS/phase-timing-build.log" 2>&1
+  echo $? >"$TIMING_BUILD/status"
+) &
+
 # Our kernels, not the dispatch's choice: an unverified build's `auto` runs cuDNN or the
 # reference equations, and this run is what verifies it (RNNFUSED_KERNEL=ours: the persistent
 # kernel wherever it plans). Tests of the dispatch set their own.
@@ -148,5 +164,10 @@ for check in memcheck initcheck racecheck synccheck; do
     fi
   fi
 done
+
+step "phase timing (bench.phases)" 90 "$LOGS/phases.log" env PYTHON="$PYTHON" scripts/phase_timing.sh \
+  "$TIMING_BUILD" "$LOGS"
+echo "== phases (us per step; begin, end, kernel: us per launch)"
+grep -vE "^== " "$LOGS/phases.log" 2>/dev/null | tail -40
 
 COMPLETED=1

@@ -401,3 +401,13 @@ def test_gpu_refused_launch_falls_back_to_stage_1(capfd):
     messages = capfd.readouterr().err + "".join(str(w.message) for w in caught)
     assert "could not be launched" in messages
     assert max_error(actual, expected) == 0
+
+
+@pytest.mark.cuda
+def test_gpu_counter_barrier_runs_on_every_sm_and_again_on_its_stream():
+    """The persistent kernel's own grid barrier (csrc/persistent/grid_barrier.cuh) in the
+    barrier microbenchmark: one CTA per SM, twice on one stream, whose counter the second
+    launch must find cleared (a hang would trap after 10 s and raise here)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for _ in range(2):
+        assert 0 < _C.barrier_microseconds("counter", sms, 1, 200) < 1e4

@@ -1,12 +1,14 @@
-// A microbenchmark of the two barriers a persistent recurrence can step with (for
-// python -m bench.barrier and make gpu-check): the grid-wide barrier of a cooperative
-// launch (what csrc/persistent uses) and the hardware barrier of a thread-block cluster
-// (sm_90; the alternative exchange policy of ../shared/PERSISTENT.md).
+// A microbenchmark of the barriers a persistent recurrence can step with (for
+// python -m bench.barrier and make gpu-check): cooperative groups' grid-wide barrier, the
+// persistent kernels' own bounded grid barrier on a counter (persistent/grid_barrier.cuh,
+// what csrc/persistent uses), both in a cooperative launch, and the hardware barrier of a
+// thread-block cluster (sm_90; the alternative exchange policy of ../shared/PERSISTENT.md).
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <string>
 
+#include "../persistent/grid_barrier.cuh"
 #include "check.h"
 #include "rnn_cuda.h"
 
@@ -19,6 +21,14 @@ __global__ void grid_barriers(int iterations) {
   for (int i = 0; i < iterations; ++i) grid.sync();
 }
 
+__global__ void counter_barriers(int iterations, unsigned long long* arrivals) {
+  unsigned long long target = 0;
+  for (int i = 0; i < iterations; ++i) {
+    target += gridDim.x;
+    persistent::grid_barrier(arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("barrier microbenchmark"), [] {});
+  }
+}
+
 __global__ void cluster_barriers(int iterations) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
@@ -29,6 +39,15 @@ __global__ void cluster_barriers(int iterations) {
 }  // namespace
 
 double barrier_microseconds(const std::string& kind, int ctas, int cluster, int iterations, cudaStream_t stream) {
+  if (kind != "grid" && kind != "counter" && kind != "cluster")
+    throw std::invalid_argument("rnnfused: barrier kind must be grid, counter or cluster");
+  BarrierLaunch barrier{{}, nullptr};
+  if (kind == "counter") {  // cleared before the timed region, as before a persistent launch
+    int device = 0;
+    RNNF_CUDA_CHECK(cudaGetDevice(&device));
+    barrier = prepare_barrier(device, stream);
+  }
+  unsigned long long* arrivals = barrier.arrivals;
   cudaEvent_t start, stop;
   RNNF_CUDA_CHECK(cudaEventCreate(&start));
   RNNF_CUDA_CHECK(cudaEventCreate(&stop));
@@ -37,7 +56,11 @@ double barrier_microseconds(const std::string& kind, int ctas, int cluster, int 
     void* args[] = {&iterations};
     RNNF_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(grid_barriers), dim3(ctas), dim3(128), args,
                                                 0, stream));
-  } else if (kind == "cluster") {
+  } else if (kind == "counter") {
+    void* args[] = {&iterations, &arrivals};
+    RNNF_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(counter_barriers), dim3(ctas), dim3(128), args,
+                                                0, stream));
+  } else {
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(ctas);
     config.blockDim = dim3(128);
@@ -49,10 +72,9 @@ double barrier_microseconds(const std::string& kind, int ctas, int cluster, int 
     config.attrs = &attribute;
     config.numAttrs = 1;
     RNNF_CUDA_CHECK(cudaLaunchKernelEx(&config, cluster_barriers, iterations));
-  } else {
-    throw std::invalid_argument("rnnfused: barrier kind must be grid or cluster");
   }
   RNNF_CUDA_CHECK(cudaGetLastError());
+  if (barrier.lock.owns_lock()) barrier.lock.unlock();  // enqueued: other launches may follow
   RNNF_CUDA_CHECK(cudaEventRecord(stop, stream));
   RNNF_CUDA_CHECK(cudaEventSynchronize(stop));
   float ms = 0;

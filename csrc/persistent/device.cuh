@@ -1,12 +1,15 @@
 // The GPU side of the persistent recurrence: the Ops of program.h on tensor cores (WMMA:
 // fp16 and bf16 16x16x16, fp32 as TF32 16x16x8, fp32 accumulation), tiles copied in with
-// 16-byte loads through L2, one cooperative
-// launch per layer direction with a grid-wide barrier after every phase, and the launch
-// that says when the GPU refuses it (the caller then runs stage 1). Included by
+// 16-byte loads through L2, one cooperative launch per layer direction with a grid-wide
+// barrier after every phase (grid_barrier.cuh: bounded, it traps instead of hanging), and the
+// launch that says when the GPU refuses it (the caller then runs stage 1). Included by
 // csrc/cuda/backend.cuh; instantiated per dtype in rnn_<dtype>.cu.
+//
+// Built with RNNFUSED_PHASE_TIMING (setup.py), thread 0 of every CTA also times the phases of
+// the program (ops.stamp, timing.h) and writes them out at the end (python -m bench.phases);
+// otherwise ops.stamp is empty and the kernels are as without it.
 #pragma once
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -18,6 +21,8 @@
 #include <utility>
 
 #include "../cuda/check.h"
+#include "../cuda/rnn_cuda.h"
+#include "grid_barrier.cuh"
 #include "program.h"
 
 namespace rnnfused {
@@ -42,6 +47,52 @@ struct MmaShape<float> {
 };
 
 struct DeviceOps {
+#if defined(RNNFUSED_PHASE_TIMING)
+  PhaseRecord* record;  // this CTA's
+  long long last = 0, clock_begin = 0;
+  unsigned long long ns_begin = 0;
+  unsigned long long cycles[kPhases] = {};
+
+  __device__ explicit DeviceOps(PhaseRecord* records) : record(records + blockIdx.x) {
+    if (threadIdx.x == 0) {
+      ns_begin = global_nanoseconds();
+      last = clock_begin = clock64();
+    }
+  }
+
+  // Thread 0 charges the cycles since the previous stamp; the program stamps right after a
+  // CTA barrier, so a phase ends when its slowest thread does.
+  __device__ __forceinline__ void stamp(Phase phase) {
+    if (threadIdx.x != 0) return;
+    const long long now = clock64();
+    cycles[static_cast<int>(phase)] += static_cast<unsigned long long>(now - last);
+    last = now;
+  }
+
+  // After end(): this CTA's record.
+  __device__ __forceinline__ void finish() {
+    __syncthreads();
+    stamp(Phase::End);
+    if (threadIdx.x != 0) return;
+    for (int i = 0; i < kPhases; ++i) record->cycles[i] = cycles[i];
+    record->clock_begin = static_cast<unsigned long long>(clock_begin);
+    record->clock_end = static_cast<unsigned long long>(last);
+    record->ns_begin = ns_begin;
+    record->ns_end = global_nanoseconds();
+  }
+#else
+  __device__ explicit DeviceOps(PhaseRecord*) {}
+  __device__ __forceinline__ void stamp(Phase) {}
+  __device__ __forceinline__ void finish() {}
+#endif
+
+  // The barrier after every phase (grid_barrier.cuh); target = k * CTAs at the k-th.
+  __device__ __forceinline__ void grid_sync(unsigned long long* arrivals, unsigned long long target,
+                                            const char* message) {
+    grid_barrier(arrivals, target, message, [this] { stamp(Phase::Stores); });
+    stamp(Phase::Barrier);
+  }
+
   template <typename S>
   __device__ __forceinline__ S operand(S x) const {
     return tensor_core_operand(x);
@@ -54,7 +105,7 @@ struct DeviceOps {
     for (int i = threadIdx.x; i < total; i += blockDim.x) f(i / width, i % width);
   }
 
-  __device__ __forceinline__ void sync() { __syncthreads(); }
+  __device__ __forceinline__ void sync(Sync) { __syncthreads(); }
 
   // 16-byte loads through L2 (ld.global.cg), four in flight per thread, where a row segment
   // is 16-byte aligned; element by element otherwise (H not a multiple of 8 / 4, or a row
@@ -146,39 +197,46 @@ struct DeviceOps {
 };
 
 // Every CTA runs begin, the phases of every walk step, end; the grid barrier separates the
-// phases. All CTAs reach every barrier: the trip counts depend only on T and the cell.
+// phases (none between begin and the first phase: begin writes only this CTA's shared
+// memory). All CTAs reach every barrier: the trip counts depend only on T and the cell.
+// `arrivals`: the barrier's counter, zero at the start; `times`: the phase records of a
+// timed build (null otherwise).
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const __grid_constant__ ForwardParams p, const __grid_constant__ Tiling t,
-                   const __grid_constant__ Walk walk) {
+                   const __grid_constant__ Walk walk, unsigned long long* arrivals, PhaseRecord* times) {
   extern __shared__ __align__(128) char smem[];
-  DeviceOps ops;
+  DeviceOps ops(times);
   ForwardCta<S, float> cta(p, t, walk, blockIdx.x, smem);
-  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  unsigned long long target = 0;
   cta.begin(ops);
   for (int64_t s = 0; s < walk.T; ++s)
     for (int k = 0; k < cta.phases(); ++k) {
       cta.phase(ops, s, k);
-      grid.sync();
+      target += gridDim.x;
+      ops.grid_sync(arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent forward kernel"));
     }
   cta.end(ops);
+  ops.finish();
 }
 
 template <typename S>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_kernel(const __grid_constant__ BackwardParams p, const __grid_constant__ Tiling t,
-                    const __grid_constant__ Walk walk) {
+                    const __grid_constant__ Walk walk, unsigned long long* arrivals, PhaseRecord* times) {
   extern __shared__ __align__(128) char smem[];
-  DeviceOps ops;
+  DeviceOps ops(times);
   BackwardCta<S, float> cta(p, t, walk, blockIdx.x, smem);
-  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  unsigned long long target = 0;
   cta.begin(ops);
   for (int64_t s = walk.T - 1; s >= 0; --s)
     for (int k = 0; k < cta.phases(); ++k) {
       cta.phase(ops, s, k);
-      grid.sync();
+      target += gridDim.x;
+      ops.grid_sync(arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent backward kernel"));
     }
   cta.end(ops);
+  ops.finish();
 }
 
 // What a launch needs to know about the current device and a kernel, asked once: the
@@ -200,19 +258,30 @@ inline int prepare_kernel(const void* kernel, int device) {
   return sms;
 }
 
-// Launches `kernel` cooperatively with `bytes` of shared memory per CTA. Returns the reason
-// when the GPU cannot run the grid at once (not enough co-resident CTAs, a refused
+// Launches `kernel` cooperatively with `bytes` of shared memory per CTA: the cooperative
+// launch guarantees that all CTAs are resident at once, which the grid barrier needs. Returns
+// the reason when the GPU cannot run the grid at once (not enough co-resident CTAs, a refused
 // cooperative launch under MPS, MIG or green contexts): nothing was launched and the caller
 // runs stage 1. Any other error throws.
 template <typename Kernel, typename Params>
-const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, int64_t bytes, cudaStream_t stream) {
+const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, int64_t bytes, bool backward,
+                               cudaStream_t stream) {
   const Walk walk{p.T, p.B, p.reverse, p.kernel_batch_sizes, p.kernel_offsets};
   int device = 0, per_sm = 0;
   RNNF_CUDA_CHECK(cudaGetDevice(&device));
   const int sms = prepare_kernel(reinterpret_cast<const void*>(kernel), device);
   RNNF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(bytes)));
   if (static_cast<int64_t>(per_sm) * sms < t.ctas()) return "fewer co-resident CTAs than the plan needs";
-  void* args[] = {const_cast<Params*>(&p), const_cast<Tiling*>(&t), const_cast<Walk*>(&walk)};
+  // The barrier's counter, cleared on the stream; the lock held until the launch is enqueued.
+  cuda::BarrierLaunch barrier = cuda::prepare_barrier(device, stream);
+  PhaseRecord* times = nullptr;
+#if defined(RNNFUSED_PHASE_TIMING)
+  times = cuda::phase_records(device, backward, t.ctas());
+#else
+  (void)backward;
+#endif
+  void* args[] = {const_cast<Params*>(&p), const_cast<Tiling*>(&t), const_cast<Walk*>(&walk), &barrier.arrivals,
+                  &times};
   const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(static_cast<unsigned>(t.ctas())),
                                                       dim3(kThreads), args, static_cast<size_t>(bytes), stream);
   if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported || err == cudaErrorNotPermitted) {
@@ -220,17 +289,20 @@ const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, 
     return "the GPU refused the cooperative launch";
   }
   RNNF_CUDA_CHECK(err);
+#if defined(RNNFUSED_PHASE_TIMING)
+  cuda::phase_records_launched(device, backward, t.ctas(), p.T, p.cell == Cell::GRU_CHO ? 2 : 1);
+#endif
   return nullptr;
 }
 
 template <typename S>
 const char* launch_forward(const ForwardParams& p, cudaStream_t stream) {
-  return launch_cooperative(forward_kernel<S>, p, *p.tiling, p.tiling->fwd.bytes, stream);
+  return launch_cooperative(forward_kernel<S>, p, *p.tiling, p.tiling->fwd.bytes, false, stream);
 }
 
 template <typename S>
 const char* launch_backward(const BackwardParams& p, cudaStream_t stream) {
-  return launch_cooperative(backward_kernel<S>, p, *p.tiling, p.tiling->bwd.bytes, stream);
+  return launch_cooperative(backward_kernel<S>, p, *p.tiling, p.tiling->bwd.bytes, true, stream);
 }
 
 }  // namespace persistent

@@ -1,9 +1,32 @@
 // The host simulation of the persistent recurrence: a CPU test harness that runs the CTA
 // programs of program.h exactly as the GPU does, with the same tiling, shared-memory layout
 // (one buffer per CTA), padding, masking and phase order. Within a phase the CTAs run one
-// after the other in a shuffled order; the end of the phase is the grid barrier. A program
-// that read in one phase what another CTA writes in the same phase would see some writes
-// and miss others, and differ from the reference.
+// after the other in a shuffled order; the end of the phase is the grid barrier. Shared
+// memory starts as NaN, and so do the outputs (bindings.cpp), so that a read of something
+// no one wrote shows in the results.
+//
+// It runs the CTA's threads one after the other, so a missing ops.sync or a plain load of
+// another CTA's data would still give the right numbers here. The checker below sees those
+// anyway. It gives every access the simulated thread that makes it on the GPU (the same
+// thread -> element mapping as device.cuh: element i of ops.for_each and of ops.copy_rows by
+// thread i % kThreads, a product tile by one warp as a whole) and flags:
+//   - within a CTA, two threads touching the same bytes (shared or global memory) between
+//     the same two CTA barriers, one of them writing: a read after write is a missing
+//     ops.sync, a write after read a buffer reused before it was consumed;
+//   - across CTAs, two CTAs touching the same global bytes between the same two grid
+//     barriers, one of them writing (the same two kinds, and a write after write);
+//   - a plain read (not load_coherent / ops.copy_rows, i.e. not ld.global.cg on the GPU) of
+//     global memory another CTA wrote during the kernel;
+//   - shared memory outside the plan's layout.
+// The GPU kernel has no grid barrier between begin() and the first phase, nor does the
+// simulation: each CTA runs begin() just before its first phase.
+//
+// RNNFUSED_SIMULATE_DEFECT (test only; tests/test_persistent.py) plants a defect to show that
+// the checker finds it: skip_sync=<begin|operand|fold|phase_end> leaves out that CTA barrier
+// of program.h, plain_copy makes ops.copy_rows read with plain loads, and
+// skip_barrier=<phase> leaves out the grid barrier after that phase of every step. (The one
+// load_coherent of the program, GRU_CHO's h_{t-1} in cho_output, reads the CTA's own units, so
+// a plain load there would be no defect, and the checker rightly says nothing.)
 //
 // Not a user-facing backend (RNNFUSED_KERNEL=simulate on the CPU runs it): slow, and its
 // point is that the CPU tests execute the kernel's logic.
@@ -11,11 +34,16 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <numeric>
 #include <random>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "program.h"
@@ -23,7 +51,279 @@
 namespace rnnfused {
 namespace persistent {
 
+constexpr int kWarps = kThreads / 32;
+
+// The defects RNNFUSED_SIMULATE_DEFECT can plant (see the header comment).
+struct Defects {
+  bool skip_sync[4] = {false, false, false, false};  // indexed by Sync
+  bool plain_copy = false;
+  int skip_barrier = -1;  // the phase after which no grid barrier runs; -1: none
+  std::string text;
+
+  static Defects from_environment() {
+    Defects d;
+    const char* value = std::getenv("RNNFUSED_SIMULATE_DEFECT");
+    if (value == nullptr) return d;
+    d.text = value;
+    const char* syncs[] = {"begin", "operand", "fold", "phase_end"};
+    size_t start = 0;
+    while (start <= d.text.size()) {
+      const size_t comma = std::min(d.text.find(',', start), d.text.size());
+      const std::string item = d.text.substr(start, comma - start);
+      start = comma + 1;
+      if (item.empty()) continue;
+      bool known = item == "plain_copy";
+      d.plain_copy |= item == "plain_copy";
+      for (int i = 0; i < 4; ++i)
+        if (item == std::string("skip_sync=") + syncs[i]) known = d.skip_sync[i] = true;
+      if (item == "skip_barrier=0" || item == "skip_barrier=1") {
+        d.skip_barrier = item.back() - '0';
+        known = true;
+      }
+      if (!known)
+        throw std::invalid_argument("rnnfused: RNNFUSED_SIMULATE_DEFECT: unknown defect '" + item +
+                                    "' (skip_sync=begin|operand|fold|phase_end, plain_copy, skip_barrier=0|1)");
+    }
+    return d;
+  }
+};
+
+// The race checker of one simulated launch (see the header comment). Shadow state is kept per
+// 2 bytes (the smallest element); a CTA barrier starts a new "epoch", a grid barrier a new
+// "interval" (and epoch). Epochs are numbered across all CTAs, so one shadow of the shared
+// memory serves every CTA in turn: entries a CTA left are stale for the next.
+class Checker final : public AccessObserver {
+ public:
+  // Who touches memory: thread 0 .. kThreads-1; a warp as a whole (a tensor-core fragment:
+  // kWarpBase + warp); or code outside ops.for_each, which every thread of the CTA runs.
+  static constexpr int kWarpBase = kThreads;
+  static constexpr int kEveryThread = -1;
+
+  Checker(const Layout& layout, Defects defects, std::vector<std::pair<const char*, const void*>> buffers)
+      : layout_(layout), defects_(std::move(defects)), buffers_(std::move(buffers)), shared_(layout.bytes / 2) {
+    std::sort(buffers_.begin(), buffers_.end(),
+              [](const auto& a, const auto& b) { return a.second < b.second; });
+  }
+
+  // The CTA that runs from now on, its shared memory ([base, base + layout.bytes) in an
+  // allocation [allocation, allocation_end)), and what it is doing (for the report).
+  void enter(int64_t cta, const char* base, const char* allocation, const char* allocation_end, std::string where) {
+    cta_ = static_cast<int>(cta);
+    base_ = base;
+    allocation_ = allocation;
+    allocation_end_ = allocation_end;
+    where_ = std::move(where);
+    who_ = kEveryThread;
+    ++epoch_;
+  }
+
+  // What the current CTA does from now on (for the report); not a barrier.
+  void doing(std::string where) { where_ = std::move(where); }
+  void thread(int who) { who_ = who; }
+  void sync() { ++epoch_; }
+  void grid_barrier() {
+    ++interval_;
+    ++epoch_;
+  }
+
+  bool skips(Sync point) const { return defects_.skip_sync[static_cast<int>(point)]; }
+  bool skips_barrier_after(int phase) const { return defects_.skip_barrier == phase; }
+  // How ops.copy_rows reads its source rows (ld.global.cg on the GPU, unless planted).
+  Access copy_access() const { return defects_.plain_copy ? Access::Read : Access::Coherent; }
+
+  // From program.h's read / write / load_coherent, made by the current thread.
+  void access(const void* p, int64_t bytes, Access kind) override { touch(p, bytes, kind, who_); }
+
+  // From the Ops, on behalf of `who`.
+  void touch(const void* p, int64_t bytes, Access kind, int who) {
+    const char* c = static_cast<const char*>(p);
+    if (c >= base_ && c < base_ + layout_.bytes) {
+      if (c + bytes > base_ + layout_.bytes) found(kOutsideLayout, describe(who, kind, p) + " runs past the layout");
+      if (kind == Access::Coherent) found(kCoherentShared, describe(who, kind, p));
+      for (int64_t i = (c - base_) / 2; i < std::min<int64_t>((c - base_ + bytes + 1) / 2, shared_.size()); ++i)
+        check(shared_[i], false, kind, who, p);
+      return;
+    }
+    if (c >= allocation_ && c < allocation_end_) {
+      found(kOutsideLayout, describe(who, kind, p));
+      return;
+    }
+    const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+    for (uintptr_t g = address / 2; g < (address + bytes + 1) / 2; ++g) check(global(g), true, kind, who, p);
+  }
+
+  // Throws what was found, if anything.
+  void report() const {
+    int64_t kinds = 0;
+    std::string text;
+    for (int k = 0; k < kKinds; ++k) {
+      if (count_[k] == 0) continue;
+      ++kinds;
+      text += std::string("\n  ") + kDescriptions[k] + ": " + std::to_string(count_[k]) + " accesses; first: " +
+              first_[k];
+    }
+    if (kinds == 0) return;
+    throw std::runtime_error("rnnfused: the host simulation's checker found " + std::to_string(kinds) +
+                             " kind(s) of hazard in the persistent program" +
+                             (defects_.text.empty() ? "" : " (RNNFUSED_SIMULATE_DEFECT=" + defects_.text + ")") +
+                             ":" + text);
+  }
+
+ private:
+  struct Shadow {
+    uint32_t write_epoch = 0, read_epoch = 0;       // 0: never in this launch
+    int32_t write_interval = -1, read_interval = -1;
+    int16_t writer = 0, reader = 0;                 // who, in the epoch
+    int32_t writer_cta = -1, reader_cta = -1;       // which CTA, in the interval (global memory)
+    bool many_readers = false;                      // another thread read it in read_epoch too
+    bool many_reader_ctas = false;                  // another CTA read it in read_interval too
+  };
+
+  enum Kind {
+    kSharedReadAfterWrite,
+    kSharedWriteAfterRead,
+    kSharedWriteAfterWrite,
+    kGlobalThreadRace,
+    kCrossReadAfterWrite,
+    kCrossWriteAfterRead,
+    kCrossWriteAfterWrite,
+    kPlainLoad,
+    kEveryThreadWrites,
+    kOutsideLayout,
+    kCoherentShared,
+    kKinds
+  };
+  static constexpr const char* kDescriptions[kKinds] = {
+      "shared memory read after another thread wrote it with no CTA barrier between (a missing ops.sync)",
+      "shared memory reused before it was consumed: written after another thread read it with no CTA barrier "
+      "between",
+      "shared memory written by two threads with no CTA barrier between",
+      "global memory touched by two threads of one CTA, one writing, with no CTA barrier between",
+      "global memory read by one CTA and written by another between the same two grid barriers",
+      "global buffer reused before it was consumed: written by one CTA after another CTA read it, between the "
+      "same two grid barriers",
+      "global memory written by two CTAs between the same two grid barriers",
+      "plain load of global memory another CTA wrote during the kernel (use load_coherent or ops.copy_rows: "
+      "ld.global.cg on the GPU)",
+      "a write outside ops.for_each, which every thread of the CTA would make",
+      "shared memory outside the plan's layout",
+      "load_coherent of shared memory",
+  };
+
+  Shadow& global(uintptr_t granule) {
+    if (granule / kPage != last_page_) {  // most accesses fall in the page of the one before
+      std::unique_ptr<Shadow[]>& page = pages_[granule / kPage];
+      if (!page) page.reset(new Shadow[kPage]);
+      last_page_ = granule / kPage;
+      last_shadow_ = page.get();
+    }
+    return last_shadow_[granule % kPage];
+  }
+
+  void check(Shadow& s, bool global, Access kind, int who, const void* p) {
+    const int32_t cta = cta_;
+    const int16_t me = static_cast<int16_t>(who);
+    if (kind != Access::Write) {
+      if (s.write_epoch == epoch_ && s.writer != me)
+        found(global ? kGlobalThreadRace : kSharedReadAfterWrite, describe(who, kind, p) + ", written by " + name(s.writer));
+      if (global && s.write_interval == interval_ && s.writer_cta != cta)
+        found(kCrossReadAfterWrite, describe(who, kind, p) + ", written by CTA " + std::to_string(s.writer_cta));
+      if (global && kind == Access::Read && s.writer_cta >= 0 && s.writer_cta != cta)
+        found(kPlainLoad, describe(who, kind, p) + ", written by CTA " + std::to_string(s.writer_cta));
+      if (s.read_epoch == epoch_) {
+        s.many_readers |= s.reader != me;
+      } else {
+        s.read_epoch = epoch_;
+        s.reader = me;
+        s.many_readers = false;
+      }
+      if (global) {
+        if (s.read_interval == interval_) {
+          s.many_reader_ctas |= s.reader_cta != cta;
+        } else {
+          s.read_interval = interval_;
+          s.reader_cta = cta;
+          s.many_reader_ctas = false;
+        }
+      }
+      return;
+    }
+    if (who == kEveryThread) found(kEveryThreadWrites, describe(who, kind, p));
+    if (s.write_epoch == epoch_ && s.writer != me)
+      found(global ? kGlobalThreadRace : kSharedWriteAfterWrite, describe(who, kind, p) + ", written by " + name(s.writer));
+    if (s.read_epoch == epoch_ && (s.many_readers || s.reader != me))
+      found(global ? kGlobalThreadRace : kSharedWriteAfterRead,
+            describe(who, kind, p) + ", read by " + (s.reader != me ? name(s.reader) : "other threads"));
+    if (global && s.write_interval == interval_ && s.writer_cta != cta)
+      found(kCrossWriteAfterWrite, describe(who, kind, p) + ", written by CTA " + std::to_string(s.writer_cta));
+    if (global && s.read_interval == interval_ && (s.many_reader_ctas || s.reader_cta != cta))
+      found(kCrossWriteAfterRead,
+            describe(who, kind, p) + ", read by " +
+                (s.reader_cta != cta ? "CTA " + std::to_string(s.reader_cta) : std::string("other CTAs")));
+    s.write_epoch = epoch_;
+    s.writer = me;
+    s.write_interval = interval_;
+    s.writer_cta = cta;
+  }
+
+  void found(Kind kind, std::string what) {
+    if (count_[kind]++ == 0) first_[kind] = std::move(what);
+  }
+
+  static std::string name(int who) {
+    if (who == kEveryThread) return "every thread";
+    if (who >= kWarpBase) return "warp " + std::to_string(who - kWarpBase);
+    return "thread " + std::to_string(who);
+  }
+
+  // "CTA 3 (walk step 2, phase 0): thread 17 reads shared acc+64" and the like.
+  std::string describe(int who, Access kind, const void* p) const {
+    const char* verb = kind == Access::Write ? " writes " : kind == Access::Coherent ? " loads (coherent) " : " reads ";
+    return "CTA " + std::to_string(cta_) + " (" + where_ + "): " + name(who) + verb + place(p);
+  }
+
+  std::string place(const void* p) const {
+    const char* c = static_cast<const char*>(p);
+    if (c >= base_ && c < base_ + layout_.bytes) {
+      const std::pair<const char*, int64_t> regions[] = {{"weights", layout_.weights}, {"operand", layout_.operand},
+                                                         {"acc", layout_.acc},         {"partials", layout_.partials},
+                                                         {"state", layout_.state},     {"state2", layout_.state2}};
+      const auto* region = &regions[0];
+      for (const auto& r : regions)
+        if (r.second <= c - base_) region = &r;
+      return std::string("shared ") + region->first + "+" + std::to_string(c - base_ - region->second);
+    }
+    if (c >= allocation_ && c < allocation_end_) return "shared memory at byte " + std::to_string(c - base_);
+    const std::pair<const char*, const void*>* buffer = nullptr;
+    for (const auto& b : buffers_)
+      if (b.second != nullptr && b.second <= p) buffer = &b;
+    if (buffer == nullptr) return "global memory";
+    return std::string("global ") + buffer->first + "+" + std::to_string(c - static_cast<const char*>(buffer->second));
+  }
+
+  static constexpr uintptr_t kPage = 2048;  // granules of 2 bytes per page of the global shadow
+
+  const Layout layout_;
+  const Defects defects_;
+  std::vector<std::pair<const char*, const void*>> buffers_;  // the launch's buffers, by address (for the report)
+  std::vector<Shadow> shared_;
+  std::unordered_map<uintptr_t, std::unique_ptr<Shadow[]>> pages_;
+  uintptr_t last_page_ = ~uintptr_t(0);
+  Shadow* last_shadow_ = nullptr;
+  uint32_t epoch_ = 1;
+  int32_t interval_ = 0;
+  int cta_ = 0, who_ = kEveryThread;
+  const char *base_ = nullptr, *allocation_ = nullptr, *allocation_end_ = nullptr;
+  std::string where_;
+  int64_t count_[kKinds] = {};
+  std::string first_[kKinds];
+};
+
+// The Ops of program.h on the CPU, mapping every element to the thread (or warp) that handles
+// it on the GPU (device.cuh's DeviceOps) and telling the checker.
 struct HostOps {
+  Checker* check;
+
   template <typename S>
   S operand(S x) const {
     return tensor_core_operand(x);
@@ -32,46 +332,92 @@ struct HostOps {
   template <typename F>
   void for_each(int64_t rows, int64_t cols, const F& f) {
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < cols; ++c) f(r, c);
+      for (int64_t c = 0; c < cols; ++c) {
+        check->thread(static_cast<int>((r * cols + c) % kThreads));
+        f(r, c);
+      }
+    check->thread(Checker::kEveryThread);
   }
 
-  void sync() {}
+  void sync(Sync point) {
+    if (!check->skips(point)) check->sync();
+  }
 
+  void stamp(Phase) {}
+
+  // DeviceOps::copy_rows's two paths: whole 16-byte vectors, one per thread and chunk index,
+  // where every row segment is made of them; element by element (element i by thread i)
+  // otherwise.
   template <typename S, typename Source>
   void copy_rows(S* dst, int64_t ld, int64_t rows, int64_t segments, int64_t dst_stride, int64_t src_stride,
                  int64_t length, const Source& source) {
-    for (int64_t r = 0; r < rows; ++r) {
+    if (rows <= 0) return;
+    constexpr int64_t kVector = 16 / sizeof(S);
+    const int64_t width = length % kVector != 0 || src_stride % kVector != 0 ? 1 : kVector;
+    const int64_t chunks = length / width, per_row = segments * chunks;
+    const Access load = check->copy_access();
+    for (int64_t index = 0; index < rows * per_row; ++index) {
+      const int who = static_cast<int>(index % kThreads);
+      check->thread(who);
+      const int64_t r = index / per_row, g = index % per_row / chunks, j0 = index % chunks * width;
       const S* row = source(r);
       if (row == nullptr) continue;
-      for (int64_t g = 0; g < segments; ++g)
-        for (int64_t j = 0; j < length; ++j) dst[r * ld + g * dst_stride + j] = tensor_core_operand(row[g * src_stride + j]);
+      for (int64_t j = j0; j < j0 + width; ++j) {
+        const S* from = row + g * src_stride + j;
+        S* to = dst + r * ld + g * dst_stride + j;
+        check->touch(from, sizeof(S), load, who);
+        check->touch(to, sizeof(S), Access::Write, who);
+        *to = tensor_core_operand(*from);
+      }
     }
+    check->thread(Checker::kEveryThread);
   }
 
-  // The partial sums go through the same slots as on the GPU (warp part p takes K steps
-  // [p * steps / split, (p + 1) * steps / split)), then add up in the same order.
+  // DeviceOps::gemm's jobs: warp job % kWarps computes output tile job % tiles over K part
+  // job / tiles (K steps [part * steps / split, (part + 1) * steps / split)) into acc, or into
+  // its partials slot when split > 1; a CTA barrier; then the partial sums added up in part
+  // order, element i by thread i; a CTA barrier.
   template <typename S, typename Acc>
   void gemm(Acc* acc, int64_t ld_acc, Acc* partials, int64_t partial_stride, const S* a, int64_t lda, const S* b,
             int64_t ldb, int64_t m0, int64_t m1, int64_t n, int64_t k0, int64_t k1, int64_t split) {
-    const int64_t steps = (k1 - k0) / kTile;
-    for (int64_t part = 0; part < split; ++part) {
+    const int64_t steps = (k1 - k0) / kTile, n_tiles = n / kTile, tiles = (m1 - m0) / kTile * n_tiles;
+    for (int64_t job = 0; job < tiles * split; ++job) {
+      const int64_t tile = job % tiles, part = job / tiles;
+      const int64_t m = m0 + tile / n_tiles * kTile, c = tile % n_tiles * kTile;
+      const int64_t begin = part * steps / split * kTile, end = (part + 1) * steps / split * kTile;
+      const int warp = Checker::kWarpBase + static_cast<int>(job % kWarps);
+      for (int64_t i = 0; i < kTile; ++i) {
+        check->touch(a + (m + i) * lda + k0 + begin, (end - begin) * sizeof(S), Access::Read, warp);
+        check->touch(b + (c + i) * ldb + begin, (end - begin) * sizeof(S), Access::Read, warp);
+      }
       Acc* out = split > 1 ? partials + part * partial_stride : acc;
-      const int64_t begin = k0 + part * steps / split * kTile, end = k0 + (part + 1) * steps / split * kTile;
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t c = 0; c < n; ++c) {
+      for (int64_t i = 0; i < kTile; ++i) {
+        for (int64_t j = 0; j < kTile; ++j) {
           Acc sum = 0;
           for (int64_t k = begin; k < end; ++k)
-            sum += static_cast<Acc>(a[m * lda + k]) * static_cast<Acc>(b[c * ldb + k - k0]);
-          out[m * ld_acc + c] = sum;
+            sum += static_cast<Acc>(a[(m + i) * lda + k0 + k]) * static_cast<Acc>(b[(c + j) * ldb + k]);
+          out[(m + i) * ld_acc + c + j] = sum;
         }
+        check->touch(out + (m + i) * ld_acc + c, kTile * sizeof(Acc), Access::Write, warp);
+      }
     }
-    if (split > 1)
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t c = 0; c < n; ++c) {
-          Acc sum = 0;
-          for (int64_t part = 0; part < split; ++part) sum += partials[part * partial_stride + m * ld_acc + c];
-          acc[m * ld_acc + c] = sum;
+    check->sync();
+    if (split > 1) {
+      const int64_t width = n;
+      for (int64_t i = 0; i < (m1 - m0) * width; ++i) {
+        const int who = static_cast<int>(i % kThreads);
+        const int64_t m = m0 + i / width, c = i % width;
+        Acc sum = 0;
+        for (int64_t part = 0; part < split; ++part) {
+          const Acc* slot = partials + part * partial_stride + m * ld_acc + c;
+          check->touch(slot, sizeof(Acc), Access::Read, who);
+          sum += *slot;
         }
+        check->touch(acc + m * ld_acc + c, sizeof(Acc), Access::Write, who);
+        acc[m * ld_acc + c] = sum;
+      }
+      check->sync();
+    }
   }
 };
 
@@ -94,8 +440,35 @@ struct HostWalk {
   }
 };
 
-// Runs a CTA program (ForwardCta or BackwardCta) for every CTA of the tiling: begin, the
-// phases of every walk step (forward: s = 0 .. T-1; backward: T-1 .. 0), end.
+// The buffers of a launch, named for the checker's report.
+inline std::vector<std::pair<const char*, const void*>> buffers(const ForwardParams& p) {
+  return {{"w_hh", p.w_hh}, {"b_ih", p.b_ih}, {"b_hh", p.b_hh}, {"h0", p.h0}, {"y", p.y},
+          {"h_n", p.h},     {"c", p.c},       {"gx", p.gx},     {"gates", p.gates}, {"cells", p.cells},
+          {"rh", p.rh},     {"batch_sizes", p.batch_sizes}};
+}
+
+inline std::vector<std::pair<const char*, const void*>> buffers(const BackwardParams& p) {
+  return {{"w_hh", p.w_hh},     {"h_prev", p.h_prev}, {"hidden", p.hidden}, {"gates", p.gates},
+          {"cells", p.cells},   {"c_prev", p.c_prev}, {"dy", p.dy},         {"dh", p.dh},
+          {"dc", p.dc},         {"dgx", p.dgx},       {"dgh", p.dgh},       {"rh", p.rh},
+          {"batch_sizes", p.batch_sizes}};
+}
+
+// Sets the thread's access observer for a scope.
+class Observing {
+ public:
+  explicit Observing(AccessObserver* observer) : previous_(access_observer) { access_observer = observer; }
+  ~Observing() { access_observer = previous_; }
+  Observing(const Observing&) = delete;
+  Observing& operator=(const Observing&) = delete;
+
+ private:
+  AccessObserver* previous_;
+};
+
+// Runs a CTA program (ForwardCta or BackwardCta) for every CTA of the tiling as the GPU kernel
+// does (device.cuh): begin, the phases of every walk step (forward: s = 0 .. T-1; backward:
+// T-1 .. 0) with a grid barrier after each, end. Throws what the checker found.
 template <typename Cta, typename Params>
 void simulate(const Params& p, const Tiling& t, bool backward) {
   const HostWalk steps(p);
@@ -104,27 +477,47 @@ void simulate(const Params& p, const Tiling& t, bool backward) {
   // Shared memory of every CTA; filled with NaN-ish garbage so that a read of memory no
   // phase wrote shows up in the results.
   std::vector<std::unique_ptr<char[]>> smem;
+  std::vector<char*> bases;
   std::vector<Cta> ctas;
   ctas.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
     smem.emplace_back(new char[layout.bytes + 128]);
     std::memset(smem.back().get(), 0xff, layout.bytes + 128);
-    char* base = smem.back().get() + (128 - reinterpret_cast<uintptr_t>(smem.back().get()) % 128) % 128;
-    ctas.emplace_back(p, t, steps.walk, i, base);
+    bases.push_back(smem.back().get() + (128 - reinterpret_cast<uintptr_t>(smem.back().get()) % 128) % 128);
+    ctas.emplace_back(p, t, steps.walk, i, bases.back());
   }
-  HostOps ops;
-  for (Cta& cta : ctas) cta.begin(ops);
+  Checker check(layout, Defects::from_environment(), buffers(p));
+  const Observing observing(&check);
+  HostOps ops{&check};
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   std::mt19937 shuffle(12345);
+  auto enter = [&](int64_t cta, std::string where) {
+    check.enter(cta, bases[cta], smem[cta].get(), smem[cta].get() + layout.bytes + 128, std::move(where));
+  };
+  bool begun = false;
   for (int64_t i = 0; i < p.T; ++i) {
     const int64_t s = backward ? p.T - 1 - i : i;
     for (int phase = 0; phase < ctas.front().phases(); ++phase) {
       std::shuffle(order.begin(), order.end(), shuffle);
-      for (const int64_t cta : order) ctas[cta].phase(ops, s, phase);
+      for (const int64_t cta : order) {
+        enter(cta, "begin");
+        if (!begun) ctas[cta].begin(ops);
+        check.doing("walk step " + std::to_string(s) + ", phase " + std::to_string(phase));
+        ctas[cta].phase(ops, s, phase);
+      }
+      begun = true;
+      if (!check.skips_barrier_after(phase)) check.grid_barrier();
     }
   }
-  for (Cta& cta : ctas) cta.end(ops);
+  std::shuffle(order.begin(), order.end(), shuffle);
+  for (const int64_t cta : order) {
+    enter(cta, "begin");
+    if (!begun) ctas[cta].begin(ops);
+    check.doing("end");
+    ctas[cta].end(ops);
+  }
+  check.report();
 }
 
 template <typename S, typename A>

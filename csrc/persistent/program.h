@@ -1,11 +1,13 @@
 // The program of one CTA of the persistent recurrence, forward and backward, written once
 // and run two ways: by the CUDA kernel (device.cuh: the CTAs of a cooperative launch, a
-// grid-wide barrier after every phase) and by the host simulation (host.h: plain loops, the
-// CTAs of a phase in shuffled order, the end of the phase as the barrier). Both run exactly
-// this code with the tiling and shared-memory layout of plan.h; only the Ops differ:
+// grid-wide barrier after every phase) and by the host simulation (host.h: the CTAs of a phase
+// in shuffled order, the end of the phase as the barrier, every memory access checked). Both
+// run exactly this code with the tiling and shared-memory layout of plan.h; only the Ops
+// differ:
 //
-//   ops.for_each(rows, cols, f)   f(r, c) for r < rows, c < cols, by all threads of the CTA
-//   ops.sync()                    barrier of the CTA's threads
+//   ops.for_each(rows, cols, f)   f(r, c) for r < rows, c < cols, by all threads of the CTA:
+//                                 element i = r * cols + c by thread i % kThreads
+//   ops.sync(point)               barrier of the CTA's threads (Sync names what it orders)
 //   ops.copy_rows(dst, ld, rows, segments, dst_stride, src_stride, length, source)
 //       for every r < rows with a source row (source(r) not null) and g < segments:
 //       dst[r*ld + g*dst_stride + j] = ops.operand(load_coherent(source(r) + g*src_stride + j)),
@@ -15,6 +17,8 @@
 //       of kTile), accumulated in A; with split > 1 the K steps are divided among warps whose
 //       partial sums go to partials[part][m][c] (part stride partial_stride) before adding up.
 //       Ends with the CTA synchronised.
+//   ops.stamp(phase)              charges the time since the previous stamp to `phase` (a GPU
+//                                 build with RNNFUSED_PHASE_TIMING; free everywhere else)
 //
 //   ops.operand(x)                an operand as the products take it: on the GPU (and in its
 //                                 host simulation) fp32 rounded to TF32; exact on the CPU.
@@ -22,8 +26,14 @@
 // shared memory.
 //
 // Between phases a CTA may read what any CTA wrote before the barrier (through
-// load_coherent: L2, never a stale L1 line); within a phase it reads only what it wrote
-// itself or what was there before the kernel started. The cell math is cells.h's.
+// load_coherent or ops.copy_rows: L2, never a stale L1 line); within a phase it reads only
+// what it wrote itself or what was there before the kernel started. The cell math is cells.h's.
+//
+// Every memory access of the program, global or shared, goes through read, write or
+// load_coherent (below): on the GPU plain loads and stores (ld.global.cg for load_coherent);
+// in the host simulation each also tells the checker which simulated thread touched which
+// bytes. A raw dereference here would be invisible to it (tests/test_persistent_checker.py
+// checks that program.h has none).
 #pragma once
 
 #include <cstdint>
@@ -34,9 +44,73 @@
 #include "../params.h"
 #include "../steps.h"
 #include "plan.h"
+#include "timing.h"
 
 namespace rnnfused {
 namespace persistent {
+
+#if !defined(__CUDA_ARCH__)
+// What the host simulation's checker (host.h) is told of each access of the program.
+enum class Access { Read, Write, Coherent };
+struct AccessObserver {
+  virtual void access(const void* p, int64_t bytes, Access kind) = 0;
+
+ protected:
+  ~AccessObserver() = default;
+};
+// The checker of the simulation that runs on this thread; null when none runs.
+inline thread_local AccessObserver* access_observer = nullptr;
+#endif
+
+template <typename T>
+struct NoDeduce {
+  using type = T;
+};
+
+// A plain load: shared memory, data no other CTA writes during the kernel, or data this CTA
+// wrote itself.
+template <typename T>
+RNNF_HD T read(const T* p) {
+#if !defined(__CUDA_ARCH__)
+  if (access_observer) access_observer->access(p, sizeof(T), Access::Read);
+#endif
+  return *p;
+}
+
+// A read of data another CTA wrote during this kernel (before the last grid barrier): from
+// L2 on the GPU (ld.global.cg), never a line an earlier read left in this SM's L1.
+template <typename T>
+RNNF_HD T load_coherent(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);
+#else
+  if (access_observer) access_observer->access(p, sizeof(T), Access::Coherent);
+  return *p;
+#endif
+}
+
+template <typename T>
+RNNF_HD void write(T* p, typename NoDeduce<T>::type value) {
+#if !defined(__CUDA_ARCH__)
+  if (access_observer) access_observer->access(p, sizeof(T), Access::Write);
+#endif
+  *p = value;
+}
+
+// The CTA barriers of the program, named for what each orders (the host simulation can leave
+// one out, RNNFUSED_SIMULATE_DEFECT in host.h, to show that its checker sees the race).
+// Three of them are redundant in today's program, and the checker accordingly finds no race
+// without them (tests/test_persistent_checker.py): PhaseEnd, because the grid barrier after
+// every phase starts with a CTA barrier of its own; Fold, because the next chunk's copy and
+// its Operand barrier come before its product overwrites acc; and the backward's Begin,
+// because the backward's first phase multiplies nothing. They keep each piece correct on its
+// own should the program around them change.
+enum class Sync {
+  Begin,     // begin()'s writes of the tiles and state before the first phase copies and reads
+  Operand,   // the operand tile copied in by all threads before the product's warps read it
+  Fold,      // one dG chunk's product read before the next chunk's product overwrites acc
+  PhaseEnd,  // the phase's reads of its tiles before the next phase writes them
+};
 
 // The steps of one layer direction in the order the forward pass visits them ("walk step"
 // s = 0 .. T-1), with the rows active at each: packed input reads the batch sizes and row
@@ -50,20 +124,10 @@ struct Walk {
   RNNF_HD int64_t time(int64_t s) const { return reverse ? T - 1 - s : s; }
   RNNF_HD int64_t rows(int64_t s) const {
     if (s < 0 || s >= T) return 0;
-    return batch_sizes ? batch_sizes[time(s)] : B;
+    return batch_sizes ? read(batch_sizes + time(s)) : B;
   }
-  RNNF_HD int64_t offset(int64_t s) const { return batch_sizes ? offsets[time(s)] : time(s) * B; }
+  RNNF_HD int64_t offset(int64_t s) const { return batch_sizes ? read(offsets + time(s)) : time(s) * B; }
 };
-
-// A read of data another CTA wrote during this kernel: from L2 on the GPU.
-template <typename T>
-RNNF_HD T load_coherent(const T* p) {
-#if defined(__CUDA_ARCH__)
-  return __ldcg(p);
-#else
-  return *p;
-#endif
-}
 
 // What the tensor cores multiply: fp32 rounded to TF32 (10 mantissa bits, to nearest, ties
 // away from zero: cvt.rna.tf32.f32); fp16, bf16 and (host simulation) fp64 as they are.
@@ -151,18 +215,19 @@ struct ForwardCta {
     ops.for_each(t.gate_rows, t.k_fwd, [=](int64_t m, int64_t k) {
       const int64_t gate = m / stride, u = m % stride;
       const bool valid = gate < gates && u < units && u0 + u < H && k < H;
-      tile[m * ld + k] = valid ? ops.operand(w_hh[(gate * H + u0 + u) * H + k]) : store<S>(A(0));
+      write(tile + m * ld + k, valid ? ops.operand(read(w_hh + (gate * H + u0 + u) * H + k)) : store<S>(A(0)));
     });
     S* operand_tile = h;
-    ops.for_each(t.rows_pad, ld, [=](int64_t r, int64_t k) { operand_tile[r * ld + k] = store<S>(A(0)); });
+    ops.for_each(t.rows_pad, ld, [=](int64_t r, int64_t k) { write(operand_tile + r * ld + k, store<S>(A(0))); });
     if (p.cell == Cell::LSTM) {
       const A* c0 = static_cast<const A*>(p.c);
       A* state = c;
       ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
-        state[r * units + u] = (r0 + r < B && u0 + u < H) ? c0[(r0 + r) * H + u0 + u] : A(0);
+        write(state + r * units + u, (r0 + r < B && u0 + u < H) ? read(c0 + (r0 + r) * H + u0 + u) : A(0));
       });
     }
-    ops.sync();
+    ops.sync(Sync::Begin);
+    ops.stamp(Phase::Begin);
   }
 
   template <typename Ops>
@@ -185,7 +250,8 @@ struct ForwardCta {
         break;
       default: invalid_cell(p.cell);
     }
-    ops.sync();
+    ops.sync(Sync::PhaseEnd);
+    ops.stamp(Phase::Cell);
   }
 
   // (LSTM) c_n from shared memory.
@@ -196,7 +262,7 @@ struct ForwardCta {
     const A* state = c;
     const int64_t H = p.H, units = t.units, u0 = slice.u0, r0 = slice.r0, B = walk.B;
     ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
-      if (r0 + r < B && u0 + u < H) c_n[(r0 + r) * H + u0 + u] = state[r * units + u];
+      if (r0 + r < B && u0 + u < H) write(c_n + (r0 + r) * H + u0 + u, read(state + r * units + u));
     });
   }
 
@@ -218,7 +284,8 @@ struct ForwardCta {
                     const int64_t R = r0 + r;
                     return reset_hidden ? static_cast<const S*>(p.rh) + R * p.H : previous_state(s, R);
                   });
-    ops.sync();
+    ops.sync(Sync::Operand);
+    ops.stamp(Phase::Exchange);
   }
 
   // acc rows [m0, m1) = W tile rows [m0, m1) times the operand tile.
@@ -226,6 +293,7 @@ struct ForwardCta {
   RNNF_HD void multiply(Ops& ops, int64_t m0, int64_t m1) {
     ops.gemm(acc, t.ld_acc_fwd, partials, t.gate_rows * t.ld_acc_fwd, static_cast<const S*>(w), t.ld_w_fwd,
              static_cast<const S*>(h), t.ld_w_fwd, m0, m1, t.rows_pad, int64_t(0), t.k_fwd, t.split_fwd);
+    ops.stamp(Phase::Mma);
   }
 
   // Row R's state before walk step s (R active at s): the output of the previous walk step,
@@ -236,7 +304,7 @@ struct ForwardCta {
   }
 
   RNNF_HD A gate_acc(int64_t gate, const Element& e) const {
-    return acc[(gate * t.gate_stride + e.u) * t.ld_acc_fwd + e.r];
+    return read(acc + (gate * t.gate_stride + e.u) * t.ld_acc_fwd + e.r);
   }
 
   RNNF_HD const A* gx_row(const Element& e) const {
@@ -247,19 +315,19 @@ struct ForwardCta {
   // x W_ihᵀ + h W_hhᵀ + both biases of gate `gate` (the order of steps.h's preact).
   RNNF_HD A preact(int64_t gate, const Element& e) const {
     const int64_t k = gate * p.H + e.U;
-    return gx_row(e)[k] + gate_acc(gate, e) + load<A>(static_cast<const S*>(p.b_ih)[k]) +
-           load<A>(static_cast<const S*>(p.b_hh)[k]);
+    return read(gx_row(e) + k) + gate_acc(gate, e) + load<A>(read(static_cast<const S*>(p.b_ih) + k)) +
+           load<A>(read(static_cast<const S*>(p.b_hh) + k));
   }
 
   RNNF_HD A bias(const void* b, int64_t gate, const Element& e) const {
-    return load<A>(static_cast<const S*>(b)[gate * p.H + e.U]);
+    return load<A>(read(static_cast<const S*>(b) + gate * p.H + e.U));
   }
 
-  RNNF_HD A h_prev_from_tile(const Element& e) const { return load<A>(h[e.r * t.ld_w_fwd + e.U]); }
+  RNNF_HD A h_prev_from_tile(const Element& e) const { return load<A>(read(h + e.r * t.ld_w_fwd + e.U)); }
 
   RNNF_HD void write_h(const Element& e, S value) const {
-    static_cast<S*>(p.y)[e.row * p.H + e.U] = value;
-    if (e.last) static_cast<S*>(p.h)[e.R * p.H + e.U] = value;
+    write(static_cast<S*>(p.y) + e.row * p.H + e.U, value);
+    if (e.last) write(static_cast<S*>(p.h) + e.R * p.H + e.U, value);
   }
 
   RNNF_HD A* saved(const Element& e) const {
@@ -268,53 +336,53 @@ struct ForwardCta {
 
   RNNF_HD void lstm(const Element& e) const {
     const auto a = cells::lstm_activate(preact(0, e), preact(1, e), preact(2, e), preact(3, e));
-    A& c_state = c[e.r * t.units + e.u];
-    const A c_t = cells::lstm_cell(a, c_state, A(p.cell_clip));
-    c_state = c_t;
+    A* const c_state = c + e.r * t.units + e.u;
+    const A c_t = cells::lstm_cell(a, read(c_state), A(p.cell_clip));
+    write(c_state, c_t);
     write_h(e, store<S>(cells::lstm_hidden(a, c_t)));
     if (p.gates) {
       A* g = saved(e);
-      g[0] = a.i;
-      g[p.H] = a.f;
-      g[2 * p.H] = a.g;
-      g[3 * p.H] = a.o;
-      static_cast<A*>(p.cells)[e.row * p.H + e.U] = c_t;
+      write(g, a.i);
+      write(g + p.H, a.f);
+      write(g + 2 * p.H, a.g);
+      write(g + 3 * p.H, a.o);
+      write(static_cast<A*>(p.cells) + e.row * p.H + e.U, c_t);
     }
   }
 
   RNNF_HD void gru(const Element& e) const {
     const A hn = gate_acc(2, e) + bias(p.b_hh, 2, e);
-    const A xn = gx_row(e)[2 * p.H + e.U] + bias(p.b_ih, 2, e);
+    const A xn = read(gx_row(e) + 2 * p.H + e.U) + bias(p.b_ih, 2, e);
     const auto a = cells::gru_forward(preact(0, e), preact(1, e), xn, hn);
     write_h(e, store<S>(cells::gru_hidden(a.z, a.n, h_prev_from_tile(e))));
     if (p.gates) {
       A* g = saved(e);
-      g[0] = a.r;
-      g[p.H] = a.z;
-      g[2 * p.H] = a.n;
-      g[3 * p.H] = a.hn;
+      write(g, a.r);
+      write(g + p.H, a.z);
+      write(g + 2 * p.H, a.n);
+      write(g + 3 * p.H, a.hn);
     }
   }
 
   // GRU_CHO phase 1: r, and r * h_{t-1} into the exchange buffer p.rh [B, H].
   RNNF_HD void cho_reset(const Element& e) const {
     const A r = cells::sigmoid(preact(0, e));
-    static_cast<S*>(p.rh)[e.R * p.H + e.U] = store<S>(r * h_prev_from_tile(e));
-    if (p.gates) saved(e)[0] = r;
+    write(static_cast<S*>(p.rh) + e.R * p.H + e.U, store<S>(r * h_prev_from_tile(e)));
+    if (p.gates) write(saved(e), r);
   }
 
   // GRU_CHO phase 2: z (its product is still in acc from phase 1), n and h_t. The operand
   // tile now holds r * h_{t-1}, so h_{t-1} is read again from where phase 1 loaded it.
   RNNF_HD void cho_output(int64_t s, const Element& e) const {
     const A z = cells::sigmoid(preact(1, e));
-    const A n = cells::gru_cho_candidate(gx_row(e)[2 * p.H + e.U] + bias(p.b_ih, 2, e),
+    const A n = cells::gru_cho_candidate(read(gx_row(e) + 2 * p.H + e.U) + bias(p.b_ih, 2, e),
                                          gate_acc(2, e) + bias(p.b_hh, 2, e));
     const A h_prev = load<A>(load_coherent(previous_state(s, e.R) + e.U));
     write_h(e, store<S>(cells::gru_hidden(z, n, h_prev)));
     if (p.gates) {
       A* g = saved(e);
-      g[p.H] = z;
-      g[2 * p.H] = n;
+      write(g + p.H, z);
+      write(g + 2 * p.H, n);
     }
   }
 
@@ -368,11 +436,11 @@ struct BackwardCta {
     ops.for_each(t.unit_rows, t.k_bwd, [=](int64_t u, int64_t k) {
       const int64_t gate = k / block, j = k % block;
       const bool valid = u < units && u0 + u < H && gate < gates && j < H;
-      tile[u * ld + k] = valid ? ops.operand(w_hh[(gate * H + j) * H + u0 + u]) : store<S>(A(0));
+      write(tile + u * ld + k, valid ? ops.operand(read(w_hh + (gate * H + j) * H + u0 + u)) : store<S>(A(0)));
     });
     S* operand_tile = dg;
     const int64_t ld_dg = t.ld_dg;
-    ops.for_each(t.rows_pad, ld_dg, [=](int64_t r, int64_t k) { operand_tile[r * ld_dg + k] = store<S>(A(0)); });
+    ops.for_each(t.rows_pad, ld_dg, [=](int64_t r, int64_t k) { write(operand_tile + r * ld_dg + k, store<S>(A(0))); });
     const A* dh_n = static_cast<const A*>(p.dh);
     const A* dc_n = static_cast<const A*>(p.dc);
     A* dh_state = dh;
@@ -380,10 +448,11 @@ struct BackwardCta {
     const bool lstm = p.cell == Cell::LSTM;
     ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
       const bool valid = r0 + r < B && u0 + u < H;
-      dh_state[r * units + u] = valid ? dh_n[(r0 + r) * H + u0 + u] : A(0);
-      if (lstm) dc_state[r * units + u] = valid ? dc_n[(r0 + r) * H + u0 + u] : A(0);
+      write(dh_state + r * units + u, valid ? read(dh_n + (r0 + r) * H + u0 + u) : A(0));
+      if (lstm) write(dc_state + r * units + u, valid ? read(dc_n + (r0 + r) * H + u0 + u) : A(0));
     });
-    ops.sync();
+    ops.sync(Sync::Begin);
+    ops.stamp(Phase::Begin);
   }
 
   // Walk steps are processed from s = T-1 down to 0: phase k of walk step s.
@@ -417,7 +486,8 @@ struct BackwardCta {
         break;
       default: invalid_cell(p.cell);
     }
-    ops.sync();
+    ops.sync(Sync::PhaseEnd);
+    ops.stamp(Phase::Cell);
   }
 
   // The gradients of h0 (and c0): fold in walk step 0's recurrent gradient, write them out.
@@ -433,8 +503,8 @@ struct BackwardCta {
     const int64_t H = p.H, units = t.units, u0 = slice.u0, r0 = slice.r0, B = walk.B;
     ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
       if (r0 + r >= B || u0 + u >= H) return;
-      dh0[(r0 + r) * H + u0 + u] = dh_state[r * units + u];
-      if (lstm) dc0[(r0 + r) * H + u0 + u] = dc_state[r * units + u];
+      write(dh0 + (r0 + r) * H + u0 + u, read(dh_state + r * units + u));
+      if (lstm) write(dc0 + (r0 + r) * H + u0 + u, read(dc_state + r * units + u));
     });
   }
 
@@ -447,7 +517,8 @@ struct BackwardCta {
     const S* source = static_cast<const S*>(p.dgh) + g0 * H;
     ops.copy_rows(dg, t.ld_dg, active < t.rows ? active : t.rows, g1 - g0, t.k_block, H, H,
                   [=](int64_t r) { return source + (offset + r0 + r) * G; });
-    ops.sync();
+    ops.sync(Sync::Operand);
+    ops.stamp(Phase::Exchange);
   }
 
   // acc = Wᵀ columns of gates [g0, g1) times the dG tile: (part of) d(h_{t-1}) of the CTA's
@@ -457,6 +528,7 @@ struct BackwardCta {
     ops.gemm(acc, t.ld_acc_bwd, partials, t.unit_rows * t.ld_acc_bwd, static_cast<const S*>(w), t.ld_w_bwd,
              static_cast<const S*>(dg), t.ld_dg, int64_t(0), t.unit_rows, t.rows_pad, g0 * t.k_block,
              g1 * t.k_block, t.split_bwd);
+    ops.stamp(Phase::Mma);
   }
 
   // The recurrent gradient that walk step s's gate gradients (of gates [g0, g1)) send to
@@ -475,36 +547,40 @@ struct BackwardCta {
       const bool keep = add || chunk > g0;
       ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
         if (r0 + r >= active || u0 + u >= H) return;
-        A& value = dh_state[r * units + u];
-        value = (keep ? value : A(0)) + product[u * ld + r];
+        A* const value = dh_state + r * units + u;
+        write(value, (keep ? read(value) : A(0)) + read(product + u * ld + r));
       });
-      ops.sync();
+      ops.sync(Sync::Fold);
+      ops.stamp(Phase::Mma);
     }
   }
 
   RNNF_HD A dh_total(const Element& e) const {
-    return dh[e.r * t.units + e.u] + load<A>(static_cast<const S*>(p.dy)[e.row * p.H + e.U]);
+    return read(dh + e.r * t.units + e.u) + load<A>(read(static_cast<const S*>(p.dy) + e.row * p.H + e.U));
   }
 
   RNNF_HD const A* saved(const Element& e) const {
     return static_cast<const A*>(p.gates) + e.row * saved_gates_per_unit(p.cell) * p.H + e.U;
   }
 
-  RNNF_HD A h_prev(const Element& e) const { return load<A>(static_cast<const S*>(p.h_prev)[e.row * p.H + e.U]); }
+  RNNF_HD A h_prev(const Element& e) const {
+    return load<A>(read(static_cast<const S*>(p.h_prev) + e.row * p.H + e.U));
+  }
 
   RNNF_HD void store_dg(S* out, int64_t gate, const Element& e, A value) const {
-    out[e.row * p.G + gate * p.H + e.U] = store<S>(value);
+    write(out + e.row * p.G + gate * p.H + e.U, store<S>(value));
   }
 
   RNNF_HD void lstm(const Element& e) const {
     const A* g = saved(e);
-    const cells::LstmGates<A> a{g[0], g[p.H], g[2 * p.H], g[3 * p.H]};
+    const cells::LstmGates<A> a{read(g), read(g + p.H), read(g + 2 * p.H), read(g + 3 * p.H)};
     const int64_t i = e.row * p.H + e.U;
-    A& dc_state = dc[e.r * t.units + e.u];
+    A* const dc_state = dc + e.r * t.units + e.u;
     A dc_prev;
-    const auto d = cells::lstm_backward(a, static_cast<const A*>(p.cells)[i], static_cast<const A*>(p.c_prev)[i],
-                                        dh_total(e), dc_state, A(p.cell_clip), A(p.grad_clip), dc_prev);
-    dc_state = dc_prev;
+    const auto d = cells::lstm_backward(a, read(static_cast<const A*>(p.cells) + i),
+                                        read(static_cast<const A*>(p.c_prev) + i), dh_total(e), read(dc_state),
+                                        A(p.cell_clip), A(p.grad_clip), dc_prev);
+    write(dc_state, dc_prev);
     S* dgx = static_cast<S*>(p.dgx);
     store_dg(dgx, 0, e, d.i);
     store_dg(dgx, 1, e, d.f);
@@ -514,9 +590,9 @@ struct BackwardCta {
 
   RNNF_HD void gru(const Element& e) const {
     const A* g = saved(e);
-    const cells::GruGates<A> a{g[0], g[p.H], g[2 * p.H], g[3 * p.H]};
+    const cells::GruGates<A> a{read(g), read(g + p.H), read(g + 2 * p.H), read(g + 3 * p.H)};
     const auto d = cells::gru_backward(a, h_prev(e), dh_total(e), A(p.grad_clip));
-    dh[e.r * t.units + e.u] = d.dh_prev_direct;
+    write(dh + e.r * t.units + e.u, d.dh_prev_direct);
     S* dgx = static_cast<S*>(p.dgx);
     S* dgh = static_cast<S*>(p.dgh);
     store_dg(dgx, 0, e, d.d_r);
@@ -528,7 +604,7 @@ struct BackwardCta {
   }
 
   RNNF_HD void rnn(const Element& e) const {
-    const A h_t = load<A>(static_cast<const S*>(p.hidden)[e.row * p.H + e.U]);
+    const A h_t = load<A>(read(static_cast<const S*>(p.hidden) + e.row * p.H + e.U));
     const A grad = dh_total(e), clip = A(p.grad_clip);
     store_dg(static_cast<S*>(p.dgx), 0, e,
              p.cell == Cell::RNN_RELU ? cells::rnn_relu_backward(h_t, grad, clip)
@@ -538,8 +614,9 @@ struct BackwardCta {
   // GRU_CHO phase 1: gradients of the z and n pre-activations; dh becomes dh * z.
   RNNF_HD void cho_nz(const Element& e) const {
     const A* g = saved(e);
-    const auto d = cells::gru_cho_backward_nz(g[p.H], g[2 * p.H], h_prev(e), dh_total(e), A(p.grad_clip));
-    dh[e.r * t.units + e.u] = d.dh_prev_direct;
+    const auto d = cells::gru_cho_backward_nz(read(g + p.H), read(g + 2 * p.H), h_prev(e), dh_total(e),
+                                              A(p.grad_clip));
+    write(dh + e.r * t.units + e.u, d.dh_prev_direct);
     S* dgx = static_cast<S*>(p.dgx);
     store_dg(dgx, 1, e, d.d_z);
     store_dg(dgx, 2, e, d.d_xn);
@@ -548,11 +625,13 @@ struct BackwardCta {
   // GRU_CHO phase 2: acc holds d(r * h_{t-1}); the gradient of the r pre-activation, the
   // part of dh through r * h_{t-1}, and r * h_{t-1} itself (for dW_hn).
   RNNF_HD void cho_r(const Element& e) const {
-    const A r = saved(e)[0], h = h_prev(e);
-    A& direct = dh[e.r * t.units + e.u];
-    store_dg(static_cast<S*>(p.dgx), 0, e,
-             cells::gru_cho_backward_r(r, h, acc[e.u * t.ld_acc_bwd + e.r], A(p.grad_clip), direct));
-    static_cast<S*>(p.rh)[e.row * p.H + e.U] = store<S>(r * h);
+    const A r = read(saved(e)), h = h_prev(e);
+    A* const direct = dh + e.r * t.units + e.u;
+    A dh_direct = read(direct);
+    const A d_r = cells::gru_cho_backward_r(r, h, read(acc + e.u * t.ld_acc_bwd + e.r), A(p.grad_clip), dh_direct);
+    write(direct, dh_direct);
+    store_dg(static_cast<S*>(p.dgx), 0, e, d_r);
+    write(static_cast<S*>(p.rh) + e.row * p.H + e.U, store<S>(r * h));
   }
 };
 

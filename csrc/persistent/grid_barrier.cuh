@@ -1,0 +1,90 @@
+// The grid-wide barrier of the persistent kernels (device.cuh) and of the barrier
+// microbenchmark (csrc/cuda/barrier_bench.cu), in place of cooperative groups' grid.sync(),
+// which spins forever when a CTA faults or is never scheduled: this one traps with a message
+// after RNNFUSED_BARRIER_TIMEOUT_S seconds (default 10; a step's phase takes microseconds,
+// so only a hang waits that long).
+//
+// The grid must be co-resident (a cooperative launch guarantees it or refuses the launch),
+// and every CTA must call it the same number of times.
+//
+// Counting: `arrivals` is zero when the launch starts (the launch clears it on the stream
+// first). At its k-th barrier (k = 1, 2, ...) each of the n CTAs adds 1 and waits until the
+// count is at least k * n. A CTA makes its (k+1)-th add only after it saw k * n, and until
+// every CTA has made its k-th add the count stays below k * n (at most n - 1 CTAs with k adds
+// and one with k - 1), so seeing k * n means that every CTA has arrived at barrier k. The
+// count only grows (64 bits: no wrap), so a late poll of an earlier barrier still passes.
+//
+// Memory ordering (the PTX memory consistency model, sm_70 and later), giving what grid.sync()
+// gives: every write of every CTA before the barrier is visible to every thread after it.
+//  1. __syncthreads (bar.sync): the writes of all the CTA's threads before the barrier,
+//     global and shared, are ordered before what thread 0 does next.
+//  2. Thread 0: fence.acq_rel.gpu, then red.relaxed.gpu.add on the counter: together a
+//     release pattern at GPU scope. The fence is cumulative: it orders the writes that
+//     precede it in causality order, those of the other threads through 1 included.
+//  3. Thread 0 polls with ld.acquire.gpu until it reads at least k * n. That value comes
+//     from a chain of atomic adds on the counter that contains every CTA's k-th add, so each
+//     CTA's release in 2 precedes this acquire in observation order and synchronizes with
+//     it: the writes before every CTA's barrier happen before what follows the acquire.
+//  4. __syncthreads: thread 0's acquire is ordered before every thread's later accesses.
+// The readers still load other CTAs' data through L2 (load_coherent, copy_rows: ld.global.cg)
+// and never through the non-coherent path (ld.global.nc, const __restrict__), to which the
+// memory model does not apply. What the fence in 2 costs (making the CTA's earlier stores
+// visible at GPU scope before its arrival) is what the phase timer charges to "stores".
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdio>
+
+#ifndef RNNFUSED_BARRIER_TIMEOUT_S
+#define RNNFUSED_BARRIER_TIMEOUT_S 10
+#endif
+#define RNNF_STRINGIFY_(x) #x
+#define RNNF_STRINGIFY(x) RNNF_STRINGIFY_(x)
+// What a timed-out barrier prints; `kernel` is a string literal.
+#define RNNF_BARRIER_TIMEOUT_MESSAGE(kernel)                                                                   \
+  "rnnfused: a CTA of the " kernel " waited more than " RNNF_STRINGIFY(RNNFUSED_BARRIER_TIMEOUT_S) " s at a " \
+  "grid barrier (another CTA faulted or never ran); trapping\n"
+
+namespace rnnfused {
+namespace persistent {
+
+__device__ __forceinline__ unsigned long long global_nanoseconds() {
+  unsigned long long ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  return ns;
+}
+
+__device__ __forceinline__ unsigned long long load_acquire(const unsigned long long* p) {
+  unsigned long long value;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(p) : "memory");
+  return value;
+}
+
+// Returns once all gridDim.x CTAs have made their k-th call, target = k * gridDim.x.
+// after_fence() runs in thread 0 between its fence and its arrival (the phase timer's stamp).
+// `message` (a string literal) is printed before the trap if the wait times out; printf
+// without arguments keeps the kernels free of local memory.
+template <typename AfterFence>
+__device__ __forceinline__ void grid_barrier(unsigned long long* arrivals, unsigned long long target,
+                                             const char* message, const AfterFence& after_fence) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
+    after_fence();
+    asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(arrivals) : "memory");
+    if (load_acquire(arrivals) < target) {
+      const unsigned long long start = global_nanoseconds();
+      while (load_acquire(arrivals) < target) {
+        if (global_nanoseconds() - start > RNNFUSED_BARRIER_TIMEOUT_S * 1000000000ull) {
+          printf(message);
+          __trap();
+        }
+      }
+    }
+  }
+  __syncthreads();
+}
+
+}  // namespace persistent
+}  // namespace rnnfused

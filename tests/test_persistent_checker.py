@@ -1,0 +1,160 @@
+"""The host simulation's race checker (csrc/persistent/host.h). It gives every access of the
+persistent CTA program the simulated thread (or warp) that makes it on the GPU and flags two
+threads of a CTA touching the same bytes with no CTA barrier between, two CTAs touching the
+same global bytes between the same two grid barriers, and plain loads of another CTA's data.
+
+The real program passes it for every cell, padded and packed, forward and backward, on plans
+that split K and take dG a gate at a time; each defect planted through the test-only
+RNNFUSED_SIMULATE_DEFECT (a CTA barrier of program.h left out, ops.copy_rows reading with plain
+loads, a grid barrier left out) is reported, forward and backward."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from rnnfused import _C
+from conftest import flatten, max_error
+from test_persistent import _exact, _module, _run, _simulated, environment
+
+CELLS = [("LSTM", {}), ("GRU", {}), ("GRU", {"reset_after": False}), ("RNN", {}), ("RNN", {"nonlinearity": "relu"})]
+CELL_IDS = ["LSTM", "GRU", "GRU_CHO", "RNN_TANH", "RNN_RELU"]
+
+# name -> (steps, batch, inputs, hidden, SMs, shared KB), float64, bidirectional. Each plan's
+# features are asserted in _check_plan, so that a planner change cannot quietly take the
+# tests off the paths they are meant to cover.
+PLANS = {
+    # 4 unit tiles x 2 row tiles; warps split K forward and backward; 16-byte row copies
+    "split_k": (4, 20, 3, 64, 8, None),
+    # the backward's dG tile one gate at a time (LSTM, both GRU forms); 3 CTAs
+    "chunked_dg": (4, 18, 3, 40, 3, 60),
+    # odd H: the element-by-element copy path; 3 units per CTA, 5 CTAs
+    "element_copy": (3, 7, 2, 13, 5, None),
+}
+
+
+def _cell_number(mode, options):
+    if mode == "LSTM":
+        return 0
+    if mode == "GRU":
+        return 2 if options.get("reset_after") is False else 1
+    return 4 if options.get("nonlinearity") == "relu" else 3
+
+
+def _check_plan(name, mode, options):
+    steps, batch, inputs, hidden, sms, smem_kb = PLANS[name]
+    plan = _C.plan(_cell_number(mode, options), hidden, hidden, batch, torch.float64, True, sms,
+                   (smem_kb or 227) * 1024, 90, True, True)
+    assert plan["persistent"], plan["reason"]
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[mode]
+    if name == "split_k":
+        assert plan["split_fwd"] > 1 and plan["split_bwd"] > 1, plan
+        assert plan["unit_tiles"] > 1 and plan["row_tiles"] > 1, plan
+        assert hidden % 2 == 0  # whole 16-byte vectors of float64
+    elif name == "chunked_dg":
+        assert plan["ctas"] > 1
+        assert plan["chunk_gates"] < gates or gates == 1, plan
+    else:
+        assert hidden % 2 == 1 and plan["ctas"] > 1, plan
+    return plan
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("mode,options", CELLS, ids=CELL_IDS)
+def test_the_program_passes_the_checker(mode, options, plan, packed):
+    """Forward and backward of both directions run through the checker (it raises on any
+    hazard) and match the reference."""
+    _check_plan(plan, mode, options)
+    steps, batch, inputs, hidden, sms, smem_kb = PLANS[plan]
+    module = _module(mode, options, inputs, hidden, torch.float64, bidirectional=True)
+    simulated = _simulated(module, steps, batch, torch.float64, packed, sms, smem_kb)
+    assert max_error(simulated, _exact(module, steps, batch, packed)) <= 1e-10
+
+
+# (defect, cell, plan, the kernel it is planted in, what the checker must say)
+DEFECTS = [
+    ("skip_sync=operand", "LSTM", "split_k", "forward",
+     "shared memory read after another thread wrote it with no CTA barrier between"),
+    ("skip_sync=operand", "GRU", "split_k", "backward",
+     "shared memory read after another thread wrote it with no CTA barrier between"),
+    ("skip_sync=begin", "RNN_TANH", "element_copy", "forward", "shared memory written by two threads"),
+    ("skip_sync=begin", "GRU_CHO", "chunked_dg", "forward", "shared memory written by two threads"),
+    # The next dG chunk's product overwrites acc while the previous chunk's fold may still read
+    # it (leaving out either barrier alone is no race: the other one orders the two).
+    ("skip_sync=fold,skip_sync=operand", "LSTM", "chunked_dg", "backward",
+     "shared memory reused before it was consumed: written after another thread read it"),
+    ("plain_copy", "GRU", "split_k", "forward", "plain load of global memory another CTA wrote during the kernel"),
+    ("plain_copy", "RNN_RELU", "element_copy", "backward",
+     "plain load of global memory another CTA wrote during the kernel"),
+    ("skip_barrier=0", "LSTM", "element_copy", "forward",
+     "global memory read by one CTA and written by another between the same two grid barriers"),
+    ("skip_barrier=0", "GRU_CHO", "split_k", "backward",
+     "global memory read by one CTA and written by another between the same two grid barriers"),
+    ("skip_barrier=1", "GRU_CHO", "split_k", "forward",
+     "global buffer reused before it was consumed: written by one CTA after another CTA read it"),
+]
+
+
+def _case(cell, plan):
+    mode, options = CELLS[CELL_IDS.index(cell)]
+    _check_plan(plan, mode, options)
+    steps, batch, inputs, hidden, sms, smem_kb = PLANS[plan]
+    module = _module(mode, options, inputs, hidden, torch.float64)
+    x = torch.randn(steps, batch, inputs, dtype=torch.float64, generator=torch.Generator().manual_seed(5),
+                    requires_grad=True)
+    limits = dict(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SMS=sms, RNNFUSED_PERSISTENT_SMEM_KB=smem_kb)
+    return module, x, limits
+
+
+@pytest.mark.parametrize("defect,cell,plan,kernel,message", DEFECTS,
+                         ids=[f"{d[0]}-{d[1]}-{d[3]}" for d in DEFECTS])
+def test_the_checker_reports_a_planted_defect(defect, cell, plan, kernel, message):
+    module, x, limits = _case(cell, plan)
+    expected = rf"checker found \d+ kind\(s\) of hazard.*DEFECT={re.escape(defect)}\).*{re.escape(message)}"
+    if kernel == "forward":
+        with environment(**limits, RNNFUSED_SIMULATE_DEFECT=defect), \
+                pytest.raises(RuntimeError, match=re.compile(expected, re.S)):
+            module(x)
+        return
+    with environment(**limits):
+        output = module(x)[0]
+        with environment(RNNFUSED_SIMULATE_DEFECT=defect), pytest.raises(RuntimeError, match=re.compile(expected, re.S)):
+            torch.autograd.grad(output.sum(), [x] + list(module.parameters()))
+
+
+@pytest.mark.parametrize("defect,cell,plan", [("skip_sync=phase_end", "LSTM", "chunked_dg"),
+                                              ("skip_sync=phase_end", "GRU_CHO", "split_k"),
+                                              ("skip_sync=fold", "LSTM", "chunked_dg"),
+                                              ("skip_sync=fold", "GRU", "chunked_dg")])
+def test_a_redundant_barrier_left_out_is_not_a_defect(defect, cell, plan):
+    """No false alarm. The CTA barrier at the end of a phase is followed on the GPU by the
+    grid barrier, which starts with one of its own; the one after a dG chunk's fold is
+    followed by the next chunk's copy and the barrier before its product: without either the
+    program has no race, the checker says nothing, and the results stay the same."""
+    module, x, limits = _case(cell, plan)
+    with environment(**limits):
+        expected = _run(module, x.shape[0], x.shape[1], torch.float64, False)
+    with environment(**limits, RNNFUSED_SIMULATE_DEFECT=defect):
+        actual = _run(module, x.shape[0], x.shape[1], torch.float64, False)
+    assert all(torch.equal(a, b) for a, b in zip(actual, expected))
+
+
+def test_an_unknown_defect_is_an_error():
+    module, x, limits = _case("RNN_TANH", "element_copy")
+    with environment(**limits, RNNFUSED_SIMULATE_DEFECT="skip_sync=everything"), \
+            pytest.raises((ValueError, RuntimeError), match="unknown defect 'skip_sync=everything'"):
+        flatten(module(x))
+
+
+def test_the_program_touches_memory_only_through_the_checked_accessors():
+    """A raw subscript or dereference in program.h would be invisible to the checker: only the
+    bodies of read, write and load_coherent dereference."""
+    source = (Path(__file__).parent.parent / "csrc" / "persistent" / "program.h").read_text()
+    raw = []
+    for line in source.splitlines():
+        code = line.split("//")[0]
+        if re.search(r"[\w)\]]\s*\[", code) or re.search(r"\*[A-Za-z_(]", code):
+            raw.append(code.strip())
+    assert sorted(raw) == ["*p = value;", "return *p;", "return *p;"], raw
