@@ -26,9 +26,10 @@ from ._build import show_config  # noqa: E402
 from .cells import GRUCell, LSTMCell, RNNCell  # noqa: E402
 from .convert import convert  # noqa: E402
 from .explain_model import explain  # noqa: E402
+from .memory import cpu_cache_stats, empty_cache  # noqa: E402
 from .modules import GRU, LSTM, RNN  # noqa: E402
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "explain", "functional", "reference", "backends", "show_config"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "explain", "empty_cache", "cpu_cache_stats", "functional", "reference", "backends", "show_config"]
 
 
 def backends():
