@@ -30,4 +30,4 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf build rnnfused/*.so *.egg-info results
+	rm -rf build rnnfused/*.so rnnfused/_build_info.py *.egg-info dist
