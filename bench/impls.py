@@ -55,11 +55,12 @@ def _cell_loop(step):
 class Runner:
     """What the harness checks and times: `runner(x, mode)` around `forward(x)` -> output
     (tensor or PackedSequence), run inside `context()`. `weight_grads()` returns
-    {torch.nn parameter name: gradient} of the module's parameters (or what `grads()`
-    returns, for an implementation whose weights are laid out differently)."""
+    {torch.nn parameter name: gradient} of the module's parameters, or, for an
+    implementation whose weights are laid out differently, what `grads()` returns (its own
+    weight tensors are then `leaves`, whose gradients `zero_grad()` clears)."""
 
-    def __init__(self, forward, module=None, context=contextlib.nullcontext, grads=None):
-        self.forward, self.module, self.context, self.grads = forward, module, context, grads
+    def __init__(self, forward, module=None, context=contextlib.nullcontext, grads=None, leaves=()):
+        self.forward, self.module, self.context, self.grads, self.leaves = forward, module, context, grads, leaves
 
     def __call__(self, x, mode):
         with self.context():
@@ -76,6 +77,8 @@ class Runner:
     def zero_grad(self):
         if self.module is not None:
             self.module.zero_grad(set_to_none=True)
+        for leaf in self.leaves:
+            leaf.grad = None
 
     def weight_grads(self):
         if self.grads is not None:
@@ -202,12 +205,7 @@ def make_flashrnn(base, cell, config, device, dtype):
         d_hh = R.grad.reshape(4, H, H).transpose(1, 2).reshape(4 * H, H)
         return {"weight_ih_l0": w_ih.grad, "weight_hh_l0": d_hh, "bias_ih_l0": bias.grad, "bias_hh_l0": bias.grad}
 
-    runner = Runner(forward, grads=grads)
-
-    def zero_grad():
-        w_ih.grad = bias.grad = R.grad = None
-    runner.zero_grad = zero_grad
-    return runner
+    return Runner(forward, grads=grads, leaves=(w_ih, bias, R))
 
 
 IMPLEMENTATIONS = {
