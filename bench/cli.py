@@ -210,7 +210,8 @@ def main(argv=None):
     names = implementations(args, device)
     if args.tf32 != "default":
         set_tf32(args.tf32 == "on")
-    torch.backends.cudnn.benchmark = gpu and not args.no_cudnn_benchmark
+    if gpu:  # on a CPU cuDNN plays no part (and torch's test utilities forbid setting its flags)
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     repeats = args.repeats if args.repeats is not None else (30 if gpu else 9)
     env = environment(device)
