@@ -14,6 +14,7 @@ Environment:
 """
 
 import glob
+import hashlib
 import os
 import shutil
 
@@ -146,21 +147,41 @@ def default_max_jobs():
     return max(1, min(os.cpu_count() or 1, int(free_gb // 2)))
 
 
+def device_sources():
+    """The sources of the GPU kernels and of what they compute: the shared cell and step code,
+    the CUDA kernels and the persistent kernel's planner (csrc/*.h, csrc/cuda, csrc/persistent)."""
+    patterns = ("*.h", os.path.join("cuda", "*"), os.path.join("persistent", "*"))
+    return sorted(p for pattern in patterns for p in glob.glob(os.path.join(CSRC, pattern)) if os.path.isfile(p))
+
+
+def device_source_hash():
+    """sha256 of the device sources (names and contents): a GPU run's verification record
+    names the hash it verified, and `auto` trusts a kernel only where that record matches the
+    build (rnnfused/dispatch.py)."""
+    digest = hashlib.sha256()
+    for path in device_sources():
+        digest.update(os.path.relpath(path, CSRC).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(f.read() + b"\0")
+    return digest.hexdigest()
+
+
 def relative(paths):
     """setuptools wants source paths relative to setup.py (include dirs may be absolute)."""
     return [os.path.relpath(p, ROOT) for p in paths]
 
 
 def extension():
-    sources = relative([os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "cpu", "rnn_cpu.cpp"),
-                        os.path.join(CSRC, "persistent", "plan.cpp")])
+    sources = relative([os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "kernel_choice.cpp"),
+                        os.path.join(CSRC, "cpu", "rnn_cpu.cpp"), os.path.join(CSRC, "persistent", "plan.cpp")])
     include_dirs = [CSRC]
     # What the CPU element loops need to vectorise: -fno-trapping-math to select between
     # computed values (torch builds with it too), and -fno-wrapv to undo Python's -fwrapv,
     # under which the vectoriser cannot prove that row * width + j steps affinely.
     # -fopenmp: at::parallel_for is inline and runs serially in code built without OpenMP;
     # the library it links (libgomp.so.1) is the one torch has already loaded.
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fno-wrapv"]
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fno-wrapv",
+                 f"-DRNNFUSED_DEVICE_SOURCE_HASH=\"{device_source_hash()}\""]
     no_cuda = why_no_cuda()
     if no_cuda is not None and env_flag("RNNFUSED_REQUIRE_CUDA_BUILD"):
         raise SystemExit(f"rnnfused: RNNFUSED_REQUIRE_CUDA_BUILD is set but {no_cuda}")

@@ -117,6 +117,14 @@ def make_rnnfused(base, cell, config, device, dtype):
     return Runner(_forward(module, config), module, lambda: kernel_setting("auto"))
 
 
+def make_rnnfused_ours(base, cell, config, device, dtype):
+    """rnnfused on our own kernels only (RNNFUSED_KERNEL=ours: never cuDNN; the persistent
+    kernel where it plans, verified or not), so that their ratio to cuDNN stays visible
+    behind the dispatch."""
+    module = _ours(cell, config, base, device, dtype)
+    return Runner(_forward(module, config), module, lambda: kernel_setting("ours"))
+
+
 def make_rnnfused_persistent(base, cell, config, device, dtype):
     """rnnfused with the persistent kernel forced (RNNFUSED_KERNEL=persistent)."""
     module = _ours(cell, config, base, device, dtype)
@@ -129,7 +137,8 @@ def make_rnnfused_stepwise(base, cell, config, device, dtype):
     return Runner(_forward(module, config), module, lambda: kernel_setting("stepwise"))
 
 
-_SETTINGS = {"rnnfused": "auto", "rnnfused_persistent": "persistent", "rnnfused_stepwise": "stepwise"}
+_SETTINGS = {"rnnfused": "auto", "rnnfused_ours": "ours", "rnnfused_persistent": "persistent",
+             "rnnfused_stepwise": "stepwise"}
 
 
 def kernel_of(name, cell, config, device, dtype):
@@ -210,6 +219,7 @@ def make_flashrnn(base, cell, config, device, dtype):
 
 IMPLEMENTATIONS = {
     "rnnfused": make_rnnfused,
+    "rnnfused_ours": make_rnnfused_ours,
     "rnnfused_persistent": make_rnnfused_persistent,
     "rnnfused_stepwise": make_rnnfused_stepwise,
     "torch": make_torch,

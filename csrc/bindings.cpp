@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/rnn_cpu.h"
+#include "kernel_choice.h"
 #include "params.h"
 #include "persistent/plan.h"
 
@@ -209,6 +210,26 @@ Cell cell_of(int64_t cell) {
   return static_cast<Cell>(cell);
 }
 
+// The operators' scalar options, checked (Python: rnnfused._ops.LayerOptions, same order).
+LayerOptions layer_options(int64_t cell, bool has_biases, bool reverse, double cell_clip, double grad_clip,
+                           int64_t norm, bool training, double eps) {
+  LayerOptions o;
+  o.cell = cell_of(cell);
+  o.has_biases = has_biases;
+  o.reverse = reverse;
+  TORCH_CHECK_VALUE(cell_clip > 0, "rnnfused: cell_clip must be positive (infinity = off), got ", cell_clip);
+  TORCH_CHECK_VALUE(std::isinf(cell_clip) || o.cell == Cell::LSTM, "rnnfused: cell_clip is only supported for LSTM");
+  TORCH_CHECK_VALUE(grad_clip > 0, "rnnfused: grad_clip must be positive (infinity = off), got ", grad_clip);
+  o.cell_clip = cell_clip;
+  o.grad_clip = grad_clip;
+  TORCH_CHECK_VALUE(norm >= 0 && norm <= 2, "rnnfused: norm must be 0 (none), 1 (batch) or 2 (layer), got ", norm);
+  o.norm = static_cast<Norm>(norm);
+  o.training = training;
+  TORCH_CHECK_VALUE(eps > 0, "rnnfused: eps must be positive, got ", eps);
+  o.eps = eps;
+  return o;
+}
+
 // The weights of one layer and direction in torch.nn's order: w_ih, w_hh, then b_ih, b_hh
 // when has_biases, then w_hr for an LSTM with projection.
 struct Weights {
@@ -237,17 +258,19 @@ struct Layer {
   LayerParams p;
   std::vector<int64_t> batch_sizes;
   bool packed = false;
-  Tensor x, w_ih, w_hh, b_ih, b_hh, w_hr;
+  Tensor x, w_ih, w_hh, b_ih, b_hh, w_hr, step_flags;
   at::TensorOptions opts, acc;
 };
 
-Layer prepare_layer(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0,
-                    const Weights& w, bool reverse, double cell_clip, double grad_clip) {
+Layer prepare_layer(const LayerOptions& options, const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0,
+                    at::TensorList weights, const OptTensor& step_flags) {
   Layer l;
   LayerParams& p = l.p;
   const Tensor& x = x_in;
+  const Cell cell = options.cell;
+  const Weights w = unpack_weights(weights, options.has_biases);
   p.cell = cell;
-  p.reverse = reverse;
+  p.reverse = options.reverse;
   l.packed = batch_sizes.has_value();
   TORCH_CHECK(h0.dim() == 2, "rnnfused: h0 must be 2-D [batch, hidden], got ", h0.dim(), "-D");
   if (l.packed) {
@@ -285,11 +308,8 @@ Layer prepare_layer(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes,
   p.H = p.G / gates;
   p.P = w.w_hr.has_value() ? w.w_hr->size(0) : p.H;
   TORCH_CHECK_VALUE(!w.w_hr.has_value() || cell == Cell::LSTM, "rnnfused: projections exist only for LSTM");
-  TORCH_CHECK_VALUE(cell_clip > 0, "rnnfused: cell_clip must be positive (infinity = off), got ", cell_clip);
-  TORCH_CHECK_VALUE(std::isinf(cell_clip) || cell == Cell::LSTM, "rnnfused: cell_clip is only supported for LSTM");
-  TORCH_CHECK_VALUE(grad_clip > 0, "rnnfused: grad_clip must be positive (infinity = off), got ", grad_clip);
-  p.cell_clip = cell_clip;
-  p.grad_clip = grad_clip;
+  p.cell_clip = options.cell_clip;
+  p.grad_clip = options.grad_clip;
   p.batch_sizes = l.batch_sizes.data();
 
   l.x = x_in.contiguous();
@@ -304,6 +324,11 @@ Layer prepare_layer(Cell cell, const Tensor& x_in, const OptTensor& batch_sizes,
   p.b_ih = ptr(l.b_ih);
   p.b_hh = ptr(l.b_hh);
   p.w_hr = ptr(l.w_hr);
+  if (step_flags.has_value()) {
+    TORCH_CHECK_VALUE(!l.packed, "rnnfused: step_flags are for padded input; packed input has none");
+    l.step_flags = prepare(*step_flags, "step_flags", {p.T, p.B}, l.x, at::kByte);
+    p.step_flags = l.step_flags.data_ptr<uint8_t>();
+  }
   l.opts = l.x.options();
   l.acc = l.opts.dtype(acc_type(l.x.scalar_type()));
   return l;
@@ -319,11 +344,10 @@ struct Normalization {
   bool batch_training() const { return params.kind == Norm::Batch && params.own_statistics; }
 };
 
-Normalization prepare_norm(int64_t norm, at::TensorList weights, bool training, double eps, const Layer& layer) {
-  TORCH_CHECK_VALUE(norm >= 0 && norm <= 2, "rnnfused: norm must be 0 (none), 1 (batch) or 2 (layer), got ", norm);
+Normalization prepare_norm(const LayerOptions& options, at::TensorList weights, const Layer& layer) {
   Normalization out;
   NormParams& n = out.params;
-  n.kind = static_cast<Norm>(norm);
+  n.kind = options.norm;
   if (n.kind == Norm::None) {
     TORCH_CHECK_VALUE(weights.empty(), "rnnfused: norm weights are only for norm=1 (batch) or 2 (layer)");
     return out;
@@ -332,7 +356,7 @@ Normalization prepare_norm(int64_t norm, at::TensorList weights, bool training, 
   const bool lstm = p.cell == Cell::LSTM;
   TORCH_CHECK_VALUE(weights.size() == (lstm ? 4u : 2u), "rnnfused: a normalized layer needs the norm weights "
                     "[gamma_x, gamma_h", lstm ? ", gamma_c, beta_c" : "", "], got ", weights.size(), " tensors");
-  TORCH_CHECK_VALUE(eps > 0, "rnnfused: eps must be positive, got ", eps);
+  TORCH_CHECK_VALUE(!layer.p.step_flags, "rnnfused: normalized layers take no step_flags (resets or lengths)");
   const char* weight_names[] = {"gamma_x", "gamma_h", "gamma_c", "beta_c"};
   for (size_t i = 0; i < weights.size(); ++i)
     out.weights.push_back(prepare(weights[i], weight_names[i], {i < 2 ? p.G : p.H}, layer.x));
@@ -342,8 +366,8 @@ Normalization prepare_norm(int64_t norm, at::TensorList weights, bool training, 
     n.gamma_c = ptr(out.weights[2]);
     n.beta_c = ptr(out.weights[3]);
   }
-  n.eps = eps;
-  n.own_statistics = n.kind == Norm::Layer || training;
+  n.eps = options.eps;
+  n.own_statistics = n.kind == Norm::Layer || options.training;
   return out;
 }
 
@@ -394,106 +418,6 @@ void run(const Tensor& x, const Params& p) {
               kWithCuda ? "" : " (it was built without CUDA)");
 }
 
-// ---------------------------------------------------------------------------------------
-// Which kernel runs the recurrence of a layer direction: the stepwise kernels (stage 1) or
-// the persistent kernel (stage 2, csrc/persistent/). RNNFUSED_KERNEL chooses:
-//   auto (default)  the persistent kernel where its plan fits, once verified on a GPU
-//   stepwise        stage 1 everywhere
-//   persistent      the persistent kernel, an error where it does not fit
-//   simulate        on the CPU, the GPU persistent kernel's program through its host
-//                   simulation (a test harness)
-// On the CPU the persistent program runs on the CPU threads (make_cpu_plan), on a GPU as one
-// cooperative kernel (make_plan).
-
-// `auto` runs the persistent kernel only on the GPU architectures where `make gpu-check` has
-// passed its tests: compute capability 9.0 (an H100, 2026-11-26). Elsewhere stage 1 runs until
-// a GPU run of that architecture adds it here.
-bool persistent_verified_on(int compute_capability) {
-  return compute_capability == 90;
-}
-
-struct KernelChoice {
-  std::string kernel;  // "stepwise", "persistent" or "persistent (host simulation)"
-  std::string reason;
-  persistent::Plan plan;  // plan.persistent: run it
-};
-
-std::string kernel_setting() {
-  const char* value = std::getenv("RNNFUSED_KERNEL");
-  const std::string setting = value && *value ? value : "auto";
-  TORCH_CHECK_VALUE(setting == "auto" || setting == "stepwise" || setting == "persistent" || setting == "simulate",
-                    "rnnfused: RNNFUSED_KERNEL must be auto, stepwise, persistent or simulate, got '", setting, "'");
-  return setting;
-}
-
-// The device the persistent kernel would run on; RNNFUSED_PERSISTENT_SMS and
-// RNNFUSED_PERSISTENT_SMEM_KB override its multiprocessor count and shared memory per block
-// (to plan for another GPU, e.g. an A100's 108 and 163, or to provoke a refused launch in a
-// test). The CPU's host simulation plans for an H100.
-persistent::DeviceLimits device_limits(const at::Device& device) {
-  persistent::DeviceLimits limits = persistent::h100_limits();
-  limits.host_simulation = device.is_cpu();
-#ifdef RNNFUSED_WITH_CUDA
-  if (device.is_cuda()) {
-    const cudaDeviceProp* properties = at::cuda::getDeviceProperties(device.index());
-    limits.sm_count = properties->multiProcessorCount;
-    limits.smem_per_block = static_cast<int64_t>(properties->sharedMemPerBlockOptin);
-    limits.compute_capability = properties->major * 10 + properties->minor;
-    limits.cooperative_launch = properties->cooperativeLaunch != 0;
-  }
-#endif
-  if (const char* sms = std::getenv("RNNFUSED_PERSISTENT_SMS")) limits.sm_count = std::atoll(sms);
-  if (const char* kb = std::getenv("RNNFUSED_PERSISTENT_SMEM_KB")) limits.smem_per_block = std::atoll(kb) * 1024;
-  return limits;
-}
-
-KernelChoice stepwise(std::string reason) {
-  return {"stepwise", std::move(reason), {}};
-}
-
-KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B, DType dtype,
-                           const at::Device& device) {
-  const std::string setting = kernel_setting();
-  if (setting == "stepwise") return stepwise("RNNFUSED_KERNEL=stepwise");
-  if (device.is_cpu()) {
-    if (setting == "simulate") {
-      persistent::Plan plan =
-          persistent::make_plan(cell, H, P, B, dtype, dtype == DType::Float32, device_limits(device));
-      if (!plan.persistent) return stepwise(plan.reason);
-      return {"persistent (host simulation)", plan.reason, plan};
-    }
-    persistent::Plan plan = persistent::make_cpu_plan(cell, T, H, P, B, dtype, at::get_num_threads());
-    if (setting == "persistent") {
-      TORCH_CHECK(plan.persistent, "rnnfused: RNNFUSED_KERNEL=persistent but this layer cannot run persistent (",
-                  plan.reason, ")");
-      return {"persistent", plan.reason, plan};
-    }
-    if (!plan.persistent) return stepwise(plan.reason);
-    return {"persistent", plan.reason, plan};
-  }
-  if (!device.is_cuda()) return stepwise("no recurrent kernels for device " + device.str());
-  TORCH_CHECK(setting != "simulate", "rnnfused: RNNFUSED_KERNEL=simulate is the CPU test harness; on a GPU use "
-              "RNNFUSED_KERNEL=persistent");
-  bool tf32 = false;
-#ifdef RNNFUSED_WITH_CUDA
-  tf32 = dtype == DType::Float32 && cuda::tf32_allowed(at::cuda::getCurrentCUDABlasHandle());
-#endif
-  const persistent::DeviceLimits limits = device_limits(device);
-  persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, tf32, limits);
-  if (setting == "persistent") {
-    TORCH_CHECK(plan.persistent, "rnnfused: RNNFUSED_KERNEL=persistent but this layer cannot run persistent (",
-                plan.reason, ")");
-    return {"persistent", plan.reason, plan};
-  }
-  if (!persistent_verified_on(limits.compute_capability))
-    return stepwise("auto keeps the stepwise kernels on compute capability " +
-                    std::to_string(limits.compute_capability / 10) + "." + std::to_string(limits.compute_capability % 10) +
-                    ": the persistent kernel has passed its GPU tests on 9.0 only (RNNFUSED_KERNEL=persistent "
-                    "forces it; its plan here: " + plan.reason + ")");
-  if (!plan.persistent) return stepwise(plan.reason);
-  return {"persistent", plan.reason, plan};
-}
-
 bool simulated(const KernelChoice& choice) {
   return choice.kernel == "persistent (host simulation)";
 }
@@ -539,26 +463,40 @@ Tensor absent(const Tensor& like) {
   return at::empty({0}, like.options());
 }
 
-using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, std::vector<Tensor>,
-                                 std::vector<Tensor>>;
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>>;
 
-// Normalized layers run the stepwise kernels (the persistent program has no normalization).
+// Normalized layers run the stepwise kernels, and so do step flags (resets, lengths) but on
+// the CPU threads, which run recurrence.h's own steps: the GPU's persistent program has neither.
 KernelChoice kernel_for(const Layer& layer, const Normalization& norm) {
-  if (norm.active()) return stepwise("normalized layers run the stepwise kernels");
+  if (norm.active()) {
+    // Their passes launch one thread per normalized line (csrc/norm.h): correct, but not yet
+    // fit for a GPU, so only an explicit request runs them there (rnnfused.functional's gate
+    // otherwise runs the reference equations before the operator is reached).
+    const char* fused = std::getenv("RNNFUSED_CUDA_NORM");
+    TORCH_CHECK(!layer.x.is_cuda() || (fused && std::string(fused) == "fused"),
+                "rnnfused: the fused normalized layers are off on CUDA until their kernels are fit for a GPU; "
+                "RNNFUSED_CUDA_NORM=fused runs them (rnnfused's modules run the reference equations instead)");
+    return {"stepwise", "normalized layers run the stepwise kernels", {}};
+  }
   const LayerParams& p = layer.p;
-  return choose_kernel(p.cell, p.T, p.H, p.P, p.B, dtype_of(layer.x), layer.x.device());
+  KernelChoice choice = choose_kernel(p.cell, p.T, p.H, p.P, p.B, dtype_of(layer.x), layer.x.device());
+  if (p.step_flags && choice.plan.persistent && !choice.plan.tiling.cpu_threads)
+    return {"stepwise", "resets and lengths run the stepwise kernels (the persistent kernel has no step flags)", {}};
+  return choice;
 }
 
 // rnnfused::layer_forward: see the schema in TORCH_LIBRARY below.
-ForwardResult layer_forward(int64_t cell_index, const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0,
-                            const OptTensor& c0, at::TensorList weights, bool has_biases, bool reverse,
-                            bool save_for_backward, double cell_clip, double grad_clip, int64_t norm_index,
-                            at::TensorList norm_weights, at::TensorList running_stats, bool training, double eps) {
-  const Cell cell = cell_of(cell_index);
+ForwardResult layer_forward(const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
+                            at::TensorList weights, at::TensorList norm_weights, at::TensorList running_stats,
+                            const OptTensor& step_flags, int64_t cell_index, bool has_biases, bool reverse,
+                            double cell_clip, double grad_clip, int64_t norm_index, bool training, double eps,
+                            bool save_for_backward) {
+  const LayerOptions options =
+      layer_options(cell_index, has_biases, reverse, cell_clip, grad_clip, norm_index, training, eps);
+  const Cell cell = options.cell;
   const c10::DeviceGuard guard(x_in.device());
-  const Layer layer = prepare_layer(cell, x_in, batch_sizes, h0, unpack_weights(weights, has_biases), reverse,
-                                    cell_clip, grad_clip);
-  Normalization norm = prepare_norm(norm_index, norm_weights, training, eps, layer);
+  const Layer layer = prepare_layer(options, x_in, batch_sizes, h0, weights, step_flags);
+  Normalization norm = prepare_norm(options, norm_weights, layer);
   attach_running_stats(norm, running_stats, layer);
   ForwardParams p;
   static_cast<LayerParams&>(p) = layer.p;
@@ -646,34 +584,34 @@ ForwardResult layer_forward(int64_t cell_index, const Tensor& x_in, const OptTen
   run(x, p);
 
   // Backward reads the hidden states from its own copy, so that a user's in-place change
-  // of y (e.g. ReLU(inplace=True)) neither corrupts nor blocks the gradient.
-  return {y,
-          h,
-          c.defined() ? c.to(x.scalar_type()) : absent(x),
-          save_for_backward ? y.clone() : absent(x),
-          gates.defined() ? gates : absent(x),
-          cells.defined() ? cells : absent(x),
-          save_for_backward && proj_in.defined() ? proj_in : absent(x),
-          norm_saved,
-          batch_stats};
+  // of y (e.g. ReLU(inplace=True)) neither corrupts nor blocks the gradient. With step flags
+  // the copy keeps the states inactive rows held (the gather reads them), the output zeros.
+  std::vector<Tensor> saved_list;
+  if (save_for_backward) saved_list.push_back(y.clone());
+  if (layer.p.step_flags)
+    y.masked_fill_(layer.step_flags.bitwise_and(kStepInactive).ne(0).unsqueeze(-1), 0);
+  if (save_for_backward) {
+    saved_list.insert(saved_list.end(), {gates.defined() ? gates : absent(x), cells.defined() ? cells : absent(x),
+                                         proj_in.defined() ? proj_in : absent(x)});
+    saved_list.insert(saved_list.end(), norm_saved.begin(), norm_saved.end());
+  }
+  return {y, h, c.defined() ? c.to(x.scalar_type()) : absent(x), saved_list, batch_stats};
 }
 
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>>;
 
 // rnnfused::layer_backward: see the schema in TORCH_LIBRARY below.
-BackwardResult layer_backward(int64_t cell_index, const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0,
-                              const OptTensor& c0, at::TensorList weights, bool has_biases, bool reverse,
-                              double cell_clip, double grad_clip, const Tensor& hidden, const OptTensor& gates,
-                              const OptTensor& cells, const OptTensor& proj_in, const Tensor& dy,
-                              const Tensor& dh_n, const OptTensor& dc_n, bool need_dx, bool need_weights,
-                              int64_t norm_index, at::TensorList norm_weights, bool training,
-                              at::TensorList norm_saved) {
-  const Cell cell = cell_of(cell_index);
+BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
+                              at::TensorList weights, at::TensorList norm_weights, const OptTensor& step_flags,
+                              at::TensorList saved_list, const Tensor& dy, const Tensor& dh_n, const OptTensor& dc_n,
+                              int64_t cell_index, bool has_biases, bool reverse, double cell_clip, double grad_clip,
+                              int64_t norm_index, bool training, double eps, bool need_dx, bool need_weights) {
+  const LayerOptions options =
+      layer_options(cell_index, has_biases, reverse, cell_clip, grad_clip, norm_index, training, eps);
+  const Cell cell = options.cell;
   const c10::DeviceGuard guard(x_in.device());
-  const Weights w = unpack_weights(weights, has_biases);
-  const Layer layer = prepare_layer(cell, x_in, batch_sizes, h0, w, reverse, cell_clip, grad_clip);
-  // Backward reads the saved rstd: neither eps nor the statistics.
-  const Normalization norm = prepare_norm(norm_index, norm_weights, training, 1.0, layer);
+  const Layer layer = prepare_layer(options, x_in, batch_sizes, h0, weights, step_flags);
+  const Normalization norm = prepare_norm(options, norm_weights, layer);  // backward reads the saved rstd, not eps
   BackwardParams p;
   static_cast<LayerParams&>(p) = layer.p;
   const Tensor& x = layer.x;
@@ -683,10 +621,14 @@ BackwardResult layer_backward(int64_t cell_index, const Tensor& x_in, const OptT
   attach_plan(p, choice, layer, table);
   const int64_t saved = saved_gates_per_unit(cell);
   const bool projected = p.P != p.H;
-  TORCH_CHECK(saved == 0 || gates.has_value(), "rnnfused: backward needs the gates saved by forward");
-  TORCH_CHECK(cell != Cell::LSTM || (cells.has_value() && c0.has_value() && dc_n.has_value()),
-              "rnnfused: LSTM backward needs c0, the saved cells and the gradient of c_n");
-  TORCH_CHECK(!projected || proj_in.has_value(), "rnnfused: backward needs the saved projection input");
+  // saved_list: [hidden, gates, cells, proj_in, *norm_saved] as forward returned it.
+  const size_t norm_saved_count = norm.active() ? (cell == Cell::LSTM ? 6 : 4) : 0;
+  TORCH_CHECK(saved_list.size() == 4 + norm_saved_count, "rnnfused: backward needs the ", 4 + norm_saved_count,
+              " tensors forward saved (saved), got ", saved_list.size());
+  TORCH_CHECK(cell != Cell::LSTM || (c0.has_value() && dc_n.has_value()),
+              "rnnfused: LSTM backward needs c0 and the gradient of c_n");
+  const Tensor &hidden = saved_list[0], &gates = saved_list[1], &cells = saved_list[2], &proj_in = saved_list[3];
+  const at::TensorList norm_saved = saved_list.slice(4);
 
   const Tensor h0c = prepare(h0, "h0", {p.B, p.P}, x);
   const std::vector<int64_t> y_shape =
@@ -695,10 +637,10 @@ BackwardResult layer_backward(int64_t cell_index, const Tensor& x_in, const OptT
   const Tensor dyc = prepare(dy, "grad of output", y_shape, x);
   const at::ScalarType acc_dtype = acc_type(x.scalar_type());
   const Tensor gates_c =
-      saved > 0 ? prepare(*gates, "the saved gates", {p.N, saved * p.H}, x, acc_dtype) : Tensor();
+      saved > 0 ? prepare(gates, "the saved gates", {p.N, saved * p.H}, x, acc_dtype) : Tensor();
   const Tensor cells_c =
-      cell == Cell::LSTM ? prepare(*cells, "the saved cells", {p.N, p.H}, x, acc_dtype) : Tensor();
-  const Tensor proj_in_c = projected ? prepare(*proj_in, "the saved projection input", {p.N, p.H}, x) : Tensor();
+      cell == Cell::LSTM ? prepare(cells, "the saved cells", {p.N, p.H}, x, acc_dtype) : Tensor();
+  const Tensor proj_in_c = projected ? prepare(proj_in, "the saved projection input", {p.N, p.H}, x) : Tensor();
   Tensor dh = prepare(dh_n, "grad of h_n", {p.B, p.P}, x).to(acc, false, /*copy=*/true);
   Tensor dc, c0_acc, c_prev;
   if (cell == Cell::LSTM) {
@@ -768,8 +710,6 @@ BackwardResult layer_backward(int64_t cell_index, const Tensor& x_in, const OptT
   if (norm.active()) {
     p.norm = &norm.params;
     const bool batch = norm.params.kind == Norm::Batch, lstm = cell == Cell::LSTM;
-    TORCH_CHECK(norm_saved.size() == (lstm ? 6u : 4u), "rnnfused: backward of a normalized layer needs what forward "
-                "saved for it (norm_saved), got ", norm_saved.size(), " tensors");
     const int64_t widths[] = {p.G, p.G, p.H};
     const char* names[] = {"x", "h", "c"};
     const void** xhats[] = {&p.xhat_x, &p.xhat_h, &p.chat};
@@ -818,19 +758,20 @@ BackwardResult layer_backward(int64_t cell_index, const Tensor& x_in, const OptT
 // P = proj_size or H, G gate rows. x is [T, B, I] (batch_sizes None) or packed [N, I];
 // outputs that do not apply are empty tensors of shape [0].
 TORCH_LIBRARY(rnnfused, m) {
+  // Tensors first (the weights and the normalization's as lists), then the scalar options in
+  // the order of LayerOptions (params.h; Python: rnnfused._ops.LayerOptions), then what is
+  // particular to the operator.
   m.def(
-      "layer_forward(int cell, Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor[] weights, "
-      "bool has_biases, bool reverse, bool save_for_backward, float cell_clip, float grad_clip, int norm, "
-      "Tensor[] norm_weights, Tensor[] running_stats, bool training, float eps) -> "
-      "(Tensor y, Tensor h_n, Tensor c_n, Tensor hidden, Tensor gates, Tensor cells, Tensor proj_in, "
-      "Tensor[] norm_saved, Tensor[] batch_stats)",
+      "layer_forward(Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor[] weights, Tensor[] norm_weights, "
+      "Tensor[] running_stats, Tensor? step_flags, int cell, bool has_biases, bool reverse, float cell_clip, "
+      "float grad_clip, int norm, bool training, float eps, bool save_for_backward) -> "
+      "(Tensor y, Tensor h_n, Tensor c_n, Tensor[] saved, Tensor[] batch_stats)",
       {at::Tag::pt2_compliant_tag});
   m.def(
-      "layer_backward(int cell, Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor[] weights, "
-      "bool has_biases, bool reverse, float cell_clip, float grad_clip, Tensor hidden, Tensor? gates, "
-      "Tensor? cells, Tensor? proj_in, Tensor dy, Tensor dh_n, Tensor? dc_n, bool need_dx, bool need_weights, "
-      "int norm, Tensor[] norm_weights, bool training, Tensor[] norm_saved) -> "
-      "(Tensor dx, Tensor dh0, Tensor dc0, Tensor[] dweights, Tensor[] dnorm_weights)",
+      "layer_backward(Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor[] weights, Tensor[] norm_weights, "
+      "Tensor? step_flags, Tensor[] saved, Tensor dy, Tensor dh_n, Tensor? dc_n, int cell, bool has_biases, "
+      "bool reverse, float cell_clip, float grad_clip, int norm, bool training, float eps, bool need_dx, "
+      "bool need_weights) -> (Tensor dx, Tensor dh0, Tensor dc0, Tensor[] dweights, Tensor[] dnorm_weights)",
       {at::Tag::pt2_compliant_tag});
 }
 
@@ -853,6 +794,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "rnnfused kernels; the operators are torch.ops.rnnfused.layer_forward / layer_backward";
   m.attr("with_cuda") = kWithCuda;
+#ifdef RNNFUSED_DEVICE_SOURCE_HASH
+  m.attr("device_source_hash") = RNNFUSED_DEVICE_SOURCE_HASH;
+#else
+  m.attr("device_source_hash") = "";
+#endif
+  m.def("set_verified_architectures", &set_verified_architectures,
+        "The compute capabilities (e.g. [90]) on which a GPU run verified this build's device code");
   m.attr("cpu_element_loops") = cpu::element_loop_isa();
 #ifdef RNNFUSED_WITH_CUDA
   m.attr("cuda_archs") = cuda::compiled_archs();

@@ -103,6 +103,29 @@ RNNF_HD int64_t saved_gates_per_unit(Cell cell) {
   return 0;
 }
 
+// The options of one layer direction: the scalar arguments of both operators, in this order
+// (Python: rnnfused._ops.LayerOptions). Checked where they enter (bindings.cpp).
+struct LayerOptions {
+  Cell cell = Cell::LSTM;
+  bool has_biases = true;
+  bool reverse = false;     // walk t from T-1 down to 0 (the reverse direction of a bidirectional layer)
+  double cell_clip = 0;     // LSTM: clamp c_t to [-cell_clip, cell_clip]; +inf: off
+  double grad_clip = 0;     // clamp the gradient of every gate pre-activation; +inf: off
+  Norm norm = Norm::None;
+  bool training = true;     // batch norm: each step's own statistics, else the given ones
+  double eps = 1e-5;        // normalized layers: added to every variance
+};
+
+// Bits of LayerParams::step_flags, one byte per row of padded input (Python: rnnfused._ops).
+//   kStepReset     the state carried into the row's step is zero (a new segment starts): its
+//                  product with W_hh and the LSTM cell are read as zeros, and no gradient flows
+//                  to the state before it.
+//   kStepInactive  the row does not step: its state (h, c) is held, its output row is zero and
+//                  it neither receives nor passes on gradient at this step, except that the
+//                  gradient of the held state passes through unchanged.
+constexpr uint8_t kStepReset = 1;
+constexpr uint8_t kStepInactive = 2;
+
 struct LayerParams {
   Cell cell = Cell::LSTM;
   bool reverse = false;  // walk t from T-1 down to 0 (the reverse direction of a bidirectional layer)
@@ -110,6 +133,9 @@ struct LayerParams {
   const int64_t* batch_sizes = nullptr;  // host memory, [T]
   double cell_clip = 0;  // LSTM only; +inf: off
   double grad_clip = 0;  // +inf: off
+  // Padded input only (null otherwise, and then every row steps): uint8 [T, B] of kStep* bits,
+  // in the memory of the input's device.
+  const uint8_t* step_flags = nullptr;
 
   // Stage 2 (csrc/persistent/): run the recurrence as one persistent kernel with this tiling
   // (null: step by step). Packed input also needs its batch sizes and the first row of every

@@ -216,7 +216,10 @@ void forward_steps(Backend& be, const ForwardParams& p) {
     // was active there, else the state h. Output rows are written once: this step's pass may
     // start while other threads still read them (persistent_cpu.h: one barrier per step).
     const int64_t prev = p.reverse ? t + 1 : t - 1;
+    // With step flags, y holds every row's state too (an inactive row's held one) until
+    // bindings.cpp zeroes the inactive rows after the layer.
     const S* h_in = s > 0 && p.batch_sizes[prev] >= rows ? y + offsets[prev] * P : h;
+    const uint8_t* flags_t = p.step_flags ? p.step_flags + r0 : nullptr;  // padded: r0 = t * B
     switch (p.cell) {
       case Cell::LSTM: {
         be.template gemm<S, A>(false, true, rows, G, P, h_in, P, w_hh, P, 0, gh, G);
@@ -227,10 +230,13 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         A* cells_t = cells ? cells + r0 * H : nullptr;
         with_flag(gates != nullptr, [&](auto save) {
           with_flag(norm != nullptr, [&](auto norm_cell) {
-            be.for_each(rows, H,
-                        LstmForwardStep<S, A, decltype(save)::value, decltype(norm_cell)::value>{
-                            gx_t, gh, b_ih, b_hh, c, m_t, w_hr ? m_t : h, gates_t, cells_t, H, ld_gx,
-                            A(p.cell_clip), gh});
+            with_flag(flags_t != nullptr, [&](auto flagged) {
+              be.for_each(rows, H,
+                          LstmForwardStep<S, A, decltype(save)::value, decltype(norm_cell)::value,
+                                          decltype(flagged)::value>{
+                              gx_t, gh, b_ih, b_hh, c, m_t, w_hr ? m_t : h, gates_t, cells_t, H, ld_gx,
+                              A(p.cell_clip), gh, flags_t, w_hr == nullptr});
+            });
           });
         });
         if (norm) {  // h_t = o * tanh(N_c(c_t)), o left in gh by the step
@@ -243,7 +249,10 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         }
         if (w_hr) {
           be.template gemm<S, S>(false, true, rows, P, H, m_t, H, w_hr, H, 0, y + r0 * P, P);
-          be.copy(h, y + r0 * P, rows * P * static_cast<int64_t>(sizeof(S)));
+          if (flags_t)
+            be.for_each(rows, P, HoldProjectedStep<S>{y + r0 * P, h, P, flags_t});
+          else
+            be.copy(h, y + r0 * P, rows * P * static_cast<int64_t>(sizeof(S)));
         }
         break;
       }
@@ -251,31 +260,44 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         be.template gemm<S, A>(false, true, rows, G, H, h_in, H, w_hh, H, 0, gh, G);
         normalize_hidden(t, r0, rows, 0, G, 0);
         with_flag(gates != nullptr, [&](auto save) {
-          be.for_each(rows, H,
-                      GruForwardStep<S, A, decltype(save)::value>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, gates_t, H, ld_gx});
+          with_flag(flags_t != nullptr, [&](auto flagged) {
+            be.for_each(rows, H,
+                        GruForwardStep<S, A, decltype(save)::value, decltype(flagged)::value>{
+                            gx_t, gh, b_ih, b_hh, h, y + r0 * H, gates_t, H, ld_gx, flags_t});
+          });
         });
         break;
       case Cell::GRU_CHO:
         be.template gemm<S, A>(false, true, rows, 2 * H, H, h_in, H, w_hh, H, 0, gh, G);
         normalize_hidden(t, r0, rows, 0, 2 * H, 0);
         with_flag(gates != nullptr, [&](auto save) {
-          be.for_each(rows, H, GruChoResetStep<S, A, decltype(save)::value>{gx_t, gh, b_ih, b_hh, h, rh, gates_t, H, ld_gx});
+          with_flag(flags_t != nullptr, [&](auto flagged) {
+            be.for_each(rows, H,
+                        GruChoResetStep<S, A, decltype(save)::value, decltype(flagged)::value>{
+                            gx_t, gh, b_ih, b_hh, h, rh, gates_t, H, ld_gx, flags_t});
+          });
         });
         be.template gemm<S, A>(false, true, rows, H, H, rh, H, w_hh + 2 * H * H, H, 0, gh + 2 * H, G);
         normalize_hidden(t, r0, rows, 2 * H, H, 1);
         with_flag(gates != nullptr, [&](auto save) {
-          be.for_each(rows, H,
-                      GruChoOutputStep<S, A, decltype(save)::value>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, gates_t, H, ld_gx});
+          with_flag(flags_t != nullptr, [&](auto flagged) {
+            be.for_each(rows, H,
+                        GruChoOutputStep<S, A, decltype(save)::value, decltype(flagged)::value>{
+                            gx_t, gh, b_ih, b_hh, h, y + r0 * H, gates_t, H, ld_gx, flags_t});
+          });
         });
         break;
       case Cell::RNN_TANH:
       case Cell::RNN_RELU:
         be.template gemm<S, A>(false, true, rows, H, H, h_in, H, w_hh, H, 0, gh, H);
         normalize_hidden(t, r0, rows, 0, H, 0);
-        if (p.cell == Cell::RNN_TANH)
-          be.for_each(rows, H, RnnForwardStep<S, A, false>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H});
-        else
-          be.for_each(rows, H, RnnForwardStep<S, A, true>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H});
+        with_flag(flags_t != nullptr, [&](auto flagged) {
+          constexpr bool kFlags = decltype(flagged)::value;
+          if (p.cell == Cell::RNN_TANH)
+            be.for_each(rows, H, RnnForwardStep<S, A, false, kFlags>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H, flags_t});
+          else
+            be.for_each(rows, H, RnnForwardStep<S, A, true, kFlags>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H, flags_t});
+        });
         break;
       default:
         invalid_cell(p.cell);
@@ -293,6 +315,16 @@ void forward(Backend& be, const ForwardParams& p) {
 // row, gathered from h0 and the saved hidden states, for the pointwise passes and dW_hh.
 template <typename S, typename A, typename Backend>
 void backward_gather(Backend& be, const BackwardParams& p) {
+  if (p.step_flags) {  // padded input: per element, reading the flags where they are
+    be.for_each(p.N, p.P, GatherStatesWithFlags<S>{static_cast<S*>(p.h_prev), static_cast<const S*>(p.hidden),
+                                                   static_cast<const S*>(p.h0), p.step_flags, p.T, p.B, p.P,
+                                                   p.reverse});
+    if (p.cell == Cell::LSTM)
+      be.for_each(p.N, p.H, GatherStatesWithFlags<A>{static_cast<A*>(p.c_prev), static_cast<const A*>(p.cells),
+                                                     static_cast<const A*>(p.c0), p.step_flags, p.T, p.B, p.H,
+                                                     p.reverse});
+    return;
+  }
   const auto offsets = step_offsets(p);
   gather_previous_states<S>(be, p, offsets, static_cast<S*>(p.h_prev), static_cast<const S*>(p.hidden),
                             static_cast<const S*>(p.h0), p.P);
@@ -340,84 +372,97 @@ void backward_steps(Backend& be, const BackwardParams& p) {
                                   static_cast<const A*>(p.rstd_h));
   };
 
-  // Steps in the opposite order of the forward walk.
+  // Steps in the opposite order of the forward walk. With step flags the products of LSTM and
+  // RNN accumulate into dh (steps.h: the pass leaves what they must add to).
+  const double dh_beta = p.step_flags ? 1 : 0;
   for (int64_t s = 0; s < p.T; ++s) {
     const int64_t t = p.reverse ? s : p.T - 1 - s;
     const int64_t rows = p.batch_sizes[t];
     const int64_t r0 = offsets[t];
     const A* gates_t = gates + r0 * saved_width;
-    switch (p.cell) {
-      case Cell::LSTM: {
-        const S* dy_t = dy + r0 * P;
-        const A* dh_t = dh;
-        if (w_hr) {  // the cell's output m = o * tanh(c) reaches h through W_hr
-          be.for_each(rows, P, AddStep<S, A>{dy_t, dh, dht + r0 * P, P});
-          be.template gemm<S, A>(false, false, rows, H, P, dht + r0 * P, P, w_hr, H, 0, dm, H);
-          dh_t = dm;
-        }
-        if (norm) {  // around N_c: the o gradient and dc̃, N_c's backward, then the rest
-          A* dc_tilde_t = static_cast<A*>(p.dc_tilde) + r0 * H;
-          auto* dc_norm = static_cast<A*>(p.dc_norm);
-          with_flag(w_hr != nullptr, [&](auto projected) {
+    const uint8_t* flags_t = p.step_flags ? p.step_flags + r0 : nullptr;  // padded: r0 = t * B
+    const uint8_t* next_flags = p.step_flags && s > 0 ? p.step_flags + (p.reverse ? t - 1 : t + 1) * p.B : nullptr;
+    with_flag(flags_t != nullptr, [&](auto flagged) {
+      constexpr bool kFlags = decltype(flagged)::value;
+      switch (p.cell) {
+        case Cell::LSTM: {
+          const S* dy_t = dy + r0 * P;
+          A* dh_t = dh;
+          if (w_hr) {  // the cell's output m = o * tanh(c) reaches h through W_hr
+            be.for_each(rows, P, AddStep<S, A, kFlags>{dy_t, dh, dht + r0 * P, P, flags_t, next_flags});
+            be.template gemm<S, A>(false, false, rows, H, P, dht + r0 * P, P, w_hr, H, 0, dm, H);
+            dh_t = dm;
+          }
+          if (norm) {  // around N_c: the o gradient and dc̃, N_c's backward, then the rest
+            A* dc_tilde_t = static_cast<A*>(p.dc_tilde) + r0 * H;
+            auto* dc_norm = static_cast<A*>(p.dc_norm);
+            with_flag(w_hr != nullptr, [&](auto projected) {
+              be.for_each(rows, H,
+                          LstmNormBackwardOutputStep<S, A, decltype(projected)::value>{
+                              gates_t, chat + r0 * H, static_cast<const S*>(norm->gamma_c),
+                              static_cast<const S*>(norm->beta_c), dy_t, dh_t, dc_tilde_t, dpre_x + r0 * G, H,
+                              grad_clip});
+            });
+            normalize_step_backward<S, A>(be, *norm, t, r0, rows, 0, H, H, 0, 1, dc_tilde_t, dc_norm, chat + r0 * H,
+                                          H, norm->gamma_c, static_cast<const A*>(p.rstd_c));
             be.for_each(rows, H,
-                        LstmNormBackwardOutputStep<S, A, decltype(projected)::value>{
-                            gates_t, chat + r0 * H, static_cast<const S*>(norm->gamma_c),
-                            static_cast<const S*>(norm->beta_c), dy_t, dh_t, dc_tilde_t, dpre_x + r0 * G, H,
-                            grad_clip});
-          });
-          normalize_step_backward<S, A>(be, *norm, t, r0, rows, 0, H, H, 0, 1, dc_tilde_t, dc_norm, chat + r0 * H, H,
-                                        norm->gamma_c, static_cast<const A*>(p.rstd_c));
+                        LstmNormBackwardCellStep<S, A>{gates_t, cells + r0 * H, c_prev + r0 * H, dc_norm, dc,
+                                                       dpre_x + r0 * G, H, cell_clip, grad_clip});
+          } else {
+            with_flag(w_hr != nullptr, [&](auto projected) {
+              be.for_each(rows, H,
+                          LstmBackwardStep<S, A, decltype(projected)::value, kFlags>{
+                              gates_t, cells + r0 * H, c_prev + r0 * H, dy_t, dh_t, dc, dpre_x + r0 * G, H,
+                              cell_clip, grad_clip, flags_t, next_flags});
+            });
+          }
+          normalize_hidden_backward(t, r0, rows, 0, G, 0);
+          be.template gemm<S, A>(false, false, rows, P, G, dgh + r0 * G, G, w_hh, P, dh_beta, dh, P);
+          break;
+        }
+        case Cell::GRU:
           be.for_each(rows, H,
-                      LstmNormBackwardCellStep<S, A>{gates_t, cells + r0 * H, c_prev + r0 * H, dc_norm, dc,
-                                                     dpre_x + r0 * G, H, cell_clip, grad_clip});
-        } else {
-          with_flag(w_hr != nullptr, [&](auto projected) {
+                      GruBackwardStep<S, A, kFlags>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
+                                                    dpre_h + r0 * G, H, grad_clip, flags_t, next_flags});
+          normalize_hidden_backward(t, r0, rows, 0, G, 0);
+          be.template gemm<S, A>(false, false, rows, H, G, dgh + r0 * G, G, w_hh, H, 1, dh, H);
+          break;
+        case Cell::GRU_CHO:
+          be.for_each(rows, H,
+                      GruChoBackwardNzStep<S, A, kFlags>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
+                                                         H, grad_clip, flags_t, next_flags});
+          normalize_hidden_backward(t, r0, rows, 2 * H, H, 1);
+          be.template gemm<S, A>(false, false, rows, H, H, dgh + r0 * G + 2 * H, G, w_hh + 2 * H * H, H,
+                                 0, drh, H);
+          be.for_each(rows, H,
+                      GruChoBackwardRStep<S, A, kFlags>{gates_t, h_prev + r0 * H, drh, dh, dpre_x + r0 * G,
+                                                        rh + r0 * H, H, grad_clip, flags_t});
+          normalize_hidden_backward(t, r0, rows, 0, 2 * H, 0);
+          be.template gemm<S, A>(false, false, rows, H, 2 * H, dgh + r0 * G, G, w_hh, H, 1, dh, H);
+          break;
+        case Cell::RNN_TANH:
+        case Cell::RNN_RELU:
+          if (p.cell == Cell::RNN_TANH)
             be.for_each(rows, H,
-                        LstmBackwardStep<S, A, decltype(projected)::value>{
-                            gates_t, cells + r0 * H, c_prev + r0 * H, dy_t, dh_t, dc, dpre_x + r0 * G, H, cell_clip,
-                            grad_clip});
-          });
-        }
-        normalize_hidden_backward(t, r0, rows, 0, G, 0);
-        be.template gemm<S, A>(false, false, rows, P, G, dgh + r0 * G, G, w_hh, P, 0, dh, P);
-        break;
+                        RnnBackwardStep<S, A, false, kFlags>{hidden + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G, H,
+                                                             grad_clip, flags_t, next_flags});
+          else
+            be.for_each(rows, H,
+                        RnnBackwardStep<S, A, true, kFlags>{hidden + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G, H,
+                                                            grad_clip, flags_t, next_flags});
+          normalize_hidden_backward(t, r0, rows, 0, H, 0);
+          be.template gemm<S, A>(false, false, rows, H, H, dgh + r0 * G, G, w_hh, H, dh_beta, dh, H);
+          break;
+        default:
+          invalid_cell(p.cell);
       }
-      case Cell::GRU:
-        be.for_each(rows, H,
-                    GruBackwardStep<S, A>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
-                                          dpre_h + r0 * G, H, grad_clip});
-        normalize_hidden_backward(t, r0, rows, 0, G, 0);
-        be.template gemm<S, A>(false, false, rows, H, G, dgh + r0 * G, G, w_hh, H, 1, dh, H);
-        break;
-      case Cell::GRU_CHO:
-        be.for_each(rows, H,
-                    GruChoBackwardNzStep<S, A>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
-                                               H, grad_clip});
-        normalize_hidden_backward(t, r0, rows, 2 * H, H, 1);
-        be.template gemm<S, A>(false, false, rows, H, H, dgh + r0 * G + 2 * H, G, w_hh + 2 * H * H, H,
-                               0, drh, H);
-        be.for_each(rows, H,
-                    GruChoBackwardRStep<S, A>{gates_t, h_prev + r0 * H, drh, dh, dpre_x + r0 * G,
-                                              rh + r0 * H, H, grad_clip});
-        normalize_hidden_backward(t, r0, rows, 0, 2 * H, 0);
-        be.template gemm<S, A>(false, false, rows, H, 2 * H, dgh + r0 * G, G, w_hh, H, 1, dh, H);
-        break;
-      case Cell::RNN_TANH:
-      case Cell::RNN_RELU:
-        if (p.cell == Cell::RNN_TANH)
-          be.for_each(rows, H,
-                      RnnBackwardStep<S, A, false>{hidden + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G, H, grad_clip});
-        else
-          be.for_each(rows, H,
-                      RnnBackwardStep<S, A, true>{hidden + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G, H, grad_clip});
-        normalize_hidden_backward(t, r0, rows, 0, H, 0);
-        be.template gemm<S, A>(false, false, rows, H, H, dgh + r0 * G, G, w_hh, H, 0, dh, H);
-        break;
-      default:
-        invalid_cell(p.cell);
-    }
+    });
   }
-
+  if (p.step_flags) {  // the step the walk ended on started from h0 (c0) unless it reset
+    const uint8_t* first = p.step_flags + (p.reverse ? p.T - 1 : 0) * p.B;
+    be.for_each(p.B, P, CutAtResets<A>{dh, P, first});
+    if (p.cell == Cell::LSTM) be.for_each(p.B, H, CutAtResets<A>{dc, H, first});
+  }
 }
 
 // Normalized layers after the backward recurrence: dgx from dpre_x through the input side's

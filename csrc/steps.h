@@ -13,13 +13,18 @@
 // call, so no separate [N, G] buffer is needed.
 //
 // The bodies are branch-free (options are template parameters: kSave = also write what
-// backward needs) so that the CPU loop over j vectorises. A value stored twice is converted
+// backward needs) so that the CPU loop over j vectorises. kFlags: the layer has step flags
+// (params.h: kStepReset, kStepInactive; `flags` points at the step's B bytes): a reset row
+// reads its carried state and its product with W_hh as zeros; an inactive row keeps its state
+// and writes it to its output row (bindings.cpp zeroes those rows of y after the layer, so the
+// saved copy holds every row's state for the backward's gather). A value stored twice is converted
 // twice: GCC does not vectorise a copy of a float16 / bfloat16 struct.
 #pragma once
 
 #include <cstdint>
 
 #include "cells.h"
+#include "params.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -59,10 +64,28 @@ RNNF_HD __nv_bfloat16 store<__nv_bfloat16, float>(float x) {
 #endif
 
 // Sum of the input and recurrent pre-activation of gate column k (both biases included);
-// x_row and h_row point at the row of gx and gh.
+// x_row and h_row point at the row of gx and gh. `reset`: the carried state is zero, and so
+// is its product with W_hh.
 template <typename A, typename S>
-RNNF_HD A preact(const A* x_row, const A* h_row, const S* b_ih, const S* b_hh, int64_t k) {
-  return x_row[k] + h_row[k] + load<A>(b_ih[k]) + load<A>(b_hh[k]);
+RNNF_HD A preact(const A* x_row, const A* h_row, const S* b_ih, const S* b_hh, int64_t k, bool reset = false) {
+  return x_row[k] + (reset ? A(0) : h_row[k]) + load<A>(b_ih[k]) + load<A>(b_hh[k]);
+}
+
+// The step flags of row b: 0 (every row steps, nothing resets) for a layer without them.
+template <bool kFlags>
+RNNF_HD uint8_t row_flags(const uint8_t* flags, int64_t b) {
+  if constexpr (kFlags)
+    return flags ? flags[b] : uint8_t(0);
+  else
+    return 0;
+}
+
+RNNF_HD bool is_inactive(uint8_t flags) {
+  return (flags & kStepInactive) != 0;
+}
+
+RNNF_HD bool is_reset(uint8_t flags) {
+  return (flags & kStepReset) != 0;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -70,7 +93,9 @@ RNNF_HD A preact(const A* x_row, const A* h_row, const S* b_ih, const S* b_hh, i
 
 // kNormCell (normalized layers): h_t = o * tanh(N_c(c_t)) needs the statistics of c_t first,
 // so the step stops at c_t and leaves o in o_out (norm.h's LstmNormOutputStep finishes).
-template <typename S, typename A, bool kSave, bool kNormCell = false>
+// kFlags: an inactive row keeps c and writes its held h to h_out, or zeros when projecting
+// (hold_output false: h_out is then o * tanh(c_t), and the projection's pass holds y).
+template <typename S, typename A, bool kSave, bool kNormCell = false, bool kFlags = false>
 struct LstmForwardStep {
   const A* gx;       // [rows, ld_gx] x W_ihᵀ (may be gates itself)
   const A* gh;       // [rows, 4H]
@@ -84,17 +109,29 @@ struct LstmForwardStep {
   int64_t H, ld_gx;
   A cell_clip;
   A* o_out = nullptr;  // [rows, 4H] kNormCell: o in column block 3 (may be gh itself)
+  const uint8_t* flags = nullptr;  // [rows] kFlags
+  bool hold_output = true;         // kFlags: an inactive row writes its held h to h_out (else zeros)
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
     const int64_t row = b * 4 * H;
+    const int64_t e = b * H + j;
+    const uint8_t f = row_flags<kFlags>(flags, b);
+    if (kFlags && is_inactive(f)) {  // saved: zero activations and the held cell
+      h_out[e] = hold_output ? h_state[e] : store<S>(A(0));
+      if constexpr (kSave) {
+        for (int gate = 0; gate < 4; ++gate) gates[row + gate * H + j] = A(0);
+        cells[e] = c[e];
+      }
+      return;
+    }
+    const bool reset = kFlags && is_reset(f);
     const A* x_row = gx + b * ld_gx;
     const A* h_row = gh + row;
-    const auto a = cells::lstm_activate(preact(x_row, h_row, b_ih, b_hh, j),
-                                        preact(x_row, h_row, b_ih, b_hh, H + j),
-                                        preact(x_row, h_row, b_ih, b_hh, 2 * H + j),
-                                        preact(x_row, h_row, b_ih, b_hh, 3 * H + j));
-    const int64_t e = b * H + j;
-    const A c_t = cells::lstm_cell(a, c[e], cell_clip);
+    const auto a = cells::lstm_activate(preact(x_row, h_row, b_ih, b_hh, j, reset),
+                                        preact(x_row, h_row, b_ih, b_hh, H + j, reset),
+                                        preact(x_row, h_row, b_ih, b_hh, 2 * H + j, reset),
+                                        preact(x_row, h_row, b_ih, b_hh, 3 * H + j, reset));
+    const A c_t = cells::lstm_cell(a, reset ? A(0) : c[e], cell_clip);
     c[e] = c_t;
     if constexpr (kNormCell) {
       o_out[row + 3 * H + j] = a.o;
@@ -113,7 +150,7 @@ struct LstmForwardStep {
   }
 };
 
-template <typename S, typename A, bool kSave>
+template <typename S, typename A, bool kSave, bool kFlags = false>
 struct GruForwardStep {
   const A* gx;    // [rows, ld_gx] x W_ihᵀ (may be gates itself)
   const A* gh;    // [rows, 3H]
@@ -123,16 +160,25 @@ struct GruForwardStep {
   S* h_out;       // [rows, H] y rows
   A* gates;       // [rows, 4H] kSave: r, z, n, W_hn h + b_hn
   int64_t H, ld_gx;
+  const uint8_t* flags = nullptr;  // [rows] kFlags
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
+    const int64_t e = b * H + j;
+    const uint8_t f = row_flags<kFlags>(flags, b);
+    if (kFlags && is_inactive(f)) {
+      h_out[e] = h_state[e];
+      if constexpr (kSave)
+        for (int gate = 0; gate < 4; ++gate) gates[b * 4 * H + gate * H + j] = A(0);
+      return;
+    }
+    const bool reset = kFlags && is_reset(f);
     const A* x_row = gx + b * ld_gx;
     const A* h_row = gh + b * 3 * H;
-    const A hn = h_row[2 * H + j] + load<A>(b_hh[2 * H + j]);
+    const A hn = (reset ? A(0) : h_row[2 * H + j]) + load<A>(b_hh[2 * H + j]);
     const A xn = x_row[2 * H + j] + load<A>(b_ih[2 * H + j]);
-    const auto a = cells::gru_forward(preact(x_row, h_row, b_ih, b_hh, j),
-                                      preact(x_row, h_row, b_ih, b_hh, H + j), xn, hn);
-    const int64_t e = b * H + j;
-    const A h = cells::gru_hidden(a.z, a.n, load<A>(h_state[e]));
+    const auto a = cells::gru_forward(preact(x_row, h_row, b_ih, b_hh, j, reset),
+                                      preact(x_row, h_row, b_ih, b_hh, H + j, reset), xn, hn);
+    const A h = cells::gru_hidden(a.z, a.n, reset ? A(0) : load<A>(h_state[e]));
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
     if constexpr (kSave) {
@@ -146,7 +192,7 @@ struct GruForwardStep {
 };
 
 // GRU_CHO phase 1: r and r * h_{t-1} (the input of the second matmul).
-template <typename S, typename A, bool kSave>
+template <typename S, typename A, bool kSave, bool kFlags = false>
 struct GruChoResetStep {
   const A* gx;     // [rows, ld_gx] x W_ihᵀ (r columns used; may be gates itself)
   const A* gh;     // [rows, 3H] (r columns hold W_hr h)
@@ -156,17 +202,19 @@ struct GruChoResetStep {
   S* rh;           // [rows, H] out: r * h_{t-1}
   A* gates;        // [rows, 3H] kSave: r (column block 0)
   int64_t H, ld_gx;
+  const uint8_t* flags = nullptr;  // [rows] kFlags
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
-    const A r = cells::sigmoid(preact(gx + b * ld_gx, gh + b * 3 * H, b_ih, b_hh, j));
+    const bool reset = kFlags && is_reset(row_flags<kFlags>(flags, b));
+    const A r = cells::sigmoid(preact(gx + b * ld_gx, gh + b * 3 * H, b_ih, b_hh, j, reset));
     const int64_t e = b * H + j;
-    rh[e] = store<S>(r * load<A>(h_state[e]));
+    rh[e] = store<S>(r * (reset ? A(0) : load<A>(h_state[e])));
     if constexpr (kSave) gates[b * 3 * H + j] = r;
   }
 };
 
 // GRU_CHO phase 2: z, n and h_t; gh's n columns hold W_hn (r * h_{t-1}).
-template <typename S, typename A, bool kSave>
+template <typename S, typename A, bool kSave, bool kFlags = false>
 struct GruChoOutputStep {
   const A* gx;    // [rows, ld_gx] x W_ihᵀ (may be gates itself)
   const A* gh;    // [rows, 3H]
@@ -176,16 +224,25 @@ struct GruChoOutputStep {
   S* h_out;       // [rows, H] y rows
   A* gates;       // [rows, 3H] kSave: z, n (column blocks 1, 2)
   int64_t H, ld_gx;
+  const uint8_t* flags = nullptr;  // [rows] kFlags
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
+    const int64_t e = b * H + j;
+    const uint8_t f = row_flags<kFlags>(flags, b);
     const int64_t row = b * 3 * H;
+    if (kFlags && is_inactive(f)) {
+      h_out[e] = h_state[e];
+      if constexpr (kSave)
+        for (int gate = 0; gate < 3; ++gate) gates[row + gate * H + j] = A(0);
+      return;
+    }
+    const bool reset = kFlags && is_reset(f);  // W_hn (r * 0) is zero already; W_hz h is not
     const A* x_row = gx + b * ld_gx;
     const A* h_row = gh + row;
-    const A z = cells::sigmoid(preact(x_row, h_row, b_ih, b_hh, H + j));
+    const A z = cells::sigmoid(preact(x_row, h_row, b_ih, b_hh, H + j, reset));
     const A n = cells::gru_cho_candidate(x_row[2 * H + j] + load<A>(b_ih[2 * H + j]),
                                          h_row[2 * H + j] + load<A>(b_hh[2 * H + j]));
-    const int64_t e = b * H + j;
-    const A h = cells::gru_hidden(z, n, load<A>(h_state[e]));
+    const A h = cells::gru_hidden(z, n, reset ? A(0) : load<A>(h_state[e]));
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
     if constexpr (kSave) {
@@ -195,7 +252,7 @@ struct GruChoOutputStep {
   }
 };
 
-template <typename S, typename A, bool kRelu>
+template <typename S, typename A, bool kRelu, bool kFlags = false>
 struct RnnForwardStep {
   const A* gx;    // [rows, H]
   const A* gh;    // [rows, H]
@@ -204,9 +261,15 @@ struct RnnForwardStep {
   S* h_state;     // [rows, H] out: h_t
   S* h_out;       // [rows, H] y rows
   int64_t H;
+  const uint8_t* flags = nullptr;  // [rows] kFlags
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
-    const A pre = preact(gx + b * H, gh + b * H, b_ih, b_hh, j);
+    const uint8_t f = row_flags<kFlags>(flags, b);
+    if (kFlags && is_inactive(f)) {
+      h_out[b * H + j] = h_state[b * H + j];
+      return;
+    }
+    const A pre = preact(gx + b * H, gh + b * H, b_ih, b_hh, j, kFlags && is_reset(f));
     const A h = kRelu ? cells::rnn_relu_forward(pre) : cells::rnn_tanh_forward(pre);
     h_state[b * H + j] = store<S>(h);
     h_out[b * H + j] = store<S>(h);
@@ -216,31 +279,55 @@ struct RnnForwardStep {
 // ---------------------------------------------------------------------------------------
 // Backward steps. `dh` holds the gradient of h_t that arrived from step t+1 (in the
 // direction of the recurrence); `dy` the gradient of the layer output at step t.
+//
+// kFlags: `flags` are this step's, `next_flags` those of the step that consumed this step's
+// state (the one visited before in the backward walk; null for the first). Where that step
+// reset the row, the gradient carried back from it is zero. An inactive row passes the carried
+// gradient on unchanged and has zero gate gradients. The products of LSTM and RNN then
+// accumulate into dh (beta 1): the step leaves 0 in an active row's dh and the carried
+// gradient in an inactive one's.
+
+// Whether the gradient carried into row b from the step after it is cut by a reset there.
+template <bool kFlags>
+RNNF_HD bool carried_cut(const uint8_t* next_flags, int64_t b) {
+  return kFlags && next_flags && is_reset(next_flags[b]);
+}
 
 // kProjected: h_t = W_hr (o * tanh(c_t)); dh then holds the whole gradient of o * tanh(c_t)
-// and dy is not read.
-template <typename S, typename A, bool kProjected>
+// (AddStep applied the flags to the state's gradient) and dy is not read.
+template <typename S, typename A, bool kProjected, bool kFlags = false>
 struct LstmBackwardStep {
   const A* gates;   // [rows, 4H] i, f, g, o
   const A* cells;   // [rows, H] c_t
   const A* c_prev;  // [rows, H] c_{t-1}
   const S* dy;      // [rows, H] (not read when projecting)
-  const A* dh;      // [rows, H] gradient of h_t from step t+1 (of o * tanh(c_t) when projecting)
+  A* dh;            // [rows, H] gradient of h_t from step t+1 (of o * tanh(c_t) when projecting);
+                    //   kFlags and not projecting: out as described above
   A* dc;            // [rows, H] in: gradient of c_t from step t+1; out: gradient of c_{t-1}
   S* dg;            // [rows, 4H] out: gradients of the gate pre-activations
   int64_t H;
   A cell_clip, grad_clip;
+  const uint8_t* flags = nullptr;       // [rows] kFlags
+  const uint8_t* next_flags = nullptr;  // [rows] kFlags, may be null
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
     const int64_t row = b * 4 * H;
+    const int64_t e = b * H + j;
+    const bool cut = carried_cut<kFlags>(next_flags, b);
+    const A dc_in = cut ? A(0) : dc[e];
+    A dh_total = (cut && !kProjected) ? A(0) : dh[e];
+    if (kFlags && is_inactive(row_flags<kFlags>(flags, b))) {
+      dc[e] = dc_in;
+      if constexpr (!kProjected) dh[e] = dh_total;
+      for (int gate = 0; gate < 4; ++gate) dg[row + gate * H + j] = store<S>(A(0));
+      return;
+    }
+    if constexpr (!kProjected) dh_total += load<A>(dy[e]);
+    if constexpr (kFlags && !kProjected) dh[e] = A(0);
     const cells::LstmGates<A> a{gates[row + j], gates[row + H + j], gates[row + 2 * H + j],
                                 gates[row + 3 * H + j]};
-    const int64_t e = b * H + j;
-    A dh_total = dh[e];
-    if constexpr (!kProjected) dh_total += load<A>(dy[e]);
     A dc_prev;
-    const auto d = cells::lstm_backward(a, cells[e], c_prev[e], dh_total, dc[e], cell_clip,
-                                        grad_clip, dc_prev);
+    const auto d = cells::lstm_backward(a, cells[e], c_prev[e], dh_total, dc_in, cell_clip, grad_clip, dc_prev);
     dc[e] = dc_prev;
     dg[row + j] = store<S>(d.i);
     dg[row + H + j] = store<S>(d.f);
@@ -249,7 +336,7 @@ struct LstmBackwardStep {
   }
 };
 
-template <typename S, typename A>
+template <typename S, typename A, bool kFlags = false>
 struct GruBackwardStep {
   const A* gates;   // [rows, 4H] r, z, n, W_hn h + b_hn
   const S* h_prev;  // [rows, H]
@@ -260,15 +347,26 @@ struct GruBackwardStep {
   S* dgh;           // [rows, 3H] out: gradients of h_r, h_z, h_n
   int64_t H;
   A grad_clip;
+  const uint8_t* flags = nullptr;       // [rows] kFlags
+  const uint8_t* next_flags = nullptr;  // [rows] kFlags, may be null
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
+    const int64_t e = b * H + j;
+    const int64_t row = b * 3 * H;
+    const A dh_in = carried_cut<kFlags>(next_flags, b) ? A(0) : dh[e];
+    if (kFlags && is_inactive(row_flags<kFlags>(flags, b))) {
+      dh[e] = dh_in;
+      for (int gate = 0; gate < 3; ++gate) {
+        dgx[row + gate * H + j] = store<S>(A(0));
+        dgh[row + gate * H + j] = store<S>(A(0));
+      }
+      return;
+    }
     const int64_t saved = b * 4 * H;
     const cells::GruGates<A> a{gates[saved + j], gates[saved + H + j], gates[saved + 2 * H + j],
                                gates[saved + 3 * H + j]};
-    const int64_t e = b * H + j;
-    const auto d = cells::gru_backward(a, load<A>(h_prev[e]), dh[e] + load<A>(dy[e]), grad_clip);
+    const auto d = cells::gru_backward(a, load<A>(h_prev[e]), dh_in + load<A>(dy[e]), grad_clip);
     dh[e] = d.dh_prev_direct;
-    const int64_t row = b * 3 * H;
     dgx[row + j] = store<S>(d.d_r);
     dgh[row + j] = store<S>(d.d_r);
     dgx[row + H + j] = store<S>(d.d_z);
@@ -280,7 +378,7 @@ struct GruBackwardStep {
 
 // GRU_CHO phase 1: gradients of the z and n pre-activations (the n one feeds the matmul
 // that gives d(r * h_{t-1})); dh becomes the direct part dh * z.
-template <typename S, typename A>
+template <typename S, typename A, bool kFlags = false>
 struct GruChoBackwardNzStep {
   const A* gates;   // [rows, 3H] r, z, n
   const S* h_prev;  // [rows, H]
@@ -289,12 +387,21 @@ struct GruChoBackwardNzStep {
   S* dg;            // [rows, 3H] out: columns of z and n
   int64_t H;
   A grad_clip;
+  const uint8_t* flags = nullptr;       // [rows] kFlags
+  const uint8_t* next_flags = nullptr;  // [rows] kFlags, may be null
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
     const int64_t row = b * 3 * H;
     const int64_t e = b * H + j;
+    const A dh_in = carried_cut<kFlags>(next_flags, b) ? A(0) : dh[e];
+    if (kFlags && is_inactive(row_flags<kFlags>(flags, b))) {
+      dh[e] = dh_in;
+      dg[row + H + j] = store<S>(A(0));
+      dg[row + 2 * H + j] = store<S>(A(0));
+      return;
+    }
     const auto d = cells::gru_cho_backward_nz(gates[row + H + j], gates[row + 2 * H + j],
-                                              load<A>(h_prev[e]), dh[e] + load<A>(dy[e]),
+                                              load<A>(h_prev[e]), dh_in + load<A>(dy[e]),
                                               grad_clip);
     dh[e] = d.dh_prev_direct;
     dg[row + H + j] = store<S>(d.d_z);
@@ -303,8 +410,9 @@ struct GruChoBackwardNzStep {
 };
 
 // GRU_CHO phase 2: gradient of the r pre-activation from d(r * h_{t-1}); also writes
-// r * h_{t-1} of this step for the W_hn weight gradient.
-template <typename S, typename A>
+// r * h_{t-1} of this step for the W_hn weight gradient. (An inactive row's d(r * h) is zero:
+// its n gradient was.)
+template <typename S, typename A, bool kFlags = false>
 struct GruChoBackwardRStep {
   const A* gates;   // [rows, 3H] r, z, n
   const S* h_prev;  // [rows, H]
@@ -314,10 +422,16 @@ struct GruChoBackwardRStep {
   S* rh;            // [rows, H] out: r * h_{t-1}
   int64_t H;
   A grad_clip;
+  const uint8_t* flags = nullptr;  // [rows] kFlags
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
     const int64_t row = b * 3 * H;
     const int64_t e = b * H + j;
+    if (kFlags && is_inactive(row_flags<kFlags>(flags, b))) {
+      dg[row + j] = store<S>(A(0));
+      rh[e] = store<S>(A(0));
+      return;
+    }
     const A r = gates[row + j];
     const A h = load<A>(h_prev[e]);
     A direct = dh[e];
@@ -327,35 +441,113 @@ struct GruChoBackwardRStep {
   }
 };
 
-template <typename S, typename A, bool kRelu>
+template <typename S, typename A, bool kRelu, bool kFlags = false>
 struct RnnBackwardStep {
   const S* h;   // [rows, H] h_t (y rows)
   const S* dy;  // [rows, H]
-  const A* dh;  // [rows, H] gradient from step t+1
+  A* dh;        // [rows, H] gradient from step t+1 (kFlags: out as described above)
   S* dg;        // [rows, H] out: gradient of the pre-activation
   int64_t H;
   A grad_clip;
+  const uint8_t* flags = nullptr;       // [rows] kFlags
+  const uint8_t* next_flags = nullptr;  // [rows] kFlags, may be null
 
   RNNF_HD void operator()(int64_t b, int64_t j) const {
     const int64_t e = b * H + j;
+    const A dh_in = carried_cut<kFlags>(next_flags, b) ? A(0) : dh[e];
+    if (kFlags && is_inactive(row_flags<kFlags>(flags, b))) {
+      dh[e] = dh_in;
+      dg[e] = store<S>(A(0));
+      return;
+    }
+    if constexpr (kFlags) dh[e] = A(0);
     const A h_t = load<A>(h[e]);
-    const A grad = dh[e] + load<A>(dy[e]);
+    const A grad = dh_in + load<A>(dy[e]);
     dg[e] = store<S>(kRelu ? cells::rnn_relu_backward(h_t, grad, grad_clip)
                            : cells::rnn_tanh_backward(h_t, grad, grad_clip));
   }
 };
 
-// out = a + b (storage dtype): the total gradient of a projected h_t, dy + dh.
-template <typename S, typename A>
+// out = a + b (storage dtype): the total gradient of a projected h_t, dy + dh. kFlags: b is
+// the carried gradient of the state as in LstmBackwardStep (an inactive row's out is zero).
+template <typename S, typename A, bool kFlags = false>
 struct AddStep {
   const S* a;  // [rows, width]
-  const A* b;  // [rows, width]
+  A* b;        // [rows, width]
   S* out;      // [rows, width]
   int64_t width;
+  const uint8_t* flags = nullptr;       // [rows] kFlags
+  const uint8_t* next_flags = nullptr;  // [rows] kFlags, may be null
 
   RNNF_HD void operator()(int64_t r, int64_t k) const {
     const int64_t e = r * width + k;
-    out[e] = store<S>(load<A>(a[e]) + b[e]);
+    const A carried = carried_cut<kFlags>(next_flags, r) ? A(0) : b[e];
+    if (kFlags && is_inactive(row_flags<kFlags>(flags, r))) {
+      out[e] = store<S>(A(0));
+      b[e] = carried;
+      return;
+    }
+    out[e] = store<S>(load<A>(a[e]) + carried);
+    if constexpr (kFlags) b[e] = A(0);
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Step flags outside the cell passes.
+
+// Forward, LSTM with projection, after the projection's product wrote y: an active row's new
+// state is its y row; an inactive row keeps its state and writes it to y (as the cell passes do).
+template <typename S>
+struct HoldProjectedStep {
+  S* y;      // [rows, P]
+  S* h;      // [rows, P] the state
+  int64_t P;
+  const uint8_t* flags;  // [rows]
+
+  RNNF_HD void operator()(int64_t b, int64_t k) const {
+    const int64_t e = b * P + k;
+    if (is_inactive(flags[b]))
+      y[e] = h[e];
+    else
+      h[e] = y[e];
+  }
+};
+
+// Backward, before the recurrence: the state every row of padded input [T, B] started its
+// step from, from the states the forward saved (`out`, every row's state after its step,
+// inactive rows included) and `init` (h0 or c0): zeros after a reset.
+template <typename T>
+struct GatherStatesWithFlags {
+  T* dst;           // [T * B, width]
+  const T* out;     // [T * B, width]
+  const T* init;    // [B, width]
+  const uint8_t* flags;  // [T * B]
+  int64_t T_steps, B, width;
+  bool reverse;
+
+  RNNF_HD void operator()(int64_t r, int64_t k) const {
+    const int64_t t = r / B, b = r % B;
+    const int64_t prev = reverse ? t + 1 : t - 1;
+    const int64_t e = r * width + k;
+    if (is_reset(flags[r]))
+      dst[e] = store<T>(0.0f);
+    else if (prev < 0 || prev >= T_steps)
+      dst[e] = init[b * width + k];
+    else
+      dst[e] = out[(prev * B + b) * width + k];
+  }
+};
+
+// Backward, after the recurrence: no gradient reaches h0 or c0 in a row whose first step
+// (in the forward walk) reset its state.
+template <typename A>
+struct CutAtResets {
+  A* grad;  // [rows, width]
+  int64_t width;
+  const uint8_t* flags;  // [rows]
+
+  RNNF_HD void operator()(int64_t b, int64_t k) const {
+    if (is_reset(flags[b])) grad[b * width + k] = A(0);
   }
 };
 

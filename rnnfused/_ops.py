@@ -6,9 +6,15 @@ Shapes follow ``csrc/params.h``: T steps, B batch, N rows (T*B padded, or the pa
 I inputs, H hidden units, P = proj_size or H, G gate rows (4H LSTM, 3H GRU, H RNN).
 ``weights`` is ``[w_ih, w_hh]``, then ``b_ih, b_hh`` when ``has_biases``, then ``w_hr`` for
 an LSTM with projection. Outputs that do not apply are empty tensors of shape [0].
+
+Both operators take the tensors first (the weights and the normalization's as lists), then
+the scalar options of :class:`LayerOptions` in its field order, then what is particular to
+the operator (``save_for_backward``; ``need_dx``, ``need_weights``).
 """
 
+import dataclasses
 import enum
+import math
 
 import torch
 
@@ -38,64 +44,107 @@ class Norm(enum.IntEnum):
     LAYER = 2
 
 
-def layer_forward(cell, x, batch_sizes, h0, c0, weights, *, has_biases, reverse, save_for_backward,
-                  cell_clip, grad_clip, norm=Norm.NONE, norm_weights=(), running_stats=(), training=True, eps=1e-5):
+# Bits of ``step_flags`` (uint8, one per row of padded input [T, B]), as csrc/params.h.
+STEP_RESET = 1  # the state carried into the row's step is zero: a new segment starts there
+STEP_INACTIVE = 2  # the row does not step: its state is held, its output is zero, no gradient flows
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOptions:
+    """The options of one layer direction: the scalar arguments of both operators, in this
+    order (C++: ``LayerOptions`` in csrc/params.h).
+
+    cell: the cell and form. has_biases: ``weights`` holds b_ih and b_hh. reverse: walk the
+    steps from T-1 down to 0. cell_clip (LSTM): clamp c_t to [-cell_clip, cell_clip];
+    grad_clip: clamp the gradient of every gate pre-activation; ``inf`` is off for both.
+    norm: a normalized layer; training: batch norm normalizes with each step's own
+    statistics (else the given running statistics); eps: added to every variance.
+    """
+
+    cell: Cell
+    has_biases: bool = True
+    reverse: bool = False
+    cell_clip: float = math.inf
+    grad_clip: float = math.inf
+    norm: Norm = Norm.NONE
+    training: bool = True
+    eps: float = 1e-5
+
+    def op_args(self):
+        return (int(self.cell), self.has_biases, self.reverse, self.cell_clip, self.grad_clip, int(self.norm),
+                self.training, self.eps)
+
+    @classmethod
+    def from_op_args(cls, cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps):
+        return cls(Cell(cell), has_biases, reverse, cell_clip, grad_clip, Norm(norm), training, eps)
+
+
+NUM_OPTIONS = len(dataclasses.fields(LayerOptions))
+
+
+def layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), step_flags=None, *,
+                  save_for_backward):
     """Runs one layer in one direction.
 
     x is [T, B, I] (padded, ``batch_sizes`` None) or [N, I] (packed, ``batch_sizes`` the int64
-    CPU tensor of a PackedSequence); h0 [B, P]; c0 [B, H] for LSTM, else None. Returns
-    ``(y, h_n, c_n, hidden, gates, cells, proj_in, norm_saved, batch_stats)``: y in the layout of
-    x with P features, h_n [B, P], c_n [B, H] (LSTM), and what backward needs when
-    ``save_for_backward``: a private copy of y, the activations [N, saved * H] (fp32, fp64 for
-    fp64), LSTM cell states [N, H] and the projection's input [N, H]. ``grad_clip`` is used by
-    the backward.
+    CPU tensor of a PackedSequence); h0 [B, P]; c0 [B, H] for LSTM, else None.
+    Normalized layers: ``norm_weights`` is ``[gamma_x, gamma_h]`` [G] (+ LSTM ``[gamma_c,
+    beta_c]`` [H]); batch norm takes ``running_stats``, the statistics of every step
+    ``[mean_x, var_x, mean_h, var_h]`` [T, G] (+ LSTM ``[mean_c, var_c]`` [T, H]), used in eval
+    and at training steps with a single active row. ``step_flags`` (padded input only): uint8
+    [T, B] of STEP_RESET / STEP_INACTIVE bits, or None.
 
-    Normalized layers (``norm`` BATCH or LAYER): ``norm_weights`` is ``[gamma_x, gamma_h]`` [G]
-    (+ LSTM ``[gamma_c, beta_c]`` [H]); batch norm takes ``running_stats``, the statistics of
-    every step ``[mean_x, var_x, mean_h, var_h]`` [T, G] (+ LSTM ``[mean_c, var_c]`` [T, H]), used
-    in eval (``training`` False) and at training steps with a single active row. Outputs
-    ``norm_saved`` (for backward: x̂ [N, width] and 1/sqrt(var + eps) of each normalization) and,
-    batch norm in training, ``batch_stats``: the mean and biased variance of every step, in the
-    order of ``running_stats``, in the accumulation dtype.
+    Returns ``(y, h_n, c_n, saved, batch_stats)``: y in the layout of x with P features, h_n
+    [B, P], c_n [B, H] (LSTM); ``saved``, what backward needs when ``save_for_backward`` (else
+    empty): ``[hidden, gates, cells, proj_in, *norm_saved]``, a private copy of the hidden
+    states [N, P], the activations [N, saved * H] (fp32, fp64 for fp64), LSTM cell states
+    [N, H], the projection's input [N, H], and for normalized layers x̂ [N, width] and
+    1/sqrt(var + eps) of each normalization; ``batch_stats``, batch norm in training: the mean
+    and biased variance of every step, in the order of ``running_stats``, in the
+    accumulation dtype.
     """
-    return torch.ops.rnnfused.layer_forward(int(cell), x, batch_sizes, h0, c0, list(weights), has_biases, reverse,
-                                            save_for_backward, cell_clip, grad_clip, int(norm), list(norm_weights),
-                                            list(running_stats), training, eps)
+    return torch.ops.rnnfused.layer_forward(x, batch_sizes, h0, c0, list(weights), list(norm_weights),
+                                            list(running_stats), step_flags, *options.op_args(), save_for_backward)
 
 
-def layer_backward(cell, x, batch_sizes, h0, c0, weights, saved, dy, dh_n, dc_n, *, has_biases, reverse,
-                   cell_clip, grad_clip, need_dx, need_weights, norm=Norm.NONE, norm_weights=(), training=True,
-                   norm_saved=()):
-    """Gradients of one layer in one direction; ``saved`` is ``(hidden, gates, cells, proj_in)``
-    and ``norm_saved`` the list of that name from :func:`layer_forward` (None where the cell has
-    none). Returns ``(dx, dh0, dc0, dweights, dnorm_weights)``: dx as x (empty unless
-    ``need_dx``), dh0 [B, P], dc0 [B, H] (LSTM), dweights and dnorm_weights shaped as ``weights``
-    and ``norm_weights`` (empty unless ``need_weights``)."""
-    hidden, gates, cells, proj_in = saved
-    return torch.ops.rnnfused.layer_backward(int(cell), x, batch_sizes, h0, c0, list(weights), has_biases, reverse,
-                                             cell_clip, grad_clip, hidden, gates, cells, proj_in, dy, dh_n, dc_n,
-                                             need_dx, need_weights, int(norm), list(norm_weights), training,
-                                             list(norm_saved))
+def layer_backward(options, x, batch_sizes, h0, c0, weights, norm_weights, step_flags, saved, dy, dh_n, dc_n, *,
+                   need_dx, need_weights):
+    """Gradients of one layer in one direction; ``saved`` as :func:`layer_forward` returned it.
+    Returns ``(dx, dh0, dc0, dweights, dnorm_weights)``: dx as x (empty unless ``need_dx``),
+    dh0 [B, P], dc0 [B, H] (LSTM), dweights and dnorm_weights shaped as ``weights`` and
+    ``norm_weights`` (empty unless ``need_weights``)."""
+    return torch.ops.rnnfused.layer_backward(x, batch_sizes, h0, c0, list(weights), list(norm_weights), step_flags,
+                                             list(saved), dy, dh_n, dc_n, *options.op_args(), need_dx, need_weights)
 
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_devices(x, named):
-    """The device check of the C++ kernels, for the fake kernels: with a meta tensor among
-    the arguments the dispatcher runs the fake kernel even when others are on a real device."""
+def _check_devices(x, batch_sizes, named):
+    """The device checks of the C++ kernels, for the fake kernels: with a meta tensor among
+    the arguments the dispatcher runs the fake kernel even when others are on a real device,
+    so every tensor is checked here too."""
     for name, tensor in named:
         if tensor is not None and tensor.device != x.device:
             raise RuntimeError(f"rnnfused: {name} is on {tensor.device} but the input is on {x.device}; "
                                "move both to the same device")
+    if batch_sizes is not None and batch_sizes.device.type != "cpu":
+        raise RuntimeError("rnnfused: batch_sizes must be a 1-D int64 CPU tensor")
+
+
+def _named_inputs(weights, has_biases, norm_weights, running_stats, h0, c0, step_flags):
+    weight_names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if has_biases else []) + ["weight_hr"]
+    return [*zip(weight_names, weights), ("h0", h0), ("c0", c0), ("step_flags", step_flags),
+            *((f"norm_weights[{i}]", w) for i, w in enumerate(norm_weights)),
+            *((f"running_stats[{i}]", r) for i, r in enumerate(running_stats))]
 
 
 @torch.library.register_fake("rnnfused::layer_forward")
-def _layer_forward_fake(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, save_for_backward, cell_clip,
-                        grad_clip, norm=0, norm_weights=(), running_stats=(), training=True, eps=1e-5):
+def _layer_forward_fake(x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, cell, has_biases,
+                        reverse, cell_clip, grad_clip, norm, training, eps, save_for_backward):
     cell = Cell(cell)
-    _check_devices(x, [("weight_ih", weights[0]), ("weight_hh", weights[1]), ("h0", h0), ("c0", c0)])
+    _check_devices(x, batch_sizes, _named_inputs(weights, has_biases, norm_weights, running_stats, h0, c0, step_flags))
     hidden_size = weights[0].shape[0] // GATES_PER_UNIT[cell]
     gate_rows = weights[0].shape[0]
     width = weights[1].shape[1]
@@ -103,18 +152,19 @@ def _layer_forward_fake(cell, x, batch_sizes, h0, c0, weights, has_biases, rever
     steps = batch_sizes.shape[0] if batch_sizes is not None else x.shape[0]
     batch = h0.shape[0]
     acc = _acc_dtype(x.dtype)
-    saved = SAVED_PER_UNIT[cell]
+    saved_per_unit = SAVED_PER_UNIT[cell]
 
     def absent():
         return x.new_empty(0)
 
     y = x.new_empty((*x.shape[:-1], width))
     c_n = x.new_empty(batch, hidden_size) if cell == Cell.LSTM else absent()
-    hidden = x.new_empty(y.shape) if save_for_backward else absent()
-    gates = x.new_empty(rows, saved * hidden_size, dtype=acc) if save_for_backward and saved else absent()
-    cells = x.new_empty(rows, hidden_size, dtype=acc) if save_for_backward and cell == Cell.LSTM else absent()
-    proj_in = x.new_empty(rows, hidden_size) if save_for_backward and width != hidden_size else absent()
-    norm_saved, batch_stats = [], []
+    saved, batch_stats = [], []
+    if save_for_backward:
+        saved = [x.new_empty(y.shape),
+                 x.new_empty(rows, saved_per_unit * hidden_size, dtype=acc) if saved_per_unit else absent(),
+                 x.new_empty(rows, hidden_size, dtype=acc) if cell == Cell.LSTM else absent(),
+                 x.new_empty(rows, hidden_size) if width != hidden_size else absent()]
     if norm != Norm.NONE:
         widths = [gate_rows, gate_rows] + ([hidden_size] if cell == Cell.LSTM else [])
         for side, w in enumerate(widths):
@@ -123,17 +173,18 @@ def _layer_forward_fake(cell, x, batch_sizes, h0, c0, weights, has_biases, rever
             else:
                 line_shape = (rows, 2 if cell == Cell.GRU_CHO else 1) if side == 1 else (rows,)
             if save_for_backward:
-                norm_saved += [x.new_empty(rows, w, dtype=acc), x.new_empty(line_shape, dtype=acc)]
+                saved += [x.new_empty(rows, w, dtype=acc), x.new_empty(line_shape, dtype=acc)]
             if norm == Norm.BATCH and training:
                 batch_stats += [x.new_empty(steps, w, dtype=acc), x.new_empty(steps, w, dtype=acc)]
-    return y, x.new_empty(batch, width), c_n, hidden, gates, cells, proj_in, norm_saved, batch_stats
+    return y, x.new_empty(batch, width), c_n, saved, batch_stats
 
 
 @torch.library.register_fake("rnnfused::layer_backward")
-def _layer_backward_fake(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip, grad_clip, hidden,
-                         gates, cells, proj_in, dy, dh_n, dc_n, need_dx, need_weights, norm=0, norm_weights=(),
-                         training=True, norm_saved=()):
+def _layer_backward_fake(x, batch_sizes, h0, c0, weights, norm_weights, step_flags, saved, dy, dh_n, dc_n, cell,
+                         has_biases, reverse, cell_clip, grad_clip, norm, training, eps, need_dx, need_weights):
     cell = Cell(cell)
+    _check_devices(x, batch_sizes, _named_inputs(weights, has_biases, norm_weights, (), h0, c0, step_flags)
+                   + [(f"saved[{i}]", s) for i, s in enumerate(saved)] + [("dy", dy), ("dh_n", dh_n), ("dc_n", dc_n)])
     hidden_size = weights[0].shape[0] // GATES_PER_UNIT[cell]
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     dc0 = x.new_empty(h0.shape[0], hidden_size) if cell == Cell.LSTM else x.new_empty(0)
@@ -148,49 +199,42 @@ def _layer_backward_fake(cell, x, batch_sizes, h0, c0, weights, has_biases, reve
 # pytree on every call: about 150 µs per layer's forward + backward, measured with
 # `python -m bench.overhead`).
 
-def _save(ctx, cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, save_for_backward, cell_clip, grad_clip,
-          norm, norm_weights, running_stats, training, eps, output):
-    _, _, _, hidden, gates, cells, proj_in, norm_saved, batch_stats = output
-    ctx.mark_non_differentiable(hidden, gates, cells, proj_in, *norm_saved, *batch_stats)
+def _save(ctx, options, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, saved, batch_stats):
+    ctx.mark_non_differentiable(*saved, *batch_stats)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, batch_sizes, h0, c0, hidden, gates, cells, proj_in, *weights, *norm_weights,
-                          *running_stats, *norm_saved)
-    ctx.options = (Cell(cell), has_biases, reverse, save_for_backward, cell_clip, grad_clip, Norm(norm), training, eps)
+    ctx.save_for_backward(x, batch_sizes, h0, c0, step_flags, *weights, *norm_weights, *running_stats, *saved)
+    ctx.options = options
     ctx.counts = (len(weights), len(norm_weights), len(running_stats))
 
 
 def _gradients(ctx, dy, dh_n, dc_n, need_dx, need_dh0, need_dc0, need_dweights, need_dnorm_weights):
-    """(dx, dh0, dc0, dweights, dnorm_weights) of the saved layer; None where not needed."""
-    cell, has_biases, reverse, save_for_backward, cell_clip, grad_clip, norm, training, eps = ctx.options
-    x, batch_sizes, h0, c0, hidden, gates, cells, proj_in, *rest = ctx.saved_tensors
+    """(dx, dh0, dc0, dweights + dnorm_weights) of the saved layer; None where not needed."""
+    options = ctx.options
+    x, batch_sizes, h0, c0, step_flags, *rest = ctx.saved_tensors
     n_weights, n_norm_weights, n_running = ctx.counts
     weights = rest[:n_weights]
     norm_weights = rest[n_weights:n_weights + n_norm_weights]
     running_stats = rest[n_weights + n_norm_weights:n_weights + n_norm_weights + n_running]
-    norm_saved = rest[n_weights + n_norm_weights + n_running:]
-    if not save_for_backward:
+    saved = rest[n_weights + n_norm_weights + n_running:]
+    if not saved:
         raise RuntimeError("rnnfused: layer_forward ran with save_for_backward=False, so it cannot be "
                            "differentiated; call it with save_for_backward=True")
-    dy = torch.zeros_like(hidden) if dy is None else dy
+    dy = torch.zeros_like(saved[0]) if dy is None else dy
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
-    is_lstm = cell == Cell.LSTM
+    is_lstm = options.cell == Cell.LSTM
     if is_lstm and dc_n is None:
         dc_n = torch.zeros_like(c0)
     if torch.is_grad_enabled():
         # create_graph=True: the fused backward has no graph of its own, so the gradients are
         # recomputed through the differentiable equations (rnnfused.reference).
         from .functional import reference_layer_gradients
-        return reference_layer_gradients(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip,
-                                         grad_clip, (norm, norm_weights, running_stats, training, eps), dy, dh_n,
-                                         dc_n, need_dx, need_dh0, need_dc0, need_dweights + need_dnorm_weights)
-    projected = weights[1].shape[1] != weights[0].shape[0] // GATES_PER_UNIT[cell]
-    saved = (hidden, gates if SAVED_PER_UNIT[cell] else None, cells if is_lstm else None,
-             proj_in if projected else None)
+        return reference_layer_gradients(options, x, batch_sizes, h0, c0, weights, norm_weights, running_stats,
+                                         step_flags, dy, dh_n, dc_n, need_dx, need_dh0, need_dc0,
+                                         need_dweights + need_dnorm_weights)
     need_weights = any(need_dweights) or any(need_dnorm_weights)
     dx, dh0, dc0, dweights, dnorm_weights = layer_backward(
-        cell, x, batch_sizes, h0, c0, weights, saved, dy, dh_n, dc_n if is_lstm else None, has_biases=has_biases,
-        reverse=reverse, cell_clip=cell_clip, grad_clip=grad_clip, need_dx=need_dx, need_weights=need_weights,
-        norm=norm, norm_weights=norm_weights, training=training, norm_saved=norm_saved)
+        options, x, batch_sizes, h0, c0, weights, norm_weights, step_flags, saved, dy, dh_n,
+        dc_n if is_lstm else None, need_dx=need_dx, need_weights=need_weights)
 
     def wanted(grads, needs):
         return [g if need else None for g, need in zip(grads, needs)] if need_weights else [None] * len(needs)
@@ -199,18 +243,25 @@ def _gradients(ctx, dy, dh_n, dc_n, need_dx, need_dh0, need_dc0, need_dweights, 
             wanted(dweights, need_dweights) + wanted(dnorm_weights, need_dnorm_weights))
 
 
+# Positions of the operator's inputs (after x, batch_sizes, h0, c0, weights, norm_weights,
+# running_stats, step_flags come the options and save_for_backward).
+_OPTIONS_AT = 8
+
+
 def _setup_context(ctx, inputs, output):
-    _save(ctx, *inputs, output)
+    options = LayerOptions.from_op_args(*inputs[_OPTIONS_AT:_OPTIONS_AT + NUM_OPTIONS])
+    _, _, _, saved, batch_stats = output
+    _save(ctx, options, *inputs[:_OPTIONS_AT], saved, batch_stats)
 
 
 def _backward(ctx, dy, dh_n, dc_n, *unused):
     needs = ctx.needs_input_grad  # one per input; a list of bools for each list of tensors
-    dx, dh0, dc0, dweights = _gradients(ctx, dy, dh_n, dc_n, needs[1], needs[3], needs[4], list(needs[5]),
-                                        list(needs[12]))
+    dx, dh0, dc0, dweights = _gradients(ctx, dy, dh_n, dc_n, needs[0], needs[2], needs[3], list(needs[4]),
+                                        list(needs[5]))
     n_weights = ctx.counts[0]
     # Lists of inputs get lists of gradients (register_autograd checks the structure).
-    return (None, dx, None, dh0, dc0, dweights[:n_weights], None, None, None, None, None, None,
-            dweights[n_weights:], [None] * ctx.counts[2], None, None)
+    return (dx, None, dh0, dc0, dweights[:n_weights], dweights[n_weights:], [None] * ctx.counts[2], None,
+            *[None] * (NUM_OPTIONS + 1))
 
 
 torch.library.register_autograd("rnnfused::layer_forward", _backward, setup_context=_setup_context)
@@ -218,40 +269,37 @@ torch.library.register_autograd("rnnfused::layer_forward", _backward, setup_cont
 
 class _EagerLayer(torch.autograd.Function):
     """layer_forward with save_for_backward=True and the operator's autograd formula, for
-    eager mode; the weights and then the norm weights come last, one argument each."""
+    eager mode; the weights and then the norm weights come last, one argument each. Returns
+    (y, h_n, c_n, *saved, *batch_stats)."""
 
     @staticmethod
-    def forward(ctx, cell, x, batch_sizes, h0, c0, has_biases, reverse, cell_clip, grad_clip, norm, running_stats,
-                training, eps, n_weights, *all_weights):
+    def forward(ctx, options, x, batch_sizes, h0, c0, running_stats, step_flags, n_weights, *all_weights):
         weights, norm_weights = all_weights[:n_weights], all_weights[n_weights:]
-        output = torch.ops.rnnfused.layer_forward(int(cell), x, batch_sizes, h0, c0, list(weights), has_biases,
-                                                  reverse, True, cell_clip, grad_clip, int(norm), list(norm_weights),
-                                                  list(running_stats), training, eps)
-        _save(ctx, cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, True, cell_clip, grad_clip, norm,
-              norm_weights, running_stats, training, eps, output)
-        return (*output[:7], *output[7], *output[8])
+        y, h_n, c_n, saved, batch_stats = layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights,
+                                                        running_stats, step_flags, save_for_backward=True)
+        _save(ctx, options, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, saved,
+              batch_stats)
+        return (y, h_n, c_n, *saved, *batch_stats)
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n, *unused):
         needs = ctx.needs_input_grad
         n_weights = ctx.counts[0]
         dx, dh0, dc0, dweights = _gradients(ctx, dy, dh_n, dc_n, needs[1], needs[3], needs[4],
-                                            list(needs[14:14 + n_weights]), list(needs[14 + n_weights:]))
-        return (None, dx, None, dh0, dc0, None, None, None, None, None, None, None, None, None, *dweights)
+                                            list(needs[8:8 + n_weights]), list(needs[8 + n_weights:]))
+        return (None, dx, None, dh0, dc0, None, None, None, *dweights)
 
 
-def differentiable_layer_forward(cell, x, batch_sizes, h0, c0, weights, *, has_biases, reverse, cell_clip,
-                                 grad_clip, norm=Norm.NONE, norm_weights=(), running_stats=(), training=True,
-                                 eps=1e-5):
+def differentiable_layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(),
+                                 step_flags=None):
     """layer_forward with save_for_backward=True, differentiable: through _EagerLayer in
     eager mode, through the operator's registered autograd when compiling or exporting.
-    Returns ``(y, h_n, c_n, hidden, gates, cells, proj_in, batch_stats)``."""
+    Returns ``(y, h_n, c_n, batch_stats)``."""
     if torch.compiler.is_compiling():
-        output = layer_forward(cell, x, batch_sizes, h0, c0, weights, has_biases=has_biases, reverse=reverse,
-                               save_for_backward=True, cell_clip=cell_clip, grad_clip=grad_clip, norm=norm,
-                               norm_weights=norm_weights, running_stats=running_stats, training=training, eps=eps)
-        return output[:7] + (output[8],)
-    output = _EagerLayer.apply(cell, x, batch_sizes, h0, c0, has_biases, reverse, cell_clip, grad_clip, norm,
-                               running_stats, training, eps, len(weights), *weights, *norm_weights)
-    normalized_sides = 0 if norm == Norm.NONE else 3 if cell == Cell.LSTM else 2
-    return (*output[:7], list(output[7 + 2 * normalized_sides:]))  # norm_saved: 2 per side
+        y, h_n, c_n, _, batch_stats = layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights,
+                                                    running_stats, step_flags, save_for_backward=True)
+        return y, h_n, c_n, batch_stats
+    output = _EagerLayer.apply(options, x, batch_sizes, h0, c0, running_stats, step_flags, len(weights), *weights,
+                               *norm_weights)
+    n_batch_stats = len(running_stats) if options.norm == Norm.BATCH and options.training else 0
+    return (*output[:3], list(output[len(output) - n_batch_stats:]))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import init
 
+from . import dispatch
 from .functional import Cell, _clip_value, recurrent_layer
 
 __all__ = ["RNNCellBase", "RNNCell", "LSTMCell", "GRUCell"]
@@ -82,10 +83,30 @@ class RNNCellBase(nn.Module):
             if state.dtype != input.dtype and not torch._C._is_any_autocast_enabled():
                 raise RuntimeError(f"hidden{label} dtype ({state.dtype}) does not match input dtype ({input.dtype})")
 
-    def _step(self, cell, input, h, c=None, cell_clip=None):
-        """One fused step of a batched input [B, I]: (h', c') with c' None but for LSTM."""
+    def _step(self, cell, input, h, c=None, cell_clip=None, reset=None):
+        """One step of a batched input [B, I] on the kernel rnnfused.dispatch chooses (ours,
+        torch's own cell op, or the reference equations): (h', c') with c' None but for LSTM.
+        reset: bool [B] (a 0-d tensor for unbatched input) or None: rows whose state is replaced
+        by zeros before the step (no gradient reaches the given state of those rows)."""
+        if reset is not None:
+            if not isinstance(reset, torch.Tensor):
+                raise TypeError(f"reset must be a bool tensor, got {type(reset).__name__}")
+            reset = reset.reshape(1, -1)
+        weight = self.weight_ih
+        training = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
+        choice = dispatch.choose(self, weight, input.size(0), training, reset)
+        if choice.kernel == "cudnn":
+            weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+            if cell == Cell.LSTM:
+                return torch._VF.lstm_cell(input, (h, c), *weights)
+            op = {Cell.GRU: torch._VF.gru_cell, Cell.RNN_TANH: torch._VF.rnn_tanh_cell,
+                  Cell.RNN_RELU: torch._VF.rnn_relu_cell}[cell]
+            return op(input, h, *weights), None
+        if choice.kernel == "reference":
+            dispatch.warn_reference(choice)
         _, h_n, c_n = recurrent_layer(cell, input.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih,
-                                      self.bias_hh, cell_clip=cell_clip, grad_clip=self.grad_clip)
+                                      self.bias_hh, cell_clip=cell_clip, grad_clip=self.grad_clip, resets=reset,
+                                      reference=choice.kernel == "reference")
         return h_n, c_n
 
 
@@ -97,7 +118,9 @@ class RNNCell(RNNCellBase):
     *, grad_clip=None)``
 
     Shapes: input ``(N, H_in)`` or ``(H_in)``; hx ``(N, H)`` or ``(H)`` (zeros if None);
-    output h' shaped as hx. grad_clip: clamp the gradient of the pre-activation to
+    output h' shaped as hx. ``forward(input, hx=None, *, reset=None)``: reset, a bool ``(N)``
+    (or 0-d) tensor, starts the rows where it is True from zero states (an episode boundary;
+    no gradient reaches their hx). grad_clip: clamp the gradient of the pre-activation to
     [-grad_clip, grad_clip] in the backward pass (None: off).
     """
 
@@ -109,7 +132,11 @@ class RNNCell(RNNCellBase):
                          grad_clip=grad_clip)
         self.nonlinearity = nonlinearity
 
-    def forward(self, input, hx=None):
+    @property
+    def mode(self):
+        return "RNN_RELU" if self.nonlinearity == "relu" else "RNN_TANH"
+
+    def forward(self, input, hx=None, *, reset=None):
         self._check_input("RNNCell", input, [("hidden", hx)])
         is_batched = input.dim() == 2
         if not is_batched:
@@ -122,7 +149,7 @@ class RNNCell(RNNCellBase):
         if self.nonlinearity not in cells:
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         self._check_forward(input, [("0", hx)])
-        h, _ = self._step(cells[self.nonlinearity], input, hx)
+        h, _ = self._step(cells[self.nonlinearity], input, hx, reset=reset)
         return h if is_batched else h.squeeze(0)
 
 
@@ -146,7 +173,9 @@ class GRUCell(RNNCellBase):
                          grad_clip=grad_clip)
         self.reset_after = reset_after
 
-    def forward(self, input, hx=None):
+    mode = "GRU"
+
+    def forward(self, input, hx=None, *, reset=None):
         self._check_input("GRUCell", input, [("hidden", hx)])
         is_batched = input.dim() == 2
         if not is_batched:
@@ -156,7 +185,7 @@ class GRUCell(RNNCellBase):
         elif not is_batched:
             hx = hx.unsqueeze(0)
         self._check_forward(input, [("0", hx)])
-        h, _ = self._step(Cell.GRU if self.reset_after else Cell.GRU_CHO, input, hx)
+        h, _ = self._step(Cell.GRU if self.reset_after else Cell.GRU_CHO, input, hx, reset=reset)
         return h if is_batched else h.squeeze(0)
 
 
@@ -179,7 +208,9 @@ class LSTMCell(RNNCellBase):
                          grad_clip=grad_clip)
         self.cell_clip = cell_clip
 
-    def forward(self, input, hx=None):
+    mode = "LSTM"
+
+    def forward(self, input, hx=None, *, reset=None):
         self._check_input("LSTMCell", input, [] if hx is None else [(f"hx[{i}]", s) for i, s in enumerate(hx)])
         is_batched = input.dim() == 2
         if not is_batched:
@@ -192,5 +223,5 @@ class LSTMCell(RNNCellBase):
         if len(hx) != 2:
             raise RuntimeError("lstm_cell expects two hidden states")
         self._check_forward(input, [("0", hx[0]), ("1", hx[1])])
-        h, c = self._step(Cell.LSTM, input, hx[0], hx[1], cell_clip=self.cell_clip)
+        h, c = self._step(Cell.LSTM, input, hx[0], hx[1], cell_clip=self.cell_clip, reset=reset)
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))

@@ -5,7 +5,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _C
+from . import _C, dispatch
 from .cells import GRUCell, LSTMCell, RNNCell
 from .functional import Cell, fused_norm_on
 from .modules import RNNBase
@@ -14,20 +14,25 @@ from .modules import RNNBase
 class KernelChoice(NamedTuple):
     layer: int
     direction: str  # "forward" or "reverse"
-    kernel: str  # "stepwise", "persistent", "persistent (host simulation)" or "reference equations"
+    # "stepwise", "persistent", "persistent (host simulation)", "cudnn" or "reference equations"
+    kernel: str
     reason: str
+    row: dict = None  # the measured table row behind a choice between ours and cuDNN
 
     def __str__(self):
         return f"layer {self.layer} {self.direction}: {self.kernel} ({self.reason})"
 
 
-def explain(module, input):
+def explain(module, input, *, lengths=None, resets=None):
     """The kernel that runs the recurrence of every layer and direction of ``module`` (an
     rnnfused RNN/GRU/LSTM or cell) for ``input`` (what you would pass to it), and why: the
     stepwise kernels, or the persistent kernel that keeps W_hh on chip for the whole
     sequence with its tiling, or the reason it does not apply (dtype, size, device, the
-    RNNFUSED_KERNEL setting). Returns a list of ``KernelChoice(layer, direction, kernel,
-    reason)``; ``print(*rnnfused.explain(m, x), sep="\\n")`` shows them."""
+    RNNFUSED_KERNEL setting); on CUDA first whether the stack runs ours, cuDNN (torch's own
+    RNN op) or the reference equations, and the measured table row or the rule behind it
+    (rnnfused.dispatch). ``lengths`` / ``resets``: as you would pass them (they keep a layer
+    off cuDNN). Returns a list of ``KernelChoice(layer, direction, kernel, reason, row)``;
+    ``print(*rnnfused.explain(m, x), sep="\\n")`` shows them."""
     weight = module.weight_ih_l0 if isinstance(module, RNNBase) else module.weight_ih
     dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) \
         and weight.dtype != torch.float64 else weight.dtype
@@ -50,10 +55,17 @@ def explain(module, input):
         batch = input.size(0 if module.batch_first else 1)
         steps = input.size(1 if module.batch_first else 0)
     width = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
+    training = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+    has_flags = lengths is not None or resets is not None
+    stack = dispatch.choose(module, weight, batch, training, torch.empty(0) if has_flags else None)
     choices = []
     for layer in range(module.num_layers):
         for direction in ("forward", "reverse") if module.bidirectional else ("forward",):
-            if module.norm is None:
+            if stack.kernel == "cudnn":
+                kernel, reason = "cudnn", stack.reason
+            elif stack.kernel == "reference":
+                kernel, reason = "reference equations", stack.reason
+            elif module.norm is None:
                 kernel, reason = _C.kernel_choice(int(module._cell()), steps, module.hidden_size, width, batch,
                                                   dtype, device)
             elif fused_norm_on(device):
@@ -61,5 +73,5 @@ def explain(module, input):
             else:
                 kernel, reason = "reference equations", ("normalized layers on CUDA until their fused kernels have "
                                                          "passed their GPU tests (RNNFUSED_CUDA_NORM=fused)")
-            choices.append(KernelChoice(layer, direction, kernel, reason))
+            choices.append(KernelChoice(layer, direction, kernel, reason, stack.row))
     return choices

@@ -3,7 +3,6 @@ recurrent layer and cell in it, around the per-layer explanation of :mod:`rnnfus
 
 from typing import NamedTuple
 
-import torch
 from torch import nn
 
 from .explain import explain as _explain_layer
@@ -46,11 +45,13 @@ def explain(module, *args, **kwargs):
     * any other ``nn.Module`` (a whole model, or a torch.nn layer) and optionally the
       arguments of its forward: a list of :class:`LayerExplanation`, one per recurrent
       layer or cell found in it, in ``named_modules()`` order. With arguments, the model's
-      forward runs once under ``torch.no_grad()`` and each rnnfused layer is explained for
-      the input it received (in training mode that forward updates running statistics as
-      any forward does: call ``model.eval()`` first if that matters); without them the
-      rnnfused layers are only listed. torch.nn layers run torch's own kernels, which the
-      note says, with the ``rnnfused.convert`` call that swaps them.
+      forward runs once, in the caller's grad mode (the kernel choice may differ between
+      training and inference: wrap the call in ``torch.no_grad()`` to see inference's), and
+      each rnnfused layer is explained for the input it received (in training mode that
+      forward updates running statistics as any forward does: call ``model.eval()`` first
+      if that matters); without them the rnnfused layers are only listed. torch.nn layers
+      run torch's own kernels, which the note says, with the ``rnnfused.convert`` call that
+      swaps them.
 
     ``print(*rnnfused.explain(model, x), sep="\\n")`` shows the result. Raises TypeError for
     anything that is not an ``nn.Module``.
@@ -59,10 +60,10 @@ def explain(module, *args, **kwargs):
         raise TypeError(f"explain: expected an nn.Module (an rnnfused layer or cell, or a model that contains "
                         f"recurrent layers), got {type(module).__name__}")
     if isinstance(module, _OURS):
-        if len(args) != 1 or kwargs:
+        if len(args) != 1:
             raise TypeError(f"explain: an rnnfused {type(module).__name__} is explained for one input, "
-                            f"explain(layer, input); got {len(args)} positional and {len(kwargs)} keyword arguments")
-        return _explain_layer(module, args[0])
+                            f"explain(layer, input); got {len(args)} positional arguments")
+        return _explain_layer(module, args[0], **kwargs)
 
     layers = [(name, layer) for name, layer in module.named_modules() if isinstance(layer, _OURS + _THEIRS)]
     explained, calls = {}, {}
@@ -70,15 +71,15 @@ def explain(module, *args, **kwargs):
     def record(name, layer, layer_args, layer_kwargs):
         calls[name] = calls.get(name, 0) + 1
         if name not in explained:
-            explained[name] = _explain_layer(layer, layer_args[0] if layer_args else layer_kwargs["input"])
+            flags = {key: layer_kwargs[key] for key in ("lengths", "resets") if key in layer_kwargs}
+            explained[name] = _explain_layer(layer, layer_args[0] if layer_args else layer_kwargs["input"], **flags)
 
     if args or kwargs:
         handles = [layer.register_forward_pre_hook(lambda layer, a, k, name=name: record(name, layer, a, k),
                                                    with_kwargs=True)
                    for name, layer in layers if isinstance(layer, _OURS)]
         try:
-            with torch.no_grad():
-                module(*args, **kwargs)
+            module(*args, **kwargs)  # in the caller's grad mode: training and inference may differ
         finally:
             for handle in handles:
                 handle.remove()

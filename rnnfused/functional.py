@@ -17,9 +17,9 @@ from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import _ops, reference
-from ._ops import Cell, Norm
+from ._ops import STEP_INACTIVE, STEP_RESET, Cell, LayerOptions, Norm
 
-__all__ = ["Cell", "recurrent_layer"]
+__all__ = ["Cell", "recurrent_layer", "step_flags"]
 
 _NORMS = {None: Norm.NONE, "batch": Norm.BATCH, "layer": Norm.LAYER}
 
@@ -103,50 +103,116 @@ def _update_running_stats(running_stats, batch_stats, counts, momentum):
             rows.copy_(torch.where(n >= 2, torch.lerp(rows, stat, momentum), rows))
 
 
-def _reference_layer(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip, grad_clip,
-                     normalization=None):
+def check_lengths(lengths, steps, batch):
+    """``lengths`` as an int64 tensor [batch], checked as torch.nn's pack functions check them:
+    every length in 1..steps. Lengths on the CPU are checked at once; on a device (no host
+    sync) by a device-side assertion."""
+    if not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be a 1-D integer tensor of one length per sequence, got a "
+                         f"{lengths.dim()}-D {lengths.dtype} tensor")
+    if lengths.size(0) != batch:
+        raise RuntimeError(f"Expected `len(lengths)` to be equal to batch_size, but got {lengths.size(0)} "
+                           f"(batch_size={batch})")
+    lengths = lengths.to(torch.int64)
+    if lengths.device.type == "cpu" and not torch.compiler.is_compiling():
+        if batch and int(lengths.min()) <= 0:
+            raise RuntimeError("Length of all samples has to be greater than 0, but found an element in 'lengths' "
+                               "that is <= 0")
+        if batch and int(lengths.max()) > steps:
+            raise RuntimeError(f"rnnfused: lengths must not exceed the sequence length {steps}, got "
+                               f"{int(lengths.max())}")
+    elif batch:
+        torch._assert_async(((lengths > 0) & (lengths <= steps)).all(),
+                            f"rnnfused: every length must be in 1..{steps} (the sequence length)")
+    return lengths
+
+
+def check_resets(resets, steps, batch):
+    """``resets`` as a bool tensor [steps, batch] (time-major), checked."""
+    if not isinstance(resets, torch.Tensor):
+        raise TypeError(f"resets must be a bool tensor, got {type(resets).__name__}")
+    if resets.dtype.is_floating_point or resets.dtype.is_complex:
+        raise ValueError(f"resets must be a bool tensor, got {resets.dtype}")
+    if tuple(resets.shape) != (steps, batch):
+        raise ValueError(f"resets must have one flag per step and sequence, shape {(steps, batch)} "
+                         f"(time-major), got {tuple(resets.shape)}")
+    return resets.bool()
+
+
+def step_flags(steps, batch, device, *, lengths=None, resets=None, reverse=False):
+    """The operators' step flags of one direction for padded input of ``steps`` x ``batch``:
+    uint8 [steps, batch] on ``device`` (None without lengths and resets), computed on the
+    device without a host sync.
+
+    lengths [batch] (checked, see :func:`check_lengths`): steps t >= lengths[b] of sequence b are
+    inactive (its state held, its output zero), so the forward direction ends each sequence at
+    its own last step and the reverse direction starts it there from h0. resets [steps, batch]
+    bool (time-major; checked, see :func:`check_resets`): a new segment starts at every step t
+    where it is True: the forward direction starts it from zero states; the reverse direction
+    starts its walk through the previous segment from zero states at that segment's last step
+    (t - 1). Resets at steps past a sequence's length are ignored.
+    """
+    if lengths is None and resets is None:
+        return None
+    inactive = None
+    if lengths is not None:
+        inactive = torch.arange(steps, device=device).unsqueeze(1) >= lengths.to(device).unsqueeze(0)
+    if resets is not None:
+        starts = resets.to(device)
+        if inactive is not None:
+            starts = starts & ~inactive
+        if reverse:
+            starts = torch.cat([starts[1:], torch.zeros_like(starts[:1])])
+        flags = starts.to(torch.uint8) * STEP_RESET
+        return flags if inactive is None else flags + inactive.to(torch.uint8) * STEP_INACTIVE
+    return inactive.to(torch.uint8) * STEP_INACTIVE
+
+
+def _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), step_statistics=(), flags=None):
     """The layer through rnnfused.reference (differentiable torch operations), in the fused
-    layer's layout: x [T, B, I], or packed rows [N, I] with ``batch_sizes``. ``normalization``:
-    (norm, norm_weights, step_statistics, training, eps) of a normalized layer. Returns (y, h_n,
-    c_n, batch_stats) (batch_stats as the operator's, for batch norm in training)."""
-    mode, reset_after = ("GRU", False) if cell == Cell.GRU_CHO else (cell.name, True)
-    names = ["w_ih", "w_hh"] + (["b_ih", "b_hh"] if has_biases else [])
+    layer's layout: x [T, B, I], or packed rows [N, I] with ``batch_sizes``; the arguments as
+    the operator's (``step_statistics``: batch norm's running statistics of every step).
+    Returns (y, h_n, c_n, batch_stats), batch_stats as the operator's (batch norm in training)."""
+    mode, reset_after = ("GRU", False) if options.cell == Cell.GRU_CHO else (options.cell.name, True)
+    names = ["w_ih", "w_hh"] + (["b_ih", "b_hh"] if options.has_biases else [])
     named = dict(zip(names, weights))
     named["w_hr"] = weights[len(names)] if len(weights) > len(names) else None
     for name in ("b_ih", "b_hh"):
         named.setdefault(name, None)
     norm = None
-    if normalization is not None and normalization[0] != Norm.NONE:
-        kind, norm_weights, step_statistics, training, eps = normalization
-        norm = reference.Normalization("batch" if kind == Norm.BATCH else "layer", *norm_weights, eps=eps,
-                                       training=training, running=list(step_statistics) or None)
-    options = dict(reverse=reverse, reset_after=reset_after, norm=norm,
-                   cell_clip=None if math.isinf(cell_clip) else cell_clip,
-                   grad_clip=None if math.isinf(grad_clip) else grad_clip)
+    if options.norm != Norm.NONE:
+        norm = reference.Normalization("batch" if options.norm == Norm.BATCH else "layer", *norm_weights,
+                                       eps=options.eps, training=options.training,
+                                       running=list(step_statistics) or None)
+    kwargs = dict(reverse=options.reverse, reset_after=reset_after, norm=norm,
+                  cell_clip=None if math.isinf(options.cell_clip) else options.cell_clip,
+                  grad_clip=None if math.isinf(options.grad_clip) else options.grad_clip)
     if batch_sizes is None:
-        y, h_n, c_n = reference.layer(mode, x, h0, c0, named, **options)
+        y, h_n, c_n = reference.layer(mode, x, h0, c0, named, step_flags=flags, **kwargs)
     else:
         padded, lengths = pad_packed_sequence(PackedSequence(x, batch_sizes))  # the packed (sorted) order
-        y, h_n, c_n = reference.layer(mode, padded, h0, c0, named, lengths=lengths, **options)
+        y, h_n, c_n = reference.layer(mode, padded, h0, c0, named, lengths=lengths, **kwargs)
         y = torch.cat([y[t, :n] for t, n in enumerate(batch_sizes.tolist())])
     batch_stats = norm.batch_stats if norm is not None and norm.kind == "batch" and norm.training else []
     return y, h_n, c_n, batch_stats
 
 
-def reference_layer_gradients(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip, grad_clip,
-                              normalization, dy, dh_n, dc_n, need_dx, need_dh0, need_dc0, need_dweights):
+def reference_layer_gradients(options, x, batch_sizes, h0, c0, weights, norm_weights, step_statistics, flags,
+                              dy, dh_n, dc_n, need_dx, need_dh0, need_dc0, need_dweights):
     """(dx, dh0, dc0, dweights) of one layer as a differentiable computation (for
-    create_graph=True); None where not needed. ``weights`` and ``need_dweights`` go on with the
-    norm weights of ``normalization`` (see _reference_layer)."""
-    norm_weights = normalization[1]
+    create_graph=True); None where not needed. ``need_dweights`` covers ``weights`` and then
+    ``norm_weights``."""
     with torch.enable_grad():
-        y, h_n, c_n, _ = _reference_layer(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip,
-                                          grad_clip, normalization)
+        y, h_n, c_n, _ = _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights, step_statistics,
+                                          flags)
     outputs, grad_outputs = [y, h_n], [dy, dh_n]
-    if cell == Cell.LSTM:
+    is_lstm = options.cell == Cell.LSTM
+    if is_lstm:
         outputs.append(c_n)
         grad_outputs.append(dc_n)
-    candidates = [(need_dx, x), (need_dh0, h0), (cell == Cell.LSTM and need_dc0, c0)]
+    candidates = [(need_dx, x), (need_dh0, h0), (is_lstm and need_dc0, c0)]
     candidates += list(zip(need_dweights, [*weights, *norm_weights]))
     wanted = [t for need, t in candidates if need]
     grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True, allow_unused=True))
@@ -156,7 +222,8 @@ def reference_layer_gradients(cell, x, batch_sizes, h0, c0, weights, has_biases,
 
 def recurrent_layer(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, *,
                     batch_sizes=None, reverse=False, cell_clip=None, grad_clip=None,
-                    norm=None, norm_weights=(), running_stats=(), training=True, momentum=0.1, eps=1e-5):
+                    norm=None, norm_weights=(), running_stats=(), training=True, momentum=0.1, eps=1e-5,
+                    lengths=None, resets=None, reference=False):
     """One recurrent layer in one direction, fused forward and backward.
 
     Args:
@@ -179,6 +246,13 @@ def recurrent_layer(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None
             at training steps with a single active row; updated in place in training, as
             ``torch.nn.functional.batch_norm`` does, with ``momentum``.
         eps: added to the variance of every normalization.
+        lengths: padded input only, ``[B]`` integers in 1..T: sequence b ends at step lengths[b] - 1
+            (outputs past it are zero, h_n is its state there; the reverse direction starts
+            there from h0), as torch.nn run on the packed sequence.
+        resets: padded input only, ``[T, B]`` bool: a new segment starts at every step where it is
+            True, exactly as if each segment were a sequence of its own (see :func:`step_flags`).
+        reference: compute through the reference equations (differentiable torch operations)
+            instead of the fused kernels.
 
     Under autocast the floating inputs other than float64 are cast to the autocast dtype,
     as torch's autocast does for an op that runs in lower precision.
@@ -197,42 +271,58 @@ def recurrent_layer(cell, x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None
         raise ValueError("rnnfused: give both biases or neither")
     if w_hr is not None and not is_lstm:
         raise ValueError("rnnfused: projections (w_hr) exist only for LSTM")
-    cell_clip = _clip_value(cell_clip, "cell_clip")
-    grad_clip = _clip_value(grad_clip, "grad_clip")
     norm = _norm_kind(norm)
-    norm_weights, running_stats = list(norm_weights), list(running_stats)
-    if norm == Norm.BATCH:
-        if not running_stats:
-            raise ValueError("rnnfused: batch norm needs running_stats (the statistics of every step)")
-        if training and h0.size(0) < 2:
-            raise ValueError("Expected more than 1 value per channel when training, got input size "
-                             f"{torch.Size([h0.size(0), w_ih.size(0)])}")
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *norm_weights = _autocast(
-        (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *norm_weights), x.device.type)
-    has_biases = b_ih is not None
+    if norm == Norm.BATCH and not running_stats:
+        raise ValueError("rnnfused: batch norm needs running_stats (the statistics of every step)")
+    options = LayerOptions(cell, has_biases=b_ih is not None, reverse=bool(reverse),
+                           cell_clip=_clip_value(cell_clip, "cell_clip"), grad_clip=_clip_value(grad_clip, "grad_clip"),
+                           norm=norm, training=bool(training), eps=eps)
     weights = [w for w in (w_ih, w_hh, b_ih, b_hh, w_hr) if w is not None]
+    flags = None
+    if lengths is not None or resets is not None:
+        if batch_sizes is not None:
+            raise ValueError("rnnfused: lengths and resets are for padded input, not packed rows")
+        steps, batch = x.size(0), x.size(1)
+        flags = step_flags(steps, batch, x.device, reverse=bool(reverse),
+                           lengths=None if lengths is None else check_lengths(lengths, steps, batch),
+                           resets=None if resets is None else check_resets(resets, steps, batch))
+    y, h_n, c_n = run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, momentum, flags,
+                            reference)
+    return y, h_n, (c_n if is_lstm else None)
+
+
+def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), momentum=0.1,
+              flags=None, reference=False):
+    """:func:`recurrent_layer` with its arguments checked and grouped: a
+    :class:`~rnnfused._ops.LayerOptions`, the weight lists in the operators' order and the step
+    flags (rnnfused.modules calls this); ``reference``: run the reference equations (the
+    dispatch's choice where no verified fused kernel runs). Returns ``(y, h_n, c_n)`` (c_n an
+    empty tensor unless LSTM)."""
+    norm_weights, running_stats = list(norm_weights), list(running_stats)
+    if flags is not None and options.norm != Norm.NONE:
+        raise ValueError("rnnfused: normalized layers do not take lengths or resets yet")
+    if options.norm == Norm.BATCH and options.training and h0.size(0) < 2:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{torch.Size([h0.size(0), weights[0].size(0)])}")
+    x, h0, c0, *all_weights = _autocast((x, h0, c0, *weights, *norm_weights), x.device.type)
+    weights, norm_weights = all_weights[:len(weights)], all_weights[len(weights):]
     tensors = (x, h0, c0, *weights, *norm_weights)
     steps = batch_sizes.numel() if batch_sizes is not None else x.size(0)
-    step_statistics = _step_statistics(running_stats, steps, x.dtype) if norm == Norm.BATCH and running_stats else []
-    normalization = dict(norm=norm, norm_weights=norm_weights, running_stats=step_statistics, training=training,
-                         eps=eps)
-    unverified = norm != Norm.NONE and not fused_norm_on(x.device)
+    step_statistics = _step_statistics(running_stats, steps, x.dtype) if options.norm == Norm.BATCH else []
+    unverified = options.norm != Norm.NONE and not fused_norm_on(x.device)
     if unverified:
         warnings.warn("rnnfused: normalized layers on CUDA run the reference equations (exact, slower) until "
                       "their fused kernels have passed their GPU tests; RNNFUSED_CUDA_NORM=fused runs those")
-    if unverified or _needs_differentiable_equations(tensors):
-        y, h_n, c_n, batch_stats = _reference_layer(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse,
-                                                    cell_clip, grad_clip, tuple(normalization.values()))
+    if reference or unverified or _needs_differentiable_equations(tensors):
+        y, h_n, c_n, batch_stats = _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights,
+                                                    step_statistics, flags)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        y, h_n, c_n, batch_stats = _ops.differentiable_layer_forward(options, x, batch_sizes, h0, c0, weights,
+                                                                     norm_weights, step_statistics, flags)
     else:
-        options = dict(has_biases=has_biases, reverse=reverse, cell_clip=cell_clip, grad_clip=grad_clip,
-                       **normalization)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            y, h_n, c_n, *_, batch_stats = _ops.differentiable_layer_forward(cell, x, batch_sizes, h0, c0, weights,
-                                                                             **options)
-        else:
-            y, h_n, c_n, *_, batch_stats = _ops.layer_forward(cell, x, batch_sizes, h0, c0, weights,
-                                                              save_for_backward=False, **options)
-    if norm == Norm.BATCH and training:
+        y, h_n, c_n, _, batch_stats = _ops.layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights,
+                                                         step_statistics, flags, save_for_backward=False)
+    if options.norm == Norm.BATCH and options.training:
         counts = batch_sizes if batch_sizes is not None else torch.full((steps,), x.size(1))
         _update_running_stats(running_stats, batch_stats, counts, momentum)
-    return y, h_n, (c_n if is_lstm else None)
+    return y, h_n, c_n

@@ -12,6 +12,30 @@ Extras beyond torch.nn (keyword-only, off by default): ``grad_clip`` for every l
 ``cell_clip`` for LSTM, ``reset_after`` for GRU, and normalized layers for every cell
 (``norm="batch"`` or ``"layer"``, below); see the class docstrings.
 
+Lengths and resets
+------------------
+``forward(input, hx=None, *, lengths=None, resets=None)`` takes padded input (not a
+PackedSequence) with, optionally:
+
+* ``lengths``: integers ``[N]`` in 1..L, on any device (unsorted is fine). The result is
+  torch.nn's on ``pack_padded_sequence(input, lengths, batch_first=..., enforce_sorted=False)``,
+  padded back: outputs past a sequence's length are zero, ``h_n`` (``c_n``) is each sequence's
+  state at its own last step, the reverse direction starts at each sequence's own end, and no
+  gradient flows through the padding. Nothing is copied to the host: on CUDA the lengths stay
+  on the GPU (bad lengths there raise through a device-side assertion).
+* ``resets``: bool ``[L, N]`` (``[N, L]`` with batch_first, ``[L]`` unbatched), on any device: a
+  new segment starts at every step where it is True, exactly as if each segment were a
+  sequence of its own (reinforcement-learning rollouts, streaming). The forward direction
+  starts a segment from zero states (the first one from ``hx``, unless it resets at step 0),
+  the reverse direction starts its walk through a segment from zero states at the segment's
+  last step (the last segment from ``hx``); every layer of a stack resets; no gradient
+  flows across a reset. ``h_n`` holds the states after the last step of each direction.
+  Resets past a sequence's length are ignored.
+
+Both are fused in the kernels: per step and row, a reset reads the carried state as zeros
+and a finished row keeps its state (:func:`rnnfused.functional.step_flags`). Normalized
+layers do not take them yet.
+
 Normalized layers
 -----------------
 ``norm="batch"``: recurrent batch normalization (Cooijmans et al., "Recurrent Batch
@@ -54,12 +78,16 @@ from torch import nn
 from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
-from .functional import Cell, _clip_value, recurrent_layer
+from . import dispatch
+from ._ops import LayerOptions
+from .functional import Cell, _clip_value, _norm_kind, check_lengths, check_resets, run_layer, step_flags
 
 __all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _NORMS = (None, "batch", "layer")
+# The weights of one layer direction in the operators' order.
+_WEIGHT_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 _BATCH_NORM_GAMMA = 0.1  # Cooijmans et al.: γ = 0.1 keeps the gates out of saturation early on
 
 
@@ -146,6 +174,7 @@ class RNNBase(nn.Module):
                             self.register_buffer(running_names[-1], torch.empty(max_steps, width, **factory_kwargs))
                 self._running_stats_names.append(running_names)
         self.reset_parameters()
+        self.flatten_parameters()
 
     def reset_parameters(self) -> None:
         """U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) for every standard weight, in
@@ -185,7 +214,30 @@ class RNNBase(nn.Module):
             "compile its Python forward); use torch.compile or torch.export, or torch.jit.trace")
 
     def flatten_parameters(self) -> None:
-        """No-op, kept for compatibility: the fused kernels read the parameters in place."""
+        """On CUDA, puts the standard weights into one buffer in cuDNN's layout (the parameters
+        become views into it, their shapes unchanged), as torch.nn does, so that calls routed to
+        cuDNN (rnnfused.dispatch) need no copy; elsewhere nothing. Called after ``.to()`` /
+        ``.cuda()`` and whenever a cuDNN call finds the weights moved; our kernels read the
+        parameters in place either way."""
+        weights = self._flat_weights
+        first = weights[0]
+        if not (first.is_cuda and all(isinstance(w, torch.Tensor) and w.is_cuda and w.dtype == first.dtype
+                                      and w.device == first.device for w in weights)):
+            return
+        if not torch.backends.cudnn.is_acceptable(first) or len({w.data_ptr() for w in weights}) != len(weights):
+            return
+        from torch.backends.cudnn import rnn as cudnn_rnn
+        per_layer = (4 if self.bias else 2) + (1 if self.proj_size > 0 else 0)
+        with torch.cuda.device_of(first), torch.no_grad():
+            torch._cudnn_rnn_flatten_weight(weights, per_layer, self.input_size, cudnn_rnn.get_cudnn_mode(self.mode),
+                                            self.hidden_size, self.proj_size, self.num_layers, self.batch_first,
+                                            bool(self.bidirectional))
+        self._cudnn_flat = tuple(w.data_ptr() for w in self._flat_weights)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self.flatten_parameters()
+        return result
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -255,11 +307,87 @@ class RNNBase(nn.Module):
             return Cell.GRU_CHO
         return getattr(Cell, self.mode)
 
-    def _run_stack(self, x, batch_sizes, hx, cx):
-        """x: [T, B, I] time-major or [N, I] packed rows; hx [L*D, B, P]; cx [L*D, B, H] or None.
-        Returns (output, h_n, c_n) with output in the layout of x."""
-        cell = self._cell()
+    def _layer_options(self, reverse):
+        """The options of one layer direction of this stack, as the operators take them."""
+        return LayerOptions(self._cell(), has_biases=self.bias, reverse=reverse,
+                            cell_clip=_clip_value(self.cell_clip, "cell_clip"),
+                            grad_clip=_clip_value(self.grad_clip, "grad_clip"), norm=_norm_kind(self.norm),
+                            training=self.training, eps=self.eps)
+
+    def _step_flags(self, x, lengths, resets, is_batched):
+        """The step flags of each direction ([T, B] uint8) for time-major padded x [T, B, I] and
+        the forward's ``lengths`` and ``resets`` (as the caller gave them), or None."""
+        if lengths is None and resets is None:
+            return None
+        if lengths is not None and not is_batched:
+            raise ValueError("lengths is for batched input (one length per sequence); unbatched input is one "
+                             "whole sequence")
+        steps, batch = x.size(0), x.size(1)
+        if lengths is not None:
+            lengths = check_lengths(lengths, steps, batch)
+        if resets is not None:
+            if isinstance(resets, torch.Tensor):
+                if not is_batched and resets.dim() == 1:
+                    resets = resets.unsqueeze(1)
+                elif self.batch_first and resets.dim() == 2:
+                    resets = resets.t()
+            resets = check_resets(resets, steps, batch)
+        return [step_flags(steps, batch, x.device, lengths=lengths, resets=resets, reverse=direction == 1)
+                for direction in range(2 if self.bidirectional else 1)]
+
+    def _run_cudnn(self, x, batch_sizes, hx, cx):
+        """The stack through torch's own RNN op (cuDNN), as torch.nn runs it: arguments and
+        results as :meth:`_run_stack`'s."""
+        weights = self._flat_weights
+        if x.is_cuda and getattr(self, "_cudnn_flat", None) != tuple(w.data_ptr() for w in weights) and \
+                not torch.cuda.is_current_stream_capturing():
+            self.flatten_parameters()  # weights moved since: flatten again rather than copy every call
+            weights = self._flat_weights
+        args = (weights, self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        state = (hx, cx) if self.mode == "LSTM" else hx
+        op = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh,
+              "RNN_RELU": torch._VF.rnn_relu}[self.mode]
+        result = op(x, state, *args, False) if batch_sizes is None else op(x, batch_sizes, state, *args)
+        return result[0], result[1], (result[2] if self.mode == "LSTM" else None)
+
+    def _autotune_candidates(self, x, batch_sizes, hx, cx, training):
+        """{"ours", "cudnn"}: this call on each, forward (+ backward in training, into no .grad)."""
+        def timed(run):
+            def once():
+                if not training:
+                    with torch.no_grad():
+                        run(x, batch_sizes, hx, cx)
+                    return
+                leaf = x.detach().requires_grad_()
+                output = run(leaf, batch_sizes, hx, cx)[0]
+                weights = [w for w in self._flat_weights if w.requires_grad]
+                torch.autograd.grad(output.sum(), [leaf] + weights, allow_unused=True)
+            return once
+        return {"ours": timed(self._run_stack), "cudnn": timed(self._run_cudnn)}
+
+    def _run(self, x, batch_sizes, batch, hx, cx, flags):
+        """Runs the stack (x time-major or packed) on the kernel rnnfused.dispatch chooses for
+        this call: (output, h_n, c_n)."""
+        weight = self.weight_ih_l0
+        training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        autotune = None
+        if dispatch.autotune_enabled() and x.is_cuda and not torch.compiler.is_compiling() \
+                and not torch.cuda.is_current_stream_capturing():
+            candidates = self._autotune_candidates(x, batch_sizes, hx, cx, training)
+            autotune = lambda key: dispatch.autotuned(key, candidates)  # noqa: E731
+        choice = dispatch.choose(self, weight, batch, training, flags, autotune)
+        if choice.kernel == "cudnn":
+            return self._run_cudnn(x, batch_sizes, hx, cx)
+        if choice.kernel == "reference":
+            dispatch.warn_reference(choice)
+        return self._run_stack(x, batch_sizes, hx, cx, flags, reference=choice.kernel == "reference")
+
+    def _run_stack(self, x, batch_sizes, hx, cx, flags=None, reference=False):
+        """x: [T, B, I] time-major or [N, I] packed rows; hx [L*D, B, P]; cx [L*D, B, H] or None;
+        flags: the step flags of each direction (padded input) or None; reference: run the
+        reference equations. Returns (output, h_n, c_n) with output in the layout of x."""
         num_directions = 2 if self.bidirectional else 1
+        options = [self._layer_options(reverse=direction == 1) for direction in range(num_directions)]
         h_n, c_n = [], []
         layer_input = x
         for layer in range(self.num_layers):
@@ -267,21 +395,12 @@ class RNNBase(nn.Module):
             for direction in range(num_directions):
                 index = layer * num_directions + direction
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-
-                def param(kind):
-                    return getattr(self, kind + suffix, None)
-
-                normalization = {}
-                if self.norm is not None:
-                    normalization = dict(
-                        norm=self.norm, norm_weights=[getattr(self, n) for n in self._norm_weights_names[index]],
-                        running_stats=[getattr(self, n) for n in self._running_stats_names[index]],
-                        training=self.training, momentum=self.momentum, eps=self.eps)
-                y, h, c = recurrent_layer(
-                    cell, layer_input, hx[index], None if cx is None else cx[index],
-                    param("weight_ih"), param("weight_hh"), param("bias_ih"), param("bias_hh"),
-                    param("weight_hr"), batch_sizes=batch_sizes, reverse=direction == 1,
-                    cell_clip=self.cell_clip, grad_clip=self.grad_clip, **normalization)
+                weights = [getattr(self, kind + suffix) for kind in _WEIGHT_KINDS if hasattr(self, kind + suffix)]
+                norm_weights = [getattr(self, n) for n in self._norm_weights_names[index]] if self.norm else ()
+                running_stats = [getattr(self, n) for n in self._running_stats_names[index]] if self.norm else ()
+                y, h, c = run_layer(options[direction], layer_input, batch_sizes, hx[index],
+                                    None if cx is None else cx[index], weights, norm_weights, running_stats,
+                                    self.momentum, None if flags is None else flags[direction], reference)
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)
@@ -290,7 +409,7 @@ class RNNBase(nn.Module):
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         return layer_input, torch.stack(h_n), (torch.stack(c_n) if cx is not None else None)
 
-    def _forward(self, input, hx):
+    def _forward(self, input, hx, lengths, resets):
         """Shared forward of GRU and RNN (a single hidden state); LSTM has its own."""
         name = "RNN" if self.mode.startswith("RNN") else self.mode
         num_directions = 2 if self.bidirectional else 1
@@ -299,6 +418,7 @@ class RNNBase(nn.Module):
         batch_sizes = batch_size = None
         is_batched = True
         if packed:
+            _refuse_lengths_and_resets(lengths, resets)
             input, batch_sizes, sorted_indices, unsorted_indices = input
             batch_size = _packed_batch_size(batch_sizes, sorted_indices)
             if hx is None:
@@ -330,7 +450,8 @@ class RNNBase(nn.Module):
                           "Expected hidden size {}, got {}")
 
         x = input.transpose(0, 1) if (self.batch_first and not packed) else input
-        output, h_n, _ = self._run_stack(x, batch_sizes, hx, None)
+        flags = None if packed else self._step_flags(x, lengths, resets, is_batched)
+        output, h_n, _ = self._run(x, batch_sizes, hx.size(1), hx, None, flags)
         if packed:
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
                 _permute(h_n, unsorted_indices)
@@ -340,6 +461,12 @@ class RNNBase(nn.Module):
             output = output.squeeze(0 if self.batch_first else 1)
             h_n = h_n.squeeze(1)
         return output, h_n
+
+
+def _refuse_lengths_and_resets(lengths, resets):
+    if lengths is not None or resets is not None:
+        raise ValueError("lengths and resets are for padded input; a PackedSequence carries its own lengths "
+                         "(pass the padded tensor with lengths= instead)")
 
 
 def _permute(state, permutation):
@@ -435,8 +562,8 @@ class RNN(RNNBase):
                 f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(mode, *args, **kwargs)
 
-    def forward(self, input, hx=None):
-        return self._forward(input, hx)
+    def forward(self, input, hx=None, *, lengths=None, resets=None):
+        return self._forward(input, hx, lengths, resets)
 
 
 class GRU(RNNBase):
@@ -462,8 +589,8 @@ class GRU(RNNBase):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
 
-    def forward(self, input, hx=None):
-        return self._forward(input, hx)
+    def forward(self, input, hx=None, *, lengths=None, resets=None):
+        return self._forward(input, hx, lengths, resets)
 
 
 class LSTM(RNNBase):
@@ -494,7 +621,7 @@ class LSTM(RNNBase):
     def __init__(self, *args, **kwargs):
         super().__init__("LSTM", *args, **kwargs)
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, lengths=None, resets=None):
         num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
@@ -507,6 +634,7 @@ class LSTM(RNNBase):
                     input.new_zeros(self.num_layers * num_directions, batch, self.hidden_size))
 
         if packed:
+            _refuse_lengths_and_resets(lengths, resets)
             input, batch_sizes, sorted_indices, unsorted_indices = input
             batch_size = _packed_batch_size(batch_sizes, sorted_indices)
             hx = zeros(batch_size) if hx is None else hx
@@ -543,7 +671,8 @@ class LSTM(RNNBase):
                           "Expected hidden[1] size {}, got {}")
 
         x = input.transpose(0, 1) if (self.batch_first and not packed) else input
-        output, h_n, c_n = self._run_stack(x, batch_sizes, h0, c0)
+        flags = None if packed else self._step_flags(x, lengths, resets, is_batched)
+        output, h_n, c_n = self._run(x, batch_sizes, h0.size(1), h0, c0, flags)
         if packed:
             return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
                     (_permute(h_n, unsorted_indices), _permute(c_n, unsorted_indices)))

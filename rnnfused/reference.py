@@ -145,27 +145,64 @@ def cell_step(mode, x, h, c, weights, *, reset_after=True, cell_clip=None, grad_
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def layer(mode, x, h0, c0, weights, *, lengths=None, reverse=False, norm=None, **options):
+# Bits of the operators' step flags (rnnfused._ops.STEP_RESET, STEP_INACTIVE), restated here
+# so that the oracle imports nothing of the fast path.
+_STEP_RESET, _STEP_INACTIVE = 1, 2
+
+
+def _step_masks(steps, lengths, resets, reverse, step_flags):
+    """(zero_before, active), each [T, B] bool or None: whether the state carried into step t
+    is replaced by zeros, and whether the row steps at t at all."""
+    if step_flags is not None:
+        return (step_flags & _STEP_RESET) != 0, (step_flags & _STEP_INACTIVE) == 0
+    active = None
+    if lengths is not None:
+        active = torch.arange(steps, device=lengths.device).unsqueeze(1) < lengths.unsqueeze(0)
+    zero_before = None
+    if resets is not None:
+        starts = resets.bool() if active is None else resets.bool() & active.to(resets.device)
+        if reverse:  # a segment's reverse walk starts at its last step, before the next segment's start
+            zero_before = torch.cat([starts[1:], torch.zeros_like(starts[:1])])
+        else:
+            zero_before = starts
+    return zero_before, active
+
+
+def layer(mode, x, h0, c0, weights, *, lengths=None, resets=None, step_flags=None, reverse=False, norm=None,
+          **options):
     """One layer in one direction over padded input.
 
     x [T, B, I]; lengths [B] (None: all T) marks the valid steps of each sequence. A
     sequence's state stays put outside its valid steps, so the forward direction ends on
-    its last valid step and the reverse direction starts from h0 at it. ``norm``: a
-    :class:`Normalization` for a normalized layer. Returns (y [T, B, P] with zeros at padding,
-    h_n [B, P], c_n [B, H] or None).
+    its last valid step and the reverse direction starts from h0 at it. resets [T, B] bool
+    (None: none) starts a new segment at every step t where it is True: the forward
+    direction runs the segment from zero states, the reverse direction starts its walk
+    through the segment from zero states at the segment's last step, exactly as if each
+    segment were a sequence of its own (resets past a sequence's length are ignored).
+    step_flags [T, B] uint8 is the operators' form of the same (rnnfused._ops.STEP_RESET:
+    zero states carried into the step; STEP_INACTIVE: the row does not step), in place of
+    lengths and resets. ``norm``: a :class:`Normalization` for a normalized layer. Returns (y
+    [T, B, P] with zeros at padding, h_n [B, P], c_n [B, H] or None).
     """
     steps = x.size(0)
     h, c = h0, c0
     outputs = [None] * steps
     step_stats = [None] * steps
+    zero_before, active_steps = _step_masks(steps, lengths, resets, reverse, step_flags)
     order = range(steps - 1, -1, -1) if reverse else range(steps)
     for t in order:
-        active = None if lengths is None else (t < lengths).to(x.device)
+        active = None if active_steps is None else active_steps[t].to(x.device)
+        if zero_before is not None:
+            zero = zero_before[t].to(x.device).unsqueeze(1)
+            if active is not None:
+                zero = zero & active.unsqueeze(1)
+            h = torch.where(zero, torch.zeros_like(h), h)
+            c = None if c is None else torch.where(zero, torch.zeros_like(c), c)
         step_norm = None if norm is None else _StepNorm(norm, t, active)
         h_new, c_new = cell_step(mode, x[t], h, c, weights, norm=step_norm, **options)
         if step_norm is not None:
             step_stats[t] = step_norm.stats
-        if lengths is None:
+        if active is None:
             h, c = h_new, c_new
             outputs[t] = h
         else:
@@ -197,11 +234,13 @@ def _module_norm(module, index, steps):
                          eps=module.eps, training=module.training, running=running or None)
 
 
-def forward(module, input, hx=None):
-    """What ``module(input, hx)`` returns, computed by the time loop (no dropout).
+def forward(module, input, hx=None, *, lengths=None, resets=None):
+    """What ``module(input, hx, lengths=lengths, resets=resets)`` returns, computed by the time
+    loop (no dropout).
 
     ``module`` is a torch.nn or rnnfused RNN / LSTM / GRU; its configuration and parameters
-    are read, nothing else. Packed input gives a PackedSequence in the same layout.
+    are read, nothing else. Packed input gives a PackedSequence in the same layout. lengths
+    [B] and resets ([T, B], [B, T] with batch_first, [T] unbatched) as for :func:`layer`.
     """
     mode = module.mode
     is_lstm = mode == "LSTM"
@@ -220,7 +259,10 @@ def forward(module, input, hx=None):
         x = input.unsqueeze(1) if unbatched else input
         if module.batch_first and not unbatched:
             x = x.transpose(0, 1)
-        lengths = None
+        if resets is not None:
+            resets = resets.unsqueeze(1) if unbatched else resets.t() if module.batch_first else resets
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths)
     batch = x.size(1)
     if hx is None:
         shape = (module.num_layers * directions, batch)
@@ -239,7 +281,7 @@ def forward(module, input, hx=None):
         for direction in range(directions):
             index = layer_index * directions + direction
             y, h, c = layer(mode, layer_input, h0[index], None if c0 is None else c0[index],
-                            _module_weights(module, layer_index, direction), lengths=lengths,
+                            _module_weights(module, layer_index, direction), lengths=lengths, resets=resets,
                             reverse=direction == 1, norm=_module_norm(module, index, x.size(0)), **options)
             outputs.append(y)
             h_n.append(h)

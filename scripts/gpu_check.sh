@@ -86,21 +86,32 @@ if ! $PYTHON -c "import sys, rnnfused; sys.exit(0 if 'cuda' in rnnfused.backends
   exit 1
 fi
 
-step "CUDA tests" 200 "$LOGS/tests.log" env RNNFUSED_REQUIRE_CUDA=1 RNNFUSED_REQUIRE_CUDA_BUILD=1 \
-  $PYTHON -m pytest -q -rfE -p no:cacheprovider -m "cuda or build" tests
+# Our kernels, not the dispatch's choice: an unverified build's `auto` runs cuDNN or the
+# reference equations, and this run is what verifies it (RNNFUSED_KERNEL=ours: the persistent
+# kernel wherever it plans). Tests of the dispatch set their own.
+if step "CUDA tests" 200 "$LOGS/tests.log" env RNNFUSED_KERNEL=ours RNNFUSED_REQUIRE_CUDA=1 \
+    RNNFUSED_REQUIRE_CUDA_BUILD=1 $PYTHON -m pytest -q -rfE -p no:cacheprovider -m "cuda or build" tests; then
+  # Every CUDA test passed: record that this build's device code is verified on this
+  # architecture (rnnfused/gpu_verified.json, copied to $OUT; commit it).
+  step "verification record" 30 "$LOGS/record.log" $PYTHON scripts/record_gpu_run.py \
+    "$(grep -E '[0-9]+ passed' "$LOGS/tests.log" | tail -1)"
+  # The measured table auto reads (rnnfused/kernel_table.json, copied to $OUT; commit it).
+  step "tune (ours vs cuDNN)" 150 "$LOGS/tune.log" $PYTHON -m bench.tune --budget 120 --out "$LOGS/tune"
+  cp rnnfused/kernel_table.json "$LOGS/" 2>/dev/null
+fi
 note "  $(grep -E '[0-9]+ (passed|failed|error)' "$LOGS/tests.log" 2>/dev/null | tail -1)"
 while IFS= read -r line; do note "  $line"; done < <(grep -E '^(FAILED|ERROR) ' "$LOGS/tests.log" 2>/dev/null | head -25)
 
 step "barrier microbenchmark" 40 "$LOGS/barrier.log" $PYTHON -m bench.barrier
 
-# rnnfused (auto: stage 1 until verified), the persistent kernel forced, and cuDNN, at
-# fastrnns, latency_b1 and small_b16_h128 for LSTM and GRU in fp16, bf16 and fp32 (TF32).
+# rnnfused (auto: the dispatch, with this run's record and table), our kernels forced, and
+# cuDNN, at fastrnns, latency_b1 and small_b16_h128 for LSTM and GRU in fp16, bf16 and fp32 (TF32).
 step "benchmark vs cuDNN" 170 "$LOGS/bench.log" $PYTHON -m bench --suite gpu-check --tf32 on --repeats 10 \
-  --warmup 3 --impls rnnfused,rnnfused_persistent,torch --no-plot --no-progress --out "$LOGS/bench"
+  --warmup 3 --impls rnnfused,rnnfused_ours,torch --no-plot --no-progress --out "$LOGS/bench"
 echo "== barriers"
 cat "$LOGS/barrier.log" 2>/dev/null
 echo "== benchmark table"
-grep -E "^(config|-)|(rnnfused|rnnfused_persistent|torch) " "$LOGS/bench.log" | head -80
+grep -E "^(config|-)|(rnnfused|rnnfused_ours|torch) " "$LOGS/bench.log" | head -80
 
 SANITIZER=""
 for candidate in "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer \

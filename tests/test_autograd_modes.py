@@ -118,9 +118,9 @@ def test_invalid_cell_is_a_value_error(cell):
 def test_invalid_cell_is_a_value_error_in_the_operator(cell):
     inf = float("inf")
     with pytest.raises(ValueError, match="cell must be one of"):
-        torch.ops.rnnfused.layer_forward(cell, torch.zeros(2, 1, 3), None, torch.zeros(1, 4), None,
-                                         [torch.zeros(4, 3), torch.zeros(4, 4)], False, False, False, inf, inf,
-                                         0, [], [], True, 1e-5)
+        torch.ops.rnnfused.layer_forward(torch.zeros(2, 1, 3), None, torch.zeros(1, 4), None,
+                                         [torch.zeros(4, 3), torch.zeros(4, 4)], [], [], None, cell, False, False,
+                                         inf, inf, 0, True, 1e-5, False)
 
 
 def test_recurrent_layer_refuses_what_does_not_apply():

@@ -260,9 +260,9 @@ def test_convert_refuses_to_make_torch_nn_of_a_normalized_layer():
 
 
 @pytest.mark.parametrize("norm,training", [("batch", True), ("batch", False), ("layer", True)])
-@pytest.mark.parametrize("cell", [0, 3])  # LSTM (c-normalization), GRU_CHO (two hidden groups)
+@pytest.mark.parametrize("cell", [0, 2])  # LSTM (c-normalization), GRU_CHO (two hidden groups)
 def test_opcheck_with_normalization(norm, training, cell):
-    from rnnfused._ops import GATES_PER_UNIT, Cell, Norm
+    from rnnfused._ops import GATES_PER_UNIT, Cell, LayerOptions, Norm
     g = torch.Generator().manual_seed(0)
     hidden = 4
     gates = GATES_PER_UNIT[Cell(cell)] * hidden
@@ -280,8 +280,9 @@ def test_opcheck_with_normalization(norm, training, cell):
         norm_weights += [t(hidden).requires_grad_(), t(hidden).requires_grad_()]
         running += [t(4, hidden), t(4, hidden).abs()]
     kind = Norm.BATCH if norm == "batch" else Norm.LAYER
-    args = (cell, x, None, h0, c0, weights, True, False, True, float("inf"), float("inf"), int(kind), norm_weights,
-            running if kind == Norm.BATCH else [], training, 1e-5)
+    options = LayerOptions(Cell(cell), norm=kind, training=training)
+    args = (x, None, h0, c0, weights, norm_weights, running if kind == Norm.BATCH else [], None, *options.op_args(),
+            True)
     torch.library.opcheck(torch.ops.rnnfused.layer_forward.default, args)
 
 

@@ -9,19 +9,16 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import rnnfused
-from rnnfused._ops import GATES_PER_UNIT, Cell
+from rnnfused._ops import GATES_PER_UNIT, Cell, LayerOptions
 from conftest import CUDA_USABLE, flatten, make_twins, max_error
 
 INF = float("inf")
-# The operators' trailing arguments of an unnormalized layer: forward (norm, norm_weights,
-# running_stats, training, eps), backward (norm, norm_weights, training, norm_saved).
-NO_NORM_FORWARD = (0, [], [], True, 1e-5)
-NO_NORM_BACKWARD = (0, [], True, [])
 DEVICES = ["cpu"] + (["cuda"] if CUDA_USABLE else [])
 
 
-def _operator_args(cell, packed, proj, requires_grad, dtype, device):
-    """Arguments of layer_forward for a small layer (B=3, T=4, I=3, H=4)."""
+def _operator_args(cell, packed, proj, requires_grad, dtype, device, flags=False):
+    """Arguments of layer_forward for a small layer (B=3, T=4, I=3, H=4); ``flags``: with step
+    flags (padded input: resets and inactive rows)."""
     g = torch.Generator().manual_seed(0)
     hidden, width = 4, (2 if proj else 4)
     gates = GATES_PER_UNIT[cell] * hidden
@@ -36,34 +33,39 @@ def _operator_args(cell, packed, proj, requires_grad, dtype, device):
         batch_sizes, x = None, t(4, 3, 3)
     weights = [t(gates, 3), t(gates, width), t(gates), t(gates)] + ([t(width, hidden)] if proj else [])
     c0 = t(3, hidden) if cell == Cell.LSTM else None
-    return (int(cell), x, batch_sizes, t(3, width), c0, weights, True, False, True, INF, 0.5, *NO_NORM_FORWARD)
+    step_flags = None
+    if flags:
+        step_flags = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 2], [1, 2, 2]], dtype=torch.uint8, device=device)
+    options = LayerOptions(cell, has_biases=True, reverse=False, cell_clip=INF, grad_clip=0.5)
+    return (x, batch_sizes, t(3, width), c0, weights, [], [], step_flags, *options.op_args(), True)
 
 
+# (cell, packed, proj, flags, requires_grad, dtype, device); step flags go with padded input.
 OPCHECK_CASES = [
-    (cell, packed, proj, requires_grad, dtype, device)
+    (cell, packed, proj, flags, requires_grad, dtype, device)
     for cell, packed, requires_grad, dtype, device in itertools.product(
         Cell, (False, True), (False, True), (torch.float32, torch.float64, torch.bfloat16), DEVICES)
     for proj in ((False, True) if cell == Cell.LSTM else (False,))
+    for flags in ((False,) if packed else (False, True))
 ]
 
 
-@pytest.mark.parametrize("cell,packed,proj,requires_grad,dtype,device", OPCHECK_CASES)
-def test_opcheck_layer_forward(cell, packed, proj, requires_grad, dtype, device):
-    args = _operator_args(cell, packed, proj, requires_grad, dtype, device)
+@pytest.mark.parametrize("cell,packed,proj,flags,requires_grad,dtype,device", OPCHECK_CASES)
+def test_opcheck_layer_forward(cell, packed, proj, flags, requires_grad, dtype, device):
+    args = _operator_args(cell, packed, proj, requires_grad, dtype, device, flags)
     torch.library.opcheck(torch.ops.rnnfused.layer_forward.default, args)
 
 
-@pytest.mark.parametrize("cell,packed,proj,requires_grad,dtype,device",
-                         [c for c in OPCHECK_CASES if not c[3]])
-def test_opcheck_layer_backward(cell, packed, proj, requires_grad, dtype, device):
-    args = _operator_args(cell, packed, proj, False, dtype, device)
-    cell_, x, batch_sizes, h0, c0, weights, has_biases, reverse, _, cell_clip, grad_clip = args[:11]
-    y, h_n, c_n, hidden, gates, cells, proj_in, _, _ = torch.ops.rnnfused.layer_forward(*args)
+@pytest.mark.parametrize("cell,packed,proj,flags,requires_grad,dtype,device",
+                         [c for c in OPCHECK_CASES if not c[4]])
+def test_opcheck_layer_backward(cell, packed, proj, flags, requires_grad, dtype, device):
+    args = _operator_args(cell, packed, proj, False, dtype, device, flags)
+    x, batch_sizes, h0, c0, weights, norm_weights, _, step_flags = args[:8]
+    options = args[8:-1]
+    y, h_n, c_n, saved, _ = torch.ops.rnnfused.layer_forward(*args)
     is_lstm = cell == Cell.LSTM
-    backward_args = (cell_, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip, grad_clip, hidden,
-                     gates if cell not in (Cell.RNN_TANH, Cell.RNN_RELU) else None, cells if is_lstm else None,
-                     proj_in if proj else None, torch.randn_like(y), torch.randn_like(h_n),
-                     torch.randn_like(c_n) if is_lstm else None, True, True, *NO_NORM_BACKWARD)
+    backward_args = (x, batch_sizes, h0, c0, weights, norm_weights, step_flags, saved, torch.randn_like(y),
+                     torch.randn_like(h_n), torch.randn_like(c_n) if is_lstm else None, *options, True, True)
     torch.library.opcheck(torch.ops.rnnfused.layer_backward.default, backward_args)
 
 

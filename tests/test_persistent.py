@@ -231,7 +231,7 @@ def test_simulation_without_grad_and_the_cells():
 def test_kernel_setting_errors_and_explanations():
     module = rnnfused.LSTM(3, 4)
     x = torch.randn(9, 1, 3)
-    with environment(RNNFUSED_KERNEL="fastest"), pytest.raises(ValueError, match="must be auto, stepwise"):
+    with environment(RNNFUSED_KERNEL="fastest"), pytest.raises(ValueError, match="must be auto, cudnn, ours, stepwise"):
         module(x)
     assert "CPU thread" in rnnfused.explain(module, x)[0].reason
     assert "fewer than 8 steps" in rnnfused.explain(module, x[:2])[0].reason

@@ -1,0 +1,118 @@
+// See kernel_choice.h.
+#include "kernel_choice.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <set>
+
+#ifdef RNNFUSED_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+
+#include "cuda/rnn_cuda.h"
+#endif
+
+namespace rnnfused {
+namespace {
+
+std::mutex verified_mutex;
+std::set<int64_t> verified_architectures;
+
+}  // namespace
+
+void set_verified_architectures(const std::vector<int64_t>& compute_capabilities) {
+  std::lock_guard<std::mutex> lock(verified_mutex);
+  verified_architectures = std::set<int64_t>(compute_capabilities.begin(), compute_capabilities.end());
+}
+
+bool verified_on(int compute_capability) {
+  std::lock_guard<std::mutex> lock(verified_mutex);
+  return verified_architectures.count(compute_capability) > 0;
+}
+
+std::string kernel_setting() {
+  const char* value = std::getenv("RNNFUSED_KERNEL");
+  const std::string setting = value && *value ? value : "auto";
+  TORCH_CHECK_VALUE(setting == "auto" || setting == "cudnn" || setting == "ours" || setting == "stepwise" ||
+                        setting == "persistent" || setting == "simulate",
+                    "rnnfused: RNNFUSED_KERNEL must be auto, cudnn, ours, stepwise, persistent or simulate, got '",
+                    setting, "'");
+  return setting;
+}
+
+namespace {
+
+// The device the persistent kernel would run on; RNNFUSED_PERSISTENT_SMS and
+// RNNFUSED_PERSISTENT_SMEM_KB override its multiprocessor count and shared memory per block
+// (to plan for another GPU, e.g. an A100's 108 and 163, or to provoke a refused launch in a
+// test). The CPU's host simulation plans for an H100.
+persistent::DeviceLimits device_limits(const at::Device& device) {
+  persistent::DeviceLimits limits = persistent::h100_limits();
+  limits.host_simulation = device.is_cpu();
+#ifdef RNNFUSED_WITH_CUDA
+  if (device.is_cuda()) {
+    const cudaDeviceProp* properties = at::cuda::getDeviceProperties(device.index());
+    limits.sm_count = properties->multiProcessorCount;
+    limits.smem_per_block = static_cast<int64_t>(properties->sharedMemPerBlockOptin);
+    limits.compute_capability = properties->major * 10 + properties->minor;
+    limits.cooperative_launch = properties->cooperativeLaunch != 0;
+  }
+#endif
+  if (const char* sms = std::getenv("RNNFUSED_PERSISTENT_SMS")) limits.sm_count = std::atoll(sms);
+  if (const char* kb = std::getenv("RNNFUSED_PERSISTENT_SMEM_KB")) limits.smem_per_block = std::atoll(kb) * 1024;
+  return limits;
+}
+
+KernelChoice stepwise(std::string reason) {
+  return {"stepwise", std::move(reason), {}};
+}
+
+}  // namespace
+
+KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B, DType dtype,
+                           const at::Device& device) {
+  const std::string setting = kernel_setting();
+  if (setting == "stepwise") return stepwise("RNNFUSED_KERNEL=stepwise");
+  if (device.is_cpu()) {
+    if (setting == "simulate") {
+      persistent::Plan plan =
+          persistent::make_plan(cell, H, P, B, dtype, dtype == DType::Float32, device_limits(device));
+      if (!plan.persistent) return stepwise(plan.reason);
+      return {"persistent (host simulation)", plan.reason, plan};
+    }
+    persistent::Plan plan = persistent::make_cpu_plan(cell, T, H, P, B, dtype, at::get_num_threads());
+    if (setting == "persistent") {
+      TORCH_CHECK(plan.persistent, "rnnfused: RNNFUSED_KERNEL=persistent but this layer cannot run persistent (",
+                  plan.reason, ")");
+      return {"persistent", plan.reason, plan};
+    }
+    if (!plan.persistent) return stepwise(plan.reason);
+    return {"persistent", plan.reason, plan};
+  }
+  if (!device.is_cuda()) return stepwise("no recurrent kernels for device " + device.str());
+  TORCH_CHECK(setting != "simulate", "rnnfused: RNNFUSED_KERNEL=simulate is the CPU test harness; on a GPU use "
+              "RNNFUSED_KERNEL=persistent");
+  bool tf32 = false;
+#ifdef RNNFUSED_WITH_CUDA
+  tf32 = dtype == DType::Float32 && cuda::tf32_allowed(at::cuda::getCurrentCUDABlasHandle());
+#endif
+  const persistent::DeviceLimits limits = device_limits(device);
+  persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, tf32, limits);
+  if (setting == "persistent") {
+    TORCH_CHECK(plan.persistent, "rnnfused: RNNFUSED_KERNEL=persistent but this layer cannot run persistent (",
+                plan.reason, ")");
+    return {"persistent", plan.reason, plan};
+  }
+  const int cc = limits.compute_capability;
+  if (setting != "ours" && !verified_on(cc))
+    return stepwise("the persistent kernel of this build has not passed its GPU tests on compute capability " +
+                    std::to_string(cc / 10) + "." + std::to_string(cc % 10) +
+                    " (rnnfused/gpu_verified.json; RNNFUSED_KERNEL=ours or persistent forces it; its plan here: " +
+                    plan.reason + ")");
+  if (!plan.persistent) return stepwise(plan.reason);
+  return {"persistent", plan.reason, plan};
+}
+
+}  // namespace rnnfused
