@@ -6,8 +6,10 @@ toolkit (nvcc) is found; otherwise the extension is CPU-only and says so at buil
 Environment:
   RNNFUSED_SKIP_CUDA_BUILD=1    build the CPU extension only
   RNNFUSED_REQUIRE_CUDA_BUILD=1 fail instead of falling back to a CPU-only build (CI)
-  RNNFUSED_CUDA_ARCHS="80;90+PTX"  compute capabilities to compile for (the default); "+PTX" also
-                                embeds PTX, which newer GPUs run through the driver's JIT
+  RNNFUSED_CUDA_ARCHS="80;90+PTX"  compute capabilities to compile for; "+PTX" also embeds PTX,
+                                which newer GPUs run through the driver's JIT
+  TORCH_CUDA_ARCH_LIST          the same, as every PyTorch extension reads it ("8.0 9.0+PTX"),
+                                used when RNNFUSED_CUDA_ARCHS is not set; neither set: "80;90+PTX"
   RNNFUSED_PHASE_TIMING=1       time the phases of the persistent kernel on the GPU (a -D define;
                                 python -m bench.phases reads the times). Off: no timing code at all
   MAX_JOBS                      parallel compile jobs (default: from cores and free memory)
@@ -98,12 +100,36 @@ def find_cublas():
     )
 
 
+def cuda_archs():
+    """The compute capabilities to compile for, as ["80", "90+PTX", ...], and where they
+    came from: RNNFUSED_CUDA_ARCHS, else TORCH_CUDA_ARCH_LIST, else the default. Entries are
+    separated by ';', ',' or spaces, with or without the dot ("9.0" = "90"), optionally
+    with a suffix letter ("90a") and "+PTX"."""
+    for name in ("RNNFUSED_CUDA_ARCHS", "TORCH_CUDA_ARCH_LIST"):
+        text = os.environ.get(name, "").strip()
+        if text:
+            break
+    else:
+        name, text = "default", DEFAULT_CUDA_ARCHS
+    archs = []
+    for entry in text.replace(",", ";").replace(" ", ";").split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        number, ptx = (entry[:-4], "+PTX") if entry.upper().endswith("+PTX") else (entry, "")
+        number = number.replace(".", "")
+        if not (number[:-1].isdigit() and (number[-1].isdigit() or number[-1] in "af")) or len(number) < 2:
+            raise SystemExit(f"rnnfused: {name}={text!r}: cannot read {entry!r} as a compute capability; "
+                             'write e.g. "8.0;9.0+PTX" or "80;90"')
+        archs.append(number + ptx)
+    if not archs:
+        raise SystemExit(f"rnnfused: {name}={text!r} names no compute capability")
+    return archs, name
+
+
 def arch_flags():
     flags = []
-    for arch in os.environ.get("RNNFUSED_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).replace(",", ";").split(";"):
-        arch = arch.strip().replace(".", "")
-        if not arch:
-            continue
+    for arch in cuda_archs()[0]:
         ptx = arch.endswith("+PTX")
         arch = arch.removesuffix("+PTX")
         flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
@@ -176,7 +202,8 @@ def extension():
     # The toolkit's headers first; the wheel directory only adds what the toolkit lacks.
     include_dirs += [os.path.join(cpp_extension.CUDA_HOME, "include"), cublas_include]
     sources += relative(sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu"))))
-    print(f"rnnfused: building the CPU and CUDA kernels ({' '.join(arch_flags())})"
+    archs, source = cuda_archs()
+    print(f"rnnfused: building the CPU and CUDA kernels for compute capabilities {';'.join(archs)} (from {source})"
           + (", with the persistent kernel's phase timer" if env_flag("RNNFUSED_PHASE_TIMING") else ""))
     return cpp_extension.CUDAExtension(
         "rnnfused._C",
@@ -194,7 +221,7 @@ def extension():
 def build_info(with_cuda):
     """rnnfused/_build_info.py: what this build was made with, read by rnnfused.show_config()
     and by the import-time check that the installed torch is the one built against."""
-    archs = os.environ.get("RNNFUSED_CUDA_ARCHS", DEFAULT_CUDA_ARCHS) if with_cuda else ""
+    archs = ";".join(cuda_archs()[0]) if with_cuda else ""
     return (
         '"""Written by setup.py at build time: what this build of rnnfused was made with."""\n\n'
         f"TORCH_VERSION = {torch.__version__!r}\n"

@@ -82,7 +82,7 @@ def main(argv=None):
     parser.add_argument("--configs", default="cpu_fastrnns;cpu_latency_b1;cpu_small;T512,B1,I256,H256;"
                         "T100,B64,I512,H512",
                         help="';'-separated one-layer configs, by name or T,B,I,H (default: the one-layer "
-                        "shapes of the README's CPU table)")
+                        "shapes of the CPU table in docs/measurements.md)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default %(default)s)")

@@ -1,10 +1,14 @@
 """Checking and timing one case (cell x dtype x config x mode) across implementations.
 
 Method: every implementation is first checked against the fp64 reference on the same
-input (output and input gradient); a wrong one is refused, not timed. Then warm-up runs,
-then `repeats` timed runs with the implementations interleaved (so drift hits all alike),
-each on a fresh random input (never zeros). CUDA events on a GPU, the wall clock on a
-CPU; the median is reported. Peak memory is read per implementation on a GPU.
+input and weights (output, input gradient and every weight gradient); a wrong one is
+refused, not timed. Then warm-up runs, then `repeats` timed runs with the implementations
+interleaved (so drift hits all alike), each on a fresh random input (never zeros). On a
+GPU, CUDA events time each run and a buffer twice the size of the L2 cache is overwritten
+before it (outside the timed span), so that no run finds the previous one's weights and
+activations in L2; on a CPU, the wall clock. Reported: the median with the 20th and 80th
+percentiles, and the median's ratio to torch.nn's in the same case. Peak memory is read
+per implementation on a GPU.
 """
 
 import statistics
@@ -31,10 +35,13 @@ class Result:
     impl: str
     status: str = "ok"  # ok | refused: ... | skipped: ... | failed: ...
     kernel: str = None  # rnnfused's kernel for this case (stepwise / persistent)
-    ms: float = None
+    ms: float = None  # median of the timed runs
+    p20_ms: float = None  # 20th percentile
+    p80_ms: float = None  # 80th percentile
     us_per_step: float = None  # ms / T
     ratio: float = None  # ms / ms of torch.nn in the same case
-    max_error: float = None
+    max_error: float = None  # largest relative error of output, input gradient, weight gradients
+    worst: str = None  # which of them it is
     peak_mb: float = None
     times_ms: list = field(default_factory=list, repr=False)
 
@@ -70,17 +77,25 @@ def _input_grad(x):
 
 
 def check(runner, reference, x, dtype, tf32):
-    """Max relative error of the runner's output and input gradient against `reference`
-    (the fp64 output and input gradient for the same input), and whether it passes."""
-    expected_out, expected_grad = reference
+    """(max relative error, name of the worst result, passes, tolerance) of the runner's
+    output, input gradient and weight gradients against `reference` (the fp64 ones for the
+    same input and weights). The error of each result is relative to max(1, its max |value|)."""
     low = _with_grad(_cast(x, dtype))
+    runner.zero_grad()
     output = runner(low, "fwdbwd")
-    error = 0.0
-    for actual, expected in ((output, expected_out), (_input_grad(low), expected_grad)):
+    actual = {"output": output, "input grad": _input_grad(low)}
+    actual.update(runner.weight_grads())
+    error, worst = 0.0, None
+    for name, expected in reference.items():
+        got = actual.get(name)
+        if got is None:
+            return float("inf"), f"{name} (missing)", False, 0.0
         scale = max(1.0, expected.abs().max().item())
-        error = max(error, (actual.double() - expected).abs().max().item() / scale)
+        this = (got.double() - expected).abs().max().item() / scale
+        if this >= error:
+            error, worst = this, name
     tolerance = TOLERANCE_TF32 if (dtype == torch.float32 and tf32) else TOLERANCE[dtype]
-    return error, error <= tolerance, tolerance
+    return error, worst, error <= tolerance, tolerance
 
 
 def _cast(x, dtype):
@@ -93,27 +108,45 @@ _REFERENCES = {}
 
 
 def reference_result(base, cell, config, device, x, key=None):
-    """fp64 output and input gradient of the reference loop for input x; remembered under
-    `key` (the same for every dtype and mode of a case: same weights, same input)."""
+    """{"output", "input grad", weight name: gradient} of the reference loop in fp64 for
+    input x; remembered under `key` (the same for every dtype and mode of a case: same
+    weights, same input)."""
     if key is not None and key in _REFERENCES:
         return _REFERENCES[key]
     runner = impls.make_reference(base, cell, config, device, torch.float64)
     x64 = _with_grad(_cast(x, torch.float64))
     output = runner(x64, "fwdbwd")
-    result = output, _input_grad(x64).detach()
+    result = {"output": output, "input grad": _input_grad(x64).detach()}
+    result.update({name: grad.detach() for name, grad in runner.weight_grads().items()})
     if key is not None:
         _REFERENCES.clear()  # one at a time: the cases of a config come together
         _REFERENCES[key] = result
     return result
 
 
-class Timer:
-    """CUDA events on a GPU (the device's own clock), perf_counter on a CPU."""
+class L2Flush:
+    """Overwrites a buffer twice the size of the GPU's L2 cache: called before each timed
+    run, so that no run starts with the previous one's data in L2."""
 
-    def __init__(self, device):
+    def __init__(self, device="cuda"):
+        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 * 2**20
+        self.buffer = torch.empty(2 * l2_bytes // 4, dtype=torch.float32, device=device)
+
+    def __call__(self):
+        self.buffer.fill_(1.0)
+
+
+class Timer:
+    """CUDA events on a GPU (the device's own clock), perf_counter on a CPU. `flush()` runs
+    before each measurement, outside the timed span (on a GPU: L2Flush)."""
+
+    def __init__(self, device, flush=None):
         self.cuda = device == "cuda"
+        self.flush = flush if flush is not None else (L2Flush() if self.cuda else None)
 
     def __call__(self, fn):
+        if self.flush is not None:
+            self.flush()
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -126,9 +159,17 @@ class Timer:
         return (time.perf_counter() - begin) * 1e3
 
 
-def run_case(cell, config, dtype, mode, names, device, warmup, repeats, tf32=False, seed=0):
-    """Results of every implementation in `names` for one case; the first time-able one
-    named 'torch' sets the ratio."""
+def percentiles(times):
+    """(20th percentile, median, 80th percentile) of a non-empty list of times."""
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    p20, _, _, p80 = statistics.quantiles(times, n=5, method="inclusive")
+    return p20, statistics.median(times), p80
+
+
+def run_case(cell, config, dtype, mode, names, device, warmup, repeats, tf32=False, seed=0, timer=None):
+    """Results of every implementation in `names` for one case; the one named 'torch' sets
+    the ratio. `timer` defaults to Timer(device)."""
     base = impls.base_module(cell, config, seed)
     inputs = Inputs(config, device, seed + 1)
     check_input = inputs.next()
@@ -146,17 +187,17 @@ def run_case(cell, config, dtype, mode, names, device, warmup, repeats, tf32=Fal
             runner = impls.IMPLEMENTATIONS[name](base, cell, config, device, dtype)
             if reference is None:
                 reference = reference_result(base, cell, config, device, check_input, key=(cell, config, device, seed))
-            error, ok, tolerance = check(runner, reference, check_input, dtype, tf32)
+            error, worst, ok, tolerance = check(runner, reference, check_input, dtype, tf32)
         except Exception as error:  # noqa: BLE001 - a failing competitor must not stop the run
             result.status = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
             continue
-        result.max_error = error
+        result.max_error, result.worst = error, worst
         if not ok:
-            result.status = f"refused: error {error:.2e} > {tolerance:.0e}"
+            result.status = f"refused: {worst} error {error:.2e} > {tolerance:.0e}"
             continue
         runners[name] = runner
 
-    timer = Timer(device)
+    timer = timer if timer is not None else Timer(device)
     for _ in range(warmup):
         for runner in runners.values():
             runner(_fresh(inputs, dtype, mode), mode)
@@ -168,7 +209,7 @@ def run_case(cell, config, dtype, mode, names, device, warmup, repeats, tf32=Fal
         result = results[name]
         if not result.times_ms:
             continue
-        result.ms = statistics.median(result.times_ms)
+        result.p20_ms, result.ms, result.p80_ms = percentiles(result.times_ms)
         result.us_per_step = result.ms * 1e3 / config.T
         if device == "cuda":
             result.peak_mb = _peak_memory_mb(runner, _fresh(inputs, dtype, mode), mode)

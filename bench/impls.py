@@ -1,9 +1,12 @@
 """The implementations a benchmark compares, all with the weights of one torch.nn module.
 
-Each `make_*` returns a runner `run(x, mode)`: mode "fwd" runs under no_grad, "fwdbwd"
-runs forward and `output.backward(ones_like(output))` (the baselines' definition). It
-returns the output (the data of a packed output). `unavailable(...)` says why an
-implementation cannot run a case, or None.
+Each `make_*(base, cell, config, device, dtype)` returns a `Runner`: `runner(x, mode)` runs
+mode "fwd" under no_grad, or "fwdbwd": forward and `output.backward(ones_like(output))`
+(the cuDNN baselines' definition), and returns the output (the data of a packed output);
+`runner.weight_grads()` gives the weight gradients of the last backward under torch.nn's
+parameter names, for the correctness check. `unavailable(...)` says why an implementation
+cannot run a case, or None. A new implementation is one more `make_*` in IMPLEMENTATIONS
+(and, if it cannot run everywhere, a reason in `unavailable`).
 """
 
 import contextlib
@@ -49,20 +52,38 @@ def _cell_loop(step):
     return forward
 
 
-def _runner(forward, context=contextlib.nullcontext):
-    """run(x, mode) around forward(x) -> output (tensor or PackedSequence)."""
-    def run(x, mode):
-        with context():
+class Runner:
+    """What the harness checks and times: `runner(x, mode)` around `forward(x)` -> output
+    (tensor or PackedSequence), run inside `context()`. `weight_grads()` returns
+    {torch.nn parameter name: gradient} of the module's parameters, or, for an
+    implementation whose weights are laid out differently, what `grads()` returns (its own
+    weight tensors are then `leaves`, whose gradients `zero_grad()` clears)."""
+
+    def __init__(self, forward, module=None, context=contextlib.nullcontext, grads=None, leaves=()):
+        self.forward, self.module, self.context, self.grads, self.leaves = forward, module, context, grads, leaves
+
+    def __call__(self, x, mode):
+        with self.context():
             if mode == "fwd":
                 with torch.no_grad():
-                    output = forward(x)
+                    output = self.forward(x)
             else:
-                output = forward(x)
+                output = self.forward(x)
             data = output.data if isinstance(output, PackedSequence) else output
             if mode != "fwd":
                 data.backward(torch.ones_like(data))
         return data.detach()
-    return run
+
+    def zero_grad(self):
+        if self.module is not None:
+            self.module.zero_grad(set_to_none=True)
+        for leaf in self.leaves:
+            leaf.grad = None
+
+    def weight_grads(self):
+        if self.grads is not None:
+            return self.grads()
+        return {name: p.grad for name, p in self.module.named_parameters()}
 
 
 def _forward(module, config):
@@ -92,24 +113,28 @@ def _ours(cell, config, base, device, dtype):
 
 def make_rnnfused(base, cell, config, device, dtype):
     """rnnfused as a user gets it (RNNFUSED_KERNEL=auto picks the kernel)."""
-    return _runner(_forward(_ours(cell, config, base, device, dtype), config), lambda: kernel_setting("auto"))
+    module = _ours(cell, config, base, device, dtype)
+    return Runner(_forward(module, config), module, lambda: kernel_setting("auto"))
 
 
 def make_rnnfused_ours(base, cell, config, device, dtype):
     """rnnfused on our own kernels only (RNNFUSED_KERNEL=ours: never cuDNN; the persistent
     kernel where it plans, verified or not), so that their ratio to cuDNN stays visible
     behind the dispatch."""
-    return _runner(_forward(_ours(cell, config, base, device, dtype), config), lambda: kernel_setting("ours"))
+    module = _ours(cell, config, base, device, dtype)
+    return Runner(_forward(module, config), module, lambda: kernel_setting("ours"))
 
 
 def make_rnnfused_persistent(base, cell, config, device, dtype):
     """rnnfused with the persistent kernel forced (RNNFUSED_KERNEL=persistent)."""
-    return _runner(_forward(_ours(cell, config, base, device, dtype), config), lambda: kernel_setting("persistent"))
+    module = _ours(cell, config, base, device, dtype)
+    return Runner(_forward(module, config), module, lambda: kernel_setting("persistent"))
 
 
 def make_rnnfused_stepwise(base, cell, config, device, dtype):
     """rnnfused with the stepwise kernels forced (RNNFUSED_KERNEL=stepwise): stage 1."""
-    return _runner(_forward(_ours(cell, config, base, device, dtype), config), lambda: kernel_setting("stepwise"))
+    module = _ours(cell, config, base, device, dtype)
+    return Runner(_forward(module, config), module, lambda: kernel_setting("stepwise"))
 
 
 _SETTINGS = {"rnnfused": "auto", "rnnfused_ours": "ours", "rnnfused_persistent": "persistent",
@@ -135,19 +160,19 @@ def make_torch(base, cell, config, device, dtype):
     """torch.nn as it runs by default: cuDNN on a GPU, oneDNN / native on a CPU (for a cell
     loop: torch's fused cell functions)."""
     module = copy.deepcopy(base).to(device=device, dtype=dtype)
-    return _runner(_forward(module, config))
+    return Runner(_forward(module, config), module)
 
 
 def make_torch_native(base, cell, config, device, dtype):
     """torch.nn on the GPU with cuDNN disabled: torch's own fused-cell CUDA path."""
     module = copy.deepcopy(base).to(device=device, dtype=dtype)
-    return _runner(lambda x: module(x)[0], lambda: torch.backends.cudnn.flags(enabled=False))
+    return Runner(lambda x: module(x)[0], module, lambda: torch.backends.cudnn.flags(enabled=False))
 
 
 def make_reference(base, cell, config, device, dtype):
     module = copy.deepcopy(base).to(device=device, dtype=dtype)
     if not config.cell_loop:
-        return _runner(lambda x: rnnfused.reference.forward(module, x)[0])
+        return Runner(lambda x: rnnfused.reference.forward(module, x)[0], module)
     mode = {"LSTM": "LSTM", "GRU": "GRU", "RNN": "RNN_TANH", "RNN_RELU": "RNN_RELU"}[cell]
     weights = {"w_ih": module.weight_ih, "w_hh": module.weight_hh, "b_ih": module.bias_ih, "b_hh": module.bias_hh,
                "w_hr": None}
@@ -159,7 +184,7 @@ def make_reference(base, cell, config, device, dtype):
         h, c = state if mode == "LSTM" else (state, None)
         h, c = rnnfused.reference.cell_step(mode, x_t, h, c, weights)
         return (h, c) if mode == "LSTM" else h
-    return _runner(_cell_loop(step))
+    return Runner(_cell_loop(step), module)
 
 
 def make_flashrnn(base, cell, config, device, dtype):
@@ -181,7 +206,15 @@ def make_flashrnn(base, cell, config, device, dtype):
         states, _ = flashrnn(wx, R, zero_b, function="lstm", backend="cuda_fused", dtype=name)
         return states[0, :, :, 0].transpose(0, 1)
 
-    return _runner(forward)
+    def grads():
+        """FlashRNN's gradients under torch.nn's names: the fused bias's gradient is that of
+        both biases; R's is W_hh's transposed back."""
+        if w_ih.grad is None:
+            return {name: None for name in params}
+        d_hh = R.grad.reshape(4, H, H).transpose(1, 2).reshape(4 * H, H)
+        return {"weight_ih_l0": w_ih.grad, "weight_hh_l0": d_hh, "bias_ih_l0": bias.grad, "bias_hh_l0": bias.grad}
+
+    return Runner(forward, grads=grads, leaves=(w_ih, bias, R))
 
 
 IMPLEMENTATIONS = {

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include <ATen/EmptyTensor.h>
+#include <sys/mman.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/DeviceGuard.h>
 
@@ -55,11 +56,21 @@ DType dtype_of(const Tensor& t) {
 // Sizes are rounded up to four classes per power of two (at most 25% more), so that packed
 // input of varying lengths reuses blocks instead of caching one per size. As an
 // at::Allocator the cache gives ordinary resizable storages (a user may resize_() an
-// output); at most kMaxCachedBytes are kept.
+// output). Freed blocks are kept up to a bound (RNNFUSED_CPU_CACHE_MB, read once at the
+// first allocation; default kDefaultLimitBytes; 0 keeps none), beyond it they go back to
+// the system at once; rnnfused.empty_cache() returns every kept block. Blocks are mapped
+// and unmapped directly (not malloc'ed), so that what is returned leaves the process: glibc
+// would keep freed blocks in its heap once its mmap threshold has risen past their size.
 class CachingCpuAllocator final : public at::Allocator {
  public:
   static constexpr size_t kMinBytes = size_t(1) << 18;
-  static constexpr size_t kMaxCachedBytes = size_t(1) << 30;
+  static constexpr size_t kDefaultLimitBytes = size_t(256) << 20;
+
+  struct Stats {
+    size_t cached_bytes;  // freed blocks kept for reuse
+    size_t in_use_bytes;  // blocks held by live tensors
+    size_t limit_bytes;   // the bound on cached_bytes
+  };
 
   static CachingCpuAllocator& instance() {
     static auto* allocator = new CachingCpuAllocator();  // never destroyed: tensors may outlive statics
@@ -76,7 +87,39 @@ class CachingCpuAllocator final : public at::Allocator {
     default_copy_data(dest, src, count);
   }
 
+  // Returns every cached block to the system; the bytes released.
+  size_t empty_cache() {
+    std::vector<std::pair<void*, size_t>> blocks;
+    size_t released = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto& [bytes, list] : free_) {
+        released += bytes * list.size();
+        for (void* block : list) blocks.emplace_back(block, bytes);
+      }
+      free_.clear();
+      cached_bytes_ = 0;
+    }
+    for (const auto& [block, bytes] : blocks) unmap(block, bytes);
+    return released;
+  }
+
+  Stats stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {cached_bytes_, in_use_bytes_, limit_bytes_};
+  }
+
  private:
+  static size_t limit_from_environment() {
+    const char* text = std::getenv("RNNFUSED_CPU_CACHE_MB");
+    if (text == nullptr || *text == '\0') return kDefaultLimitBytes;
+    char* end = nullptr;
+    const double megabytes = std::strtod(text, &end);
+    TORCH_CHECK(end != text && *end == '\0' && megabytes >= 0 && std::isfinite(megabytes),
+                "rnnfused: RNNFUSED_CPU_CACHE_MB must be a number of megabytes >= 0, got '", text, "'");
+    return static_cast<size_t>(megabytes * double(1 << 20));
+  }
+
   static size_t size_class(size_t bytes) {
     size_t power = kMinBytes;
     while (power * 2 <= bytes) power *= 2;
@@ -93,33 +136,42 @@ class CachingCpuAllocator final : public at::Allocator {
       it->second.pop_back();
       cached_bytes_ -= bytes;
     } else {
-      TORCH_CHECK(posix_memalign(&block, 64, bytes) == 0, "rnnfused: out of memory allocating ", bytes,
-                  " bytes");
+      block = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      TORCH_CHECK(block != MAP_FAILED, "rnnfused: out of memory allocating ", bytes, " bytes");
     }
     sizes_[block] = bytes;
+    in_use_bytes_ += bytes;
     return block;
   }
 
+  // Called from tensor deleters, which must not throw; munmap only fails for a range that
+  // was never mapped, and every block here came from mmap with this size.
+  static void unmap(void* block, size_t bytes) noexcept { munmap(block, bytes); }
+
   static void give_back(void* block) {
     CachingCpuAllocator& self = instance();
+    size_t bytes = 0;
     {
       std::lock_guard<std::mutex> lock(self.mutex_);
       auto it = self.sizes_.find(block);
-      const size_t bytes = it->second;
+      bytes = it->second;
       self.sizes_.erase(it);
-      if (self.cached_bytes_ + bytes <= kMaxCachedBytes) {
+      self.in_use_bytes_ -= bytes;
+      if (self.cached_bytes_ + bytes <= self.limit_bytes_) {
         self.free_[bytes].push_back(block);
         self.cached_bytes_ += bytes;
         return;
       }
     }
-    free(block);
+    unmap(block, bytes);
   }
 
   std::mutex mutex_;
   std::unordered_map<size_t, std::vector<void*>> free_;
   std::unordered_map<void*, size_t> sizes_;  // blocks in use
   size_t cached_bytes_ = 0;
+  size_t in_use_bytes_ = 0;
+  const size_t limit_bytes_ = limit_from_environment();
 };
 
 Tensor empty(at::IntArrayRef shape, const at::TensorOptions& options) {
@@ -756,6 +808,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("cuda_archs") = "";
 #endif
+  m.def(
+      "empty_cpu_cache", [] { return CachingCpuAllocator::instance().empty_cache(); },
+      "Returns every cached CPU block to the system (rnnfused.empty_cache); the bytes released");
+  m.def(
+      "cpu_cache_stats",
+      [] {
+        const CachingCpuAllocator::Stats stats = CachingCpuAllocator::instance().stats();
+        return py::dict(py::arg("cached_bytes") = stats.cached_bytes, py::arg("in_use_bytes") = stats.in_use_bytes,
+                        py::arg("limit_bytes") = stats.limit_bytes);
+      },
+      "Bytes of the CPU block cache: cached (kept for reuse), in use, and its bound");
   m.def(
       "kernel_choice",
       [](int64_t cell, int64_t T, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, const std::string& device) {

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import rnnfused
+from plotting import pyplot
 
 BASELINE_MSE = 1.0 / 6.0  # always predicting 1.0
 SOLVED_MSE = 0.01
@@ -111,9 +112,9 @@ def main():
             print(f"{name:16s} ({args.impl}): test MSE {test_mse:.4f}{batch_stats} (predicting the mean: "
                   f"{BASELINE_MSE:.3f}) -> {verdict}; {args.steps} steps in {seconds:.0f} s", flush=True)
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     os.makedirs(args.out, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     for cell, history in results.items():

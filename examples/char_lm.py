@@ -22,6 +22,7 @@ from pydoc_data.topics import topics
 from torch import nn
 
 import rnnfused
+from plotting import pyplot
 
 
 def load_text():
@@ -124,9 +125,9 @@ def main():
     print(f"held-out bits per character ({args.impl}, {step} steps in {seconds:.0f} s): {bpc:.3f}")
     print("sample:\n" + sample(model, alphabet, "The ", 300, 0.7, torch.Generator().manual_seed(1)))
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     os.makedirs(args.out, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(*zip(*train_curve), alpha=0.5, label="training (per batch)")

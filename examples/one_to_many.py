@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import rnnfused
+from plotting import pyplot
 
 SHAPES = ["sine", "triangle", "square"]
 STEPS = 64
@@ -97,9 +98,9 @@ def main():
         rows = test_start[:, i] == 1
         print(f"  {name:8s} MSE {nn.functional.mse_loss(generated[rows], test_target[rows]).item():.4f}")
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
     os.makedirs(args.out, exist_ok=True)
     fig, axes = plt.subplots(len(SHAPES), 2, figsize=(8, 6), sharex=True, sharey=True)
     for i in range(len(SHAPES)):

@@ -25,13 +25,14 @@ from . import decompositions, functional, reference  # noqa: E402,F401
 from ._build import show_config  # noqa: E402
 from .cells import GRUCell, LSTMCell, RNNCell  # noqa: E402
 from .convert import convert  # noqa: E402
-from .explain import explain  # noqa: E402
+from .explain_model import explain  # noqa: E402
+from .memory import cpu_cache_stats, empty_cache  # noqa: E402
 from .modules import GRU, LSTM, RNN  # noqa: E402
 from . import _interop  # noqa: E402
 
 _interop.install()
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "explain", "functional", "reference", "backends", "show_config"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "explain", "empty_cache", "cpu_cache_stats", "functional", "reference", "backends", "show_config"]
 
 
 def backends():

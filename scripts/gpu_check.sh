@@ -123,7 +123,7 @@ step "barrier microbenchmark" 40 "$LOGS/barrier.log" $PYTHON -m bench.barrier
 # rnnfused (auto: the dispatch, with this run's record and table), our kernels forced, and
 # cuDNN, at fastrnns, latency_b1 and small_b16_h128 for LSTM and GRU in fp16, bf16 and fp32 (TF32).
 step "benchmark vs cuDNN" 170 "$LOGS/bench.log" $PYTHON -m bench --suite gpu-check --tf32 on --repeats 10 \
-  --warmup 3 --impls rnnfused,rnnfused_ours,torch --no-plot --out "$LOGS/bench"
+  --warmup 3 --impls rnnfused,rnnfused_ours,torch --no-plot --no-progress --out "$LOGS/bench"
 echo "== barriers"
 cat "$LOGS/barrier.log" 2>/dev/null
 echo "== benchmark table"

@@ -2,11 +2,15 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from bench import cli, configs, harness, impls, report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_named_and_custom_configs():
@@ -40,10 +44,59 @@ def test_suite_plan_and_overrides():
         cli.plan(cli.build_parser().parse_args(["--cells", "TRANSFORMER"]), "cpu")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--impls", "rnnfused,cudnn,torch"], "unknown implementation 'cudnn'; choose from rnnfused,"),
+    (["--modes", "fwd,bwd"], "unknown mode 'bwd'; choose from fwd, fwdbwd"),
+    (["--dtypes", "float8"], "unknown dtype 'float8'"),
+    (["--configs", "T5,B2"], "lacks I, H"),
+])
+def test_unknown_names_are_rejected_before_anything_runs(argv, message, monkeypatch):
+    monkeypatch.setattr(harness, "run_case", lambda *a, **k: pytest.fail("ran a case"))
+    with pytest.raises(SystemExit) as raised:
+        cli.main(argv + ["--device", "cpu"])
+    assert message in str(raised.value)
+
+
+def test_every_suite_plans_on_both_devices():
+    for name in cli.SUITES:
+        for device in ("cpu", "cuda"):
+            config_list, cells, dtypes = cli.plan(cli.build_parser().parse_args(["--suite", name]), device)
+            assert config_list and cells and dtypes
+    assert "../" not in cli.build_parser().format_help()  # no paths outside the repository
+
+
+def test_a_run_reports_progress_and_says_when_the_plot_is_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "_pyplot", lambda: None)  # as without matplotlib
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as without tqdm: one line per case
+    assert cli.main(["--device", "cpu", "--configs", "T3,B2,I3,H4", "--cells", "GRU,RNN", "--modes", "fwd",
+                     "--impls", "rnnfused,torch", "--repeats", "2", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "[1/2] custom GRU float32 fwd" in err and "[2/2] custom RNN float32 fwd" in err
+    assert "plot skipped: matplotlib is not installed (pip install matplotlib)" in out
+    assert "x torch: median time / torch.nn's median time in the same case; below 1 is faster" in out
+    assert (tmp_path / "results.csv").exists()
+
+
+def test_make_clean_keeps_saved_results():
+    done = subprocess.run(["make", "-n", "clean"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "rm" in done.stdout
+    assert "results" not in done.stdout
+
+
 def _broken(base, cell, config, device, dtype):
     """torch.nn with its output off by 1%: must be refused, not timed."""
-    run = impls.make_torch(base, cell, config, device, dtype)
-    return lambda x, mode: run(x, mode) * 1.01
+    runner = impls.make_torch(base, cell, config, device, dtype)
+    forward = runner.forward
+    runner.forward = lambda x: forward(x) * 1.01
+    return runner
+
+
+def _wrong_weight_grad(base, cell, config, device, dtype):
+    """torch.nn with the right output and input gradient but W_hh's gradient off by 1%."""
+    runner = impls.make_torch(base, cell, config, device, dtype)
+    runner.grads = lambda: {name: p.grad * 1.01 if name == "weight_hh_l0" else p.grad
+                            for name, p in runner.module.named_parameters()}
+    return runner
 
 
 def test_correctness_gate_refuses_a_wrong_implementation(monkeypatch):
@@ -56,6 +109,50 @@ def test_correctness_gate_refuses_a_wrong_implementation(monkeypatch):
     assert by_name["rnnfused"].max_error < 1e-5
     assert by_name["broken"].status.startswith("refused") and by_name["broken"].max_error > 1e-3
     assert by_name["broken"].ms is None and by_name["broken"].times_ms == []
+
+
+def test_correctness_gate_checks_weight_gradients(monkeypatch):
+    monkeypatch.setitem(impls.IMPLEMENTATIONS, "wrong_dw", _wrong_weight_grad)
+    results = harness.run_case("LSTM", configs.parse("T6,B3,I4,H5,L2"), torch.float32, "fwd",
+                               ["torch", "wrong_dw"], "cpu", warmup=0, repeats=1)
+    by_name = {r.impl: r for r in results}
+    assert by_name["torch"].status == "ok" and by_name["torch"].ms is not None
+    assert by_name["wrong_dw"].status.startswith("refused: weight_hh_l0 error")
+    assert by_name["wrong_dw"].worst == "weight_hh_l0" and by_name["wrong_dw"].ms is None
+
+
+def test_every_weight_gradient_is_compared():
+    config = configs.parse("T5,B2,I3,H4,L2,bi")
+    base = impls.base_module("GRU", config)
+    x = harness.Inputs(config, "cpu", 1).next()
+    reference = harness.reference_result(base, "GRU", config, "cpu", x)
+    assert set(reference) == {"output", "input grad"} | {name for name, _ in base.named_parameters()}
+    runner = impls.make_rnnfused(base, "GRU", config, "cpu", torch.float64)
+    error, worst, ok, _ = harness.check(runner, reference, x, torch.float64, tf32=False)
+    assert ok and error < 1e-10 and worst in reference
+
+
+def test_median_and_percentiles_and_a_flush_before_every_timed_run():
+    assert harness.percentiles([5.0]) == (5.0, 5.0, 5.0)
+    p20, median, p80 = harness.percentiles([float(v) for v in range(1, 12)])  # 1 .. 11
+    assert (p20, median, p80) == (3.0, 6.0, 9.0)
+    flushes = []
+    timer = harness.Timer("cpu", flush=lambda: flushes.append(1))
+    results = harness.run_case("RNN", configs.parse("T3,B2,I3,H3"), torch.float32, "fwdbwd", ["torch", "rnnfused"],
+                               "cpu", warmup=1, repeats=4, timer=timer)
+    assert len(flushes) == 2 * 4  # the timed runs only, not the warm-up or the check
+    for r in results:
+        assert len(r.times_ms) == 4 and r.p20_ms <= r.ms <= r.p80_ms
+    assert {r.impl: r.ratio for r in results}["torch"] == 1.0
+
+
+@pytest.mark.cuda
+def test_l2_flush_covers_twice_the_l2_cache():
+    flush = harness.L2Flush()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    assert flush.buffer.numel() * flush.buffer.element_size() >= 2 * l2 > 0
+    flush()
+    assert harness.Timer("cuda").flush is not None
 
 
 def test_gate_covers_packed_input_and_skips_with_reasons():
@@ -92,23 +189,26 @@ def test_results_are_written_and_tabulated(tmp_path):
     assert csv_lines[0].split(",") == report.FIELDS and len(csv_lines) == 4
     text = report.table(rows)
     assert "rnnfused" in text and "0.50" in text and "flashrnn skipped: absent (1 cases)" in text
+    rows[1].p20_ms, rows[1].p80_ms = 0.9, 1.2
+    assert "0.900-1.200" in report.table(rows)
 
 
 def test_plot_of_a_sweep(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [harness.Result(f"batch{b}", f"T50 B{b} I128 H128", "GRU", "float32", "fwd", "rnnfused", ms=1.0,
                            ratio=r) for b, r in ((1, 0.5), (4, 0.8), (16, 1.2))]
-    path = report.plot(rows, str(tmp_path), "B", "test")
-    assert path and os.path.getsize(path) > 0
+    path, why_not = report.plot(rows, str(tmp_path), "B", "test")
+    assert path.endswith("time_ratio_vs_batch.png") and os.path.getsize(path) > 0 and why_not is None
 
 
 def test_plot_of_cases(tmp_path):
     pytest.importorskip("matplotlib")
     rows = [harness.Result("cfg", "T1 B2 I3 H4", cell, "float32", "fwd", "rnnfused", ms=1.0, ratio=r)
             for cell, r in (("LSTM", 1.3), ("GRU", 0.6))]
-    path = report.plot_cases(rows, str(tmp_path), "test")
-    assert path and os.path.getsize(path) > 0
-    assert report.plot_cases(rows[:0], str(tmp_path), "empty") is None
+    path, _ = report.plot_cases(rows, str(tmp_path), "test")
+    assert path.endswith("time_ratio.png") and os.path.getsize(path) > 0
+    assert report.plot_cases(rows[:0], str(tmp_path), "empty") == \
+        (None, "no rnnfused result with a torch.nn time to compare with")
 
 
 def test_floor_times_the_products_next_to_both_layers(capsys):

@@ -116,3 +116,75 @@ def test_cells_convert_both_ways():
     assert all(type(m).__module__ == "torch.nn.modules.rnn" for m in model.values())
     with pytest.raises(ValueError, match="reset_after"):
         rnnfused.convert(rnnfused.GRUCell(3, 4, reset_after=False), to="torch")
+
+
+class MyLSTM(nn.LSTM):
+    """A subclass: convert must refuse it (its own code would be lost)."""
+
+
+def test_a_refusal_changes_nothing_anywhere_in_the_model():
+    """The GRU comes first in the walk: it must not be replaced when a later layer is refused."""
+    model = nn.Sequential(nn.GRU(3, 4), nn.Sequential(nn.Linear(4, 4), MyLSTM(4, 4)),
+                          nn.ModuleDict({"cell": nn.GRUCell(3, 4)}))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(TypeError, match=r"nothing was changed; 1\.1: MyLSTM is a subclass of LSTM"):
+        rnnfused.convert(model)
+    assert [type(m) for m in model.modules()] == before
+
+
+def test_every_refused_layer_is_named_in_one_message():
+    model = nn.Sequential(rnnfused.GRU(3, 4, reset_after=False), rnnfused.LSTM(4, 4),
+                          rnnfused.LSTMCell(4, 4, cell_clip=1.0))
+    with pytest.raises(ValueError) as raised:
+        rnnfused.convert(model, to="torch")
+    message = str(raised.value)
+    assert "0: torch.nn.GRU has no equivalent of reset_after" in message
+    assert "2: torch.nn.LSTMCell has no equivalent of cell_clip" in message
+    assert type(model[1]) is rnnfused.LSTM  # the convertible one was left alone too
+
+
+def test_what_was_replaced_is_returned_and_logged(caplog):
+    shared = nn.LSTM(3, 4)
+    model = nn.ModuleDict({"enc": nn.Sequential(shared, nn.ReLU()), "again": shared, "dec": nn.GRUCell(4, 4),
+                           "head": nn.Linear(4, 2)})
+    with caplog.at_level("INFO", logger="rnnfused.convert"):
+        result, replaced = rnnfused.convert(model, return_replaced=True)
+    assert result is model
+    assert [(r.name, r.old, r.new) for r in replaced] == [("enc.0", nn.LSTM, rnnfused.LSTM),
+                                                          ("dec", nn.GRUCell, rnnfused.GRUCell)]
+    assert model["enc"][0] is model["again"]  # a shared layer is replaced once, everywhere
+    assert "enc.0: torch.nn.LSTM -> rnnfused.LSTM" in caplog.text
+    assert "dec: torch.nn.GRUCell -> rnnfused.GRUCell" in caplog.text
+    back, replaced = rnnfused.convert(model, to="torch", return_replaced=True)
+    assert [str(r) for r in replaced] == ["enc.0: rnnfused.LSTM -> torch.nn.LSTM",
+                                          "dec: rnnfused.GRUCell -> torch.nn.GRUCell"]
+    assert rnnfused.convert(nn.Linear(2, 2), return_replaced=True)[1] == []
+    model_itself = rnnfused.convert(nn.RNN(3, 4), return_replaced=True)[1]
+    assert [str(r) for r in model_itself] == ["(the model itself): torch.nn.RNN -> rnnfused.RNN"]
+
+
+def test_nested_layers_and_cells_round_trip():
+    torch.manual_seed(0)
+    model = nn.ModuleList([nn.Sequential(nn.LSTM(3, 4, num_layers=2, bidirectional=True)),
+                           nn.ModuleDict({"cell": nn.LSTMCell(3, 4), "rnn": nn.RNNCell(3, 4, nonlinearity="relu")})]
+                          ).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def run(m):
+        return [m[0][0](x)[0], m[1]["cell"](x[0])[1], m[1]["rnn"](x[0])]
+
+    expected = run(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rnnfused.convert(model)
+    assert {type(m).__module__.split(".")[0] for m in model.modules()
+            if isinstance(m, (rnnfused.modules.RNNBase, rnnfused.cells.RNNCellBase))} == {"rnnfused"}
+    assert max_error(run(model), expected) <= 1e-12
+    rnnfused.convert(model, to="torch")
+    assert {type(m) for m in model.modules()} >= {nn.LSTM, nn.LSTMCell, nn.RNNCell}
+    assert max_error(run(model), expected) <= 1e-12
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="expected an nn.Module, got dict"):
+        rnnfused.convert({"lstm": nn.LSTM(3, 4)})
