@@ -66,6 +66,28 @@ SUITES = {
 }
 
 
+# Suites with a command line of their own (each module's --help): `python -m bench --suite NAME
+# ARGS` runs `python -m bench.NAME ARGS`.
+DELEGATED = {
+    "tune": "ours against cuDNN on this GPU for every key of the dispatch's table; writes "
+            "rnnfused/kernel_table.json (bench/tune.py)",
+    "resets": "episode resets in the fused layer against split-and-pad torch.nn and an LSTMCell loop "
+              "(bench/resets.py)",
+    "lengths": "padded input with lengths= against the dense run of as many steps and torch.nn's packed path "
+               "(bench/lengths.py)",
+}
+
+
+def _delegated(argv):
+    """(module name, its arguments) when argv asks for a delegated suite, else None."""
+    for i, arg in enumerate(argv):
+        name = arg.split("=", 1)[1] if arg.startswith("--suite=") else argv[i + 1] if arg == "--suite" and \
+            i + 1 < len(argv) else None
+        if name in DELEGATED:
+            return name, argv[:i] + argv[i + (1 if "=" in arg else 2):]
+    return None
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -73,10 +95,12 @@ def build_parser():
                     "non-cuDNN CUDA path, the reference loop and FlashRNN (when installed). Every "
                     "implementation is checked against an fp64 reference first; a wrong one is "
                     "refused, not timed.",
-        epilog="suites:\n" + "\n".join(f"  {k:<13} {v.description}" for k, v in SUITES.items()) +
+        epilog="suites:\n" + "\n".join(f"  {k:<13} {v.description}" for k, v in SUITES.items()) + "\n" +
+               "\n".join(f"  {k:<13} {v}; its own options" for k, v in DELEGATED.items()) +
                "\n\nThe table and the plots give each time as a ratio to torch.nn's in the same case "
                "(x torch; below 1 is faster), the median with the 20th-80th percentiles.")
-    parser.add_argument("--suite", choices=SUITES, default="default", help="what to run (default: %(default)s)")
+    parser.add_argument("--suite", choices=list(SUITES) + list(DELEGATED), default="default",
+                        help="what to run (default: %(default)s)")
     parser.add_argument("--configs", help="';'-separated config names (e.g. 'fastrnns;deep4') or custom specs "
                                           "like 'T100,B64,I512,H512,L2,bi,packed' (overrides the suite's)")
     parser.add_argument("--cells", help=f"comma-separated subset of {','.join(CELLS)} (overrides the suite's)")
@@ -199,6 +223,12 @@ def environment(device):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    delegated = _delegated(argv)
+    if delegated is not None:
+        import importlib
+        name, rest = delegated
+        return importlib.import_module(f"bench.{name}").main(rest)
     args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

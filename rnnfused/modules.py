@@ -35,9 +35,11 @@ PackedSequence) with, optionally:
   flows across a reset. ``h_n`` holds the states after the last step of each direction.
   Resets past a sequence's length are ignored.
 
-Both are fused in the kernels: per step and row, a reset reads the carried state as zeros
-and a finished row keeps its state (:func:`rnnfused.functional.step_flags`). Normalized
-layers do not take them yet. (They are not keyword-only: torch.onnx's TorchScript exporter
+Both are fused in the kernels: per step and row, a reset starts from zero states and a
+finished row keeps its state (:func:`rnnfused.functional.step_flags`). On the CPU, lengths
+without resets run as the PackedSequence they describe (the padding is skipped). Normalized
+layers take lengths that way on every device (on a GPU, packing reads the lengths on the
+host), and no resets yet. (They are not keyword-only: torch.onnx's TorchScript exporter
 passes every defaulted parameter of ``forward`` positionally.)
 
 Normalized layers
@@ -81,7 +83,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn import init
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import dispatch
 from ._ops import LayerOptions
@@ -437,8 +439,29 @@ class RNNBase(nn.RNNBase):
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         return layer_input, _stack(h_n), (_stack(c_n) if cx is not None else None)
 
+    def _by_packing(self, input, hx, lengths, resets):
+        """Padded input with lengths (and no resets) runs as the PackedSequence it describes,
+        padded back, on the CPU (the packed path skips the padding, and reading the lengths
+        costs no device sync there) and for normalized layers (which take no step flags; on a
+        GPU packing reads the lengths on the host). None where this does not apply: the step
+        flags then hold the finished rows, without a host sync."""
+        if (lengths is None or resets is not None or isinstance(input, PackedSequence) or input.dim() != 3
+                or input.numel() == 0 or torch.compiler.is_compiling()):
+            return None
+        on_cpu = input.device.type == "cpu" and (not isinstance(lengths, torch.Tensor) or lengths.device.type == "cpu")
+        if not (on_cpu or self.norm is not None):
+            return None
+        steps, batch = (input.size(1), input.size(0)) if self.batch_first else (input.size(0), input.size(1))
+        lengths = check_lengths(lengths, steps, batch)
+        packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
+        output, state = self.forward(packed, hx)
+        return pad_packed_sequence(output, batch_first=self.batch_first, total_length=steps)[0], state
+
     def _forward(self, input, hx, lengths, resets):
         """Shared forward of GRU and RNN (a single hidden state); LSTM has its own."""
+        by_packing = self._by_packing(input, hx, lengths, resets)
+        if by_packing is not None:
+            return by_packing
         name = "RNN" if self.mode.startswith("RNN") else self.mode
         num_directions = 2 if self.bidirectional else 1
         packed = isinstance(input, PackedSequence)
@@ -672,6 +695,9 @@ class LSTM(RNNBase, nn.LSTM):
         super().__init__("LSTM", *args, **kwargs)
 
     def forward(self, input, hx=None, lengths=None, resets=None):
+        by_packing = self._by_packing(input, hx, lengths, resets)
+        if by_packing is not None:
+            return by_packing
         num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)

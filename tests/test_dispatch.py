@@ -193,3 +193,10 @@ def test_tune_replaces_the_rows_it_measured_and_keeps_the_others(tmp_path):
     written = json.loads(table.read_text())
     assert written["rows"] == [old[1], new[0]]
     assert [run["date"] for run in written["runs"]] == ["before", "now"]
+
+
+def test_the_bench_cli_hands_delegated_suites_their_arguments():
+    from bench import cli
+    assert cli._delegated(["--suite", "tune", "--budget", "3"]) == ("tune", ["--budget", "3"])
+    assert cli._delegated(["--repeats", "2", "--suite=resets"]) == ("resets", ["--repeats", "2"])
+    assert cli._delegated(["--suite", "gpu-check"]) is None

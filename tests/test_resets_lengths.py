@@ -63,19 +63,25 @@ def test_auto_runs_these_layers_on_the_cpu_threads():
 @pytest.mark.parametrize("mode,extra", VARIANTS)
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("with_hx", [False, True])
-def test_lengths_match_torch_nn_on_packed_input(mode, extra, batch_first, with_hx, kernel):
+@pytest.mark.parametrize("route", ["packing", "flags"])
+def test_lengths_match_torch_nn_on_packed_input(mode, extra, batch_first, with_hx, route, kernel):
+    """route: CPU lengths alone run as the packed sequence they describe; with resets (here all
+    False) they become step flags, the path a GPU takes."""
     steps, batch = 9, 5
     theirs, ours = make_twins(mode, 4, 6, num_layers=2, bidirectional=True, batch_first=batch_first, **extra)
     x = _randn(batch, steps, 4, seed=1) if batch_first else _randn(steps, batch, 4, seed=1)
     lengths = torch.tensor([3, 9, 1, 6, 9])  # unsorted, with the full length and a single step
     hx = _state(mode, ours, batch, seed=2) if with_hx else None
+    resets = None if route == "packing" else torch.zeros(batch, steps, dtype=torch.bool)
+    if resets is not None and not batch_first:
+        resets = resets.t()
 
     def packed(a, h):
         out, state = theirs(pack_padded_sequence(a, lengths, batch_first=batch_first, enforce_sorted=False), h)
         return pad_packed_sequence(out, batch_first=batch_first, total_length=steps)[0], state
 
     expected, expected_grads = _outputs_and_grads(packed, x, hx, theirs)
-    values, grads = _outputs_and_grads(lambda a, h: ours(a, h, lengths=lengths), x, hx, ours)
+    values, grads = _outputs_and_grads(lambda a, h: ours(a, h, lengths=lengths, resets=resets), x, hx, ours)
     assert max_error(values, expected) <= TOLERANCE[torch.float64]
     assert max_error(grads, expected_grads) <= TOLERANCE[torch.float64]
 
@@ -300,7 +306,16 @@ def test_bad_resets_raise():
     with pytest.raises(ValueError, match="PackedSequence carries its own lengths"):
         module(packed, resets=torch.zeros(5, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="normalized layers"):
-        rnnfused.LSTM(3, 4, norm="layer")(x, lengths=torch.tensor([5, 3, 1]))
+        rnnfused.LSTM(3, 4, norm="layer")(x, resets=torch.zeros(5, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_normalized_layers_take_lengths_as_packed_input(norm):
+    module = rnnfused.GRU(3, 4, norm=norm, bidirectional=True).double().eval()
+    x, lengths = _randn(6, 3, 3, seed=16), torch.tensor([6, 2, 4])
+    out, h_n = module(x, lengths=lengths)
+    packed_out, packed_h = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
+    assert max_error([out, h_n], [pad_packed_sequence(packed_out, total_length=6)[0], packed_h]) == 0
 
 
 # --- CUDA ------------------------------------------------------------------------------------
