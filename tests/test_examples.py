@@ -16,7 +16,9 @@ SHORT_RUNS = {
     # backend "eager": Dynamo still traces the converted model over packed input, without
     # the minutes of C++ compilation inductor takes on a small CPU.
     "convert_compile.py": ["--steps", "3", "--batch", "8", "--backend", "eager"],
+    "rl_resets.py": ["--updates", "3", "--envs", "8", "--steps", "12", "--epochs", "2"],
 }
+PLOTTING = sorted(set(SHORT_RUNS) - {"convert_compile.py", "rl_resets.py"})  # rl_resets prints only
 
 
 def _run(name, tmp_path, hide_matplotlib):
@@ -26,7 +28,8 @@ def _run(name, tmp_path, hide_matplotlib):
         blocker.mkdir(parents=True)
         (blocker / "__init__.py").write_text("raise ImportError('matplotlib is hidden by the test')\n")
         env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), ROOT])
-    args = [sys.executable, os.path.join(ROOT, "examples", name), *SHORT_RUNS[name], "--out", str(tmp_path / "out")]
+    out = ["--out", str(tmp_path / "out")] if name != "rl_resets.py" else []
+    args = [sys.executable, os.path.join(ROOT, "examples", name), *SHORT_RUNS[name], *out]
     done = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert done.returncode == 0, f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done.stdout
@@ -37,7 +40,7 @@ def test_every_example_is_covered():
     assert examples == set(SHORT_RUNS)
 
 
-@pytest.mark.parametrize("name", sorted(set(SHORT_RUNS) - {"convert_compile.py"}))
+@pytest.mark.parametrize("name", PLOTTING)
 def test_example_runs_without_matplotlib(name, tmp_path):
     out = _run(name, tmp_path, hide_matplotlib=True)
     assert "plot skipped: matplotlib is not installed (pip install matplotlib)" in out
@@ -51,3 +54,11 @@ def test_convert_compile_example_converts_both_ways(tmp_path):
     assert "converted back to torch.nn: torch.nn.modules.rnn.LSTM, same prediction on 100.0% of the test lines" in out
     assert "test accuracy (rnnfused, compiled, 3 steps" in out
     assert "plot skipped: matplotlib is not installed (pip install matplotlib)" in out
+
+
+def test_rl_example_variants_agree(tmp_path):
+    """The fused and the LSTMCell-loop variants compute the same function from the same
+    weights and seed, so a short run reaches the same success rate with both."""
+    out = _run("rl_resets.py", tmp_path, hide_matplotlib=False)
+    rates = [line.split("episodes")[1].split("%")[0] for line in out.splitlines() if "success rate" in line]
+    assert len(rates) == 2 and rates[0] == rates[1]
