@@ -65,7 +65,7 @@ def explain(module, *args, **kwargs):
                             f"explain(layer, input); got {len(args)} positional arguments")
         return _explain_layer(module, args[0], **kwargs)
 
-    layers = [(name, layer) for name, layer in module.named_modules() if isinstance(layer, _OURS + _THEIRS)]
+    layers = [(name, layer) for name, layer in module.named_modules() if isinstance(layer, _THEIRS)]  # ours are torch.nn subclasses
     explained, calls = {}, {}
 
     def record(name, layer, layer_args, layer_kwargs):
@@ -86,7 +86,7 @@ def explain(module, *args, **kwargs):
 
     out = []
     for name, layer in layers:
-        if isinstance(layer, _THEIRS):
+        if not isinstance(layer, _OURS):  # ours subclass torch.nn's too (isinstance interop): test ours first
             cls = type(layer)
             label = f"torch.nn.{cls.__name__}" if cls in _TORCH_NAMES else f"{cls.__module__}.{cls.__qualname__}"
             out.append(LayerExplanation(name, label, [], _torch_note(layer)))
