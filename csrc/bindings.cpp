@@ -271,7 +271,11 @@ Layer prepare_layer(const LayerOptions& options, const Tensor& x_in, const OptTe
   p.w_hh = ptr(l.w_hh);
   p.b_ih = ptr(l.b_ih);
   p.b_hh = ptr(l.b_hh);
-  p.w_hr = ptr(l.w_hr);
+  // The kernels tell a projection by a non-null w_hr (params.h); one of zero rows (P == 0) has
+  // no data pointer, so it gets the address of a constant that no kernel reads (every use of
+  // w_hr with P == 0 is a matmul with no rows or an empty inner dimension).
+  static const double kNoRows = 0;
+  p.w_hr = l.w_hr.defined() ? (l.w_hr.numel() ? l.w_hr.data_ptr() : &kNoRows) : nullptr;
   if (step_flags.has_value()) {
     TORCH_CHECK_VALUE(!l.packed, "rnnfused: step_flags are for padded input; packed input has none");
     l.step_flags = prepare(*step_flags, "step_flags", {p.T, p.B}, l.x, at::kByte);
@@ -427,6 +431,9 @@ KernelChoice kernel_for(const Layer& layer, const Normalization& norm) {
     return {"stepwise", "normalized layers run the stepwise kernels", {}};
   }
   const LayerParams& p = layer.p;
+  // The planners tell a projection by P != H; one with P == H must not reach the persistent
+  // programs, which have none.
+  if (p.w_hr) return {"stepwise", "LSTM with projection runs the stepwise kernels", {}};
   KernelChoice choice = choose_kernel(p.cell, p.T, p.H, p.P, p.B, dtype_of(layer.x), layer.x.device());
   if (p.step_flags && choice.plan.persistent && !choice.plan.tiling.cpu_threads)
     return {"stepwise", "resets and lengths run the stepwise kernels (the persistent kernel has no step flags)", {}};
@@ -474,7 +481,9 @@ ForwardResult layer_forward(const Tensor& x_in, const OptTensor& batch_sizes, co
   else
     gx = empty({p.N, p.G}, acc);
   if (save_for_backward && cell == Cell::LSTM) cells = empty({p.N, p.H}, acc);
-  if (p.P != p.H) proj_in = empty({save_for_backward ? p.N : p.B, p.H}, opts);
+  // A projection is a given w_hr, whatever its rows: P == H (unambiguous here, unlike torch's
+  // _VF.lstm, which infers it from the widths) and P == 0 write proj_in too.
+  if (layer.w_hr.defined()) proj_in = empty({save_for_backward ? p.N : p.B, p.H}, opts);
   if (cell == Cell::GRU_CHO) rh = empty({p.B, p.H}, opts);
 
   p.x = ptr(x);
@@ -568,7 +577,7 @@ BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, 
   Tensor table;
   attach_plan(p, choice, layer, table);
   const int64_t saved = saved_gates_per_unit(cell);
-  const bool projected = p.P != p.H;
+  const bool projected = layer.w_hr.defined();
   // saved_list: [hidden, gates, cells, proj_in, *norm_saved] as forward returned it.
   const size_t norm_saved_count = norm.active() ? (cell == Cell::LSTM ? 6 : 4) : 0;
   TORCH_CHECK(saved_list.size() == 4 + norm_saved_count, "rnnfused: backward needs the ", 4 + norm_saved_count,

@@ -314,6 +314,8 @@ def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running
         warnings.warn("rnnfused: normalized layers on CUDA run the reference equations (exact, slower) until "
                       "their fused kernels have passed their GPU tests; RNNFUSED_CUDA_NORM=fused runs those")
     if reference or unverified or _needs_differentiable_equations(tensors):
+        # The operators check every size; the equations would broadcast a wrong one.
+        _ops.check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights, step_statistics, flags)
         y, h_n, c_n, batch_stats = _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights,
                                                     step_statistics, flags)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):

@@ -1,0 +1,151 @@
+"""What a hostile user found (issue 26), each against torch.nn where torch.nn has the feature:
+tensors left on another device, sizes the operators and the reference equations must refuse
+alike, projections of zero or H rows, NaN through the relu backward, result dtypes under
+autocast, batch norm on an empty batch, the cells' hx errors, torch.jit.script, batched
+backward, and what the thread count changes."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import gradcheck
+
+import rnnfused
+from conftest import MODES, make_twins, max_error
+from rnnfused.functional import Cell, recurrent_layer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _x(*shape, seed=1, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _raised(fn):
+    """(exception type, message) of what fn() raised; fails when it raised nothing."""
+    with pytest.raises(Exception) as error:
+        fn()
+    return type(error.value), str(error.value).splitlines()[0]
+
+
+# --- sizes: the operator, its fake kernel and the reference equations refuse alike ---------------
+
+def _z(*shape):
+    return torch.zeros(*shape)
+
+
+# Each: recurrent_layer's arguments (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) + keywords.
+BAD_SIZES = {
+    "h0 of too few rows": ((Cell.GRU, _z(3, 2, 2), _z(1, 4), None, _z(12, 2), _z(12, 4)), {}),
+    "h0 too wide": ((Cell.GRU, _z(3, 2, 2), _z(2, 5), None, _z(12, 2), _z(12, 4)), {}),
+    "a bias of one element": ((Cell.GRU, _z(3, 2, 2), _z(2, 4), None, _z(12, 2), _z(12, 4), _z(1), _z(12)), {}),
+    "weight_ih of the wrong width": ((Cell.GRU, _z(3, 2, 2), _z(2, 4), None, _z(12, 3), _z(12, 4)), {}),
+    "weight_hh of the wrong width": ((Cell.RNN_TANH, _z(3, 2, 2), _z(2, 4), None, _z(4, 2), _z(4, 3)), {}),
+    "c0 of one row": ((Cell.LSTM, _z(3, 2, 2), _z(2, 4), _z(1, 4), _z(16, 2), _z(16, 4)), {}),
+    "weight_hr of the wrong width": ((Cell.LSTM, _z(3, 2, 2), _z(2, 2), _z(2, 4), _z(16, 2), _z(16, 2), None, None,
+                                      _z(2, 3)), {}),
+    "h0 of a projection's width missing": ((Cell.LSTM, _z(3, 2, 2), _z(2, 4), _z(2, 4), _z(16, 2), _z(16, 2), None,
+                                            None, _z(2, 4)), {}),
+    "2-D input without batch_sizes": ((Cell.GRU, _z(3, 2), _z(2, 4), None, _z(12, 2), _z(12, 4)), {}),
+    "a norm weight too short": ((Cell.GRU, _z(3, 2, 2), _z(2, 4), None, _z(12, 2), _z(12, 4)),
+                                {"norm": "layer", "norm_weights": [_z(12), _z(11)]}),
+    "running statistics of the wrong width": ((Cell.RNN_TANH, _z(3, 2, 2), _z(2, 4), None, _z(4, 2), _z(4, 4)),
+                                              {"norm": "batch", "norm_weights": [_z(4), _z(4)], "training": False,
+                                               "running_stats": [_z(3, 4), _z(3, 4), _z(3, 5), _z(3, 4)]}),
+    "batch_sizes summing to more rows": ((Cell.GRU, _z(3, 2), _z(2, 4), None, _z(12, 2), _z(12, 4)),
+                                         {"batch_sizes": torch.tensor([2, 2])}),
+    "batch_sizes increasing": ((Cell.GRU, _z(3, 2), _z(1, 4), None, _z(12, 2), _z(12, 4)),
+                               {"batch_sizes": torch.tensor([1, 2])}),
+}
+
+
+def _on(device, value):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_on(device, v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("case", list(BAD_SIZES))
+def test_bad_sizes_raise_the_same_error_on_every_path(case):
+    """The fused operator (C++ checks), its fake kernel (every tensor on meta, as under
+    torch.compile) and the reference equations (torch.func transforms, reference=True), which
+    once broadcast a wrong size into a silently wrong result."""
+    args, kwargs = BAD_SIZES[case]
+
+    def call(device, reference):
+        meta_kwargs = {k: (v if k == "batch_sizes" else _on(device, v)) for k, v in kwargs.items()}
+        return recurrent_layer(*[_on(device, a) for a in args], **meta_kwargs, reference=reference)
+
+    fused = _raised(lambda: call("cpu", False))
+    assert fused[0] in (RuntimeError, ValueError)
+    assert _raised(lambda: call("meta", False)) == fused
+    assert _raised(lambda: call("cpu", True)) == fused
+
+
+# --- projections of zero rows and of as many rows as the hidden size -----------------------------
+
+_PROJECTION_CHILD = """
+import torch
+from rnnfused.functional import Cell, recurrent_layer
+def case(P, packed, reference=False):
+    g = torch.Generator().manual_seed(P)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    T, B, I, H = 4, 3, 3, 5
+    x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0 = r(T, B, I), r(4 * H, I), r(4 * H, P), r(4 * H), r(4 * H), r(P, H), \\
+        r(B, P), r(B, H)
+    leaves = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
+    lengths = torch.tensor([4, 2, 1])
+    kwargs = {}
+    inp = x
+    if packed:
+        packed_x = pack_padded_sequence(x, lengths)
+        inp, kwargs = packed_x.data, {"batch_sizes": packed_x.batch_sizes}
+    y, h, c = recurrent_layer(Cell.LSTM, inp, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reference=reference, **kwargs)
+    weights = torch.Generator().manual_seed(7)
+    loss = sum((t * torch.randn(t.shape, generator=weights, dtype=t.dtype)).sum() for t in (y, h, c))
+    return [y, h, c], list(torch.autograd.grad(loss, leaves))
+def vf(P):  # torch's own LSTM with projection, for P != H (it tells a projection by h's width)
+    g = torch.Generator().manual_seed(P)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+    T, B, I, H = 4, 3, 3, 5
+    x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0 = r(T, B, I), r(4 * H, I), r(4 * H, P), r(4 * H), r(4 * H), r(P, H), \\
+        r(B, P), r(B, H)
+    y, h, c = torch._VF.lstm(x, (h0[None], c0[None]), [w_ih, w_hh, b_ih, b_hh, w_hr], True, 1, 0.0, False, False,
+                             False)
+    weights = torch.Generator().manual_seed(7)
+    loss = sum((t * torch.randn(t.shape, generator=weights, dtype=t.dtype)).sum() for t in (y, h[0], c[0]))
+    leaves = [x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr]
+    return [y, h[0], c[0]], list(torch.autograd.grad(loss, leaves))
+def error(a, b):
+    return max(((p - q).abs().max().item() if p.numel() else 0.0) for p, q in zip(a, b))
+for P in (0, 2, 5, 7):  # H = 5
+    for packed in (False, True):
+        values, grads = case(P, packed)
+        ref_values, ref_grads = case(P, packed, reference=True)
+        print("reference", P, packed, error(values, ref_values), error(grads, ref_grads), flush=True)
+    if P != 5:
+        values, grads = case(P, False)
+        vf_values, vf_grads = vf(P)
+        print("vf", P, error(values, vf_values), error(grads, vf_grads), flush=True)
+"""
+
+
+def test_projections_of_zero_rows_and_of_the_hidden_size_run_as_torch_s_lstm():
+    """Run in a subprocess: the buffer of a projection of 0 or H rows was once allocated only
+    when P != H and written whenever a projection was given, a segmentation fault. P = 0 and
+    P != H are compared with torch's _VF.lstm; P = H (which _VF.lstm cannot express: it tells
+    a projection from the state widths) with the reference equations."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(_PROJECTION_CHILD)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stdout[-1000:]} {done.stderr[-2000:]}"
+    lines = [line.split() for line in done.stdout.splitlines()]
+    assert len([line for line in lines if line[0] == "reference"]) == 8
+    assert len([line for line in lines if line[0] == "vf"]) == 3
+    for line in lines:
+        assert float(line[-2]) <= 1e-12 and float(line[-1]) <= 1e-12, line
