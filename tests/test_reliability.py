@@ -149,3 +149,57 @@ def test_projections_of_zero_rows_and_of_the_hidden_size_run_as_torch_s_lstm():
     assert len([line for line in lines if line[0] == "vf"]) == 3
     for line in lines:
         assert float(line[-2]) <= 1e-12 and float(line[-1]) <= 1e-12, line
+
+
+# --- NaN through relu ------------------------------------------------------------------------------
+
+def _nonfinite_cases(count):
+    """(seed, where, value): one NaN, ±inf or huge value in the input or in one parameter."""
+    values = [float("nan"), float("inf"), -float("inf"), 1e300]
+    return [(seed, seed % 3, values[seed % 4]) for seed in range(count)]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_non_finite_values_give_torch_nn_s_nan_and_inf_pattern(mode):
+    """Outputs and every gradient: NaN and inf exactly where torch.nn has them (relu's backward
+    once cut the gradient where h was NaN), the finite values close."""
+    mismatched = []
+    for seed, where, value in _nonfinite_cases(60):
+        theirs, ours = make_twins(mode, 3, 4, num_layers=1 + seed % 2, seed=seed)
+        x = _x(4, 2, 3, seed=seed)
+        if where == 0:
+            x.view(-1)[seed % x.numel()] = value
+        else:
+            params = list(theirs.parameters())
+            with torch.no_grad():
+                param = params[seed % len(params)]
+                param.view(-1)[seed % param.numel()] = value
+            ours.load_state_dict(theirs.state_dict())
+        results = []
+        for module in (theirs, ours):
+            leaf = x.clone().requires_grad_()
+            output = module(leaf)[0]
+            results.append([output.detach(), *torch.autograd.grad(output.sum(), [leaf, *module.parameters()])])
+        for expected, actual in zip(*results):
+            if not (torch.equal(expected.isnan(), actual.isnan()) and torch.equal(expected.isinf(), actual.isinf())
+                    and torch.equal(expected[expected.isinf()], actual[actual.isinf()])):
+                mismatched.append((seed, where, value))
+                break
+            finite = expected.isfinite()
+            assert max_error([actual[finite]], [expected[finite]]) <= 1e-8, (seed, where, value)
+    assert not mismatched
+
+
+def test_rnn_cell_relu_passes_nan_gradients_as_torch_nn():
+    torch.manual_seed(0)
+    theirs = nn.RNNCell(3, 4, nonlinearity="relu").double()
+    ours = rnnfused.RNNCell(3, 4, nonlinearity="relu").double()
+    ours.load_state_dict(theirs.state_dict())
+    x = _x(2, 3)
+    x[0, 1] = float("nan")
+    grads = []
+    for cell in (theirs, ours):
+        leaf = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad(cell(leaf).sum(), [leaf, *cell.parameters()]))
+    assert any(g.isnan().any() for g in grads[0])
+    assert max_error(grads[1], grads[0]) <= 1e-12  # NaN where torch.nn's are, the other values equal
