@@ -332,7 +332,8 @@ void attach_running_stats(Normalization& norm, at::TensorList running, const Lay
     TORCH_CHECK_VALUE(running.empty(), "rnnfused: running statistics are only for batch norm (norm=1)");
     return;
   }
-  TORCH_CHECK_VALUE(!n.own_statistics || p.B > 1, "Expected more than 1 value per channel when training, got input "
+  // As nn.BatchNorm1d: one row per step in training is an error, an empty batch is not.
+  TORCH_CHECK_VALUE(!n.own_statistics || p.B != 1, "Expected more than 1 value per channel when training, got input "
                     "size torch.Size([", p.B, ", ", p.G, "])");
   TORCH_CHECK_VALUE(running.size() == (lstm ? 6u : 4u), "rnnfused: batch norm needs the running statistics of every "
                     "step [mean_x, var_x, mean_h, var_h", lstm ? ", mean_c, var_c" : "", "], got ", running.size(),

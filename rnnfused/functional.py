@@ -301,7 +301,7 @@ def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running
     norm_weights, running_stats = list(norm_weights), list(running_stats)
     if flags is not None and options.norm != Norm.NONE:
         raise ValueError("rnnfused: normalized layers do not take lengths or resets yet")
-    if options.norm == Norm.BATCH and options.training and h0.size(0) < 2:
+    if options.norm == Norm.BATCH and options.training and h0.size(0) == 1:  # as nn.BatchNorm1d: B = 0 runs
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size([h0.size(0), weights[0].size(0)])}")
     x, h0, c0, *all_weights = _autocast((x, h0, c0, *weights, *norm_weights), x.device.type)

@@ -203,3 +203,24 @@ def test_rnn_cell_relu_passes_nan_gradients_as_torch_nn():
         grads.append(torch.autograd.grad(cell(leaf).sum(), [leaf, *cell.parameters()]))
     assert any(g.isnan().any() for g in grads[0])
     assert max_error(grads[1], grads[0]) <= 1e-12  # NaN where torch.nn's are, the other values equal
+
+
+# --- batch norm with an empty batch -------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_batch_norm_trains_on_an_empty_batch_as_batchnorm1d(mode):
+    """nn.BatchNorm1d in training takes a batch of 0 (an empty result, the running statistics
+    unchanged) and refuses a batch of 1."""
+    bn = nn.BatchNorm1d(4).train()
+    assert bn(torch.zeros(0, 4)).shape == (0, 4)
+    module = getattr(rnnfused, mode)(3, 4, norm="batch").double().train()
+    before = {name: buffer.clone() for name, buffer in module.named_buffers()}
+    x = torch.zeros(5, 0, 3, dtype=torch.float64, requires_grad=True)
+    output = module(x)[0]
+    assert output.shape == (5, 0, 4)
+    grads = torch.autograd.grad(output.sum(), [x, *module.parameters()])
+    assert all(g.abs().sum() == 0 for g in grads)
+    for name, buffer in module.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        module(torch.zeros(5, 1, 3, dtype=torch.float64))
