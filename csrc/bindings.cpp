@@ -3,6 +3,8 @@
 #include <torch/extension.h>
 
 #include <ATen/EmptyTensor.h>
+#include <ATen/LegacyBatchedTensorImpl.h>
+#include <ATen/LegacyVmapTransforms.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/DeviceGuard.h>
 
@@ -709,6 +711,75 @@ BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, 
           dweights, dnorm_weights};
 }
 
+// Batched backward under autograd's own vmap (the legacy one, dispatch key Batched):
+// torch.autograd.grad(..., is_grads_batched=True), jacobian(..., vectorize=True) and gradcheck's
+// batched check run the backward with batched gradients, and that vmap's generic fallback
+// cannot return lists of tensors. The fused backward has no batch dimension of its own (the
+// weight gradients sum over all rows, batch norm couples them), so it runs once per batch
+// entry and the results are stacked. torch.func.vmap goes through the rule that
+// rnnfused/_ops.py registers with torch.library.register_vmap.
+BackwardResult layer_backward_batched(const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0,
+                                      const OptTensor& c0, at::TensorList weights, at::TensorList norm_weights,
+                                      const OptTensor& step_flags, at::TensorList saved_list, const Tensor& dy,
+                                      const Tensor& dh_n, const OptTensor& dc_n, int64_t cell_index, bool has_biases,
+                                      bool reverse, double cell_clip, double grad_clip, int64_t norm_index,
+                                      bool training, double eps, bool need_dx, bool need_weights) {
+  Tensor x = x_in, h0_entry = h0, dy_entry = dy, dh_entry = dh_n;
+  OptTensor c0_entry = c0, flags_entry = step_flags, dc_entry = dc_n;
+  std::vector<Tensor> weights_entry(weights.begin(), weights.end()), norm_entry(norm_weights.begin(), norm_weights.end()),
+      saved_entry(saved_list.begin(), saved_list.end());
+  std::vector<Tensor*> batched;  // the arguments that carry batch dimensions, replaced by one entry at a time
+  auto visit = [&](Tensor& t) {
+    if (t.defined() && at::isBatchedTensor(t)) batched.push_back(&t);
+  };
+  for (Tensor* t : {&x, &h0_entry, &dy_entry, &dh_entry}) visit(*t);
+  for (OptTensor* t : {&c0_entry, &flags_entry, &dc_entry})
+    if (t->has_value()) visit(**t);
+  for (std::vector<Tensor>* list : {&weights_entry, &norm_entry, &saved_entry})
+    for (Tensor& t : *list) visit(t);
+  TORCH_CHECK(!batched.empty() && !(batch_sizes.has_value() && at::isBatchedTensor(*batch_sizes)),
+              "rnnfused: batched layer_backward needs batched tensors other than batch_sizes");
+  std::vector<Tensor> logical;
+  for (Tensor* t : batched) logical.push_back(*t);
+  // Every batch dimension moved to the front, aligned and expanded across the arguments.
+  const at::VmapPhysicalViewVec physical = at::MultiBatchVmapTransform::logicalToPhysical(logical);
+  const int64_t batch_dims = physical[0].numBatchDims();
+  const std::vector<int64_t> batch_shape(physical[0].tensor().sizes().begin(),
+                                         physical[0].tensor().sizes().begin() + batch_dims);
+  int64_t entries = 1;
+  for (int64_t size : batch_shape) entries *= size;
+  std::vector<Tensor> flat;
+  for (const at::VmapPhysicalView& view : physical) flat.push_back(view.tensor().flatten(0, batch_dims - 1));
+
+  std::vector<Tensor> dxs, dh0s, dc0s;
+  std::vector<std::vector<Tensor>> dweights, dnorm_weights;
+  for (int64_t i = 0; i < entries; ++i) {
+    for (size_t j = 0; j < batched.size(); ++j) *batched[j] = flat[j][i];
+    auto [dx, dh0, dc0, dw, dnw] =
+        layer_backward(x, batch_sizes, h0_entry, c0_entry, weights_entry, norm_entry, flags_entry, saved_entry,
+                       dy_entry, dh_entry, dc_entry, cell_index, has_biases, reverse, cell_clip, grad_clip, norm_index,
+                       training, eps, need_dx, need_weights);
+    dxs.push_back(dx);
+    dh0s.push_back(dh0);
+    dc0s.push_back(dc0);
+    dweights.resize(dw.size());
+    dnorm_weights.resize(dnw.size());
+    for (size_t k = 0; k < dw.size(); ++k) dweights[k].push_back(dw[k]);
+    for (size_t k = 0; k < dnw.size(); ++k) dnorm_weights[k].push_back(dnw[k]);
+  }
+  const at::VmapPhysicalToLogicalMap to_logical = physical[0].getPhysicalToLogicalMap();
+  auto stacked = [&](const std::vector<Tensor>& parts) {
+    Tensor result = at::stack(parts);
+    std::vector<int64_t> shape = batch_shape;
+    shape.insert(shape.end(), result.sizes().begin() + 1, result.sizes().end());
+    return to_logical.apply(result.view(shape));
+  };
+  std::vector<Tensor> dw_out, dnw_out;
+  for (const auto& parts : dweights) dw_out.push_back(stacked(parts));
+  for (const auto& parts : dnorm_weights) dnw_out.push_back(stacked(parts));
+  return {stacked(dxs), stacked(dh0s), stacked(dc0s), dw_out, dnw_out};
+}
+
 }  // namespace
 }  // namespace rnnfused
 
@@ -744,6 +815,10 @@ TORCH_LIBRARY_IMPL(rnnfused, CUDA, m) {
   m.impl("layer_backward", &rnnfused::layer_backward);
 }
 #endif
+
+TORCH_LIBRARY_IMPL(rnnfused, Batched, m) {
+  m.impl("layer_backward", &rnnfused::layer_backward_batched);
+}
 
 // What is not an operator: which backends, GPU architectures and CPU instruction sets this
 // build has, and which kernel a layer runs (rnnfused.explain) with the planner behind it.

@@ -362,6 +362,29 @@ def _layer_backward_fake(x, batch_sizes, h0, c0, weights, norm_weights, step_fla
     return dx, x.new_empty(h0.shape), dc0, dweights, dnorm_weights
 
 
+@torch.library.register_vmap("rnnfused::layer_backward")
+def _layer_backward_vmap(info, in_dims, *args):
+    """Batched backward (``torch.autograd.grad(..., is_grads_batched=True)``, ``jacobian(...,
+    vectorize=True)``, gradcheck's batched check): one fused backward per batch entry, the
+    results stacked along dimension 0. The kernels have no batch dimension of their own, and
+    the batch cannot join the layer's rows: the weight gradients sum over all rows and batch
+    norm couples them."""
+    def entry(arg, dim, index):
+        if dim is None:
+            return arg
+        if isinstance(arg, (list, tuple)):
+            return [a if d is None else a.select(d, index) for a, d in zip(arg, dim)]
+        return arg.select(dim, index)
+
+    results = [torch.ops.rnnfused.layer_backward(*(entry(a, d, i) for a, d in zip(args, in_dims)))
+               for i in range(info.batch_size)]
+    dx, dh0, dc0, dweights, dnorm_weights = zip(*results)
+    dweights = [torch.stack(grads) for grads in zip(*dweights)]
+    dnorm_weights = [torch.stack(grads) for grads in zip(*dnorm_weights)]
+    output = (torch.stack(dx), torch.stack(dh0), torch.stack(dc0), dweights, dnorm_weights)
+    return output, (0, 0, 0, [0] * len(dweights), [0] * len(dnorm_weights))
+
+
 # The autograd formula, in two wrappers: torch.library.register_autograd's for the operator
 # (torch.compile, torch.export and direct calls), and _EagerLayer, the same formula with
 # less Python per call (register_autograd's generic wrapper flattens the weight lists with

@@ -45,7 +45,7 @@ def test_gradcheck_layer(cell, proj, reverse):
             full[i] = value
         return fn(*full)
 
-    assert gradcheck(fn_from_present, inputs, eps=1e-6, atol=1e-8)
+    assert gradcheck(fn_from_present, inputs, eps=1e-6, atol=1e-8, check_batched_grad=True)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -58,7 +58,7 @@ def test_gradcheck_packed_bidirectional_module(mode):
         output, hidden = ours(pack_sequence(list(tensors), enforce_sorted=False))
         return (output.data,) + (hidden if isinstance(hidden, tuple) else (hidden,))
 
-    assert gradcheck(fn, tuple(seqs), eps=1e-6, atol=1e-8)
+    assert gradcheck(fn, tuple(seqs), eps=1e-6, atol=1e-8, check_batched_grad=True)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -224,3 +224,62 @@ def test_batch_norm_trains_on_an_empty_batch_as_batchnorm1d(mode):
         assert torch.equal(buffer, before[name]), name
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         module(torch.zeros(5, 1, 3, dtype=torch.float64))
+
+
+# --- batched backward -------------------------------------------------------------------------------
+
+BATCHED = [("LSTM", {"bidirectional": True, "proj_size": 2}), ("LSTM", {"norm": "layer", "cell_clip": 0.5}),
+           ("GRU", {"num_layers": 2}), ("GRU", {"reset_after": False, "norm": "batch"}),
+           ("RNN", {"nonlinearity": "relu", "grad_clip": 0.3}), ("RNN", {})]
+
+
+def _module(name, kwargs):
+    torch.manual_seed(0)
+    return getattr(rnnfused, name)(2, 3, **kwargs).double()
+
+
+@pytest.mark.parametrize("name,kwargs", BATCHED, ids=lambda v: str(v))
+def test_batched_backward_equals_a_loop(name, kwargs):
+    """torch.autograd.grad(..., is_grads_batched=True) (autograd's own vmap) and
+    torch.func.vmap over autograd.grad (the rule registered with torch.library.register_vmap)
+    give the gradients of one backward per row of grad_outputs."""
+    module = _module(name, kwargs)
+    x = _x(4, 3, 2).requires_grad_()
+    output, hidden = module(x)
+    outputs = [output, *(hidden if isinstance(hidden, tuple) else (hidden,))]
+    vectors = [_x(5, *o.shape, seed=10 + i) for i, o in enumerate(outputs)]
+    leaves = [x, *module.parameters()]
+    looped = [torch.autograd.grad(outputs, leaves, [v[i] for v in vectors], retain_graph=True) for i in range(5)]
+    looped = [torch.stack(parts) for parts in zip(*looped)]
+    batched = torch.autograd.grad(outputs, leaves, vectors, retain_graph=True, is_grads_batched=True)
+    assert max_error(batched, looped) <= 1e-12
+    mapped = torch.func.vmap(lambda *v: torch.autograd.grad(outputs, leaves, v, retain_graph=True))(*vectors)
+    assert max_error(mapped, looped) <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_vectorized_jacobian_of_a_cell_equals_the_looped_one(name):
+    cell = getattr(rnnfused, name)(2, 3).double()
+    x = _x(2, 2)
+
+    def fn(x):
+        result = cell(x)
+        return torch.cat(result, -1) if isinstance(result, tuple) else result
+
+    vectorized = torch.autograd.functional.jacobian(fn, x, vectorize=True)
+    assert max_error([vectorized], [torch.autograd.functional.jacobian(fn, x)]) <= 1e-12
+
+
+# Without grad_clip (its gradients are clipped, not the derivative) and batch norm in training.
+@pytest.mark.parametrize("name,kwargs", BATCHED[:3] + BATCHED[5:] + [("RNN", {"nonlinearity": "relu"})],
+                         ids=lambda v: str(v))
+def test_gradcheck_with_batched_grad(name, kwargs):
+    module = _module(name, kwargs)
+    names = [n for n, _ in module.named_parameters()]
+
+    def fn(x, *params):
+        output, hidden = torch.func.functional_call(module, dict(zip(names, params)), (x,))
+        return (output, *(hidden if isinstance(hidden, tuple) else (hidden,)))
+
+    inputs = (_x(3, 2, 2).requires_grad_(), *[p.detach().requires_grad_() for p in module.parameters()])
+    assert gradcheck(fn, inputs, eps=1e-6, atol=1e-7, check_batched_grad=True)
