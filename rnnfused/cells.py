@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn import init
 
 from . import dispatch
-from .functional import Cell, _clip_value, recurrent_layer
+from .functional import Cell, _clip_value, autocast_result_dtypes, recurrent_layer
+from .modules import _check_devices, script_refusal
 
 __all__ = ["RNNCellBase", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -43,6 +44,9 @@ class RNNCellBase(nn.Module):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         self.reset_parameters()
+
+    def __prepare_scriptable__(self):
+        raise script_refusal(self)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -92,6 +96,7 @@ class RNNCellBase(nn.Module):
             if not isinstance(reset, torch.Tensor):
                 raise TypeError(f"reset must be a bool tensor, got {type(reset).__name__}")
             reset = reset.reshape(1, -1)
+        _check_devices(input, [h, c], [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh])
         weight = self.weight_ih
         training = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
         choice = dispatch.choose(self, weight, input.size(0), training, reset)
@@ -107,6 +112,10 @@ class RNNCellBase(nn.Module):
         _, h_n, c_n = recurrent_layer(cell, input.unsqueeze(0), h, c, self.weight_ih, self.weight_hh, self.bias_ih,
                                       self.bias_hh, cell_clip=cell_clip, grad_clip=self.grad_clip, resets=reset,
                                       reference=choice.kernel == "reference")
+        kind = {Cell.LSTM: "LSTMCell", Cell.GRU: "GRUCell", Cell.GRU_CHO: "GRUCell"}.get(cell, "RNNCell")
+        dtypes = autocast_result_dtypes(kind, input, h.dtype, None if c is None else c.dtype)
+        if dtypes is not None:  # torch.nn's result dtypes under CPU autocast (our layer returns the autocast dtype)
+            h_n, c_n = h_n.to(dtypes[0]), None if c_n is None else c_n.to(dtypes[1])
         return h_n, c_n
 
 
@@ -220,6 +229,11 @@ class LSTMCell(RNNCellBase):
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        elif not isinstance(hx, (tuple, list)):
+            # torch.nn hands hx to _VF.lstm_cell, whose argument parser refuses a tensor; unpacking
+            # one would take its first two rows as (h, c).
+            raise TypeError(f"lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not "
+                            f"{type(hx).__name__}")
         if len(hx) != 2:
             raise RuntimeError("lstm_cell expects two hidden states")
         self._check_forward(input, [("0", hx[0]), ("1", hx[1])])

@@ -51,6 +51,47 @@ def _autocast(tensors, device_type):
             for t in tensors]
 
 
+def _onednn_lstm(x):
+    """Whether torch.nn's CPU LSTM (no projection) runs ``x`` on oneDNN (torch's use_mkldnn
+    in aten/src/ATen/native/RNN.cpp): oneDNN on, a non-empty float32 input (bfloat16 where
+    oneDNN has bfloat16 kernels, float16 where it has float16 kernels and without autograd)."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled) or x.numel() == 0:
+        return False
+    if x.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if x.dtype == torch.float16:
+        return not torch.is_grad_enabled() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return x.dtype == torch.float32
+
+
+def autocast_result_dtypes(kind, x, h_dtype, c_dtype=None):
+    """The dtypes torch.nn's ``kind`` ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell";
+    "LSTMP": an LSTM with projection) returns under autocast for input ``x`` and states of
+    ``h_dtype`` / ``c_dtype``, as ``(output and h, c)``; None where they are the autocast dtype
+    that our layers return (autocast off for x's device, float64, CUDA, the Elman RNN).
+
+    On CUDA every recurrent op is on autocast's lower-precision list (``_cudnn_rnn`` and the
+    fused cells, ``lstm_cell`` and the other cells), so all results are in the autocast dtype.
+    On the CPU only the products (``linear``) and oneDNN's LSTM layer are on it, and torch.nn's
+    cell equations promote them with the states they meet: the GRU's h' = (1 - z) n + z h and
+    the LSTM's c' = f c + i g, h' = o tanh(c') take the dtype of the state (float32 states give
+    float32 results); the projection h = W_hr m is a product again (autocast dtype); the Elman
+    cell is two products and its nonlinearity (autocast dtype); an LSTM without projection
+    runs oneDNN's layer where torch would (autocast dtype), else the cell equations."""
+    device_type = x.device.type
+    if device_type != "cpu" or not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
+        return None
+    low = torch.get_autocast_dtype(device_type)
+    if kind in ("GRU", "GRUCell"):
+        return torch.promote_types(h_dtype, low), None
+    if kind == "LSTMCell" or (kind == "LSTM" and not _onednn_lstm(x)):
+        state = torch.promote_types(c_dtype, low)
+        return state, state
+    if kind == "LSTMP":
+        return low, torch.promote_types(c_dtype, low)
+    return None
+
+
 def _needs_differentiable_equations(tensors):
     """True under a torch.func transform or with forward-mode AD tangents: the fused operators
     have formulas for reverse-mode autograd only."""

@@ -32,6 +32,66 @@ def _raised(fn):
     return type(error.value), str(error.value).splitlines()[0]
 
 
+# --- tensors on another device ------------------------------------------------------------------
+
+def _meta_initialised(cls, missing, **kwargs):
+    """A module built on the meta device, then given a checkpoint without ``missing`` by
+    load_state_dict(assign=True, strict=False): that one tensor stays on meta."""
+    torch.manual_seed(0)
+    state = cls(3, 4, **kwargs).state_dict()
+    with torch.device("meta"):
+        module = cls(3, 4, **kwargs)
+    del state[missing]
+    module.load_state_dict(state, assign=True, strict=False)
+    return module
+
+
+@pytest.mark.parametrize("missing", ["bias_ih_l0", "weight_hh_l0_reverse", "weight_hr_l0"])
+def test_a_parameter_left_on_meta_raises_torch_nn_s_error(missing):
+    kwargs = dict(proj_size=2, bidirectional=True)
+    inputs = _x(5, 2, 3, dtype=torch.float32)
+    expected = _raised(lambda: _meta_initialised(nn.LSTM, missing, **kwargs)(inputs))
+    assert expected[1].startswith("Input and parameter tensors are not at the same device")
+    assert _raised(lambda: _meta_initialised(rnnfused.LSTM, missing, **kwargs)(inputs)) == expected
+
+
+@pytest.mark.parametrize("missing", ["norm_weight_hh_l0", "norm_bias_c_l0", "running_var_c_l0"])
+def test_a_norm_weight_or_running_statistic_left_on_meta_raises(missing):
+    module = _meta_initialised(rnnfused.LSTM, missing, norm="batch")
+    error = _raised(lambda: module(_x(5, 2, 3, dtype=torch.float32)))
+    assert error == (RuntimeError, "Input and parameter tensors are not at the same device, found input tensor at "
+                                   "cpu and parameter tensor at meta")
+
+
+def test_a_hidden_state_on_another_device_raises_torch_nn_s_error():
+    h0 = torch.zeros(1, 2, 4, device="meta")
+    expected = _raised(lambda: nn.GRU(3, 4)(_x(5, 2, 3, dtype=torch.float32), h0))
+    assert _raised(lambda: rnnfused.GRU(3, 4)(_x(5, 2, 3, dtype=torch.float32), h0)) == expected
+
+
+@pytest.mark.parametrize("cls", [rnnfused.LSTMCell, rnnfused.GRUCell, rnnfused.RNNCell])
+def test_a_cell_parameter_on_meta_raises(cls):
+    cell = cls(3, 4)
+    cell.bias_hh = nn.Parameter(torch.empty(cell.bias_hh.shape, device="meta"))
+    error = _raised(lambda: cell(_x(2, 3, dtype=torch.float32)))
+    assert error[0] is RuntimeError and "not at the same device" in error[1] and "meta" in error[1]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_the_raw_operator_refuses_any_tensor_on_meta(index):
+    """With one meta tensor among CPU ones the dispatcher runs the fake kernel, which must
+    refuse it rather than return shapes (the real kernel would have read no memory)."""
+    inf = float("inf")
+    tensors = [torch.zeros(12, 2), torch.zeros(12, 4), torch.zeros(12), torch.zeros(12)]
+    tensors[index] = tensors[index].to("meta")
+    names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+    error = _raised(lambda: torch.ops.rnnfused.layer_forward(torch.zeros(3, 2, 2), None, torch.zeros(2, 4), None,
+                                                             tensors, [], [], None, int(Cell.GRU), True, False, inf,
+                                                             inf, 0, True, 1e-5, False))
+    assert error == (RuntimeError, f"rnnfused: {names[index]} is on meta but the input is on cpu; move both to the "
+                                   "same device")
+
+
 # --- sizes: the operator, its fake kernel and the reference equations refuse alike ---------------
 
 def _z(*shape):
@@ -205,6 +265,81 @@ def test_rnn_cell_relu_passes_nan_gradients_as_torch_nn():
     assert max_error(grads[1], grads[0]) <= 1e-12  # NaN where torch.nn's are, the other values equal
 
 
+# --- autocast ---------------------------------------------------------------------------------------
+
+def _dtypes(result):
+    if isinstance(result, torch.Tensor):
+        return [result.dtype]
+    return [dtype for part in result for dtype in _dtypes(part)]
+
+
+STACKS = [("LSTM", {}), ("LSTM", {"proj_size": 2}), ("LSTM", {"num_layers": 2, "bidirectional": True}), ("GRU", {}),
+          ("GRU", {"num_layers": 2}), ("RNN", {}), ("RNN", {"nonlinearity": "relu"})]
+
+
+def _autocast_results(module, args, device, dtype):
+    try:
+        with torch.autocast(device, dtype=dtype):
+            return _dtypes(module(*args))
+    except RuntimeError as error:  # torch.nn's oneDNN LSTM has no float16 kernels on some CPUs
+        return type(error)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("state_dtype", [None, torch.float32, "low"])
+@pytest.mark.parametrize("name,kwargs", STACKS)
+def test_result_dtypes_under_cpu_autocast_are_torch_nn_s(name, kwargs, state_dtype, dtype):
+    state_dtype = dtype if state_dtype == "low" else state_dtype
+    torch.manual_seed(0)
+    theirs, ours = getattr(nn, name)(3, 4, **kwargs), getattr(rnnfused, name)(3, 4, **kwargs)
+    x = _x(5, 2, 3, dtype=torch.float32)
+    hx = None
+    if state_dtype is not None:
+        layers = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
+        h = torch.zeros(layers, 2, kwargs.get("proj_size") or 4, dtype=state_dtype)
+        hx = (h, torch.zeros(layers, 2, 4, dtype=state_dtype)) if name == "LSTM" else h
+    expected = _autocast_results(theirs, (x, hx), "cpu", dtype)
+    if expected is RuntimeError:
+        pytest.skip("torch.nn fails here (oneDNN's LSTM without float16 kernels on this CPU)")
+    assert _autocast_results(ours, (x, hx), "cpu", dtype) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("state_dtype", [None, torch.float32, "low"])
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_result_dtypes_under_cpu_autocast_are_torch_nn_s(name, state_dtype, dtype):
+    state_dtype = dtype if state_dtype == "low" else state_dtype
+    torch.manual_seed(0)
+    theirs, ours = getattr(nn, name)(3, 4), getattr(rnnfused, name)(3, 4)
+    x = _x(2, 3, dtype=torch.float32)
+    hx = None
+    if state_dtype is not None:
+        hx = torch.zeros(2, 4, dtype=state_dtype)
+        hx = (hx, hx.clone()) if name == "LSTMCell" else hx
+    assert _autocast_results(ours, (x, hx), "cpu", dtype) == _autocast_results(theirs, (x, hx), "cpu", dtype)
+
+
+def test_lstm_result_dtypes_follow_torch_nn_with_onednn_off():
+    """torch.nn's CPU LSTM runs oneDNN's layer (autocast dtype) only where oneDNN is on; off, its
+    cell equations meet the float32 state."""
+    torch.manual_seed(0)
+    theirs, ours = nn.LSTM(3, 4), rnnfused.LSTM(3, 4)
+    x = _x(5, 2, 3, dtype=torch.float32)
+    with torch.backends.mkldnn.flags(enabled=False):
+        expected = _autocast_results(theirs, (x, None), "cpu", torch.bfloat16)
+        assert _autocast_results(ours, (x, None), "cpu", torch.bfloat16) == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name,kwargs", STACKS + [("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {})])
+def test_result_dtypes_under_cuda_autocast_are_torch_nn_s(name, kwargs):
+    torch.manual_seed(0)
+    theirs, ours = getattr(nn, name)(3, 4, **kwargs).cuda(), getattr(rnnfused, name)(3, 4, **kwargs).cuda()
+    x = torch.randn(2, 3, device="cuda") if name.endswith("Cell") else torch.randn(5, 2, 3, device="cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        assert _autocast_results(ours, (x,), "cuda", dtype) == _autocast_results(theirs, (x,), "cuda", dtype)
+
+
 # --- batch norm with an empty batch -------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
@@ -224,6 +359,33 @@ def test_batch_norm_trains_on_an_empty_batch_as_batchnorm1d(mode):
         assert torch.equal(buffer, before[name]), name
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         module(torch.zeros(5, 1, 3, dtype=torch.float64))
+
+
+# --- the cells' hx; torch.jit.script ------------------------------------------------------------------
+
+def test_lstm_cell_with_a_tensor_as_hx_raises_torch_nn_s_type_error():
+    x = _x(2, 3, dtype=torch.float32)
+    for hx in (torch.zeros(2, 2, 4), torch.zeros(2, 4)):
+        expected = _raised(lambda: nn.LSTMCell(3, 4)(x, hx))
+        assert expected[0] is TypeError
+        assert _raised(lambda: rnnfused.LSTMCell(3, 4)(x, hx)) == expected
+
+
+def test_unbatched_lstm_cell_takes_a_tensor_hx_as_torch_nn():
+    """torch.nn unpacks hx into (hx[0], hx[1]) for unbatched input, a tensor included."""
+    torch.manual_seed(0)
+    theirs, ours = nn.LSTMCell(3, 4), rnnfused.LSTMCell(3, 4)
+    ours.load_state_dict(theirs.state_dict())
+    x, hx = _x(3, dtype=torch.float32), _x(2, 4, seed=2, dtype=torch.float32)
+    assert max_error(list(ours(x, hx)), [t.detach() for t in theirs(x, hx)]) <= 1e-6
+
+
+@pytest.mark.parametrize("module", [rnnfused.LSTM(3, 4), rnnfused.GRU(3, 4), rnnfused.RNN(3, 4),
+                                    rnnfused.LSTMCell(3, 4), rnnfused.GRUCell(3, 4), rnnfused.RNNCell(3, 4)],
+                         ids=lambda m: type(m).__name__)
+def test_jit_script_says_what_to_use_instead(module):
+    with pytest.raises(RuntimeError, match=r"use torch\.compile or torch\.export, or torch\.jit\.trace"):
+        torch.jit.script(module)
 
 
 # --- batched backward -------------------------------------------------------------------------------
