@@ -445,3 +445,46 @@ def test_gradcheck_with_batched_grad(name, kwargs):
 
     inputs = (_x(3, 2, 2).requires_grad_(), *[p.detach().requires_grad_() for p in module.parameters()])
     assert gradcheck(fn, inputs, eps=1e-6, atol=1e-7, check_batched_grad=True)
+
+
+# --- thread count ----------------------------------------------------------------------------------
+
+_THREADS_CHILD = """
+import sys, torch, rnnfused
+threads, mode, T, B, I, H = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+torch.set_num_threads(int(threads))
+torch.manual_seed(0)
+module = getattr(rnnfused, mode)(I, H)
+x = torch.randn(T, B, I, requires_grad=True)
+output, hidden = module(x)
+hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+g = torch.Generator().manual_seed(1)
+loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in (output, *hidden))
+loss.backward()
+# Products of the shapes MKL forms them in (README): the input projection x W_ihᵀ, dx = dG W_ih.
+G = module.weight_ih_l0.size(0)
+products = [x.detach().reshape(T * B, I) @ module.weight_ih_l0.detach().t(), torch.randn(T * B, G) @ torch.randn(G, I)]
+torch.save({"results": [output.detach(), *[h.detach() for h in hidden]], "dx": x.grad,
+            "weights": [p.grad for p in module.parameters()], "products": products}, sys.argv[7])
+"""
+
+
+@pytest.mark.parametrize("mode,shape", [("LSTM", (40, 6, 33, 96)), ("GRU", (24, 5, 17, 64)),
+                                        ("RNN", (30, 3, 300, 128))])
+def test_recurrence_is_bitwise_the_same_for_one_and_two_threads(mode, shape, tmp_path):
+    """The README's statement: the persistent CPU recurrence (8 steps or more) computes the
+    same bits for any number of threads; what MKL computes (the input projection x W_ihᵀ, dx,
+    the weight gradients) is MKL's and may not be. Where MKL's products of these shapes agree
+    between thread counts, so do the outputs, the states and dx."""
+    results = []
+    for threads in (1, 2):
+        out = tmp_path / f"{threads}.pt"
+        done = subprocess.run([sys.executable, "-c", _THREADS_CHILD, str(threads), mode, *map(str, shape), str(out)],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results.append(torch.load(out))
+    one, two = results
+    if not all(torch.equal(a, b) for a, b in zip(one["products"], two["products"])):
+        pytest.skip("MKL's products of these shapes differ between 1 and 2 threads on this machine")
+    assert all(torch.equal(a, b) for a, b in zip(one["results"], two["results"]))
+    assert torch.equal(one["dx"], two["dx"])
