@@ -488,3 +488,18 @@ def test_recurrence_is_bitwise_the_same_for_one_and_two_threads(mode, shape, tmp
         pytest.skip("MKL's products of these shapes differ between 1 and 2 threads on this machine")
     assert all(torch.equal(a, b) for a, b in zip(one["results"], two["results"]))
     assert torch.equal(one["dx"], two["dx"])
+
+
+# --- GPU -------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+def test_raw_operator_with_norm_on_cuda_is_gated():
+    """The fused normalized layers are off on CUDA until they are fit for a GPU; the raw
+    operator must not bypass the Python gate (csrc/bindings.cpp: kernel_for)."""
+    if os.environ.get("RNNFUSED_CUDA_NORM") == "fused":
+        pytest.skip("RNNFUSED_CUDA_NORM=fused turns the gate off")
+    inf = float("inf")
+    z = lambda *shape: torch.zeros(*shape, device="cuda")  # noqa: E731
+    with pytest.raises(RuntimeError, match="the fused normalized layers are off on CUDA"):
+        torch.ops.rnnfused.layer_forward(z(3, 2, 2), None, z(2, 4), None, [z(12, 2), z(12, 4)], [z(12), z(12)], [],
+                                         None, int(Cell.GRU), False, False, inf, inf, 2, True, 1e-5, False)
