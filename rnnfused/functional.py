@@ -51,16 +51,25 @@ def _autocast(tensors, device_type):
             for t in tensors]
 
 
+@torch.compiler.assume_constant_result
+def _onednn_kernels():
+    """(oneDNN on, its bfloat16 kernels, its float16 kernels) on this CPU; torch.compile reads
+    it once per trace (it cannot trace torch.backends.mkldnn)."""
+    on = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return on, on and torch.ops.mkldnn._is_mkldnn_bf16_supported(), on and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
 def _onednn_lstm(x):
     """Whether torch.nn's CPU LSTM (no projection) runs ``x`` on oneDNN (torch's use_mkldnn
     in aten/src/ATen/native/RNN.cpp): oneDNN on, a non-empty float32 input (bfloat16 where
     oneDNN has bfloat16 kernels, float16 where it has float16 kernels and without autograd)."""
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled) or x.numel() == 0:
+    on, bfloat16, float16 = _onednn_kernels()
+    if not on or x.numel() == 0:
         return False
     if x.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return bfloat16
     if x.dtype == torch.float16:
-        return not torch.is_grad_enabled() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+        return float16 and not torch.is_grad_enabled()
     return x.dtype == torch.float32
 
 

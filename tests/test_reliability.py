@@ -330,6 +330,21 @@ def test_lstm_result_dtypes_follow_torch_nn_with_onednn_off():
         assert _autocast_results(ours, (x, None), "cpu", torch.bfloat16) == expected
 
 
+@pytest.mark.parametrize("name,kwargs", [("LSTM", {}), ("LSTM", {"proj_size": 2}), ("LSTMCell", {})])
+def test_result_dtypes_under_autocast_compile_without_graph_breaks(name, kwargs):
+    """The dtype rules read oneDNN's switches, which torch.compile cannot trace."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    theirs, ours = getattr(nn, name)(3, 4, **kwargs), getattr(rnnfused, name)(3, 4, **kwargs)
+    x = _x(2, 3, dtype=torch.float32) if name.endswith("Cell") else _x(5, 2, 3, dtype=torch.float32)
+
+    def run(module):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _dtypes(module(x))
+
+    assert torch.compile(lambda: run(ours), fullgraph=True)() == run(theirs)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name,kwargs", STACKS + [("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {})])
 def test_result_dtypes_under_cuda_autocast_are_torch_nn_s(name, kwargs):
