@@ -202,7 +202,7 @@ def test_projections_of_zero_rows_and_of_the_hidden_size_run_as_torch_s_lstm():
     P != H are compared with torch's _VF.lstm; P = H (which _VF.lstm cannot express: it tells
     a projection from the state widths) with the reference equations."""
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(_PROJECTION_CHILD)], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+                          timeout=600, cwd=ROOT)
     assert done.returncode == 0, f"exit {done.returncode}: {done.stdout[-1000:]} {done.stderr[-2000:]}"
     lines = [line.split() for line in done.stdout.splitlines()]
     assert len([line for line in lines if line[0] == "reference"]) == 8
@@ -495,7 +495,7 @@ def test_recurrence_is_bitwise_the_same_for_one_and_two_threads(mode, shape, tmp
     for threads in (1, 2):
         out = tmp_path / f"{threads}.pt"
         done = subprocess.run([sys.executable, "-c", _THREADS_CHILD, str(threads), mode, *map(str, shape), str(out)],
-                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+                              capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-2000:]
         results.append(torch.load(out))
     one, two = results
