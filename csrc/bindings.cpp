@@ -3,6 +3,8 @@
 #include <torch/extension.h>
 
 #include <ATen/EmptyTensor.h>
+#include <ATen/LegacyBatchedTensorImpl.h>
+#include <ATen/LegacyVmapTransforms.h>
 #include <sys/mman.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/DeviceGuard.h>
@@ -324,7 +326,11 @@ Layer prepare_layer(const LayerOptions& options, const Tensor& x_in, const OptTe
   p.w_hh = ptr(l.w_hh);
   p.b_ih = ptr(l.b_ih);
   p.b_hh = ptr(l.b_hh);
-  p.w_hr = ptr(l.w_hr);
+  // The kernels tell a projection by a non-null w_hr (params.h); one of zero rows (P == 0) has
+  // no data pointer, so it gets the address of a constant that no kernel reads (every use of
+  // w_hr with P == 0 is a matmul with no rows or an empty inner dimension).
+  static const double kNoRows = 0;
+  p.w_hr = l.w_hr.defined() ? (l.w_hr.numel() ? l.w_hr.data_ptr() : &kNoRows) : nullptr;
   if (step_flags.has_value()) {
     TORCH_CHECK_VALUE(!l.packed, "rnnfused: step_flags are for padded input; packed input has none");
     l.step_flags = prepare(*step_flags, "step_flags", {p.T, p.B}, l.x, at::kInt);
@@ -381,7 +387,8 @@ void attach_running_stats(Normalization& norm, at::TensorList running, const Lay
     TORCH_CHECK_VALUE(running.empty(), "rnnfused: running statistics are only for batch norm (norm=1)");
     return;
   }
-  TORCH_CHECK_VALUE(!n.own_statistics || p.B > 1, "Expected more than 1 value per channel when training, got input "
+  // As nn.BatchNorm1d: one row per step in training is an error, an empty batch is not.
+  TORCH_CHECK_VALUE(!n.own_statistics || p.B != 1, "Expected more than 1 value per channel when training, got input "
                     "size torch.Size([", p.B, ", ", p.G, "])");
   TORCH_CHECK_VALUE(running.size() == (lstm ? 6u : 4u), "rnnfused: batch norm needs the running statistics of every "
                     "step [mean_x, var_x, mean_h, var_h", lstm ? ", mean_c, var_c" : "", "], got ", running.size(),
@@ -480,6 +487,13 @@ KernelChoice kernel_for(const Layer& layer, const Normalization& norm) {
     return {"stepwise", "normalized layers run the stepwise kernels", {}};
   }
   const LayerParams& p = layer.p;
+  // The planners tell a projection by P != H; one with P == H must not reach the persistent
+  // programs, which have none.
+  if (p.w_hr) {
+    TORCH_CHECK(kernel_setting() != "persistent",
+                "rnnfused: RNNFUSED_KERNEL=persistent but this layer cannot run persistent (LSTM with projection)");
+    return {"stepwise", "LSTM with projection runs the stepwise kernels", {}};
+  }
   KernelChoice choice = choose_kernel(p.cell, p.T, p.H, p.P, p.B, dtype_of(layer.x), layer.x.device());
   if (p.step_flags && choice.plan.persistent && !choice.plan.tiling.cpu_threads)
     return {"stepwise", "resets and lengths run the stepwise kernels (the persistent kernel has no step flags)", {}};
@@ -527,7 +541,9 @@ ForwardResult layer_forward(const Tensor& x_in, const OptTensor& batch_sizes, co
   else
     gx = empty({p.N, p.G}, acc);
   if (save_for_backward && cell == Cell::LSTM) cells = empty({p.N, p.H}, acc);
-  if (p.P != p.H) proj_in = empty({save_for_backward ? p.N : p.B, p.H}, opts);
+  // A projection is a given w_hr, whatever its rows: P == H (unambiguous here, unlike torch's
+  // _VF.lstm, which infers it from the widths) and P == 0 write proj_in too.
+  if (layer.w_hr.defined()) proj_in = empty({save_for_backward ? p.N : p.B, p.H}, opts);
   if (cell == Cell::GRU_CHO) rh = empty({p.B, p.H}, opts);
 
   p.x = ptr(x);
@@ -621,7 +637,7 @@ BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, 
   Tensor table;
   attach_plan(p, choice, layer, table);
   const int64_t saved = saved_gates_per_unit(cell);
-  const bool projected = p.P != p.H;
+  const bool projected = layer.w_hr.defined();
   // saved_list: [hidden, gates, cells, proj_in, *norm_saved] as forward returned it.
   const size_t norm_saved_count = norm.active() ? (cell == Cell::LSTM ? 6 : 4) : 0;
   TORCH_CHECK(saved_list.size() == 4 + norm_saved_count, "rnnfused: backward needs the ", 4 + norm_saved_count,
@@ -752,6 +768,75 @@ BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, 
           dweights, dnorm_weights};
 }
 
+// Batched backward under autograd's own vmap (the legacy one, dispatch key Batched):
+// torch.autograd.grad(..., is_grads_batched=True), jacobian(..., vectorize=True) and gradcheck's
+// batched check run the backward with batched gradients, and that vmap's generic fallback
+// cannot return lists of tensors. The fused backward has no batch dimension of its own (the
+// weight gradients sum over all rows, batch norm couples them), so it runs once per batch
+// entry and the results are stacked. torch.func.vmap goes through the rule that
+// rnnfused/_ops.py registers with torch.library.register_vmap.
+BackwardResult layer_backward_batched(const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0,
+                                      const OptTensor& c0, at::TensorList weights, at::TensorList norm_weights,
+                                      const OptTensor& step_flags, at::TensorList saved_list, const Tensor& dy,
+                                      const Tensor& dh_n, const OptTensor& dc_n, int64_t cell_index, bool has_biases,
+                                      bool reverse, double cell_clip, double grad_clip, int64_t norm_index,
+                                      bool training, double eps, bool need_dx, bool need_weights) {
+  Tensor x = x_in, h0_entry = h0, dy_entry = dy, dh_entry = dh_n;
+  OptTensor c0_entry = c0, flags_entry = step_flags, dc_entry = dc_n;
+  std::vector<Tensor> weights_entry(weights.begin(), weights.end()), norm_entry(norm_weights.begin(), norm_weights.end()),
+      saved_entry(saved_list.begin(), saved_list.end());
+  std::vector<Tensor*> batched;  // the arguments that carry batch dimensions, replaced by one entry at a time
+  auto visit = [&](Tensor& t) {
+    if (t.defined() && at::isBatchedTensor(t)) batched.push_back(&t);
+  };
+  for (Tensor* t : {&x, &h0_entry, &dy_entry, &dh_entry}) visit(*t);
+  for (OptTensor* t : {&c0_entry, &flags_entry, &dc_entry})
+    if (t->has_value()) visit(**t);
+  for (std::vector<Tensor>* list : {&weights_entry, &norm_entry, &saved_entry})
+    for (Tensor& t : *list) visit(t);
+  TORCH_CHECK(!batched.empty() && !(batch_sizes.has_value() && at::isBatchedTensor(*batch_sizes)),
+              "rnnfused: batched layer_backward needs batched tensors other than batch_sizes");
+  std::vector<Tensor> logical;
+  for (Tensor* t : batched) logical.push_back(*t);
+  // Every batch dimension moved to the front, aligned and expanded across the arguments.
+  const at::VmapPhysicalViewVec physical = at::MultiBatchVmapTransform::logicalToPhysical(logical);
+  const int64_t batch_dims = physical[0].numBatchDims();
+  const std::vector<int64_t> batch_shape(physical[0].tensor().sizes().begin(),
+                                         physical[0].tensor().sizes().begin() + batch_dims);
+  int64_t entries = 1;
+  for (int64_t size : batch_shape) entries *= size;
+  std::vector<Tensor> flat;
+  for (const at::VmapPhysicalView& view : physical) flat.push_back(view.tensor().flatten(0, batch_dims - 1));
+
+  std::vector<Tensor> dxs, dh0s, dc0s;
+  std::vector<std::vector<Tensor>> dweights, dnorm_weights;
+  for (int64_t i = 0; i < entries; ++i) {
+    for (size_t j = 0; j < batched.size(); ++j) *batched[j] = flat[j][i];
+    auto [dx, dh0, dc0, dw, dnw] =
+        layer_backward(x, batch_sizes, h0_entry, c0_entry, weights_entry, norm_entry, flags_entry, saved_entry,
+                       dy_entry, dh_entry, dc_entry, cell_index, has_biases, reverse, cell_clip, grad_clip, norm_index,
+                       training, eps, need_dx, need_weights);
+    dxs.push_back(dx);
+    dh0s.push_back(dh0);
+    dc0s.push_back(dc0);
+    dweights.resize(dw.size());
+    dnorm_weights.resize(dnw.size());
+    for (size_t k = 0; k < dw.size(); ++k) dweights[k].push_back(dw[k]);
+    for (size_t k = 0; k < dnw.size(); ++k) dnorm_weights[k].push_back(dnw[k]);
+  }
+  const at::VmapPhysicalToLogicalMap to_logical = physical[0].getPhysicalToLogicalMap();
+  auto stacked = [&](const std::vector<Tensor>& parts) {
+    Tensor result = at::stack(parts);
+    std::vector<int64_t> shape = batch_shape;
+    shape.insert(shape.end(), result.sizes().begin() + 1, result.sizes().end());
+    return to_logical.apply(result.view(shape));
+  };
+  std::vector<Tensor> dw_out, dnw_out;
+  for (const auto& parts : dweights) dw_out.push_back(stacked(parts));
+  for (const auto& parts : dnorm_weights) dnw_out.push_back(stacked(parts));
+  return {stacked(dxs), stacked(dh0s), stacked(dc0s), dw_out, dnw_out};
+}
+
 }  // namespace
 }  // namespace rnnfused
 
@@ -787,6 +872,10 @@ TORCH_LIBRARY_IMPL(rnnfused, CUDA, m) {
   m.impl("layer_backward", &rnnfused::layer_backward);
 }
 #endif
+
+TORCH_LIBRARY_IMPL(rnnfused, Batched, m) {
+  m.impl("layer_backward", &rnnfused::layer_backward_batched);
+}
 
 // What is not an operator: which backends, GPU architectures and CPU instruction sets this
 // build has, and which kernel a layer runs (rnnfused.explain) with the planner behind it.

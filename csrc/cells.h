@@ -235,9 +235,11 @@ RNNF_HD T rnn_relu_forward(T pre) {
   return pre < T(0) ? T(0) : pre;  // NaN propagates, as torch.relu
 }
 
+// As torch's relu backward (threshold_backward of the result): the gradient is cut only where
+// h <= 0, so it passes where h is NaN and a diverged run shows NaN gradients, as torch.nn's.
 template <typename T>
 RNNF_HD T rnn_relu_backward(T h, T dh, T grad_clip) {
-  return clamp(h > T(0) ? dh : T(0), grad_clip);
+  return clamp(h <= T(0) ? T(0) : dh, grad_clip);
 }
 
 }  // namespace cells

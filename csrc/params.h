@@ -153,7 +153,8 @@ struct LayerParams {
   const void* w_hh = nullptr;  // S [G, P]
   const void* b_ih = nullptr;  // S [G], zeros for a layer without bias
   const void* b_hh = nullptr;  // S [G], zeros for a layer without bias
-  const void* w_hr = nullptr;  // S [P, H], LSTM with projection only, else null
+  const void* w_hr = nullptr;  // S [P, H], LSTM with projection only, else null (never null with a
+                               //   projection, also of P == 0 rows: the kernels test it)
 };
 
 struct ForwardParams : LayerParams {

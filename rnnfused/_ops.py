@@ -158,19 +158,185 @@ def _named_inputs(weights, has_biases, norm_weights, running_stats, h0, c0, step
             *((f"running_stats[{i}]", r) for i, r in enumerate(running_stats))]
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_shape(tensor, name, shape, dtype):
+    """As bindings.cpp's prepare(): ``tensor`` has ``shape`` and ``dtype``. One check per
+    dimension through torch._check, so that symbolic sizes (torch.compile) become guards or
+    run-time assertions instead of errors."""
+    def message():
+        return f"rnnfused: {name} must have shape {list(shape)}, got {list(tensor.shape)}"
+    torch._check(tensor.dim() == len(shape), message)
+    for actual, expected in zip(tensor.shape, shape):
+        torch._check(actual == expected, message)
+    if tensor.dtype != dtype:
+        raise RuntimeError(f"rnnfused: {name} has dtype {tensor.dtype} but must be {dtype}")
+
+
+def checked_options(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps):
+    """The operators' scalar options as a LayerOptions, checked as bindings.cpp's
+    layer_options() checks them (for the fake kernels)."""
+    if not 0 <= cell < len(Cell):
+        raise ValueError(f"rnnfused: cell must be one of 0..{len(Cell) - 1} (rnnfused.functional.Cell), got {cell}")
+    if not cell_clip > 0:
+        raise ValueError(f"rnnfused: cell_clip must be positive (infinity = off), got {cell_clip}")
+    if not math.isinf(cell_clip) and cell != Cell.LSTM:
+        raise ValueError("rnnfused: cell_clip is only supported for LSTM")
+    if not grad_clip > 0:
+        raise ValueError(f"rnnfused: grad_clip must be positive (infinity = off), got {grad_clip}")
+    if norm not in (0, 1, 2):
+        raise ValueError(f"rnnfused: norm must be 0 (none), 1 (batch) or 2 (layer), got {norm}")
+    if not eps > 0:
+        raise ValueError(f"rnnfused: eps must be positive, got {eps}")
+    return LayerOptions.from_op_args(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps)
+
+
+def check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), step_flags=None):
+    """Every count, size and dtype check of the C++ operators (csrc/bindings.cpp:
+    prepare_layer, prepare_norm, attach_running_stats), with their messages and exception
+    types, for what does not reach them: the fake kernels (meta tensors, torch.compile) and the
+    reference equations, which would otherwise broadcast a wrong size into a wrong result.
+    Returns the sizes ``(T, B, N, I, H, P, G)`` (params.h)."""
+    cell = options.cell
+    expected = 4 if options.has_biases else 2
+    if len(weights) not in (expected, expected + 1):
+        biases = ", b_ih, b_hh" if options.has_biases else ""
+        raise RuntimeError(f"rnnfused: expected {expected} weights (w_ih, w_hh{biases}) or {expected + 1} with w_hr, "
+                           f"got {len(weights)}")
+    w_ih, w_hh = weights[0], weights[1]
+    w_hr = weights[expected] if len(weights) > expected else None
+    if h0.dim() != 2:
+        raise RuntimeError(f"rnnfused: h0 must be 2-D [batch, hidden], got {h0.dim()}-D")
+    if batch_sizes is not None:
+        if x.dim() != 2:
+            raise RuntimeError(f"rnnfused: packed input must be 2-D [rows, features], got {x.dim()}-D")
+        if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu":
+            raise RuntimeError("rnnfused: batch_sizes must be a 1-D int64 CPU tensor")
+        torch._check(batch_sizes.shape[0] > 0, lambda: "Expected sequence length to be larger than 0 in RNN")
+        steps, batch, rows = batch_sizes.shape[0], h0.shape[0], x.shape[0]
+        if type(batch_sizes) is torch.Tensor:  # its values are known (not a FakeTensor of torch.compile)
+            sizes = batch_sizes.tolist()
+            if any(n < 0 for n in sizes) or any(b > a for a, b in zip(sizes, sizes[1:])):
+                raise RuntimeError("rnnfused: batch_sizes must be non-negative and non-increasing")
+            if sum(sizes) != rows:
+                raise RuntimeError(f"rnnfused: batch_sizes sum to {sum(sizes)} but the input has {rows} rows")
+            if sizes[0] != batch:
+                raise RuntimeError(f"rnnfused: batch_sizes[0] is {sizes[0]} but h0 has {batch} rows")
+    else:
+        if x.dim() != 3:
+            raise RuntimeError(f"rnnfused: input must be 3-D [seq, batch, features], got {x.dim()}-D")
+        torch._check(x.shape[0] > 0, lambda: "Expected sequence length to be larger than 0 in RNN")
+        steps, batch, rows = x.shape[0], x.shape[1], x.shape[0] * x.shape[1]
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"rnnfused: expected a float32, float64, float16 or bfloat16 input, got {x.dtype}")
+    gates = GATES_PER_UNIT[cell]
+    if w_ih.dim() != 2 or w_hh.dim() != 2:
+        raise RuntimeError("rnnfused: weight_ih must be [gates * hidden, input], weight_hh [gates * hidden, hidden]")
+    torch._check(w_ih.shape[0] % gates == 0,
+                 lambda: "rnnfused: weight_ih must be [gates * hidden, input], weight_hh [gates * hidden, hidden]")
+    gate_rows = w_ih.shape[0]
+    hidden = gate_rows // gates
+    inputs = x.shape[-1]
+    if w_hr is not None and cell != Cell.LSTM:
+        raise ValueError("rnnfused: projections exist only for LSTM")
+    if w_hr is not None and w_hr.dim() != 2:
+        raise RuntimeError(f"rnnfused: weight_hr must have shape [proj_size, {hidden}], got {list(w_hr.shape)}")
+    width = w_hr.shape[0] if w_hr is not None else hidden
+    _check_shape(w_ih, "weight_ih", (gate_rows, inputs), x.dtype)
+    _check_shape(w_hh, "weight_hh", (gate_rows, width), x.dtype)
+    if options.has_biases:
+        _check_shape(weights[2], "bias_ih", (gate_rows,), x.dtype)
+        _check_shape(weights[3], "bias_hh", (gate_rows,), x.dtype)
+    if w_hr is not None:
+        _check_shape(w_hr, "weight_hr", (width, hidden), x.dtype)
+    if step_flags is not None:
+        if batch_sizes is not None:
+            raise ValueError("rnnfused: step_flags are for padded input; packed input has none")
+        _check_shape(step_flags, "step_flags", (steps, batch), torch.uint8)
+    _check_shape(h0, "h0", (batch, width), x.dtype)
+    if cell == Cell.LSTM:
+        if c0 is None:
+            raise ValueError("rnnfused: LSTM needs c0")
+        _check_shape(c0, "c0", (batch, hidden), x.dtype)
+    elif c0 is not None:
+        raise ValueError("rnnfused: c0 is only for LSTM")
+    lstm = cell == Cell.LSTM
+    if options.norm == Norm.NONE:
+        if norm_weights:
+            raise ValueError("rnnfused: norm weights are only for norm=1 (batch) or 2 (layer)")
+        if running_stats:
+            raise ValueError("rnnfused: running statistics are only for batch norm (norm=1)")
+    else:
+        if len(norm_weights) != (4 if lstm else 2):
+            raise ValueError(f"rnnfused: a normalized layer needs the norm weights [gamma_x, gamma_h"
+                             f"{', gamma_c, beta_c' if lstm else ''}], got {len(norm_weights)} tensors")
+        if step_flags is not None:
+            raise ValueError("rnnfused: normalized layers take no step_flags (resets or lengths)")
+        for i, (name, weight) in enumerate(zip(("gamma_x", "gamma_h", "gamma_c", "beta_c"), norm_weights)):
+            _check_shape(weight, name, (gate_rows if i < 2 else hidden,), x.dtype)
+    if running_stats is not None and options.norm == Norm.LAYER and running_stats:
+        raise ValueError("rnnfused: running statistics are only for batch norm (norm=1)")
+    if running_stats is not None and options.norm == Norm.BATCH:
+        if options.training:
+            torch._check_value(batch != 1, lambda: "Expected more than 1 value per channel when training, got input "
+                                                   f"size torch.Size([{batch}, {gate_rows}])")
+        if len(running_stats) != (6 if lstm else 4):
+            raise ValueError(f"rnnfused: batch norm needs the running statistics of every step [mean_x, var_x, "
+                             f"mean_h, var_h{', mean_c, var_c' if lstm else ''}], got {len(running_stats)} tensors")
+        names = ("running mean_x", "running var_x", "running mean_h", "running var_h", "running mean_c",
+                 "running var_c")
+        for i, (name, stat) in enumerate(zip(names, running_stats)):
+            _check_shape(stat, name, (steps, gate_rows if i < 4 else hidden), x.dtype)
+    return steps, batch, rows, inputs, hidden, width, gate_rows
+
+
+def _check_saved(options, x, sizes, projected, saved, dy, dh_n, dc_n):
+    """layer_backward's checks of what forward saved and of the incoming gradients (as
+    bindings.cpp's layer_backward)."""
+    steps, batch, rows, _, hidden, width, gate_rows = sizes
+    cell = options.cell
+    lstm = cell == Cell.LSTM
+    norm_saved = (6 if lstm else 4) if options.norm != Norm.NONE else 0
+    if len(saved) != 4 + norm_saved:
+        raise RuntimeError(f"rnnfused: backward needs the {4 + norm_saved} tensors forward saved (saved), got "
+                           f"{len(saved)}")
+    if lstm and dc_n is None:
+        raise RuntimeError("rnnfused: LSTM backward needs c0 and the gradient of c_n")
+    acc = _acc_dtype(x.dtype)
+    y_shape = (rows, width) if x.dim() == 2 else (x.shape[0], x.shape[1], width)
+    _check_shape(saved[0], "the saved hidden states", y_shape, x.dtype)
+    _check_shape(dy, "grad of output", y_shape, x.dtype)
+    if SAVED_PER_UNIT[cell]:
+        _check_shape(saved[1], "the saved gates", (rows, SAVED_PER_UNIT[cell] * hidden), acc)
+    if lstm:
+        _check_shape(saved[2], "the saved cells", (rows, hidden), acc)
+        _check_shape(dc_n, "grad of c_n", (batch, hidden), x.dtype)
+    if projected:
+        _check_shape(saved[3], "the saved projection input", (rows, hidden), x.dtype)
+    _check_shape(dh_n, "grad of h_n", (batch, width), x.dtype)
+    widths = (gate_rows, gate_rows, hidden)
+    for i in range(norm_saved // 2):
+        if options.norm == Norm.BATCH:
+            line_shape = (steps, widths[i])
+        else:
+            line_shape = (rows, 2 if cell == Cell.GRU_CHO else 1) if i == 1 else (rows,)
+        name = "xhc"[i]
+        _check_shape(saved[4 + 2 * i], f"the saved normalized {name}", (rows, widths[i]), acc)
+        _check_shape(saved[5 + 2 * i], f"the saved rstd of {name}", line_shape, acc)
+
+
 @torch.library.register_fake("rnnfused::layer_forward")
 def _layer_forward_fake(x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, cell, has_biases,
                         reverse, cell_clip, grad_clip, norm, training, eps, save_for_backward):
-    cell = Cell(cell)
+    options = checked_options(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps)
+    cell = options.cell
     _check_devices(x, batch_sizes, _named_inputs(weights, has_biases, norm_weights, running_stats, h0, c0, step_flags))
-    hidden_size = weights[0].shape[0] // GATES_PER_UNIT[cell]
-    gate_rows = weights[0].shape[0]
-    width = weights[1].shape[1]
-    rows = x.shape[0] if batch_sizes is not None else x.shape[0] * x.shape[1]
-    steps = batch_sizes.shape[0] if batch_sizes is not None else x.shape[0]
-    batch = h0.shape[0]
+    steps, batch, rows, _, hidden_size, width, gate_rows = check_layer(options, x, batch_sizes, h0, c0, weights,
+                                                                        norm_weights, running_stats, step_flags)
     acc = _acc_dtype(x.dtype)
     saved_per_unit = SAVED_PER_UNIT[cell]
+    projected = len(weights) > (4 if has_biases else 2)  # a given w_hr, whatever its rows (P == H, P == 0)
 
     def absent():
         return x.new_empty(0)
@@ -182,7 +348,7 @@ def _layer_forward_fake(x, batch_sizes, h0, c0, weights, norm_weights, running_s
         saved = [x.new_empty(y.shape),
                  x.new_empty(rows, saved_per_unit * hidden_size, dtype=acc) if saved_per_unit else absent(),
                  x.new_empty(rows, hidden_size, dtype=acc) if cell == Cell.LSTM else absent(),
-                 x.new_empty(rows, hidden_size) if width != hidden_size else absent()]
+                 x.new_empty(rows, hidden_size) if projected else absent()]
     if norm != Norm.NONE:
         widths = [gate_rows, gate_rows] + ([hidden_size] if cell == Cell.LSTM else [])
         for side, w in enumerate(widths):
@@ -200,15 +366,41 @@ def _layer_forward_fake(x, batch_sizes, h0, c0, weights, norm_weights, running_s
 @torch.library.register_fake("rnnfused::layer_backward")
 def _layer_backward_fake(x, batch_sizes, h0, c0, weights, norm_weights, step_flags, saved, dy, dh_n, dc_n, cell,
                          has_biases, reverse, cell_clip, grad_clip, norm, training, eps, need_dx, need_weights):
-    cell = Cell(cell)
+    options = checked_options(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps)
+    cell = options.cell
     _check_devices(x, batch_sizes, _named_inputs(weights, has_biases, norm_weights, (), h0, c0, step_flags)
                    + [(f"saved[{i}]", s) for i, s in enumerate(saved)] + [("dy", dy), ("dh_n", dh_n), ("dc_n", dc_n)])
-    hidden_size = weights[0].shape[0] // GATES_PER_UNIT[cell]
+    sizes = check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights, None, step_flags)
+    _check_saved(options, x, sizes, len(weights) > (4 if has_biases else 2), saved, dy, dh_n, dc_n)
+    hidden_size = sizes[4]
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     dc0 = x.new_empty(h0.shape[0], hidden_size) if cell == Cell.LSTM else x.new_empty(0)
     dweights = [w.new_empty(w.shape) for w in weights] if need_weights else []
     dnorm_weights = [w.new_empty(w.shape) for w in norm_weights] if need_weights else []
     return dx, x.new_empty(h0.shape), dc0, dweights, dnorm_weights
+
+
+@torch.library.register_vmap("rnnfused::layer_backward")
+def _layer_backward_vmap(info, in_dims, *args):
+    """Batched backward (``torch.autograd.grad(..., is_grads_batched=True)``, ``jacobian(...,
+    vectorize=True)``, gradcheck's batched check): one fused backward per batch entry, the
+    results stacked along dimension 0. The kernels have no batch dimension of their own, and
+    the batch cannot join the layer's rows: the weight gradients sum over all rows and batch
+    norm couples them."""
+    def entry(arg, dim, index):
+        if dim is None:
+            return arg
+        if isinstance(arg, (list, tuple)):
+            return [a if d is None else a.select(d, index) for a, d in zip(arg, dim)]
+        return arg.select(dim, index)
+
+    results = [torch.ops.rnnfused.layer_backward(*(entry(a, d, i) for a, d in zip(args, in_dims)))
+               for i in range(info.batch_size)]
+    dx, dh0, dc0, dweights, dnorm_weights = zip(*results)
+    dweights = [torch.stack(grads) for grads in zip(*dweights)]
+    dnorm_weights = [torch.stack(grads) for grads in zip(*dnorm_weights)]
+    output = (torch.stack(dx), torch.stack(dh0), torch.stack(dc0), dweights, dnorm_weights)
+    return output, (0, 0, 0, [0] * len(dweights), [0] * len(dnorm_weights))
 
 
 # The autograd formula, in two wrappers: torch.library.register_autograd's for the operator

@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn import init
 
 from . import dispatch
-from .functional import Cell, _clip_value, check_resets, run_layer, step_flags
-from .modules import layer_options
+from .functional import Cell, _clip_value, autocast_result_dtypes, check_resets, run_layer, step_flags
+from .modules import _check_devices, layer_options, script_refusal
 
 __all__ = ["RNNCellBase", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -48,9 +48,7 @@ class RNNCellBase(nn.RNNCellBase):
         self.reset_parameters()
 
     def __prepare_scriptable__(self):
-        raise RuntimeError(
-            f"rnnfused.{type(self).__name__} cannot be compiled by torch.jit.script (TorchScript cannot "
-            "compile its Python forward); use torch.compile or torch.export, or torch.jit.trace")
+        raise script_refusal(self)
 
     def _get_name(self):
         # repr tells ours from torch.nn's; a user's subclass keeps its own name.
@@ -105,6 +103,7 @@ class RNNCellBase(nn.RNNCellBase):
             if not isinstance(reset, torch.Tensor):
                 raise TypeError(f"reset must be a bool tensor, got {type(reset).__name__}")
             reset = reset.reshape(1, -1)
+        _check_devices(input, [h, c], [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh])
         weight = self.weight_ih
         training = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
         choice = dispatch.choose(self, weight, input.size(0), training, reset)
@@ -124,7 +123,12 @@ class RNNCellBase(nn.RNNCellBase):
         weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
         _, h_n, c_n = run_layer(options, input.unsqueeze(0), None, h, c, weights, flags=flags,
                                 reference=choice.kernel == "reference")
-        return h_n, (c_n if cell == Cell.LSTM else None)
+        c_n = c_n if cell == Cell.LSTM else None
+        kind = {Cell.LSTM: "LSTMCell", Cell.GRU: "GRUCell", Cell.GRU_CHO: "GRUCell"}.get(cell, "RNNCell")
+        dtypes = autocast_result_dtypes(kind, input, h.dtype, None if c is None else c.dtype)
+        if dtypes is not None:  # torch.nn's result dtypes under CPU autocast (our layer returns the autocast dtype)
+            h_n, c_n = h_n.to(dtypes[0]), None if c_n is None else c_n.to(dtypes[1])
+        return h_n, c_n
 
 
 class RNNCell(RNNCellBase, nn.RNNCell):
@@ -237,6 +241,11 @@ class LSTMCell(RNNCellBase, nn.LSTMCell):
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        elif not isinstance(hx, (tuple, list)):
+            # torch.nn hands hx to _VF.lstm_cell, whose argument parser refuses a tensor; unpacking
+            # one would take its first two rows as (h, c).
+            raise TypeError(f"lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not "
+                            f"{type(hx).__name__}")
         if len(hx) != 2:
             raise RuntimeError("lstm_cell expects two hidden states")
         self._check_forward(input, [("0", hx[0]), ("1", hx[1])])

@@ -51,6 +51,56 @@ def _autocast(tensors, device_type):
             for t in tensors]
 
 
+@torch.compiler.assume_constant_result
+def _onednn_kernels():
+    """(oneDNN on, its bfloat16 kernels, its float16 kernels) on this CPU; torch.compile reads
+    it once per trace (it cannot trace torch.backends.mkldnn)."""
+    on = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    return on, on and torch.ops.mkldnn._is_mkldnn_bf16_supported(), on and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+def _onednn_lstm(x):
+    """Whether torch.nn's CPU LSTM (no projection) runs ``x`` on oneDNN (torch's use_mkldnn
+    in aten/src/ATen/native/RNN.cpp): oneDNN on, a non-empty float32 input (bfloat16 where
+    oneDNN has bfloat16 kernels, float16 where it has float16 kernels and without autograd)."""
+    on, bfloat16, float16 = _onednn_kernels()
+    if not on or x.numel() == 0:
+        return False
+    if x.dtype == torch.bfloat16:
+        return bfloat16
+    if x.dtype == torch.float16:
+        return float16 and not torch.is_grad_enabled()
+    return x.dtype == torch.float32
+
+
+def autocast_result_dtypes(kind, x, h_dtype, c_dtype=None):
+    """The dtypes torch.nn's ``kind`` ("LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell";
+    "LSTMP": an LSTM with projection) returns under autocast for input ``x`` and states of
+    ``h_dtype`` / ``c_dtype``, as ``(output and h, c)``; None where they are the autocast dtype
+    that our layers return (autocast off for x's device, float64, CUDA, the Elman RNN).
+
+    On CUDA every recurrent op is on autocast's lower-precision list (``_cudnn_rnn`` and the
+    fused cells, ``lstm_cell`` and the other cells), so all results are in the autocast dtype.
+    On the CPU only the products (``linear``) and oneDNN's LSTM layer are on it, and torch.nn's
+    cell equations promote them with the states they meet: the GRU's h' = (1 - z) n + z h and
+    the LSTM's c' = f c + i g, h' = o tanh(c') take the dtype of the state (float32 states give
+    float32 results); the projection h = W_hr m is a product again (autocast dtype); the Elman
+    cell is two products and its nonlinearity (autocast dtype); an LSTM without projection
+    runs oneDNN's layer where torch would (autocast dtype), else the cell equations."""
+    device_type = x.device.type
+    if device_type != "cpu" or not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
+        return None
+    low = torch.get_autocast_dtype(device_type)
+    if kind in ("GRU", "GRUCell"):
+        return torch.promote_types(h_dtype, low), None
+    if kind == "LSTMCell" or (kind == "LSTM" and not _onednn_lstm(x)):
+        state = torch.promote_types(c_dtype, low)
+        return state, state
+    if kind == "LSTMP":
+        return low, torch.promote_types(c_dtype, low)
+    return None
+
+
 def _needs_differentiable_equations(tensors):
     """True under a torch.func transform or with forward-mode AD tangents: the fused operators
     have formulas for reverse-mode autograd only."""
@@ -311,7 +361,7 @@ def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running
     norm_weights, running_stats = list(norm_weights), list(running_stats)
     if flags is not None and options.norm != Norm.NONE:
         raise ValueError("rnnfused: normalized layers do not take lengths or resets yet")
-    if options.norm == Norm.BATCH and options.training and h0.size(0) < 2:
+    if options.norm == Norm.BATCH and options.training and h0.size(0) == 1:  # as nn.BatchNorm1d: B = 0 runs
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{torch.Size([h0.size(0), weights[0].size(0)])}")
     if torch._C._is_any_autocast_enabled():  # else _autocast changes nothing: skip its repacking
@@ -325,6 +375,8 @@ def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running
         warnings.warn("rnnfused: normalized layers on CUDA run the reference equations (exact, slower) until "
                       "their fused kernels have passed their GPU tests; RNNFUSED_CUDA_NORM=fused runs those")
     if reference or unverified or _needs_differentiable_equations(tensors):
+        # The operators check every size; the equations would broadcast a wrong one.
+        _ops.check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights, step_statistics, flags)
         y, h_n, c_n, batch_stats = _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights,
                                                     step_statistics, flags)
     elif _recording_for_backward(tensors):

@@ -87,7 +87,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import dispatch
 from ._ops import LayerOptions
-from .functional import Cell, _clip_value, _norm_kind, check_lengths, check_resets, run_layer, step_flags
+from .functional import (Cell, _clip_value, _norm_kind, autocast_result_dtypes, check_lengths, check_resets, run_layer,
+                         step_flags)
 
 __all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 
@@ -241,9 +242,7 @@ class RNNBase(nn.RNNBase):
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
     def __prepare_scriptable__(self):
-        raise RuntimeError(
-            f"rnnfused.{type(self).__name__} cannot be compiled by torch.jit.script (TorchScript cannot "
-            "compile its Python forward); use torch.compile or torch.export, or torch.jit.trace")
+        raise script_refusal(self)
 
     def flatten_parameters(self) -> None:
         """On CUDA, puts the standard weights into one buffer in cuDNN's layout (the parameters
@@ -398,6 +397,8 @@ class RNNBase(nn.RNNBase):
     def _run(self, x, batch_sizes, batch, hx, cx, flags):
         """Runs the stack (x time-major or packed) on the kernel rnnfused.dispatch chooses for
         this call: (output, h_n, c_n)."""
+        _check_devices(x, [hx, cx], self._flat_weights + [getattr(self, name) for names in self._norm_weights_names
+                                                          + self._running_stats_names for name in names])
         weight = self.weight_ih_l0
         training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         autotune = None
@@ -437,7 +438,13 @@ class RNNBase(nn.RNNBase):
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
-        return layer_input, _stack(h_n), (_stack(c_n) if cx is not None else None)
+        h_n, c_n = _stack(h_n), (_stack(c_n) if cx is not None else None)
+        kind = "RNN" if self.mode.startswith("RNN") else "LSTMP" if self.proj_size > 0 else self.mode
+        dtypes = autocast_result_dtypes(kind, x, hx.dtype, None if cx is None else cx.dtype)
+        if dtypes is not None:  # torch.nn's result dtypes under CPU autocast (our layers return the autocast dtype)
+            layer_input, h_n = layer_input.to(dtypes[0]), h_n.to(dtypes[0])
+            c_n = None if c_n is None else c_n.to(dtypes[1])
+        return layer_input, h_n, c_n
 
     def _by_packing(self, input, hx, lengths, resets):
         """Padded input with lengths (and no resets) runs as the PackedSequence it describes,
@@ -534,6 +541,26 @@ def layer_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps
     if torch.compiler.is_compiling():
         return _make_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps)
     return _cached_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps)
+
+
+def script_refusal(module):
+    """The error torch.jit.script raises for our modules and cells (through
+    ``__prepare_scriptable__``, before TorchScript reads the forward): what to use instead."""
+    return RuntimeError(f"rnnfused.{type(module).__name__} cannot be compiled by torch.jit.script (TorchScript cannot "
+                        "compile its Python forward); use torch.compile or torch.export, or torch.jit.trace")
+
+
+def _check_devices(x, states, parameters):
+    """torch.nn's device checks of a recurrent call (check_attributes in
+    aten/src/ATen/native/RNN.cpp), with its messages: the states, then every parameter (and
+    buffer) on the input's device. Without them a parameter left on the meta device (meta
+    initialisation, then load_state_dict(assign=True) without its key) reached the operator."""
+    device = x.device
+    for kind, tensors in (("hidden", states), ("parameter", parameters)):
+        for tensor in tensors:
+            if tensor is not None and tensor.device != device:
+                raise RuntimeError(f"Input and {kind} tensors are not at the same device, found input tensor at "
+                                   f"{device} and {kind} tensor at {tensor.device}")
 
 
 def _refuse_lengths_and_resets(lengths, resets):

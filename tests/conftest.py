@@ -25,6 +25,33 @@ MODES = {
 CUDA_USABLE = torch.cuda.is_available() and "cuda" in rnnfused.backends()
 
 
+def pytest_addoption(parser):
+    group = parser.getgroup("rnnfused")
+    group.addoption("--fuzz-count", type=int, default=None,
+                    help="random configurations of tests/test_fuzz.py (default 500; RNNFUSED_FUZZ_COUNT)")
+    group.addoption("--fuzz-seed", default=None,
+                    help="first seed of tests/test_fuzz.py: an integer, or 'random' (default 0; RNNFUSED_FUZZ_SEED)")
+
+
+def fuzz_settings(config):
+    """(first seed, count) of the fuzzer: the command line, else the environment, else seed 0
+    and 500 configurations. Case i runs seed first + i, so `--fuzz-seed=S --fuzz-count=1`
+    replays the case of seed S alone."""
+    seed = config.getoption("--fuzz-seed") or os.environ.get("RNNFUSED_FUZZ_SEED") or "0"
+    if seed == "random":
+        # Drawn once per run (pytest-xdist workers would each draw their own: pass a number there).
+        if not hasattr(config, "_rnnfused_fuzz_seed"):
+            config._rnnfused_fuzz_seed = int.from_bytes(os.urandom(4), "little")
+        seed = config._rnnfused_fuzz_seed
+    count = config.getoption("--fuzz-count") or int(os.environ.get("RNNFUSED_FUZZ_COUNT", "500"))
+    return int(seed), count
+
+
+def pytest_report_header(config):
+    seed, count = fuzz_settings(config)
+    return f"rnnfused fuzzer: {count} configurations from seed {seed} (--fuzz-seed, --fuzz-count)"
+
+
 def pytest_runtest_setup(item):
     """Tests marked `cuda` skip without a GPU, or fail with RNNFUSED_REQUIRE_CUDA=1 (make
     gpu-check: a run on the GPU machine must not pass by skipping everything)."""

@@ -43,7 +43,7 @@ def test_gradgradcheck(mode, options):
     module = _small(mode, options, bidirectional=True)
     fn, params = _as_function(module)
     x = _x(3, 2, 2).requires_grad_()
-    assert gradgradcheck(fn, (x,) + params, eps=1e-6, atol=1e-7)
+    assert gradgradcheck(fn, (x,) + params, eps=1e-6, atol=1e-7, check_batched_grad=True)
 
 
 @pytest.mark.parametrize("mode,options", VARIANTS)

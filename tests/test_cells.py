@@ -171,7 +171,7 @@ def test_gradcheck(name):
     x = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
     h = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     params = tuple(p.detach().requires_grad_() for p in cell.parameters())
-    assert gradcheck(fn, (x, h) + params, eps=1e-6, atol=1e-8)
+    assert gradcheck(fn, (x, h) + params, eps=1e-6, atol=1e-8, check_batched_grad=True)
 
 
 def test_compiles_in_a_python_loop_without_graph_breaks():

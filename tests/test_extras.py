@@ -143,7 +143,7 @@ def test_gradcheck(cell, clips):
             tensors = tensors[:2] + (None,) + tensors[2:]
         return recurrent_layer(CELLS[cell], *tensors, **clips)[:2]
 
-    assert gradcheck(fn, tuple(inputs), eps=1e-7, atol=1e-6)
+    assert gradcheck(fn, tuple(inputs), eps=1e-7, atol=1e-6, check_batched_grad=True)
 
 
 def test_cho_gru_has_the_same_parameters_and_differs_from_pytorch_form():

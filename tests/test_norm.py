@@ -157,14 +157,14 @@ def test_gradcheck(mode, norm):
 
     # The running statistics change on every call in training; they do not enter the
     # training outputs, so gradcheck's repeated calls still see one function.
-    assert torch.autograd.gradcheck(run, (x, *params), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(run, (x, *params), eps=1e-6, atol=1e-6, check_batched_grad=True)
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer"])
 def test_double_backward_through_the_reference(norm):
     module = _module("LSTM", norm, 2, 3).train()
     x = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda x: module(x)[0], (x,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(lambda x: module(x)[0], (x,), eps=1e-6, atol=1e-5, check_batched_grad=True)
 
 
 def test_batch_of_one_in_training_is_an_error_as_batchnorm1d():

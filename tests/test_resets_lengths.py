@@ -252,7 +252,7 @@ def test_gradcheck_with_resets_and_lengths(mode, extra):
 
     x = _randn(4, 3, 2, seed=10).requires_grad_()
     params = tuple(p.detach().requires_grad_() for p in module.parameters())
-    assert gradcheck(fn, (x,) + params, eps=1e-6, atol=1e-7, check_batched_grad=False)
+    assert gradcheck(fn, (x,) + params, eps=1e-6, atol=1e-7, check_batched_grad=True)
 
 
 # --- cells -----------------------------------------------------------------------------------

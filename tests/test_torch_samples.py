@@ -81,3 +81,38 @@ def test_pytorch_error_samples_match(cls):
             if not construction:  # a construction error must come from the constructor itself
                 module(*sample.forward_input.args, **sample.forward_input.kwargs)
         assert re.search(error_sample.error_regex, str(caught.value)), (error_sample.error_regex, caught.value)
+
+
+@pytest.mark.parametrize("cls", list(OURS), ids=lambda c: c.__name__)
+def test_pytorch_samples_gradcheck_with_batched_grad(cls):
+    """test_modules.py's test_grad with our classes: gradcheck over the sample's inputs and the
+    parameters with check_batched_grad=True (autograd's vmap over the backward), which failed
+    before layer_backward had batching rules. Every third sample (their options repeat in
+    fours: hidden sizes, padded and packed input), to keep the run short."""
+    for sample in _samples(cls, requires_grad=True)[::3]:
+        args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        torch.manual_seed(0)
+        module = OURS[cls](*args, **kwargs).double()
+        names = [name for name, _ in module.named_parameters()]
+        inputs = [_fresh(a) for a in sample.forward_input.args]
+        leaves = _leaves(inputs)
+
+        def fn(*flat, inputs=inputs, module=module, names=names, count=len(leaves)):
+            replaced = iter(flat[:count])
+            rebuilt = [_replace(value, replaced) for value in inputs]
+            result = torch.func.functional_call(module, dict(zip(names, flat[count:])), tuple(rebuilt))
+            output, hidden = result
+            output = output.data if isinstance(output, PackedSequence) else output
+            return (output, *(hidden if isinstance(hidden, tuple) else (hidden,)))
+
+        params = [p.detach().requires_grad_() for p in module.parameters()]
+        assert torch.autograd.gradcheck(fn, (*leaves, *params), eps=1e-6, atol=1e-6, check_batched_grad=True)
+
+
+def _replace(value, leaves):
+    """``value`` (a tensor, PackedSequence or tuple of them) with its tensors taken from ``leaves``."""
+    if isinstance(value, PackedSequence):
+        return PackedSequence(next(leaves), value.batch_sizes, value.sorted_indices, value.unsorted_indices)
+    if isinstance(value, tuple):
+        return tuple(_replace(v, leaves) for v in value)
+    return next(leaves)
