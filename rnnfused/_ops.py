@@ -253,7 +253,7 @@ def check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), runni
     if step_flags is not None:
         if batch_sizes is not None:
             raise ValueError("rnnfused: step_flags are for padded input; packed input has none")
-        _check_shape(step_flags, "step_flags", (steps, batch), torch.uint8)
+        _check_shape(step_flags, "step_flags", (steps, batch), torch.int32)
     _check_shape(h0, "h0", (batch, width), x.dtype)
     if cell == Cell.LSTM:
         if c0 is None:

@@ -217,11 +217,13 @@ def test_packed_lstm_wrong_hidden_is_a_runtime_error():
     assert _outcome(lambda: ours(packed, hx)) == ("RuntimeError", "Expected hidden[0] size (1, 2, 4), got [1, 3, 4]")
 
 
-def test_weights_on_another_device_is_a_clear_error():
+def test_weights_on_another_device_is_torch_nn_s_error():
     other = "cuda" if torch.cuda.is_available() else "meta"
-    ours = rnnfused.GRU(3, 4).to(other)
-    with pytest.raises(RuntimeError, match=f"rnnfused: weight_ih is on {other}.* but the input is on cpu"):
-        ours(torch.randn(2, 1, 3))
+    theirs, ours = torch.nn.GRU(3, 4).to(other), rnnfused.GRU(3, 4).to(other)
+    x = torch.randn(2, 1, 3)
+    expected = _outcome(lambda: theirs(x))
+    assert expected[0] == "RuntimeError" and other in expected[1]
+    assert _outcome(lambda: ours(x)) == expected
 
 
 TF32_SWITCHES = [("fp32_precision", "tf32"), ("fp32_precision", "ieee"), ("allow_tf32", True),

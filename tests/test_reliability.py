@@ -152,6 +152,7 @@ def test_bad_sizes_raise_the_same_error_on_every_path(case):
 
 _PROJECTION_CHILD = """
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 from rnnfused.functional import Cell, recurrent_layer
 def case(P, packed, reference=False):
     g = torch.Generator().manual_seed(P)
