@@ -190,10 +190,6 @@ void* ptr(const Tensor& t) {
   return t.defined() ? t.data_ptr() : nullptr;
 }
 
-void* ptr(const OptTensor& t) {
-  return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
-}
-
 // Checks a tensor's shape, dtype (by default the input's) and device against the input
 // and makes it contiguous.
 Tensor prepare(const Tensor& t, const char* name, at::IntArrayRef shape, const Tensor& like,
@@ -918,13 +914,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "plan",
       [](int64_t cell, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, bool tf32, int64_t sm_count,
-         int64_t smem_per_block, int compute_capability, bool cooperative_launch, bool host_simulation) {
+         int64_t smem_per_block, int compute_capability, bool cooperative_launch, bool host_simulation,
+         bool spread_units) {
         persistent::DeviceLimits limits;
         limits.sm_count = sm_count;
         limits.smem_per_block = smem_per_block;
         limits.compute_capability = compute_capability;
         limits.cooperative_launch = cooperative_launch;
         limits.host_simulation = host_simulation;
+        limits.spread_units = spread_units;
         const persistent::Plan plan =
             persistent::make_plan(cell_of(cell), H, P, B, dtype_of(dtype), tf32, limits);
         const persistent::Tiling& t = plan.tiling;

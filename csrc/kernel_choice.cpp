@@ -47,7 +47,8 @@ namespace {
 // The device the persistent kernel would run on; RNNFUSED_PERSISTENT_SMS and
 // RNNFUSED_PERSISTENT_SMEM_KB override its multiprocessor count and shared memory per block
 // (to plan for another GPU, e.g. an A100's 108 and 163, or to provoke a refused launch in a
-// test). The CPU's host simulation plans for an H100.
+// test); RNNFUSED_PERSISTENT_SPREAD=1 keeps the units spread over the SMs (plan.h). The CPU's
+// host simulation plans for an H100.
 persistent::DeviceLimits device_limits(const at::Device& device) {
   persistent::DeviceLimits limits = persistent::h100_limits();
   limits.host_simulation = device.is_cpu();
@@ -62,6 +63,7 @@ persistent::DeviceLimits device_limits(const at::Device& device) {
 #endif
   if (const char* sms = std::getenv("RNNFUSED_PERSISTENT_SMS")) limits.sm_count = std::atoll(sms);
   if (const char* kb = std::getenv("RNNFUSED_PERSISTENT_SMEM_KB")) limits.smem_per_block = std::atoll(kb) * 1024;
+  if (const char* spread = std::getenv("RNNFUSED_PERSISTENT_SPREAD")) limits.spread_units = std::string(spread) == "1";
   return limits;
 }
 

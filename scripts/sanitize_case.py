@@ -2,11 +2,12 @@
 forms, projection, cell_clip, grad_clip), training (forward + backward) and no_grad
 inference, padded and packed input, both directions, in fp32, fp64, fp16 and bf16 on the
 stepwise kernels; then the same cells (no projection) in fp16, bf16 and fp32 (TF32) on the
-persistent kernel, at H = 6 (element-by-element copies, one K part) and at H = 64 on a plan
-that takes the persistent kernel's other paths: 16-byte row copies, K split over warps
-forward and backward, the backward's dG tile fewer gates at a time than the cell has, and
-8 CTAs (RNNFUSED_PERSISTENT_SMS and RNNFUSED_PERSISTENT_SMEM_KB shape
-the plan; it exits non-zero if the planner no longer gives those paths).
+persistent kernel, at H = 6 (one CTA with every unit, no grid barrier; element-by-element
+copies, one K part) and at H = 64 on a plan that takes the persistent kernel's other paths:
+16-byte row copies, K split over warps forward and backward, the backward's dG tile fewer
+gates at a time than the cell has, and 8 CTAs with grid barriers (RNNFUSED_PERSISTENT_SMS,
+_SMEM_KB and _SPREAD shape the plan; it exits non-zero if the planner no longer gives those
+paths).
 `--persistent-only` runs the persistent part alone (racecheck, synccheck).
 Exits non-zero when there is no CUDA device: a sanitizer run on the CPU checks nothing."""
 
@@ -57,7 +58,7 @@ def provoking_smem_kb(name, kwargs, dtype):
     cell = CELL_NUMBERS[name, kwargs.get("reset_after") is False]
     for kb in range(8, 228, 2):
         plan = _C.plan(cell, LARGE["hidden"], LARGE["hidden"], LARGE["batch"], dtype, True, LARGE["sms"], kb * 1024,
-                       major * 10 + minor, True, False)
+                       major * 10 + minor, True, False, True)
         if plan["persistent"] and plan["split_fwd"] > 1 and (GATES[name] == 1 or plan["chunk_gates"] < GATES[name]):
             assert plan["ctas"] > 1 and plan["split_bwd"] > 1, plan
             return kb, plan
@@ -73,6 +74,7 @@ def run_large(dtypes, cases):
             kb, plan = provoking_smem_kb(name, kwargs, dtype)
             os.environ["RNNFUSED_PERSISTENT_SMS"] = str(LARGE["sms"])
             os.environ["RNNFUSED_PERSISTENT_SMEM_KB"] = str(kb)
+            os.environ["RNNFUSED_PERSISTENT_SPREAD"] = "1"
             module = getattr(rnnfused, name)(inputs, hidden, bidirectional=True, **kwargs).to("cuda", dtype)
             x = torch.randn(steps, batch, inputs, device="cuda", dtype=dtype, requires_grad=True)
             assert {c.kernel for c in rnnfused.explain(module, x)} == {"persistent"}
@@ -83,7 +85,8 @@ def run_large(dtypes, cases):
             packed_output, _ = module(pack_sequence(seqs, enforce_sorted=False))
             packed_output.data.float().sum().backward()
             torch.cuda.synchronize()
-            del os.environ["RNNFUSED_PERSISTENT_SMS"], os.environ["RNNFUSED_PERSISTENT_SMEM_KB"]
+            for knob in ("SMS", "SMEM_KB", "SPREAD"):
+                del os.environ["RNNFUSED_PERSISTENT_" + knob]
             print(f"ran persistent {name} {kwargs} {dtype} H{hidden} B{batch} at {kb} KB: {plan['reason']}")
 
 

@@ -43,9 +43,9 @@ def environment(**values):
                 os.environ[k] = v
 
 
-def _plan(cell, H, B, dtype, tf32=True, limits=H100, P=None, host_simulation=False):
+def _plan(cell, H, B, dtype, tf32=True, limits=H100, P=None, host_simulation=False, spread=False):
     return _C.plan(int(cell), H, H if P is None else P, B, dtype, tf32, limits["sm_count"], limits["smem_per_block"],
-                   limits["compute_capability"], limits["cooperative_launch"], host_simulation)
+                   limits["compute_capability"], limits["cooperative_launch"], host_simulation, spread)
 
 
 def _check_tiling(plan, H, B, dtype, limits):
@@ -100,6 +100,19 @@ def test_planner_decisions():
     assert _plan(Cell.LSTM, 64, 8, torch.float64, host_simulation=True)["persistent"]
 
 
+def test_one_cta_per_batch_tile_where_all_of_w_hh_fits():
+    """Small H: each CTA holds every unit of its rows, so no step waits on a grid barrier; the
+    smallest batch tile, for the most CTAs. RNNFUSED_PERSISTENT_SPREAD's plans spread the units."""
+    small_h = _plan(Cell.LSTM, 128, 64, torch.float16)
+    assert small_h["persistent"] and small_h["unit_tiles"] == 1 and small_h["units"] == 128
+    assert small_h["rows"] == 16 and small_h["row_tiles"] == 4 and "no grid barrier" in small_h["reason"]
+    _check_tiling(small_h, 128, 64, torch.float16, H100)
+    spread = _plan(Cell.LSTM, 128, 64, torch.float16, spread=True)
+    assert spread["persistent"] and spread["unit_tiles"] > 1 and "grid barrier" not in spread["reason"]
+    # W_hh of H512 (2 MB in fp16) fits no CTA: spread as before.
+    assert _plan(Cell.LSTM, 512, 16, torch.float16)["unit_tiles"] > 1
+
+
 def test_more_row_tiles_only_when_the_weights_fit():
     """The batch tile is the smallest whose replicated weight slices fit."""
     small = _plan(Cell.RNN_TANH, 128, 256, torch.float16)
@@ -144,8 +157,9 @@ def _run(module, steps, batch, dtype, packed, forward=None, seed=3):
     return [v.detach() for v in values] + list(torch.autograd.grad(loss, leaves + list(module.parameters())))
 
 
-def _simulated(module, steps, batch, dtype, packed, sms=None, smem_kb=None):
-    with environment(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SMS=sms, RNNFUSED_PERSISTENT_SMEM_KB=smem_kb):
+def _simulated(module, steps, batch, dtype, packed, sms=None, smem_kb=None, spread=False):
+    with environment(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SMS=sms, RNNFUSED_PERSISTENT_SMEM_KB=smem_kb,
+                     RNNFUSED_PERSISTENT_SPREAD=1 if spread else None):
         probe = torch.zeros(steps, batch, module.input_size, dtype=dtype)
         assert all(c.kernel == "persistent (host simulation)" for c in rnnfused.explain(module, probe))
         return _run(module, steps, batch, dtype, packed)
@@ -158,25 +172,26 @@ def _exact(module, steps, batch, packed):
                 forward=lambda x: rnnfused.reference.forward(double, x))
 
 
-# (steps, batch, input, hidden, layers, bidirectional, packed, SMs, shared KB): odd sizes,
-# B = 1, T = 1, several row and unit tiles (fewer SMs force wider slices; more rows force row
-# tiles), little shared memory (the backward takes its dG tile one or two gates at a time).
-SHAPES = [(5, 3, 4, 7, 1, False, False, None, None), (1, 1, 3, 5, 1, False, False, None, None),
-          (6, 37, 5, 19, 2, True, False, 9, None), (7, 20, 3, 33, 1, True, True, 4, None),
-          (4, 1, 2, 3, 2, True, True, 2, None), (3, 50, 6, 18, 1, False, True, 132, None),
-          (5, 18, 3, 40, 1, True, True, 3, 60)]
+# (steps, batch, input, hidden, layers, bidirectional, packed, SMs, shared KB, spread): odd
+# sizes, B = 1, T = 1, one CTA per batch tile (these H fit one CTA) and, spread, several row and
+# unit tiles (fewer SMs force wider slices; more rows force row tiles), little shared memory
+# (the backward takes its dG tile one or two gates at a time).
+SHAPES = [(5, 3, 4, 7, 1, False, False, None, None, False), (1, 1, 3, 5, 1, False, False, None, None, False),
+          (6, 37, 5, 19, 2, True, False, 9, None, False), (6, 37, 5, 19, 2, True, False, 9, None, True),
+          (7, 20, 3, 33, 1, True, True, 4, None, True), (4, 1, 2, 3, 2, True, True, 2, None, True),
+          (3, 50, 6, 18, 1, False, True, 132, None, True), (5, 18, 3, 40, 1, True, True, 3, 60, True)]
 
 
 @pytest.mark.parametrize("mode,options", VARIANTS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_simulated_kernel_matches_reference_in_float64(mode, options, shape):
-    steps, batch, inputs, hidden, layers, bidirectional, packed, sms, smem_kb = shape
+    steps, batch, inputs, hidden, layers, bidirectional, packed, sms, smem_kb, spread = shape
     module = _module(mode, options, inputs, hidden, torch.float64, num_layers=layers, bidirectional=bidirectional)
     if smem_kb:
         plan = _C.plan(0 if mode == "LSTM" else 1, hidden, hidden, batch, torch.float64, True, sms, smem_kb * 1024,
-                       90, True, True)
+                       90, True, True, spread)
         assert plan["persistent"] and plan["chunk_gates"] < (4 if mode == "LSTM" else 3), plan
-    simulated = _simulated(module, steps, batch, torch.float64, packed, sms, smem_kb)
+    simulated = _simulated(module, steps, batch, torch.float64, packed, sms, smem_kb, spread)
     assert max_error(simulated, _exact(module, steps, batch, packed)) <= 1e-10
 
 

@@ -21,16 +21,19 @@ from test_persistent import _exact, _module, _run, _simulated, environment
 CELLS = [("LSTM", {}), ("GRU", {}), ("GRU", {"reset_after": False}), ("RNN", {}), ("RNN", {"nonlinearity": "relu"})]
 CELL_IDS = ["LSTM", "GRU", "GRU_CHO", "RNN_TANH", "RNN_RELU"]
 
-# name -> (steps, batch, inputs, hidden, SMs, shared KB), float64, bidirectional. Each plan's
-# features are asserted in _check_plan, so that a planner change cannot quietly take the
-# tests off the paths they are meant to cover.
+# name -> (steps, batch, inputs, hidden, SMs, shared KB, spread), float64, bidirectional. Each
+# plan's features are asserted in _check_plan, so that a planner change cannot quietly take
+# the tests off the paths they are meant to cover.
 PLANS = {
     # 4 unit tiles x 2 row tiles; warps split K forward and backward; 16-byte row copies
-    "split_k": (4, 20, 3, 64, 8, None),
+    "split_k": (4, 20, 3, 64, 8, None, True),
     # the backward's dG tile one gate at a time (LSTM, both GRU forms); 3 CTAs
-    "chunked_dg": (4, 18, 3, 40, 3, 60),
+    "chunked_dg": (4, 18, 3, 40, 3, 60, True),
     # odd H: the element-by-element copy path; 3 units per CTA, 5 CTAs
-    "element_copy": (3, 7, 2, 13, 5, None),
+    "element_copy": (3, 7, 2, 13, 5, None, True),
+    # one CTA per batch tile with every unit, 2 CTAs, no grid barrier: a CTA that touched
+    # another's rows would be caught within the one interval between the kernel's ends
+    "one_cta": (4, 20, 3, 64, 8, None, False),
 }
 
 
@@ -43,9 +46,9 @@ def _cell_number(mode, options):
 
 
 def _check_plan(name, mode, options):
-    steps, batch, inputs, hidden, sms, smem_kb = PLANS[name]
+    steps, batch, inputs, hidden, sms, smem_kb, spread = PLANS[name]
     plan = _C.plan(_cell_number(mode, options), hidden, hidden, batch, torch.float64, True, sms,
-                   (smem_kb or 227) * 1024, 90, True, True)
+                   (smem_kb or 227) * 1024, 90, True, True, spread)
     assert plan["persistent"], plan["reason"]
     gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[mode]
     if name == "split_k":
@@ -55,6 +58,8 @@ def _check_plan(name, mode, options):
     elif name == "chunked_dg":
         assert plan["ctas"] > 1
         assert plan["chunk_gates"] < gates or gates == 1, plan
+    elif name == "one_cta":
+        assert plan["unit_tiles"] == 1 and plan["row_tiles"] > 1, plan
     else:
         assert hidden % 2 == 1 and plan["ctas"] > 1, plan
     return plan
@@ -67,9 +72,9 @@ def test_the_program_passes_the_checker(mode, options, plan, packed):
     """Forward and backward of both directions run through the checker (it raises on any
     hazard) and match the reference."""
     _check_plan(plan, mode, options)
-    steps, batch, inputs, hidden, sms, smem_kb = PLANS[plan]
+    steps, batch, inputs, hidden, sms, smem_kb, spread = PLANS[plan]
     module = _module(mode, options, inputs, hidden, torch.float64, bidirectional=True)
-    simulated = _simulated(module, steps, batch, torch.float64, packed, sms, smem_kb)
+    simulated = _simulated(module, steps, batch, torch.float64, packed, sms, smem_kb, spread)
     assert max_error(simulated, _exact(module, steps, batch, packed)) <= 1e-10
 
 
@@ -100,11 +105,12 @@ DEFECTS = [
 def _case(cell, plan):
     mode, options = CELLS[CELL_IDS.index(cell)]
     _check_plan(plan, mode, options)
-    steps, batch, inputs, hidden, sms, smem_kb = PLANS[plan]
+    steps, batch, inputs, hidden, sms, smem_kb, spread = PLANS[plan]
     module = _module(mode, options, inputs, hidden, torch.float64)
     x = torch.randn(steps, batch, inputs, dtype=torch.float64, generator=torch.Generator().manual_seed(5),
                     requires_grad=True)
-    limits = dict(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SMS=sms, RNNFUSED_PERSISTENT_SMEM_KB=smem_kb)
+    limits = dict(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SMS=sms, RNNFUSED_PERSISTENT_SMEM_KB=smem_kb,
+                  RNNFUSED_PERSISTENT_SPREAD=1 if spread else None)
     return module, x, limits
 
 

@@ -93,6 +93,22 @@ struct DeviceOps {
     stamp(Phase::Barrier);
   }
 
+  // The barrier after every phase where each CTA owns all the units of its rows (unit_tiles
+  // 1): what a phase writes, only its own CTA reads, and a CTA barrier orders its threads'
+  // global as well as shared memory.
+  __device__ __forceinline__ void cta_sync() {
+    __syncthreads();
+    stamp(Phase::Barrier);
+  }
+
+  // The barrier after every phase of a plan.
+  __device__ __forceinline__ void phase_sync(const Tiling& t, unsigned long long* arrivals, unsigned long long& target,
+                                             const char* message) {
+    if (t.unit_tiles == 1) return cta_sync();
+    target += gridDim.x;
+    grid_sync(arrivals, target, message);
+  }
+
   template <typename S>
   __device__ __forceinline__ S operand(S x) const {
     return tensor_core_operand(x);
@@ -198,7 +214,8 @@ struct DeviceOps {
 
 // Every CTA runs begin, the phases of every walk step, end; the grid barrier separates the
 // phases (none between begin and the first phase: begin writes only this CTA's shared
-// memory). All CTAs reach every barrier: the trip counts depend only on T and the cell.
+// memory), or a CTA barrier where each CTA has all the units of its rows (its phases read
+// only what it wrote). All CTAs reach every barrier: the trip counts depend only on T and the cell.
 // `arrivals`: the barrier's counter, zero at the start; `times`: the phase records of a
 // timed build (null otherwise).
 template <typename S>
@@ -213,8 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t s = 0; s < walk.T; ++s)
     for (int k = 0; k < cta.phases(); ++k) {
       cta.phase(ops, s, k);
-      target += gridDim.x;
-      ops.grid_sync(arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent forward kernel"));
+      ops.phase_sync(t, arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent forward kernel"));
     }
   cta.end(ops);
   ops.finish();
@@ -232,8 +248,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t s = walk.T - 1; s >= 0; --s)
     for (int k = 0; k < cta.phases(); ++k) {
       cta.phase(ops, s, k);
-      target += gridDim.x;
-      ops.grid_sync(arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent backward kernel"));
+      ops.phase_sync(t, arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent backward kernel"));
     }
   cta.end(ops);
   ops.finish();

@@ -46,6 +46,10 @@ struct DeviceLimits {
   // The host simulation (a CPU test harness) runs every dtype, fp64 and fp32 without TF32
   // included, with this device's tiling.
   bool host_simulation = false;
+  // Spread the units of every plan over the SMs, even where one CTA could hold them all and
+  // close each step without a grid barrier (RNNFUSED_PERSISTENT_SPREAD=1): to test and to
+  // compare the grid-barrier plans.
+  bool spread_units = false;
 };
 
 // One region of a CTA's shared memory layout, in bytes.
