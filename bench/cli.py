@@ -75,6 +75,8 @@ DELEGATED = {
               "(bench/resets.py)",
     "lengths": "padded input with lengths= against the dense run of as many steps and torch.nn's packed path "
                "(bench/lengths.py)",
+    "regularisers": "the cost of weight drop, variational and recurrent dropout and zoneout over the plain "
+                    "call, and the loops users write for them (bench/regularisers.py)",
 }
 
 

@@ -8,6 +8,7 @@ After training it prints a sample.
 
     python examples/char_lm.py                 # rnnfused layers
     python examples/char_lm.py --impl torch    # the same with torch.nn
+    python examples/char_lm.py --regularise    # with weight drop and zoneout (rnnfused.regularisers)
 
 Writes examples/out/char_lm.png (training and held-out bpc).
 """
@@ -35,10 +36,10 @@ def load_text():
 
 
 class CharModel(nn.Module):
-    def __init__(self, vocab, embed, hidden, library):
+    def __init__(self, vocab, embed, hidden, library, regularisers=None):
         super().__init__()
         self.embed = nn.Embedding(vocab, embed)
-        self.rnn = library.LSTM(embed, hidden, batch_first=True)
+        self.rnn = library.LSTM(embed, hidden, batch_first=True, **(regularisers or {}))
         self.head = nn.Linear(hidden, vocab)
 
     def forward(self, codes, state=None):
@@ -55,7 +56,10 @@ def windows(codes, batch, length, generator):
 @torch.no_grad()
 def held_out_bpc(model, codes, streams=16, length=256):
     """Bits per character over the held-out text, read as `streams` contiguous streams
-    with the state carried from window to window."""
+    with the state carried from window to window, in eval mode (no weight drop; zoneout's
+    expectation)."""
+    training = model.training
+    model.eval()
     usable = (len(codes) - 1) // streams * streams
     inputs = codes[:usable].view(streams, -1)
     targets = codes[1:usable + 1].view(streams, -1)
@@ -66,11 +70,13 @@ def held_out_bpc(model, codes, streams=16, length=256):
         total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              reduction="sum").item()
         count += target.numel()
+    model.train(training)
     return total / count / math.log(2)
 
 
 @torch.no_grad()
 def sample(model, alphabet, prompt, length, temperature, generator):
+    model.eval()
     index = {ch: i for i, ch in enumerate(alphabet)}
     codes = torch.tensor([[index[ch] for ch in prompt]])
     logits, state = model(codes)
@@ -93,15 +99,20 @@ def main():
     parser.add_argument("--seconds", type=float, default=100, help="training time budget")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--regularise", action="store_true",
+                        help="weight_drop=0.3 and zoneout=0.05 on the LSTM (rnnfused only)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     args = parser.parse_args()
     library = rnnfused if args.impl == "rnnfused" else nn
+    if args.regularise and args.impl != "rnnfused":
+        parser.error("--regularise needs --impl rnnfused (torch.nn has no weight drop or zoneout)")
+    regularisers = {"weight_drop": 0.3, "zoneout": 0.05} if args.regularise else None
 
     train_codes, test_codes, alphabet = load_text()
     print(f"text: {len(train_codes)} training and {len(test_codes)} held-out characters, "
           f"alphabet of {len(alphabet)} (uniform: {math.log2(len(alphabet)):.2f} bpc)")
     torch.manual_seed(args.seed)
-    model = CharModel(len(alphabet), args.embed, args.hidden, library)
+    model = CharModel(len(alphabet), args.embed, args.hidden, library, regularisers)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     train_curve, test_curve = [], []
@@ -122,7 +133,8 @@ def main():
                   f"{test_curve[-1][1]:.2f} bpc", flush=True)
     seconds = time.perf_counter() - start
     bpc = held_out_bpc(model, test_codes)
-    print(f"held-out bits per character ({args.impl}, {step} steps in {seconds:.0f} s): {bpc:.3f}")
+    label = args.impl + (", regularised" if args.regularise else "")
+    print(f"held-out bits per character ({label}, {step} steps in {seconds:.0f} s): {bpc:.3f}")
     print("sample:\n" + sample(model, alphabet, "The ", 300, 0.7, torch.Generator().manual_seed(1)))
 
     plt = pyplot()
@@ -135,7 +147,7 @@ def main():
         ax.plot(*zip(*test_curve), marker="o", label="held-out")
     ax.set_xlabel("training step")
     ax.set_ylabel("bits per character")
-    ax.set_title(f"char LSTM on pydoc topics ({args.impl}): held-out {bpc:.2f} bpc")
+    ax.set_title(f"char LSTM on pydoc topics ({label}): held-out {bpc:.2f} bpc")
     ax.legend()
     fig.tight_layout()
     path = os.path.join(args.out, "char_lm.png")

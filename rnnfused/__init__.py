@@ -21,7 +21,7 @@ except ImportError as error:  # most often: torch changed since the build
 if _build.version_mismatch():
     warnings.warn(_build.version_mismatch(), stacklevel=2)
 
-from . import decompositions, functional, reference  # noqa: E402,F401
+from . import decompositions, functional, reference, regularisers  # noqa: E402,F401
 from ._build import show_config  # noqa: E402
 from .cells import GRUCell, LSTMCell, RNNCell  # noqa: E402
 from .convert import convert  # noqa: E402
@@ -32,7 +32,7 @@ from . import _interop  # noqa: E402
 
 _interop.install()
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "explain", "empty_cache", "cpu_cache_stats", "functional", "reference", "backends", "show_config"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "explain", "empty_cache", "cpu_cache_stats", "functional", "reference", "regularisers", "backends", "show_config"]
 
 
 def backends():

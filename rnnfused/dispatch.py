@@ -133,6 +133,9 @@ def what_cudnn_lacks(module, flags):
         lacks.append("reset_after=False")
     if flags is not None:
         lacks.append("lengths or resets")
+    regularisers = getattr(module, "regularisers", None)
+    if regularisers is not None:
+        lacks.extend(regularisers.active(module.training, getattr(module, "dropout", 0)))
     return lacks
 
 

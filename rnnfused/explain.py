@@ -58,6 +58,7 @@ def explain(module, input, *, lengths=None, resets=None):
     training = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
     has_flags = lengths is not None or resets is not None
     stack = dispatch.choose(module, weight, batch, training, torch.empty(0) if has_flags else None)
+    regularisers = module.regularisers.active(module.training, module.dropout)
     choices = []
     for layer in range(module.num_layers):
         for direction in ("forward", "reverse") if module.bidirectional else ("forward",):
@@ -73,5 +74,10 @@ def explain(module, input, *, lengths=None, resets=None):
             else:
                 kernel, reason = "reference equations", ("normalized layers on CUDA until their fused kernels have "
                                                          "passed their GPU tests (RNNFUSED_CUDA_NORM=fused)")
+            if module.regularisers.inside_steps(module.training):
+                kernel, reason = "reference equations", ("recurrent dropout and zoneout are not in the fused kernels "
+                                                         "yet: " + ", ".join(regularisers))
+            elif regularisers:
+                reason += "; regularisers: " + ", ".join(regularisers)
             choices.append(KernelChoice(layer, direction, kernel, reason, stack.row))
     return choices

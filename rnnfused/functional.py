@@ -8,6 +8,7 @@ double backward, forward-mode AD and the ``torch.func`` transforms, runs through
 equations written with differentiable torch operations (:mod:`rnnfused.reference`).
 """
 
+import dataclasses
 import math
 import os
 import warnings
@@ -220,10 +221,12 @@ def step_flags(steps, batch, device, *, lengths=None, resets=None, reverse=False
     return inactive.to(torch.int32) * STEP_INACTIVE
 
 
-def _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), step_statistics=(), flags=None):
+def _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), step_statistics=(), flags=None,
+                     masks=None):
     """The layer through rnnfused.reference (differentiable torch operations), in the fused
     layer's layout: x [T, B, I], or packed rows [N, I] with ``batch_sizes``; the arguments as
-    the operator's (``step_statistics``: batch norm's running statistics of every step).
+    the operator's (``step_statistics``: batch norm's running statistics of every step;
+    ``masks``: the regularisers' rnnfused.regularisers.Masks inside the steps, or None).
     Returns (y, h_n, c_n, batch_stats), batch_stats as the operator's (batch norm in training)."""
     mode, reset_after = ("GRU", False) if options.cell == Cell.GRU_CHO else (options.cell.name, True)
     names = ["w_ih", "w_hh"] + (["b_ih", "b_hh"] if options.has_biases else [])
@@ -240,10 +243,10 @@ def _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), 
                   cell_clip=None if math.isinf(options.cell_clip) else options.cell_clip,
                   grad_clip=None if math.isinf(options.grad_clip) else options.grad_clip)
     if batch_sizes is None:
-        y, h_n, c_n = reference.layer(mode, x, h0, c0, named, step_flags=flags, **kwargs)
+        y, h_n, c_n = reference.layer(mode, x, h0, c0, named, step_flags=flags, masks=masks, **kwargs)
     else:
         padded, lengths = pad_packed_sequence(PackedSequence(x, batch_sizes))  # the packed (sorted) order
-        y, h_n, c_n = reference.layer(mode, padded, h0, c0, named, lengths=lengths, **kwargs)
+        y, h_n, c_n = reference.layer(mode, padded, h0, c0, named, lengths=lengths, masks=masks, **kwargs)
         y = torch.cat([y[t, :n] for t, n in enumerate(batch_sizes.tolist())])
     batch_stats = norm.batch_stats if norm is not None and norm.kind == "batch" and norm.training else []
     return y, h_n, c_n, batch_stats
@@ -352,13 +355,18 @@ def _recording_for_backward(tensors):
 
 
 def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), momentum=0.1,
-              flags=None, reference=False):
+              flags=None, reference=False, masks=None):
     """:func:`recurrent_layer` with its arguments checked and grouped: a
     :class:`~rnnfused._ops.LayerOptions`, the weight lists in the operators' order and the step
     flags (rnnfused.modules calls this); ``reference``: run the reference equations (the
-    dispatch's choice where no verified fused kernel runs). Returns ``(y, h_n, c_n)`` (c_n an
-    empty tensor unless LSTM)."""
+    dispatch's choice where no verified fused kernel runs); ``masks``: the regularisers'
+    :class:`~rnnfused.regularisers.Masks` of this call or None (weight drop multiplies W_hh
+    before the fused kernels; masks inside the steps run the reference equations). Returns
+    ``(y, h_n, c_n)`` (c_n an empty tensor unless LSTM)."""
     norm_weights, running_stats = list(norm_weights), list(running_stats)
+    if masks is not None and masks.weight is not None:
+        weights = [weights[0], weights[1] * masks.weight, *weights[2:]]
+    steps_masks = dataclasses.replace(masks, weight=None) if masks is not None and masks.inside_steps else None
     if flags is not None and options.norm != Norm.NONE:
         raise ValueError("rnnfused: normalized layers do not take lengths or resets yet")
     if options.norm == Norm.BATCH and options.training and h0.size(0) == 1:  # as nn.BatchNorm1d: B = 0 runs
@@ -374,11 +382,11 @@ def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running
     if unverified:
         warnings.warn("rnnfused: normalized layers on CUDA run the reference equations (exact, slower) until "
                       "their fused kernels have passed their GPU tests; RNNFUSED_CUDA_NORM=fused runs those")
-    if reference or unverified or _needs_differentiable_equations(tensors):
+    if reference or unverified or steps_masks is not None or _needs_differentiable_equations(tensors):
         # The operators check every size; the equations would broadcast a wrong one.
         _ops.check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights, step_statistics, flags)
         y, h_n, c_n, batch_stats = _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights,
-                                                    step_statistics, flags)
+                                                    step_statistics, flags, steps_masks)
     elif _recording_for_backward(tensors):
         y, h_n, c_n, batch_stats = _ops.differentiable_layer_forward(options, x, batch_sizes, h0, c0, weights,
                                                                      norm_weights, step_statistics, flags)

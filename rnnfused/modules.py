@@ -12,8 +12,10 @@ refuses to trace instances of the torch.nn recurrent classes (``torch._dynamo.co
 :mod:`rnnfused._interop` lets it trace ours, which are one operator per layer.
 
 Extras beyond torch.nn (keyword-only, off by default): ``grad_clip`` for every layer,
-``cell_clip`` for LSTM, ``reset_after`` for GRU, and normalized layers for every cell
-(``norm="batch"`` or ``"layer"``, below); see the class docstrings.
+``cell_clip`` for LSTM, ``reset_after`` for GRU, normalized layers for every cell
+(``norm="batch"`` or ``"layer"``, below), and the recurrent regularisers ``weight_drop``,
+``recurrent_dropout``, ``zoneout`` and ``dropout_mode`` (:mod:`rnnfused.regularisers`); see
+the class docstrings.
 
 Lengths and resets
 ------------------
@@ -86,6 +88,7 @@ from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import dispatch
+from . import regularisers as _regularisers
 from ._ops import LayerOptions
 from .functional import (Cell, _clip_value, _norm_kind, autocast_result_dtypes, check_lengths, check_resets, run_layer,
                          step_flags)
@@ -113,7 +116,7 @@ class RNNBase(nn.RNNBase):
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
                  grad_clip=None, cell_clip=None, reset_after=True, norm=None, momentum=0.1, eps=1e-5,
-                 max_steps=1000):
+                 max_steps=1000, weight_drop=0.0, recurrent_dropout=0.0, zoneout=0.0, dropout_mode="standard"):
         factory_kwargs = {"device": device, "dtype": dtype}
         nn.Module.__init__(self)  # not torch.nn.RNNBase's: it would create and initialise its own weights
         self.mode = mode
@@ -132,6 +135,12 @@ class RNNBase(nn.RNNBase):
         self.momentum = momentum
         self.eps = eps
         self.max_steps = max_steps
+        # Plain attributes, as torch.nn's dropout (whole-model checkpoints load them with
+        # weights_only=True); `regularisers` is their checked record.
+        self.weight_drop = weight_drop
+        self.recurrent_dropout = recurrent_dropout
+        self.zoneout = zoneout
+        self.dropout_mode = dropout_mode
         _check_config(self, dropout)
 
         gate_size = _GATES[mode] * hidden_size
@@ -270,6 +279,19 @@ class RNNBase(nn.RNNBase):
         self.flatten_parameters()
         return result
 
+    @property
+    def regularisers(self):
+        """The recurrent regularisers (:class:`rnnfused.regularisers.Regularisers`) of the
+        attributes weight_drop, recurrent_dropout, zoneout and dropout_mode (absent, as in a
+        module saved before they existed: off)."""
+        zoneout = getattr(self, "zoneout", 0.0)
+        arguments = (self.mode, getattr(self, "recurrent_dropout", 0.0),
+                     tuple(zoneout) if isinstance(zoneout, list) else zoneout, getattr(self, "weight_drop", 0.0),
+                     getattr(self, "dropout_mode", "standard"))
+        if torch.compiler.is_compiling():
+            return _regularisers.Regularisers.of(*arguments)
+        return _regularisers.cached_of(*arguments)
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.proj_size != 0:
@@ -294,6 +316,14 @@ class RNNBase(nn.RNNBase):
             s += f", norm={self.norm!r}, eps={self.eps}"
             if self.norm == "batch":
                 s += f", momentum={self.momentum}, max_steps={self.max_steps}"
+        regularisers = self.regularisers
+        for name, value in (("weight_drop", regularisers.weight_drop),
+                            ("recurrent_dropout", regularisers.recurrent_dropout),
+                            ("zoneout", regularisers.zoneout(self.mode))):
+            if value:
+                s += f", {name}={value}"
+        if regularisers.variational_dropout:
+            s += ", dropout_mode='variational'"
         return s
 
     # --- checks, as torch.nn ---------------------------------------------------------------
@@ -394,9 +424,10 @@ class RNNBase(nn.RNNBase):
             return once
         return {"ours": timed(self._run_stack), "cudnn": timed(self._run_cudnn)}
 
-    def _run(self, x, batch_sizes, batch, hx, cx, flags):
+    def _run(self, x, batch_sizes, batch, hx, cx, flags, batch_order=None):
         """Runs the stack (x time-major or packed) on the kernel rnnfused.dispatch chooses for
-        this call: (output, h_n, c_n)."""
+        this call: (output, h_n, c_n). ``batch_order``: a PackedSequence's unsorted_indices
+        (for the record of the regularisers' masks)."""
         _check_devices(x, [hx, cx], self._flat_weights + [getattr(self, name) for names in self._norm_weights_names
                                                           + self._running_stats_names for name in names])
         weight = self.weight_ih_l0
@@ -411,14 +442,19 @@ class RNNBase(nn.RNNBase):
             return self._run_cudnn(x, batch_sizes, hx, cx)
         if choice.kernel == "reference":
             dispatch.warn_reference(choice)
-        return self._run_stack(x, batch_sizes, hx, cx, flags, reference=choice.kernel == "reference")
+        return self._run_stack(x, batch_sizes, hx, cx, flags, reference=choice.kernel == "reference",
+                               batch_order=batch_order)
 
-    def _run_stack(self, x, batch_sizes, hx, cx, flags=None, reference=False):
+    def _run_stack(self, x, batch_sizes, hx, cx, flags=None, reference=False, batch_order=None):
         """x: [T, B, I] time-major or [N, I] packed rows; hx [L*D, B, P]; cx [L*D, B, H] or None;
         flags: the step flags of each direction (padded input) or None; reference: run the
-        reference equations. Returns (output, h_n, c_n) with output in the layout of x."""
+        reference equations; batch_order as for _run. Returns (output, h_n, c_n) with output
+        in the layout of x."""
         num_directions = 2 if self.bidirectional else 1
         options = [self._layer_options(reverse=direction == 1) for direction in range(num_directions)]
+        regularisers = self.regularisers
+        call_masks = None if regularisers == _regularisers.OFF else _regularisers.CallMasks([], [], batch_order)
+        steps = x.size(0) if batch_sizes is None else batch_sizes.numel()
         h_n, c_n = [], []
         layer_input = x
         for layer in range(self.num_layers):
@@ -429,15 +465,30 @@ class RNNBase(nn.RNNBase):
                 norm_weights = [getattr(self, n) for n in self._norm_weights_names[index]] if self.norm else ()
                 weights = [getattr(self, n) for n in names[:len(names) - len(norm_weights)]]
                 running_stats = [getattr(self, n) for n in self._running_stats_names[index]] if self.norm else ()
+                masks = None
+                if call_masks is not None:
+                    masks = _regularisers.draw_layer_masks(regularisers, self.training, weights[1], steps,
+                                                           hx.size(1), self.hidden_size)
+                    call_masks.layers.append(masks)
                 y, h, c = run_layer(options[direction], layer_input, batch_sizes, hx[index],
                                     None if cx is None else cx[index], weights, norm_weights, running_stats,
-                                    self.momentum, None if flags is None else flags[direction], reference)
+                                    self.momentum, None if flags is None else flags[direction], reference, masks)
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+            if layer == self.num_layers - 1:
+                break
+            between = None
+            if self.dropout > 0 and self.training and regularisers.variational_dropout:
+                between = _regularisers.draw_between_mask(self.dropout, hx.size(1), layer_input.size(-1), layer_input)
+                layer_input = _regularisers.apply_between_mask(layer_input, between, batch_sizes)
+            elif self.dropout > 0 and self.training:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
+            if call_masks is not None:
+                call_masks.between.append(between)
+        if call_masks is not None:
+            _regularisers.record(call_masks)
         h_n, c_n = _stack(h_n), (_stack(c_n) if cx is not None else None)
         kind = "RNN" if self.mode.startswith("RNN") else "LSTMP" if self.proj_size > 0 else self.mode
         dtypes = autocast_result_dtypes(kind, x, hx.dtype, None if cx is None else cx.dtype)
@@ -509,7 +560,7 @@ class RNNBase(nn.RNNBase):
 
         x = input.transpose(0, 1) if (self.batch_first and not packed) else input
         flags = None if packed else self._step_flags(x, lengths, resets, is_batched)
-        output, h_n, _ = self._run(x, batch_sizes, hx.size(1), hx, None, flags)
+        output, h_n, _ = self._run(x, batch_sizes, hx.size(1), hx, None, flags, unsorted_indices)
         if packed:
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), \
                 _permute(h_n, unsorted_indices)
@@ -607,6 +658,7 @@ def _check_config(module, dropout):
         raise ValueError("proj_size has to be smaller than hidden_size")
     if module.proj_size > 0 and module.mode != "LSTM":
         raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+    module.regularisers  # noqa: B018 - checks the regularisers' arguments
     _clip_value(module.grad_clip, "grad_clip")
     if module.cell_clip is not None and module.mode != "LSTM":
         raise ValueError("cell_clip is only supported for LSTM")
@@ -775,7 +827,7 @@ class LSTM(RNNBase, nn.LSTM):
 
         x = input.transpose(0, 1) if (self.batch_first and not packed) else input
         flags = None if packed else self._step_flags(x, lengths, resets, is_batched)
-        output, h_n, c_n = self._run(x, batch_sizes, h0.size(1), h0, c0, flags)
+        output, h_n, c_n = self._run(x, batch_sizes, h0.size(1), h0, c0, flags, unsorted_indices)
         if packed:
             return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
                     (_permute(h_n, unsorted_indices), _permute(c_n, unsorted_indices)))

@@ -10,6 +10,8 @@ directions, padded, batch_first, unbatched or packed input; rnnfused's normalize
 without dropout, and without updating batch norm's running statistics.
 """
 
+import copy
+
 import torch
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
@@ -99,19 +101,21 @@ def _no_norm(side, v, cols=None):
     return v
 
 
-def cell_step(mode, x, h, c, weights, *, reset_after=True, cell_clip=None, grad_clip=None, norm=None):
+def cell_step(mode, x, h, c, weights, *, reset_after=True, cell_clip=None, grad_clip=None, norm=None, h_mask=None):
     """One step of one cell for a batch: x [B, I], h [B, P], c [B, H] (LSTM) or None.
 
     ``weights`` maps w_ih, w_hh, b_ih, b_hh, w_hr to tensors or None. ``norm`` (normalized
     layers, see :class:`Normalization`) is called as ``norm(side, v, cols)``; the biases are
-    added after it. Returns (h', c').
+    added after it. ``h_mask`` [B, P] (recurrent dropout) multiplies h where it meets W_hh,
+    not in the GRU's carry ``z ⊙ h``. Returns (h', c').
     """
     norm = norm or _no_norm
     w_ih, w_hh, b_ih, b_hh = weights["w_ih"], weights["w_hh"], weights["b_ih"], weights["b_hh"]
+    h_in = h if h_mask is None else h * h_mask
     b_ih = 0 if b_ih is None else b_ih
     gx = norm("x", _linear(x, w_ih)) + b_ih
     if mode == "LSTM":
-        pre = clamp_grad(gx + norm("h", _linear(h, w_hh)) + (0 if b_hh is None else b_hh), grad_clip)
+        pre = clamp_grad(gx + norm("h", _linear(h_in, w_hh)) + (0 if b_hh is None else b_hh), grad_clip)
         i, f, g, o = pre.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         if cell_clip is not None:
@@ -125,19 +129,19 @@ def cell_step(mode, x, h, c, weights, *, reset_after=True, cell_clip=None, grad_
         hidden = h.size(1)
         b_hh = torch.zeros_like(w_hh[:, 0]) if b_hh is None else b_hh
         if reset_after:
-            h_r, h_z, h_n = (norm("h", _linear(h, w_hh)) + b_hh).chunk(3, dim=1)
+            h_r, h_z, h_n = (norm("h", _linear(h_in, w_hh)) + b_hh).chunk(3, dim=1)
         else:  # Cho et al.: W_hn multiplies r * h, normalized apart from the r, z columns
-            h_r, h_z = (norm("h", _linear(h, w_hh[:2 * hidden]), slice(0, 2 * hidden)) + b_hh[:2 * hidden]).chunk(2, 1)
+            h_r, h_z = (norm("h", _linear(h_in, w_hh[:2 * hidden]), slice(0, 2 * hidden)) + b_hh[:2 * hidden]).chunk(2, 1)
         r = torch.sigmoid(clamp_grad(x_r + h_r, grad_clip))
         z = torch.sigmoid(clamp_grad(x_z + h_z, grad_clip))
         if reset_after:
             n_pre = x_n + r * h_n
         else:
-            n_pre = x_n + norm("h", _linear(r * h, w_hh[2 * hidden:]), slice(2 * hidden, 3 * hidden)) \
+            n_pre = x_n + norm("h", _linear(r * h_in, w_hh[2 * hidden:]), slice(2 * hidden, 3 * hidden)) \
                 + b_hh[2 * hidden:]
         n = torch.tanh(clamp_grad(n_pre, grad_clip))
         return (1 - z) * n + z * h, None
-    pre = clamp_grad(gx + norm("h", _linear(h, w_hh)) + (0 if b_hh is None else b_hh), grad_clip)
+    pre = clamp_grad(gx + norm("h", _linear(h_in, w_hh)) + (0 if b_hh is None else b_hh), grad_clip)
     if mode == "RNN_TANH":
         return torch.tanh(pre), None
     if mode == "RNN_RELU":
@@ -168,13 +172,23 @@ def _step_masks(steps, lengths, resets, reverse, step_flags):
     return zero_before, active
 
 
+def _zoneout(keep, t, previous, new):
+    """Zoneout's ``k ⊙ previous + (1 - k) ⊙ new`` at step t (k: [T, B, *] 0/1, or a number)."""
+    if keep is None:
+        return new
+    k = keep[t] if isinstance(keep, torch.Tensor) else keep
+    return k * previous + (1 - k) * new
+
+
 def layer(mode, x, h0, c0, weights, *, lengths=None, resets=None, step_flags=None, reverse=False, norm=None,
-          **options):
+          masks=None, **options):
     """One layer in one direction over padded input.
 
     x [T, B, I]; lengths [B] (None: all T) marks the valid steps of each sequence. A
     sequence's state stays put outside its valid steps, so the forward direction ends on
-    its last valid step and the reverse direction starts from h0 at it. resets [T, B] bool
+    its last valid step and the reverse direction starts from h0 at it. ``masks``
+    (rnnfused.regularisers.Masks, None: none): the regularisers' masks of this layer direction,
+    in the padded layout. resets [T, B] bool
     (None: none) starts a new segment at every step t where it is True: the forward
     direction runs the segment from zero states, the reverse direction starts its walk
     through the segment from zero states at the segment's last step, exactly as if each
@@ -190,6 +204,11 @@ def layer(mode, x, h0, c0, weights, *, lengths=None, resets=None, step_flags=Non
     step_stats = [None] * steps
     zero_before, active_steps = _step_masks(steps, lengths, resets, reverse, step_flags)
     order = range(steps - 1, -1, -1) if reverse else range(steps)
+    h_mask = keep_h = keep_c = None
+    if masks is not None:
+        if masks.weight is not None:
+            weights = dict(weights, w_hh=weights["w_hh"] * masks.weight)
+        h_mask, keep_h, keep_c = masks.hidden, masks.keep_h, masks.keep_c
     for t in order:
         active = None if active_steps is None else active_steps[t].to(x.device)
         if zero_before is not None:
@@ -199,7 +218,8 @@ def layer(mode, x, h0, c0, weights, *, lengths=None, resets=None, step_flags=Non
             h = torch.where(zero, torch.zeros_like(h), h)
             c = None if c is None else torch.where(zero, torch.zeros_like(c), c)
         step_norm = None if norm is None else _StepNorm(norm, t, active)
-        h_new, c_new = cell_step(mode, x[t], h, c, weights, norm=step_norm, **options)
+        h_new, c_new = cell_step(mode, x[t], h, c, weights, norm=step_norm, h_mask=h_mask, **options)
+        h_new, c_new = _zoneout(keep_h, t, h, h_new), (None if c is None else _zoneout(keep_c, t, c, c_new))
         if step_norm is not None:
             step_stats[t] = step_norm.stats
         if active is None:
@@ -234,13 +254,24 @@ def _module_norm(module, index, steps):
                          eps=module.eps, training=module.training, running=running or None)
 
 
-def forward(module, input, hx=None, *, lengths=None, resets=None):
+def _in_original_order(tensor, batch_dim, order):
+    """A mask of the packed (sorted) batch order in the original order (``order``: the
+    PackedSequence's unsorted_indices; None: the same)."""
+    if order is None or not isinstance(tensor, torch.Tensor):
+        return tensor
+    return tensor.index_select(batch_dim, order)
+
+
+def forward(module, input, hx=None, *, lengths=None, resets=None, masks=None):
     """What ``module(input, hx, lengths=lengths, resets=resets)`` returns, computed by the time
-    loop (no dropout).
+    loop (no dropout, unless ``masks`` gives it).
 
     ``module`` is a torch.nn or rnnfused RNN / LSTM / GRU; its configuration and parameters
     are read, nothing else. Packed input gives a PackedSequence in the same layout. lengths
     [B] and resets ([T, B], [B, T] with batch_first, [T] unbatched) as for :func:`layer`.
+    ``masks``: the rnnfused.regularisers.CallMasks of a call of an rnnfused module (recorded
+    with ``rnnfused.regularisers.captured_masks``): its regularisers' masks and variational
+    between-layer dropout are applied as that call drew them.
     """
     mode = module.mode
     is_lstm = mode == "LSTM"
@@ -276,17 +307,27 @@ def forward(module, input, hx=None, *, lengths=None, resets=None):
 
     h_n, c_n = [], []
     layer_input = x
+    order = None if masks is None else masks.batch_order
     for layer_index in range(module.num_layers):
         outputs = []
         for direction in range(directions):
             index = layer_index * directions + direction
+            layer_masks = None
+            if masks is not None:
+                layer_masks = copy.copy(masks.layers[index])
+                for name, batch_dim in (("weight", None), ("hidden", 0), ("keep_h", 1), ("keep_c", 1)):
+                    if batch_dim is not None:
+                        setattr(layer_masks, name, _in_original_order(getattr(layer_masks, name), batch_dim, order))
             y, h, c = layer(mode, layer_input, h0[index], None if c0 is None else c0[index],
                             _module_weights(module, layer_index, direction), lengths=lengths, resets=resets,
-                            reverse=direction == 1, norm=_module_norm(module, index, x.size(0)), **options)
+                            reverse=direction == 1, norm=_module_norm(module, index, x.size(0)), masks=layer_masks,
+                            **options)
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)
         layer_input = torch.cat(outputs, dim=2)
+        if masks is not None and layer_index < module.num_layers - 1 and masks.between[layer_index] is not None:
+            layer_input = layer_input * _in_original_order(masks.between[layer_index], 0, order)
     output, h_n = layer_input, torch.stack(h_n)
     c_n = torch.stack(c_n) if is_lstm else None
 

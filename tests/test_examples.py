@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHORT_RUNS = {
     "adding_problem.py": ["--cells", "LSTM,RNN", "--steps", "3", "--length", "12", "--batch", "8", "--hidden", "8"],
-    "char_lm.py": ["--seconds", "1", "--hidden", "16", "--embed", "8", "--batch", "4", "--length", "16"],
+    "char_lm.py": ["--seconds", "1", "--hidden", "16", "--embed", "8", "--batch", "4", "--length", "16", "--regularise"],
     "one_to_many.py": ["--steps", "3", "--hidden", "8", "--batch", "8"],
     # backend "eager": Dynamo still traces the converted model over packed input, without
     # the minutes of C++ compilation inductor takes on a small CPU.

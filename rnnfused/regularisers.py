@@ -1,0 +1,192 @@
+"""Recurrent regularisers of rnnfused's RNN / GRU / LSTM stacks (constructor options, all off
+by default, active in training mode only, except zoneout's expectation in eval):
+
+* ``weight_drop=p`` (DropConnect on W_hh, Merity et al. 2018, AWD-LSTM): each call multiplies
+  every W_hh by one Bernoulli(1-p)/(1-p) mask, so that h_{t-1} meets ``(M ⊙ W_hh)`` at every
+  step; the gradient of W_hh is masked the same way. The parameters are never replaced:
+  ``state_dict``, optimisers and DDP see ordinary parameters.
+* ``recurrent_dropout=p`` (variational dropout of the state, Gal & Ghahramani 2016): one
+  Bernoulli(1-p)/(1-p) mask m [B, H_out] per call, layer and direction, the same at every
+  step, on h_{t-1} where it enters the recurrent product: ``W_hh (m ⊙ h_{t-1})`` (the GRU's
+  ``z ⊙ h_{t-1}`` carry keeps the unmasked state).
+* ``zoneout=p`` or, for LSTM, ``(p_h, p_c)`` (Krueger et al. 2017): at every step each unit
+  of each row keeps its previous value with probability p, ``h_t = k ⊙ h_{t-1} + (1 - k) ⊙
+  h̃_t`` with k ~ Bernoulli(p) (c_t alike with p_c); in eval k = p, the expectation.
+* ``dropout_mode="variational"``: the between-layer ``dropout`` draws one mask per sequence
+  for all steps (locked dropout) instead of torch.nn's new mask at every step.
+
+Masks come from torch's generator of the input's device (reproducible under
+``torch.manual_seed``). :func:`captured_masks` records the masks of every call made inside
+it; :func:`rnnfused.reference.forward` takes such a record and computes the same call with
+the loop over time.
+
+Which kernels run them: weight drop and variational between-layer dropout act outside the
+recurrence and run on the fused kernels. Recurrent dropout and zoneout act inside every step;
+the fused kernels do not implement them yet, so a layer with either (zoneout also in eval)
+runs the reference equations, exactly but slower.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import numbers
+
+import torch
+
+DROPOUT_MODES = ("standard", "variational")
+
+
+def _probability(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Regularisers:
+    """The regularisers of a stack (see the module docstring); 0 is off."""
+
+    recurrent_dropout: float = 0.0
+    zoneout_h: float = 0.0
+    zoneout_c: float = 0.0
+    weight_drop: float = 0.0
+    variational_dropout: bool = False
+
+    @classmethod
+    def of(cls, mode, recurrent_dropout=0.0, zoneout=0.0, weight_drop=0.0, dropout_mode="standard"):
+        """The record of the constructor arguments of a ``mode`` ("LSTM", "GRU", "RNN_TANH",
+        "RNN_RELU") stack, checked."""
+        if dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"dropout_mode must be 'standard' or 'variational', got {dropout_mode!r}")
+        if isinstance(zoneout, (tuple, list)):
+            if mode != "LSTM" or len(zoneout) != 2:
+                raise ValueError("zoneout takes a pair (p_h, p_c) only for LSTM; give one probability otherwise")
+            zoneout_h, zoneout_c = (_probability(p, "zoneout") for p in zoneout)
+        else:
+            zoneout_h = _probability(zoneout, "zoneout")
+            zoneout_c = zoneout_h if mode == "LSTM" else 0.0
+        return cls(_probability(recurrent_dropout, "recurrent_dropout"), zoneout_h, zoneout_c,
+                   _probability(weight_drop, "weight_drop"), dropout_mode == "variational")
+
+    def zoneout(self, mode):
+        """The constructor's form: one probability, or (p_h, p_c) for an LSTM whose differ."""
+        return (self.zoneout_h, self.zoneout_c) if mode == "LSTM" and self.zoneout_h != self.zoneout_c \
+            else self.zoneout_h
+
+    def active(self, training, dropout):
+        """In words, what acts on a call in this mode (``dropout``: the stack's between-layer
+        dropout): for explain and for the dispatch (cuDNN computes none of it)."""
+        words = []
+        if training and self.weight_drop:
+            words.append(f"weight_drop={self.weight_drop}")
+        if training and self.recurrent_dropout:
+            words.append(f"recurrent_dropout={self.recurrent_dropout}")
+        if self.zoneout_h or self.zoneout_c:
+            words.append(f"zoneout=({self.zoneout_h}, {self.zoneout_c})")
+        if training and dropout and self.variational_dropout:
+            words.append("dropout_mode='variational'")
+        return words
+
+    def inside_steps(self, training):
+        """Whether a call in this mode has masks inside the recurrence (the reference runs it)."""
+        return bool((training and self.recurrent_dropout) or self.zoneout_h or self.zoneout_c)
+
+
+OFF = Regularisers()
+# Made once per combination: a module builds its record at every call (bench.overhead).
+cached_of = functools.lru_cache(maxsize=256)(Regularisers.of)
+
+
+@dataclasses.dataclass
+class Masks:
+    """The masks of one layer direction in one call, in the layer's layout (padded [T, B], or
+    for packed input the padded form of the packed rows, sorted order); None where off.
+
+    weight [G, H_out]: multiplies W_hh. hidden [B, H_out]: multiplies h_{t-1} where it enters
+    the recurrent product. keep_h [T, B, H_out] and keep_c [T, B, H] (LSTM): zoneout's k, 0/1
+    in training, or a number (p, the expectation) in eval."""
+
+    weight: torch.Tensor = None
+    hidden: torch.Tensor = None
+    keep_h: object = None
+    keep_c: object = None
+
+    @property
+    def inside_steps(self):
+        return self.hidden is not None or self.keep_h is not None or self.keep_c is not None
+
+
+@dataclasses.dataclass
+class CallMasks:
+    """Every mask of one call of a stack: ``layers[layer * D + direction]`` and ``between[l]``,
+    the between-layer dropout mask after layer l ([B, features], variational mode; None in
+    standard mode, whose masks torch.nn's dropout draws). Their batch rows are in the layer's
+    order: ``batch_order`` (a PackedSequence's unsorted_indices, also for padded input with
+    lengths run as one) takes them to the caller's; None: the same."""
+
+    layers: list
+    between: list
+    batch_order: torch.Tensor = None
+
+
+def _dropout_mask(p, shape, like):
+    mask = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return mask.zero_() if p == 1 else mask.bernoulli_(1 - p).div_(1 - p)  # p = 1: dropout drops everything
+
+
+def _keep(p, shape, like, training):
+    if not p:
+        return None
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(p) if training else p
+
+
+def draw_layer_masks(regularisers, training, w_hh, steps, batch, hidden):
+    """The masks of one layer direction for a call: ``w_hh`` [G, H_out] gives the dtype and
+    device; steps and batch are those of the padded layout."""
+    width = w_hh.size(1)
+    masks = Masks()
+    if training and regularisers.weight_drop:
+        masks.weight = _dropout_mask(regularisers.weight_drop, w_hh.shape, w_hh)
+    if training and regularisers.recurrent_dropout:
+        masks.hidden = _dropout_mask(regularisers.recurrent_dropout, (batch, width), w_hh)
+    masks.keep_h = _keep(regularisers.zoneout_h, (steps, batch, width), w_hh, training)
+    masks.keep_c = _keep(regularisers.zoneout_c, (steps, batch, hidden), w_hh, training)
+    return masks
+
+
+def draw_between_mask(p, batch, features, like):
+    """Variational between-layer dropout: one mask per sequence, [B, features]."""
+    return _dropout_mask(p, (batch, features), like)
+
+
+def apply_between_mask(layer_output, mask, batch_sizes):
+    """``layer_output`` (padded [T, B, F] or packed rows [N, F] with ``batch_sizes``) times the
+    mask of its sequences."""
+    if batch_sizes is None:
+        return layer_output * mask
+    rows = torch.cat([torch.arange(int(n)) for n in batch_sizes]).to(mask.device)
+    return layer_output * mask.index_select(0, rows)
+
+
+_CAPTURES = []
+
+
+@contextlib.contextmanager
+def captured_masks():
+    """Records the :class:`CallMasks` of every stack call made in the block, in call order::
+
+        with rnnfused.regularisers.captured_masks() as calls:
+            y, _ = lstm(x)
+        y_ref, _ = rnnfused.reference.forward(lstm, x, masks=calls[0])
+    """
+    calls = []
+    _CAPTURES.append(calls)
+    try:
+        yield calls
+    finally:
+        _CAPTURES.remove(calls)
+
+
+def record(call_masks):
+    for calls in _CAPTURES:
+        calls.append(call_masks)

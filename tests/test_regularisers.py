@@ -1,0 +1,236 @@
+"""The recurrent regularisers (rnnfused.regularisers): weight drop, recurrent (variational)
+dropout, zoneout and variational between-layer dropout. Each call's masks are recorded and
+the reference equations replay them; the fused path must match in float64."""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_sequence
+
+import rnnfused
+from rnnfused import dispatch, reference
+from rnnfused.regularisers import captured_masks
+
+MODES = [("LSTM", {}), ("LSTM", {"proj_size": 3}), ("GRU", {}), ("GRU", {"reset_after": False}), ("RNN", {}),
+         ("RNN", {"nonlinearity": "relu"})]
+MODE_IDS = ["LSTM", "LSTMP", "GRU", "GRU_CHO", "RNN_TANH", "RNN_RELU"]
+OPTIONS = [{"weight_drop": 0.4}, {"recurrent_dropout": 0.3}, {"zoneout": 0.25},
+           {"dropout": 0.5, "dropout_mode": "variational"},
+           {"weight_drop": 0.3, "recurrent_dropout": 0.2, "zoneout": 0.1, "dropout": 0.3, "dropout_mode": "variational"}]
+OPTION_IDS = ["weight_drop", "recurrent_dropout", "zoneout", "variational", "all"]
+
+
+def _module(mode, extra, options, **kwargs):
+    torch.manual_seed(0)
+    return getattr(rnnfused, mode)(3, 5, num_layers=2, bidirectional=True, **extra, **options, **kwargs).double()
+
+
+def _input(packed, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    if packed:
+        return x, pack_sequence([x[:6, 0], x[:2, 1], x[:4, 2], x[:1, 3]], enforce_sorted=False)
+    return x, x
+
+
+def _values_and_grads(module, x, output):
+    y = output[0].data if isinstance(output[0], torch.nn.utils.rnn.PackedSequence) else output[0]
+    states = output[1] if isinstance(output[1], tuple) else (output[1],)
+    values = [y, *states]
+    weights = torch.Generator().manual_seed(2)
+    loss = sum((v * torch.randn(v.shape, generator=weights, dtype=v.dtype)).sum() for v in values)
+    return values, torch.autograd.grad(loss, [x, *module.parameters()], retain_graph=True)
+
+
+def _max_error(a, b):
+    return max((p - q).abs().max().item() for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("mode,extra", MODES, ids=MODE_IDS)
+def test_a_call_matches_the_reference_with_its_own_masks(mode, extra, options, packed):
+    module = _module(mode, extra, options)
+    for training in (True, False):
+        module.train(training)
+        x, inp = _input(packed)
+        with captured_masks() as calls:
+            output = module(inp)
+        assert len(calls) == 1
+        expected = reference.forward(module, inp, masks=calls[0])
+        values, grads = _values_and_grads(module, x, output)
+        ref_values, ref_grads = _values_and_grads(module, x, expected)
+        assert _max_error(values, ref_values) <= 1e-10
+        assert _max_error(grads, ref_grads) <= 1e-10
+
+
+def test_the_masks_are_the_ones_the_call_used():
+    """Replaying other masks gives other results: the comparison above can fail."""
+    module = _module("LSTM", {}, OPTIONS[-1])
+    x, _ = _input(False)
+    with captured_masks() as calls:
+        y = module(x)[0]
+        module(x)
+    assert (y - reference.forward(module, x, masks=calls[1])[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("mode,extra", [MODES[0], MODES[3], MODES[4]], ids=["LSTM", "GRU_CHO", "RNN_TANH"])
+def test_gradcheck(mode, extra, options):
+    """The same masks at every evaluation (the generator reseeded), float64."""
+    torch.manual_seed(0)
+    module = getattr(rnnfused, mode)(2, 3, num_layers=2, **extra, **options).double()
+    params = list(module.parameters())
+    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+
+    def run(x, *weights):
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            output = torch.func.functional_call(module, dict(zip([n for n, _ in module.named_parameters()], weights)),
+                                                (x,))
+        return output[0]
+
+    assert torch.autograd.gradcheck(run, (x, *params), eps=1e-6, atol=1e-7)
+
+
+def _keep_fraction(mask):
+    return (mask != 0).double().mean().item()
+
+
+def test_keep_rates_and_scales():
+    """Each mask keeps 1 - p of its entries (or p for zoneout's k), within 5 standard
+    deviations, and scales what it keeps by 1 / (1 - p); recurrent dropout's mask is one per
+    row for every step, variational dropout's one per sequence."""
+    torch.manual_seed(0)
+    module = rnnfused.LSTM(64, 128, num_layers=2, dropout=0.5, dropout_mode="variational", weight_drop=0.3,
+                           recurrent_dropout=0.2, zoneout=(0.1, 0.4))
+    x = torch.randn(20, 32, 64)
+    with captured_masks() as calls:
+        module(x)
+    layer, between = calls[0].layers[0], calls[0].between[0]
+
+    def near(fraction, expected, n):
+        assert abs(fraction - expected) <= 5 * (expected * (1 - expected) / n) ** 0.5, (fraction, expected)
+
+    near(_keep_fraction(layer.weight), 0.7, layer.weight.numel())
+    assert torch.allclose(layer.weight[layer.weight != 0], torch.tensor(1 / 0.7))
+    assert layer.hidden.shape == (32, 128)
+    near(_keep_fraction(layer.hidden), 0.8, layer.hidden.numel())
+    assert layer.keep_h.shape == (20, 32, 128) and layer.keep_c.shape == (20, 32, 128)
+    near(_keep_fraction(layer.keep_h), 0.1, layer.keep_h.numel())
+    near(_keep_fraction(layer.keep_c), 0.4, layer.keep_c.numel())
+    assert between.shape == (32, 128)
+    near(_keep_fraction(between), 0.5, between.numel())
+    assert torch.allclose(between[between != 0], torch.tensor(2.0))
+    assert len(calls[0].layers) == 2 and len(calls[0].between) == 1
+
+
+def test_eval_is_plain_but_zoneout_takes_its_expectation():
+    plain = _module("GRU", {}, {})
+    x, _ = _input(False)
+    regularised = _module("GRU", {}, {"weight_drop": 0.5, "recurrent_dropout": 0.5, "dropout": 0.5,
+                                      "dropout_mode": "variational"}).eval()
+    plain.eval()
+    assert torch.equal(regularised(x)[0], plain(x)[0])
+    # zoneout in eval: h_t = p h_{t-1} + (1 - p) h̃_t, checked on the first step by hand
+    p = 0.3
+    zoned = getattr(rnnfused, "GRU")(3, 5).double().eval()
+    zoned.zoneout = p
+    h0 = torch.randn(1, 4, 5, dtype=torch.float64)
+    y = zoned(x, h0)[0]
+    weights = {"w_ih": zoned.weight_ih_l0, "w_hh": zoned.weight_hh_l0, "b_ih": zoned.bias_ih_l0,
+               "b_hh": zoned.bias_hh_l0, "w_hr": None}
+    new, _ = reference.cell_step("GRU", x[0], h0[0], None, weights)
+    assert torch.allclose(y[0], p * h0[0] + (1 - p) * new, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mode,extra", MODES, ids=MODE_IDS)
+def test_zero_probabilities_are_no_option(mode, extra):
+    """p = 0 (and variational mode without dropout) gives the results without the options,
+    bitwise, and draws no random numbers."""
+    x, _ = _input(False)
+    plain = _module(mode, extra, {})
+    off = _module(mode, extra, {"weight_drop": 0.0, "recurrent_dropout": 0.0, "zoneout": 0.0,
+                                "dropout_mode": "variational"})
+    torch.manual_seed(3)
+    expected = plain(x)[0]
+    state = torch.get_rng_state()
+    assert torch.equal(off(x)[0], expected)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_masks_follow_torch_manual_seed():
+    module = _module("LSTM", {}, OPTIONS[-1])
+    x, _ = _input(False)
+    torch.manual_seed(11)
+    first = module(x)[0]
+    torch.manual_seed(11)
+    assert torch.equal(module(x)[0], first)
+    assert not torch.equal(module(x)[0], first)
+
+
+def test_weight_drop_masks_the_gradient_and_leaves_the_parameters_alone():
+    module = rnnfused.LSTM(3, 8, weight_drop=0.5)
+    names = list(dict(module.named_parameters()))
+    assert names == list(dict(torch.nn.LSTM(3, 8).named_parameters()))
+    before = module.weight_hh_l0.detach().clone()
+    with captured_masks() as calls:
+        module(torch.randn(5, 2, 3))[0].sum().backward()
+    mask = calls[0].layers[0].weight
+    assert (mask == 0).any()
+    assert torch.all(module.weight_hh_l0.grad[mask == 0] == 0)
+    assert torch.equal(module.weight_hh_l0.detach(), before)
+    assert isinstance(module.weight_hh_l0, torch.nn.Parameter)
+
+
+def test_with_layer_norm_and_lengths():
+    torch.manual_seed(0)
+    module = rnnfused.LSTM(3, 5, bidirectional=True, norm="layer", weight_drop=0.3, recurrent_dropout=0.2,
+                           zoneout=0.2).double()
+    x, _ = _input(False)
+    lengths = torch.tensor([6, 2, 4, 1])
+    with captured_masks() as calls:
+        y = module(x, lengths=lengths)[0]
+    expected = reference.forward(module, x, lengths=lengths, masks=calls[0])[0]
+    assert (y - expected).abs().max() <= 1e-10
+
+
+def test_the_dispatch_never_gives_them_to_cudnn():
+    module = rnnfused.GRU(3, 5, num_layers=2, dropout=0.2, dropout_mode="variational", weight_drop=0.1,
+                          recurrent_dropout=0.1, zoneout=0.1)
+    lacks = dispatch.what_cudnn_lacks(module, None)
+    assert {"weight_drop=0.1", "recurrent_dropout=0.1", "zoneout=(0.1, 0.0)", "dropout_mode='variational'"} <= set(lacks)
+    module.eval()
+    assert dispatch.what_cudnn_lacks(module, None) == ["zoneout=(0.1, 0.0)"]  # eval: its expectation
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"weight_drop": 1.0}, "weight_drop must be a probability in \\[0, 1\\)"),
+    ({"recurrent_dropout": -0.1}, "recurrent_dropout must be a probability"),
+    ({"zoneout": True}, "zoneout must be a probability"),
+    ({"dropout_mode": "locked"}, "dropout_mode must be 'standard' or 'variational'"),
+])
+def test_bad_options_are_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        rnnfused.LSTM(3, 5, **kwargs)
+
+
+def test_a_zoneout_pair_is_for_lstm_only():
+    assert rnnfused.LSTM(3, 5, zoneout=(0.1, 0.2)).regularisers.zoneout_c == 0.2
+    with pytest.raises(ValueError, match="only for LSTM"):
+        rnnfused.GRU(3, 5, zoneout=(0.1, 0.2))
+
+
+def test_repr_names_them():
+    text = repr(rnnfused.LSTM(3, 5, weight_drop=0.5, zoneout=(0.1, 0.2), dropout_mode="variational"))
+    assert "weight_drop=0.5" in text and "zoneout=(0.1, 0.2)" in text and "dropout_mode='variational'" in text
+
+
+def test_a_module_saved_before_the_options_existed_runs_without_them():
+    """Whole-model checkpoints of earlier versions lack the attributes: off."""
+    torch.manual_seed(0)
+    module = rnnfused.GRU(3, 5)
+    x = torch.randn(4, 2, 3)
+    expected = module(x)[0]
+    for name in ("weight_drop", "recurrent_dropout", "zoneout", "dropout_mode"):
+        delattr(module, name)
+    assert torch.equal(module(x)[0], expected)
