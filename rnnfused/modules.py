@@ -682,7 +682,7 @@ class RNN(RNNBase, nn.RNN):
 
     ``RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
     batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
-    grad_clip=None)``
+    grad_clip=None, weight_drop=0, recurrent_dropout=0, zoneout=0, dropout_mode="standard")``
 
     For each step: :math:`h_t = \tanh(x_t W_{ih}^T + b_{ih} + h_{t-1} W_{hh}^T + b_{hh})`
     (ReLU with ``nonlinearity='relu'``).
@@ -694,7 +694,8 @@ class RNN(RNNBase, nn.RNN):
             packed input); h_n: ``(D * num_layers, [N,] H)``.
 
     grad_clip: clamp the gradient of every pre-activation to [-grad_clip, grad_clip] at each
-        step of the backward pass (None: off).
+        step of the backward pass (None: off). weight_drop, recurrent_dropout, zoneout,
+        dropout_mode: the recurrent regularisers (:mod:`rnnfused.regularisers`; off by default).
     """
 
     def __init__(self, *args, **kwargs):
@@ -722,7 +723,8 @@ class GRU(RNNBase, nn.GRU):
     r"""Multi-layer gated recurrent unit, drop-in for :class:`torch.nn.GRU`.
 
     ``GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-    bidirectional=False, device=None, dtype=None, *, grad_clip=None, reset_after=True)``
+    bidirectional=False, device=None, dtype=None, *, grad_clip=None, reset_after=True, weight_drop=0,
+    recurrent_dropout=0, zoneout=0, dropout_mode="standard")``
 
     For each step (gates r, z, n in torch.nn's order)::
 
@@ -734,6 +736,8 @@ class GRU(RNNBase, nn.GRU):
 
     Shapes as :class:`rnnfused.RNN`. grad_clip: clamp the gradient of every gate
     pre-activation to [-grad_clip, grad_clip] at each step of the backward pass (None: off).
+    weight_drop, recurrent_dropout, zoneout, dropout_mode: the recurrent regularisers
+    (:mod:`rnnfused.regularisers`; off by default).
     """
 
     def __init__(self, *args, **kwargs):
@@ -750,7 +754,7 @@ class LSTM(RNNBase, nn.LSTM):
 
     ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
     bidirectional=False, proj_size=0, device=None, dtype=None, *, grad_clip=None,
-    cell_clip=None)``
+    cell_clip=None, weight_drop=0, recurrent_dropout=0, zoneout=0, dropout_mode="standard")``
 
     For each step (gates i, f, g, o in torch.nn's order)::
 
@@ -767,7 +771,9 @@ class LSTM(RNNBase, nn.LSTM):
             for packed input); (h_n, c_n) shaped as (h_0, c_0).
 
     grad_clip: clamp the gradient of every gate pre-activation to [-grad_clip, grad_clip] at
-        each step of the backward pass (None: off).
+        each step of the backward pass (None: off). weight_drop, recurrent_dropout, zoneout
+        (a probability, or (p_h, p_c)), dropout_mode: the recurrent regularisers
+        (:mod:`rnnfused.regularisers`; off by default).
     """
 
     def __init__(self, *args, **kwargs):
