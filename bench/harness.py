@@ -159,6 +159,13 @@ class Timer:
         return (time.perf_counter() - begin) * 1e3
 
 
+def synced_clock(device):
+    """The wall clock in seconds, after the GPU's queued work when ``device`` is "cuda"."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def percentiles(times):
     """(20th percentile, median, 80th percentile) of a non-empty list of times."""
     if len(times) == 1:

@@ -21,13 +21,14 @@ import csv
 import os
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnfused
+
+from .harness import synced_clock
 
 CLASSES = {"LSTM": (nn.LSTM, rnnfused.LSTM), "GRU": (nn.GRU, rnnfused.GRU)}
 
@@ -42,12 +43,6 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default="results/lengths", help="folder for lengths.csv (default %(default)s)")
     return parser.parse_args(argv)
-
-
-def _clock(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def _fwdbwd(forward, x):
@@ -93,10 +88,10 @@ def main(argv=None):
             for impl, (forward, data) in runs.items():
                 if impl == "rnnfused_lengths" and check != "ok":
                     continue
-                begin = _clock(device)
+                begin = synced_clock(device)
                 _fwdbwd(forward, data)
                 if repeat >= args.warmup:
-                    times[impl].append((_clock(device) - begin) * 1000)
+                    times[impl].append((synced_clock(device) - begin) * 1000)
         base = statistics.median(times["rnnfused_lengths"]) if times["rnnfused_lengths"] else None
         for impl in runs:
             ms = statistics.median(times[impl]) if times[impl] else None

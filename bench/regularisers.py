@@ -25,12 +25,13 @@ import csv
 import os
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
 import rnnfused
+
+from .harness import synced_clock
 
 P = 0.3
 RNNFUSED_OPTIONS = {"plain": {}, "weight_drop": {"weight_drop": P},
@@ -107,12 +108,6 @@ def _build(name, hidden, layers, device):
     return runs
 
 
-def _clock(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def main(argv=None):
     args = parse_args(argv)
     steps, batch, hidden = map(int, args.shape.split(","))
@@ -128,9 +123,9 @@ def main(argv=None):
         for repeat in range(args.warmup + args.repeats):
             for impl, forward in runs.items():
                 leaf = x.detach().requires_grad_()
-                begin = _clock(device)
+                begin = synced_clock(device)
                 forward(leaf).sum().backward()
-                elapsed = (_clock(device) - begin) * 1000
+                elapsed = (synced_clock(device) - begin) * 1000
                 if repeat >= args.warmup:
                     times[impl].append(elapsed)
         base = statistics.median(times["plain"])

@@ -21,13 +21,14 @@ import csv
 import os
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnfused
+
+from .harness import synced_clock
 
 CLASSES = {"LSTM": (nn.LSTM, rnnfused.LSTM, nn.LSTMCell), "GRU": (nn.GRU, rnnfused.GRU, nn.GRUCell)}
 
@@ -109,12 +110,6 @@ def _run(forward, x, resets):
     return output.detach(), leaf.grad
 
 
-def _clock(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def main(argv=None):
     args = parse_args(argv)
     steps, batch, hidden = map(int, args.shape.split(","))
@@ -140,9 +135,9 @@ def main(argv=None):
             for impl, forward in runs.items():
                 if checked[impl].startswith("refused"):
                     continue
-                begin = _clock(device)
+                begin = synced_clock(device)
                 _run(forward, x, resets)
-                elapsed = (_clock(device) - begin) * 1000
+                elapsed = (synced_clock(device) - begin) * 1000
                 if repeat >= args.warmup:
                     times[impl].append(elapsed)
         base = statistics.median(times["rnnfused_resets"])

@@ -220,3 +220,19 @@ def test_floor_times_the_products_next_to_both_layers(capsys):
     assert all(float(value) > 0 for row in rows for value in row[5:])
     with pytest.raises(SystemExit):  # a stack's products are not one layer's
         floor.main(["--configs", "T4,B2,I3,H5,L2", "--rounds", "1"])
+
+
+@pytest.mark.parametrize("suite,args", [("resets", ["--shape", "6,4,8"]), ("lengths", ["--shape", "6,4,8"]),
+                                        ("regularisers", ["--shape", "5,3,8", "--layers", "2"])])
+def test_the_delegated_cpu_suites_run_and_write_their_csv(suite, args, tmp_path):
+    """A tiny run of each suite with a command line of its own: every implementation timed,
+    and none of those checked against the reference refused."""
+    import csv
+    import importlib
+    module = importlib.import_module(f"bench.{suite}")
+    assert module.main([*args, "--device", "cpu", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / f"{suite}.csv") as f:
+        header, *rows = list(csv.reader(f))
+    assert rows and all(row[header.index("ms")] not in ("", "None") for row in rows)
+    if "check" in header:
+        assert not any(row[header.index("check")].startswith("refused") for row in rows)
