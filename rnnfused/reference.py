@@ -7,7 +7,8 @@ not speed, and independent of the fused kernels and of :mod:`rnnfused.modules`.
 
 :func:`forward` runs a whole module's configuration (torch.nn or rnnfused, any layers and
 directions, padded, batch_first, unbatched or packed input; rnnfused's normalized layers)
-without dropout, and without updating batch norm's running statistics.
+without dropout, and without updating batch norm's running statistics; given the masks an
+rnnfused call drew (rnnfused.regularisers), it replays that call's regularisers.
 """
 
 import copy
@@ -186,17 +187,17 @@ def layer(mode, x, h0, c0, weights, *, lengths=None, resets=None, step_flags=Non
 
     x [T, B, I]; lengths [B] (None: all T) marks the valid steps of each sequence. A
     sequence's state stays put outside its valid steps, so the forward direction ends on
-    its last valid step and the reverse direction starts from h0 at it. ``masks``
-    (rnnfused.regularisers.Masks, None: none): the regularisers' masks of this layer direction,
-    in the padded layout. resets [T, B] bool
+    its last valid step and the reverse direction starts from h0 at it. resets [T, B] bool
     (None: none) starts a new segment at every step t where it is True: the forward
     direction runs the segment from zero states, the reverse direction starts its walk
     through the segment from zero states at the segment's last step, exactly as if each
     segment were a sequence of its own (resets past a sequence's length are ignored).
     step_flags [T, B] int32 is the operators' form of the same (rnnfused._ops.STEP_RESET:
     zero states carried into the step; STEP_INACTIVE: the row does not step), in place of
-    lengths and resets. ``norm``: a :class:`Normalization` for a normalized layer. Returns (y
-    [T, B, P] with zeros at padding, h_n [B, P], c_n [B, H] or None).
+    lengths and resets. ``norm``: a :class:`Normalization` for a normalized layer. ``masks``
+    (an rnnfused.regularisers.Masks, None: none): the regularisers' masks of this layer
+    direction, in the padded layout. Returns (y [T, B, P] with zeros at padding, h_n [B, P],
+    c_n [B, H] or None).
     """
     steps = x.size(0)
     h, c = h0, c0
@@ -315,9 +316,8 @@ def forward(module, input, hx=None, *, lengths=None, resets=None, masks=None):
             layer_masks = None
             if masks is not None:
                 layer_masks = copy.copy(masks.layers[index])
-                for name, batch_dim in (("weight", None), ("hidden", 0), ("keep_h", 1), ("keep_c", 1)):
-                    if batch_dim is not None:
-                        setattr(layer_masks, name, _in_original_order(getattr(layer_masks, name), batch_dim, order))
+                for name, batch_dim in (("hidden", 0), ("keep_h", 1), ("keep_c", 1)):
+                    setattr(layer_masks, name, _in_original_order(getattr(layer_masks, name), batch_dim, order))
             y, h, c = layer(mode, layer_input, h0[index], None if c0 is None else c0[index],
                             _module_weights(module, layer_index, direction), lengths=lengths, resets=resets,
                             reverse=direction == 1, norm=_module_norm(module, index, x.size(0)), masks=layer_masks,
