@@ -41,7 +41,8 @@ $(FLOOR_VENV)/.installed:
 
 test-floor: $(FLOOR_VENV)/.installed
 	rm -rf build/floor
-	$(FLOOR_VENV)/bin/python -m build --sdist --no-isolation --outdir build/floor . >/dev/null
+	RNNFUSED_SKIP_CUDA_BUILD=1 RNNFUSED_REQUIRE_CUDA_BUILD=0 \
+	  $(FLOOR_VENV)/bin/python -m build --sdist --no-isolation --outdir build/floor . >/dev/null
 	tar -xzf build/floor/rnnfused-*.tar.gz -C build/floor
 	cd build/floor/rnnfused-*/ && RNNFUSED_SKIP_CUDA_BUILD=1 RNNFUSED_REQUIRE_CUDA_BUILD=0 \
 	  $(abspath $(FLOOR_VENV))/bin/python setup.py --quiet build_ext --inplace

@@ -2,7 +2,9 @@
 namespace, in an empty folder), every relative link and anchor resolves, and the README
 keeps the commands CI and users rely on. A block right after a line `<!-- test: cuda -->`
 needs a GPU: it runs where one is present (CUDA tests' rules: skipped without one, an
-error with RNNFUSED_REQUIRE_CUDA=1)."""
+error with RNNFUSED_REQUIRE_CUDA=1); one after `<!-- test: onnx -->` needs the ONNX
+packages (the README's `make test` installs them; the floor run of `make test-floor` does
+not)."""
 
 import glob
 import os
@@ -41,7 +43,10 @@ def _id(block):
                                    for b in BLOCKS])
 def test_python_block_runs_as_written(block, tmp_path, monkeypatch):
     path, line, marker, code = block
-    assert marker in (None, "cuda"), f"{_id(block)}: unknown marker {marker!r}"
+    assert marker in (None, "cuda", "onnx"), f"{_id(block)}: unknown marker {marker!r}"
+    if marker == "onnx":
+        for package in ("onnx", "onnxscript"):
+            pytest.importorskip(package)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"{_id(block)}", "exec"), {"__name__": "__main__"})
 
