@@ -5,7 +5,8 @@ Thread 0 of every CTA stamps clock64 right after each CTA barrier of the program
 h (forward) or dG (backward) from the other CTAs ("exchange"), the tensor-core product and its
 epilogue ("mma"), the cell pass ("cell"), the fence of the grid barrier, which orders the
 CTA's stores of the step before its arrival ("stores"), and the wait for the other CTAs
-("barrier"); begin() and end() once per launch. Each CTA's %globaltimer at its start and end converts its cycles to time.
+("barrier"; on a plan whose CTAs each have every unit of their rows, the CTA barrier that
+replaces the grid barrier, and "stores" stays zero); begin() and end() once per launch. Each CTA's %globaltimer at its start and end converts its cycles to time.
 
 Printed and written to CSV: microseconds per step of each phase (the mean over CTAs, median
 over --repeats launches), begin/end in microseconds per launch, forward and backward, for

@@ -64,7 +64,7 @@ BarrierLaunch prepare_barrier(int device, cudaStream_t stream);
 struct PhaseTimes {
   int64_t launches = 0;         // timed launches of this direction so far on the device
   int64_t steps = 0;            // of the last one
-  int64_t phases_per_step = 0;  // grid barriers per step (2 for GRU_CHO)
+  int64_t phases_per_step = 0;  // barriers per step (2 for GRU_CHO)
   std::vector<persistent::PhaseRecord> ctas;
 };
 persistent::PhaseRecord* phase_records(int device, bool backward, int64_t ctas);

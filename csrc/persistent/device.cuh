@@ -1,8 +1,9 @@
 // The GPU side of the persistent recurrence: the Ops of program.h on tensor cores (WMMA:
 // fp16 and bf16 16x16x16, fp32 as TF32 16x16x8, fp32 accumulation), tiles copied in with
 // 16-byte loads through L2, one cooperative launch per layer direction with a grid-wide
-// barrier after every phase (grid_barrier.cuh: bounded, it traps instead of hanging), and the
-// launch that says when the GPU refuses it (the caller then runs stage 1). Included by
+// barrier after every phase (grid_barrier.cuh: bounded, it traps instead of hanging; a CTA
+// barrier where each CTA has every unit of its rows), and the launch that says when the GPU
+// refuses it (the caller then runs stage 1). Included by
 // csrc/cuda/backend.cuh; instantiated per dtype in rnn_<dtype>.cu.
 //
 // Built with RNNFUSED_PHASE_TIMING (setup.py), thread 0 of every CTA also times the phases of

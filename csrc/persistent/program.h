@@ -1,6 +1,7 @@
 // The program of one CTA of the persistent recurrence, forward and backward, written once
 // and run two ways: by the CUDA kernel (device.cuh: the CTAs of a cooperative launch, a
-// grid-wide barrier after every phase) and by the host simulation (host.h: the CTAs of a phase
+// grid-wide barrier after every phase, or a CTA barrier where each CTA has every unit of its
+// rows) and by the host simulation (host.h: the CTAs of a phase
 // in shuffled order, the end of the phase as the barrier, every memory access checked). Both
 // run exactly this code with the tiling and shared-memory layout of plan.h; only the Ops
 // differ:
