@@ -274,20 +274,22 @@ inline int prepare_kernel(const void* kernel, int device) {
   return sms;
 }
 
-// Launches `kernel` cooperatively with `bytes` of shared memory per CTA: the cooperative
-// launch guarantees that all CTAs are resident at once, which the grid barrier needs. Returns
-// the reason when the GPU cannot run the grid at once (not enough co-resident CTAs, a refused
-// cooperative launch under MPS, MIG or green contexts): nothing was launched and the caller
-// runs stage 1. Any other error throws.
+// Launches `kernel` with `bytes` of shared memory per CTA: cooperatively where the plan has a
+// grid barrier (the cooperative launch guarantees that all CTAs are resident at once, which
+// the barrier needs), as a plain launch where each CTA has every unit of its rows (its CTAs
+// never wait for each other). Returns the reason when the GPU cannot run a grid-barrier plan at
+// once (not enough co-resident CTAs, a refused cooperative launch under MPS, MIG or green
+// contexts): nothing was launched and the caller runs stage 1. Any other error throws.
 template <typename Kernel, typename Params>
-const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, int64_t bytes, bool backward,
-                               cudaStream_t stream) {
+const char* launch_persistent(Kernel kernel, const Params& p, const Tiling& t, int64_t bytes, bool backward,
+                              cudaStream_t stream) {
   const Walk walk{p.T, p.B, p.reverse, p.kernel_batch_sizes, p.kernel_offsets};
+  const bool grid_barrier = t.unit_tiles > 1;
   int device = 0, per_sm = 0;
   RNNF_CUDA_CHECK(cudaGetDevice(&device));
   const int sms = prepare_kernel(reinterpret_cast<const void*>(kernel), device);
   RNNF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(bytes)));
-  if (static_cast<int64_t>(per_sm) * sms < t.ctas()) return "fewer co-resident CTAs than the plan needs";
+  if (grid_barrier && static_cast<int64_t>(per_sm) * sms < t.ctas()) return "fewer co-resident CTAs than the plan needs";
   // The barrier's counter, cleared on the stream; the lock held until the launch is enqueued.
   cuda::BarrierLaunch barrier = cuda::prepare_barrier(device, stream);
   PhaseRecord* times = nullptr;
@@ -298,9 +300,13 @@ const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, 
 #endif
   void* args[] = {const_cast<Params*>(&p), const_cast<Tiling*>(&t), const_cast<Walk*>(&walk), &barrier.arrivals,
                   &times};
-  const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(static_cast<unsigned>(t.ctas())),
-                                                      dim3(kThreads), args, static_cast<size_t>(bytes), stream);
-  if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported || err == cudaErrorNotPermitted) {
+  const dim3 grid(static_cast<unsigned>(t.ctas())), block(kThreads);
+  const cudaError_t err =
+      grid_barrier
+          ? cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), grid, block, args, static_cast<size_t>(bytes), stream)
+          : cudaLaunchKernel(reinterpret_cast<void*>(kernel), grid, block, args, static_cast<size_t>(bytes), stream);
+  if (grid_barrier &&
+      (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported || err == cudaErrorNotPermitted)) {
     cudaGetLastError();
     return "the GPU refused the cooperative launch";
   }
@@ -313,12 +319,12 @@ const char* launch_cooperative(Kernel kernel, const Params& p, const Tiling& t, 
 
 template <typename S>
 const char* launch_forward(const ForwardParams& p, cudaStream_t stream) {
-  return launch_cooperative(forward_kernel<S>, p, *p.tiling, p.tiling->fwd.bytes, false, stream);
+  return launch_persistent(forward_kernel<S>, p, *p.tiling, p.tiling->fwd.bytes, false, stream);
 }
 
 template <typename S>
 const char* launch_backward(const BackwardParams& p, cudaStream_t stream) {
-  return launch_cooperative(backward_kernel<S>, p, *p.tiling, p.tiling->bwd.bytes, true, stream);
+  return launch_persistent(backward_kernel<S>, p, *p.tiling, p.tiling->bwd.bytes, true, stream);
 }
 
 }  // namespace persistent

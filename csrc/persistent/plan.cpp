@@ -167,8 +167,10 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
       return stepwise("float32 with TF32 off (the persistent kernel multiplies float32 in TF32; allow it with "
                       "torch.backends.cuda.matmul.fp32_precision = 'tf32')");
     if (limits.compute_capability < 80) return stepwise("needs compute capability 8.0 or newer");
-    if (!limits.cooperative_launch) return stepwise("the device does not support cooperative launch");
   }
+  // The grid barrier needs every CTA resident at once: a cooperative launch. Plans whose CTAs
+  // never wait for each other (unit_tiles 1) launch without one (MPS, MIG).
+  const bool cooperative = limits.host_simulation || limits.cooperative_launch;
   if (limits.sm_count <= 0) return stepwise("no multiprocessors");
 
   const int64_t elem = storage_bytes(dtype);
@@ -202,8 +204,11 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
     if (row_tiles > limits.sm_count) continue;
     const int64_t units = ceil_div(H, limits.sm_count / row_tiles);
     const Tiling t = tile(cell, H, B, rows, units, elem, acc_elem, limits.smem_per_block);
-    if (fits(t, limits.smem_per_block)) return chosen(t);
+    if (fits(t, limits.smem_per_block) && (cooperative || t.unit_tiles == 1)) return chosen(t);
   }
+  if (!cooperative)
+    return stepwise("the device does not support cooperative launch, which the grid barrier needs where W_hh (" +
+                    num(gates_per_unit(cell) * H * H * elem / 1024) + " KB) does not fit one CTA");
   return stepwise("W_hh (" + num(gates_per_unit(cell) * H * H * elem / 1024) + " KB) and the state of " + num(B) +
                   " rows do not fit in the shared memory of " + num(limits.sm_count) + " multiprocessors (" +
                   num(limits.smem_per_block / 1024) + " KB each) at any batch tile");
