@@ -257,12 +257,40 @@ struct Layer {
   LayerParams p;
   std::vector<int64_t> batch_sizes;
   bool packed = false;
-  Tensor x, w_ih, w_hh, b_ih, b_hh, w_hr, step_flags;
+  Tensor x, w_ih, w_hh, b_ih, b_hh, w_hr, step_flags, recurrent_mask, keep_h, keep_c;
   at::TensorOptions opts, acc;
+  bool has_masks() const { return p.recurrent_mask || p.keep_h || p.keep_c; }
 };
 
+// The operators' `masks`: none, or [recurrent_mask, keep_h, keep_c] (params.h), an absent one an
+// empty tensor of shape [0] (as the operators' outputs that do not apply; `Tensor?[]` would not
+// trace with torch.jit.trace).
+using Masks = at::TensorList;
+
+bool absent_mask(const Tensor& t) {
+  return t.dim() == 1 && t.size(0) == 0;
+}
+
+void attach_masks(Layer& l, Masks masks) {
+  if (masks.empty()) return;
+  LayerParams& p = l.p;
+  TORCH_CHECK_VALUE(masks.size() == 3, "rnnfused: masks are [recurrent_mask, keep_h, keep_c] (an absent one an "
+                    "empty tensor of shape [0]), got ", masks.size(), " tensors");
+  TORCH_CHECK_VALUE(absent_mask(masks[2]) || p.cell == Cell::LSTM, "rnnfused: keep_c (zoneout of the cell) is only "
+                    "for LSTM");
+  const char* names[] = {"recurrent_mask", "keep_h", "keep_c"};
+  const std::vector<int64_t> shapes[] = {{p.B, p.P}, {p.T, p.B, p.P}, {p.T, p.B, p.H}};
+  Tensor* kept[] = {&l.recurrent_mask, &l.keep_h, &l.keep_c};
+  const void** pointers[] = {&p.recurrent_mask, &p.keep_h, &p.keep_c};
+  for (int i = 0; i < 3; ++i) {
+    if (absent_mask(masks[i])) continue;
+    *kept[i] = prepare(masks[i], names[i], shapes[i], l.x);
+    *pointers[i] = ptr(*kept[i]);
+  }
+}
+
 Layer prepare_layer(const LayerOptions& options, const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0,
-                    at::TensorList weights, const OptTensor& step_flags) {
+                    at::TensorList weights, const OptTensor& step_flags, Masks masks) {
   Layer l;
   LayerParams& p = l.p;
   const Tensor& x = x_in;
@@ -332,6 +360,7 @@ Layer prepare_layer(const LayerOptions& options, const Tensor& x_in, const OptTe
     l.step_flags = prepare(*step_flags, "step_flags", {p.T, p.B}, l.x, at::kInt);
     p.step_flags = l.step_flags.data_ptr<int32_t>();
   }
+  attach_masks(l, masks);
   l.opts = l.x.options();
   l.acc = l.opts.dtype(acc_type(l.x.scalar_type()));
   return l;
@@ -360,6 +389,8 @@ Normalization prepare_norm(const LayerOptions& options, at::TensorList weights, 
   TORCH_CHECK_VALUE(weights.size() == (lstm ? 4u : 2u), "rnnfused: a normalized layer needs the norm weights "
                     "[gamma_x, gamma_h", lstm ? ", gamma_c, beta_c" : "", "], got ", weights.size(), " tensors");
   TORCH_CHECK_VALUE(!layer.p.step_flags, "rnnfused: normalized layers take no step_flags (resets or lengths)");
+  TORCH_CHECK_VALUE(!layer.p.keep_h && !layer.p.keep_c, "rnnfused: normalized layers take no zoneout masks "
+                    "(keep_h, keep_c)");
   const char* weight_names[] = {"gamma_x", "gamma_h", "gamma_c", "beta_c"};
   for (size_t i = 0; i < weights.size(); ++i)
     out.weights.push_back(prepare(weights[i], weight_names[i], {i < 2 ? p.G : p.H}, layer.x));
@@ -493,20 +524,22 @@ KernelChoice kernel_for(const Layer& layer, const Normalization& norm) {
   KernelChoice choice = choose_kernel(p.cell, p.T, p.H, p.P, p.B, dtype_of(layer.x), layer.x.device());
   if (p.step_flags && choice.plan.persistent && !choice.plan.tiling.cpu_threads)
     return {"stepwise", "resets and lengths run the stepwise kernels (the persistent kernel has no step flags)", {}};
+  if (layer.has_masks() && choice.plan.persistent)
+    return {"stepwise", "recurrent dropout and zoneout run the stepwise kernels", {}};
   return choice;
 }
 
 // rnnfused::layer_forward: see the schema in TORCH_LIBRARY below.
 ForwardResult layer_forward(const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
                             at::TensorList weights, at::TensorList norm_weights, at::TensorList running_stats,
-                            const OptTensor& step_flags, int64_t cell_index, bool has_biases, bool reverse,
-                            double cell_clip, double grad_clip, int64_t norm_index, bool training, double eps,
-                            bool save_for_backward) {
+                            const OptTensor& step_flags, Masks masks, int64_t cell_index, bool has_biases,
+                            bool reverse, double cell_clip, double grad_clip, int64_t norm_index, bool training,
+                            double eps, bool save_for_backward) {
   const LayerOptions options =
       layer_options(cell_index, has_biases, reverse, cell_clip, grad_clip, norm_index, training, eps);
   const Cell cell = options.cell;
   const c10::DeviceGuard guard(x_in.device());
-  const Layer layer = prepare_layer(options, x_in, batch_sizes, h0, weights, step_flags);
+  const Layer layer = prepare_layer(options, x_in, batch_sizes, h0, weights, step_flags, masks);
   Normalization norm = prepare_norm(options, norm_weights, layer);
   attach_running_stats(norm, running_stats, layer);
   ForwardParams p;
@@ -541,6 +574,12 @@ ForwardResult layer_forward(const Tensor& x_in, const OptTensor& batch_sizes, co
   // _VF.lstm, which infers it from the widths) and P == 0 write proj_in too.
   if (layer.w_hr.defined()) proj_in = empty({save_for_backward ? p.N : p.B, p.H}, opts);
   if (cell == Cell::GRU_CHO) rh = empty({p.B, p.H}, opts);
+  Tensor masked_h, state_new;
+  if (layer.p.recurrent_mask) masked_h = empty({p.B, p.P}, opts);
+  // Zoneout: what backward cannot tell from the state (params.h: cells_new, hidden_new).
+  if (save_for_backward && cell == Cell::LSTM && layer.p.keep_c) state_new = empty({p.N, p.H}, acc);
+  const bool rnn = cell == Cell::RNN_TANH || cell == Cell::RNN_RELU;
+  if (save_for_backward && rnn && layer.p.keep_h) state_new = empty({p.N, p.H}, opts);
 
   p.x = ptr(x);
   p.y = ptr(y);
@@ -553,6 +592,8 @@ ForwardResult layer_forward(const Tensor& x_in, const OptTensor& batch_sizes, co
   p.cells = ptr(cells);
   p.proj_in = ptr(proj_in);
   p.rh = ptr(rh);
+  p.masked_h = ptr(masked_h);
+  (cell == Cell::LSTM ? p.cells_new : p.hidden_new) = ptr(state_new);
 
   // Normalized layers: x̂ and rstd of each normalization (norm_saved: [xhat_x, rstd_x, xhat_h,
   // rstd_h] + LSTM [chat, rstd_c]), batch norm's statistics in training (batch_stats: [mean_x,
@@ -605,7 +646,8 @@ ForwardResult layer_forward(const Tensor& x_in, const OptTensor& batch_sizes, co
     y.masked_fill_(layer.step_flags.bitwise_and(kStepInactive).ne(0).unsqueeze(-1), 0);
   if (save_for_backward) {
     saved_list.insert(saved_list.end(), {gates.defined() ? gates : absent(x), cells.defined() ? cells : absent(x),
-                                         proj_in.defined() ? proj_in : absent(x)});
+                                         proj_in.defined() ? proj_in : absent(x),
+                                         state_new.defined() ? state_new : absent(x)});
     saved_list.insert(saved_list.end(), norm_saved.begin(), norm_saved.end());
   }
   return {y, h, c.defined() ? c.to(x.scalar_type()) : absent(x), saved_list, batch_stats};
@@ -616,14 +658,14 @@ using BackwardResult = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, s
 // rnnfused::layer_backward: see the schema in TORCH_LIBRARY below.
 BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0, const OptTensor& c0,
                               at::TensorList weights, at::TensorList norm_weights, const OptTensor& step_flags,
-                              at::TensorList saved_list, const Tensor& dy, const Tensor& dh_n, const OptTensor& dc_n,
-                              int64_t cell_index, bool has_biases, bool reverse, double cell_clip, double grad_clip,
+                              Masks masks, at::TensorList saved_list, const Tensor& dy, const Tensor& dh_n,
+                              const OptTensor& dc_n, int64_t cell_index, bool has_biases, bool reverse, double cell_clip, double grad_clip,
                               int64_t norm_index, bool training, double eps, bool need_dx, bool need_weights) {
   const LayerOptions options =
       layer_options(cell_index, has_biases, reverse, cell_clip, grad_clip, norm_index, training, eps);
   const Cell cell = options.cell;
   const c10::DeviceGuard guard(x_in.device());
-  const Layer layer = prepare_layer(options, x_in, batch_sizes, h0, weights, step_flags);
+  const Layer layer = prepare_layer(options, x_in, batch_sizes, h0, weights, step_flags, masks);
   const Normalization norm = prepare_norm(options, norm_weights, layer);  // backward reads the saved rstd, not eps
   BackwardParams p;
   static_cast<LayerParams&>(p) = layer.p;
@@ -634,14 +676,15 @@ BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, 
   attach_plan(p, choice, layer, table);
   const int64_t saved = saved_gates_per_unit(cell);
   const bool projected = layer.w_hr.defined();
-  // saved_list: [hidden, gates, cells, proj_in, *norm_saved] as forward returned it.
+  // saved_list: [hidden, gates, cells, proj_in, state_new, *norm_saved] as forward returned it.
   const size_t norm_saved_count = norm.active() ? (cell == Cell::LSTM ? 6 : 4) : 0;
-  TORCH_CHECK(saved_list.size() == 4 + norm_saved_count, "rnnfused: backward needs the ", 4 + norm_saved_count,
+  TORCH_CHECK(saved_list.size() == 5 + norm_saved_count, "rnnfused: backward needs the ", 5 + norm_saved_count,
               " tensors forward saved (saved), got ", saved_list.size());
   TORCH_CHECK(cell != Cell::LSTM || (c0.has_value() && dc_n.has_value()),
               "rnnfused: LSTM backward needs c0 and the gradient of c_n");
-  const Tensor &hidden = saved_list[0], &gates = saved_list[1], &cells = saved_list[2], &proj_in = saved_list[3];
-  const at::TensorList norm_saved = saved_list.slice(4);
+  const Tensor &hidden = saved_list[0], &gates = saved_list[1], &cells = saved_list[2], &proj_in = saved_list[3],
+               &state_new = saved_list[4];
+  const at::TensorList norm_saved = saved_list.slice(5);
 
   const Tensor h0c = prepare(h0, "h0", {p.B, p.P}, x);
   const std::vector<int64_t> y_shape =
@@ -654,6 +697,13 @@ BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, 
   const Tensor cells_c =
       cell == Cell::LSTM ? prepare(cells, "the saved cells", {p.N, p.H}, x, acc_dtype) : Tensor();
   const Tensor proj_in_c = projected ? prepare(proj_in, "the saved projection input", {p.N, p.H}, x) : Tensor();
+  const bool lstm_zoneout = cell == Cell::LSTM && p.keep_c;
+  const bool rnn_zoneout = (cell == Cell::RNN_TANH || cell == Cell::RNN_RELU) && p.keep_h;
+  const Tensor state_new_c =
+      lstm_zoneout || rnn_zoneout
+          ? prepare(state_new, "the saved state before zoneout", {p.N, p.H}, x,
+                    lstm_zoneout ? std::optional<at::ScalarType>(acc_dtype) : std::nullopt)
+          : Tensor();
   Tensor dh = prepare(dh_n, "grad of h_n", {p.B, p.P}, x).to(acc, false, /*copy=*/true);
   Tensor dc, c0_acc, c_prev;
   if (cell == Cell::LSTM) {
@@ -690,6 +740,11 @@ BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, 
     rh = empty({p.N, p.H}, opts);
     drh = empty({p.B, p.H}, acc);
   }
+  Tensor masked_h_prev, dh_product;
+  if (p.recurrent_mask) {
+    masked_h_prev = empty({p.N, p.P}, opts);
+    dh_product = empty({p.B, p.P}, acc);
+  }
   Tensor ones = (need_weights && has_biases) ? empty({p.N}, opts).fill_(1) : Tensor();
 
   p.x = ptr(x);
@@ -716,6 +771,9 @@ BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, 
   p.dm = ptr(dm);
   p.rh = ptr(rh);
   p.drh = ptr(drh);
+  (lstm_zoneout ? p.cells_new : p.hidden_new) = ptr(state_new_c);
+  p.masked_h_prev = ptr(masked_h_prev);
+  p.dh_product = ptr(dh_product);
   p.ones = ptr(ones);
 
   std::vector<Tensor> saved_c, dnorm_weights;
@@ -773,7 +831,8 @@ BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, 
 // rnnfused/_ops.py registers with torch.library.register_vmap.
 BackwardResult layer_backward_batched(const Tensor& x_in, const OptTensor& batch_sizes, const Tensor& h0,
                                       const OptTensor& c0, at::TensorList weights, at::TensorList norm_weights,
-                                      const OptTensor& step_flags, at::TensorList saved_list, const Tensor& dy,
+                                      const OptTensor& step_flags, Masks masks, at::TensorList saved_list,
+                                      const Tensor& dy,
                                       const Tensor& dh_n, const OptTensor& dc_n, int64_t cell_index, bool has_biases,
                                       bool reverse, double cell_clip, double grad_clip, int64_t norm_index,
                                       bool training, double eps, bool need_dx, bool need_weights) {
@@ -809,7 +868,7 @@ BackwardResult layer_backward_batched(const Tensor& x_in, const OptTensor& batch
   for (int64_t i = 0; i < entries; ++i) {
     for (size_t j = 0; j < batched.size(); ++j) *batched[j] = flat[j][i];
     auto [dx, dh0, dc0, dw, dnw] =
-        layer_backward(x, batch_sizes, h0_entry, c0_entry, weights_entry, norm_entry, flags_entry, saved_entry,
+        layer_backward(x, batch_sizes, h0_entry, c0_entry, weights_entry, norm_entry, flags_entry, masks, saved_entry,
                        dy_entry, dh_entry, dc_entry, cell_index, has_biases, reverse, cell_clip, grad_clip, norm_index,
                        training, eps, need_dx, need_weights);
     dxs.push_back(dx);
@@ -845,15 +904,15 @@ TORCH_LIBRARY(rnnfused, m) {
   // particular to the operator.
   m.def(
       "layer_forward(Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor[] weights, Tensor[] norm_weights, "
-      "Tensor[] running_stats, Tensor? step_flags, int cell, bool has_biases, bool reverse, float cell_clip, "
-      "float grad_clip, int norm, bool training, float eps, bool save_for_backward) -> "
+      "Tensor[] running_stats, Tensor? step_flags, Tensor[] masks, int cell, bool has_biases, bool reverse, "
+      "float cell_clip, float grad_clip, int norm, bool training, float eps, bool save_for_backward) -> "
       "(Tensor y, Tensor h_n, Tensor c_n, Tensor[] saved, Tensor[] batch_stats)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "layer_backward(Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor[] weights, Tensor[] norm_weights, "
-      "Tensor? step_flags, Tensor[] saved, Tensor dy, Tensor dh_n, Tensor? dc_n, int cell, bool has_biases, "
-      "bool reverse, float cell_clip, float grad_clip, int norm, bool training, float eps, bool need_dx, "
-      "bool need_weights) -> (Tensor dx, Tensor dh0, Tensor dc0, Tensor[] dweights, Tensor[] dnorm_weights)",
+      "Tensor? step_flags, Tensor[] masks, Tensor[] saved, Tensor dy, Tensor dh_n, Tensor? dc_n, int cell, "
+      "bool has_biases, bool reverse, float cell_clip, float grad_clip, int norm, bool training, float eps, "
+      "bool need_dx, bool need_weights) -> (Tensor dx, Tensor dh0, Tensor dc0, Tensor[] dweights, Tensor[] dnorm_weights)",
       {at::Tag::pt2_compliant_tag});
 }
 

@@ -219,6 +219,22 @@ RNNF_HD T gru_cho_backward_r(T r, T h_prev, T d_rh, T grad_clip, T& dh_prev_dire
 }
 
 // ---------------------------------------------------------------------------------------
+// Zoneout (Krueger et al. 2017), after any cell: a unit keeps its previous value with weight
+// `keep` (0 or 1 in training, the probability p in eval): keep * prev + (1 - keep) * next. Its
+// gradient reaches prev times keep and next times 1 - keep.
+template <typename T>
+RNNF_HD T zoneout(T keep, T prev, T next) {
+  return keep * prev + (T(1) - keep) * next;
+}
+
+// The backward of zoneout: the gradient of next, from that of the result; prev's is `kept`.
+template <typename T>
+RNNF_HD T zoneout_backward(T keep, T grad, T& kept) {
+  kept = keep * grad;
+  return (T(1) - keep) * grad;
+}
+
+// ---------------------------------------------------------------------------------------
 // Elman RNN: h = tanh(pre) or relu(pre). The backward needs only h.
 template <typename T>
 RNNF_HD T rnn_tanh_forward(T pre) {

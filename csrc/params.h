@@ -138,6 +138,12 @@ struct LayerParams {
   // Padded input only (null otherwise, and then every row steps): int32 [T, B] of kStep* bits,
   // in the memory of the input's device.
   const int32_t* step_flags = nullptr;
+  // The regularisers inside the steps (rnnfused/regularisers.py), S, null where off. Packed
+  // input indexes them as padded input: row b of step t at [t, b].
+  const void* recurrent_mask = nullptr;  // [B, P] recurrent dropout: h_{t-1} meets W_hh as m ⊙ h_{t-1}
+                                         //   (the GRU's carry z ⊙ h_{t-1} keeps the unmasked state)
+  const void* keep_h = nullptr;          // [T, B, P] zoneout of h (cells.h: zoneout)
+  const void* keep_c = nullptr;          // [T, B, H] zoneout of the LSTM cell
 
   // Stage 2 (csrc/persistent/): run the recurrence as one persistent kernel with this tiling
   // (null: step by step). Packed input also needs its batch sizes and the first row of every
@@ -176,6 +182,12 @@ struct ForwardParams : LayerParams {
   // backward, else [B, H] reused by every step. Null without projection.
   void* proj_in = nullptr;  // S
   void* rh = nullptr;       // S [B, H] GRU_CHO scratch: r * h_{t-1}
+  void* masked_h = nullptr; // S [B, P] recurrent dropout scratch: m ⊙ h_{t-1} of one step
+  // Zoneout, saved for backward (null in inference): the new state before zoneout mixed in the
+  // previous one, where backward cannot tell it from the state: LSTM with keep_c c̃_t (A), RNN
+  // with keep_h h̃_t (S), [N, H]; null otherwise.
+  void* cells_new = nullptr;
+  void* hidden_new = nullptr;
 
   // Normalized layers. Saved for backward (null in inference): x̂ of each normalization, A.
   void* xhat_x = nullptr;  // [N, G]
@@ -205,6 +217,8 @@ struct BackwardParams : LayerParams {
   const void* gates = nullptr;    // A [N, saved_gates_per_unit * H]
   const void* cells = nullptr;    // A [N, H] LSTM
   const void* proj_in = nullptr;  // S [N, H] LSTM with projection
+  const void* cells_new = nullptr;   // A [N, H] LSTM with keep_c (see ForwardParams)
+  const void* hidden_new = nullptr;  // S [N, H] RNN with keep_h
 
   const void* dy = nullptr;  // S [N, P] gradient of y
   void* dh = nullptr;        // A [B, P] in: gradient of h_n; out: gradient of h0
@@ -229,6 +243,9 @@ struct BackwardParams : LayerParams {
   void* dm = nullptr;      // A [B, H] LSTM with projection: gradient of o * tanh(c_t)
   void* rh = nullptr;      // S [N, H] GRU_CHO: r * h_{t-1} of every row
   void* drh = nullptr;     // A [B, H] GRU_CHO: gradient of r * h_{t-1}
+  void* masked_h_prev = nullptr;  // S [N, P] recurrent dropout: m ⊙ h_{t-1} of every row (the
+                                  //   left operand forward's products saw)
+  void* dh_product = nullptr;     // A [B, P] recurrent dropout: a step's dG W_hh before its mask
   const void* ones = nullptr;  // S [N] all ones (bias gradients as matmuls: deterministic)
 
   // Normalized layers: what forward saved (see ForwardParams), A.

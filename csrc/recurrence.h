@@ -192,6 +192,12 @@ void forward_steps(Backend& be, const ForwardParams& p) {
   auto* cells = static_cast<A*>(p.cells);
   auto* proj_in = static_cast<S*>(p.proj_in);
   auto* rh = static_cast<S*>(p.rh);
+  const auto* recurrent_mask = static_cast<const S*>(p.recurrent_mask);
+  const auto* keep_h = static_cast<const S*>(p.keep_h);
+  const auto* keep_c = static_cast<const S*>(p.keep_c);
+  auto* masked_h = static_cast<S*>(p.masked_h);
+  auto* cells_new = static_cast<A*>(p.cells_new);
+  auto* hidden_new = static_cast<S*>(p.hidden_new);
   const auto offsets = step_offsets(p);
   const NormParams* norm = p.norm;
   auto* xhat_h = static_cast<A*>(p.xhat_h);
@@ -220,11 +226,19 @@ void forward_steps(Backend& be, const ForwardParams& p) {
     // bindings.cpp zeroes the inactive rows after the layer.
     const S* h_in = s > 0 && p.batch_sizes[prev] >= rows ? y + offsets[prev] * P : h;
     const int32_t* flags_t = p.step_flags ? p.step_flags + r0 : nullptr;  // padded: r0 = t * B
+    if (recurrent_mask) {
+      be.for_each(rows, P, MaskState<S, A>{h_in, recurrent_mask, masked_h, P, flags_t});
+      h_in = masked_h;
+    }
+    const S* keep_h_t = keep_h ? keep_h + t * p.B * P : nullptr;  // [T, B, *]: packed too
+    const S* keep_c_t = keep_c ? keep_c + t * p.B * H : nullptr;
+    // Zoneout reads the state carried in, zero after a reset.
+    S* h_reset = keep_h_t && !w_hr ? h : nullptr;
     switch (p.cell) {
       case Cell::LSTM: {
         be.template gemm<S, A>(false, true, rows, G, P, h_in, P, w_hh, P, 0, gh, G);
         normalize_hidden(t, r0, rows, 0, G, 0);
-        if (flags_t) be.for_each(rows, H, StartSegments<S, A>{gh, G, 4, c, nullptr, H, flags_t});
+        if (flags_t) be.for_each(rows, H, StartSegments<S, A>{gh, G, 4, c, h_reset, H, flags_t});
         // With a projection the step writes o * tanh(c_t) (the input of W_hr) and the state
         // is set after the projection matmul.
         S* m_t = w_hr ? proj_in + (gates ? r0 * H : 0) : y + r0 * H;
@@ -236,7 +250,8 @@ void forward_steps(Backend& be, const ForwardParams& p) {
                           LstmForwardStep<S, A, decltype(save)::value, decltype(norm_cell)::value,
                                           decltype(flagged)::value>{
                               gx_t, gh, b_ih, b_hh, c, m_t, w_hr ? m_t : h, gates_t, cells_t, H, ld_gx,
-                              A(p.cell_clip), gh, flags_t, w_hr == nullptr});
+                              A(p.cell_clip), gh, flags_t, w_hr == nullptr, w_hr ? nullptr : keep_h_t, keep_c_t,
+                              cells_new ? cells_new + r0 * H : nullptr});
             });
           });
         });
@@ -250,8 +265,8 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         }
         if (w_hr) {
           be.template gemm<S, S>(false, true, rows, P, H, m_t, H, w_hr, H, 0, y + r0 * P, P);
-          if (flags_t)
-            be.for_each(rows, P, HoldProjectedStep<S>{y + r0 * P, h, P, flags_t});
+          if (flags_t || keep_h_t)
+            be.for_each(rows, P, ProjectedStateStep<S, A>{y + r0 * P, h, P, flags_t, keep_h_t});
           else
             be.copy(h, y + r0 * P, rows * P * static_cast<int64_t>(sizeof(S)));
         }
@@ -265,7 +280,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
           with_flag(flags_t != nullptr, [&](auto flagged) {
             be.for_each(rows, H,
                         GruForwardStep<S, A, decltype(save)::value, decltype(flagged)::value>{
-                            gx_t, gh, b_ih, b_hh, h, y + r0 * H, gates_t, H, ld_gx, flags_t});
+                            gx_t, gh, b_ih, b_hh, h, y + r0 * H, gates_t, H, ld_gx, flags_t, keep_h_t});
           });
         });
         break;
@@ -274,7 +289,9 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         normalize_hidden(t, r0, rows, 0, 2 * H, 0);
         if (flags_t) be.for_each(rows, H, StartSegments<S, A>{gh, G, 2, nullptr, h, H, flags_t});
         with_flag(gates != nullptr, [&](auto save) {
-          be.for_each(rows, H, GruChoResetStep<S, A, decltype(save)::value>{gx_t, gh, b_ih, b_hh, h, rh, gates_t, H, ld_gx});
+          be.for_each(rows, H,
+                      GruChoResetStep<S, A, decltype(save)::value>{gx_t, gh, b_ih, b_hh, recurrent_mask ? masked_h : h,
+                                                                   rh, gates_t, H, ld_gx});
         });
         be.template gemm<S, A>(false, true, rows, H, H, rh, H, w_hh + 2 * H * H, H, 0, gh + 2 * H, G);
         normalize_hidden(t, r0, rows, 2 * H, H, 1);
@@ -282,7 +299,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
           with_flag(flags_t != nullptr, [&](auto flagged) {
             be.for_each(rows, H,
                         GruChoOutputStep<S, A, decltype(save)::value, decltype(flagged)::value>{
-                            gx_t, gh, b_ih, b_hh, h, y + r0 * H, gates_t, H, ld_gx, flags_t});
+                            gx_t, gh, b_ih, b_hh, h, y + r0 * H, gates_t, H, ld_gx, flags_t, keep_h_t});
           });
         });
         break;
@@ -290,13 +307,18 @@ void forward_steps(Backend& be, const ForwardParams& p) {
       case Cell::RNN_RELU:
         be.template gemm<S, A>(false, true, rows, H, H, h_in, H, w_hh, H, 0, gh, H);
         normalize_hidden(t, r0, rows, 0, H, 0);
-        if (flags_t) be.for_each(rows, H, StartSegments<S, A>{gh, H, 1, nullptr, nullptr, H, flags_t});
+        if (flags_t) be.for_each(rows, H, StartSegments<S, A>{gh, H, 1, nullptr, h_reset, H, flags_t});
         with_flag(flags_t != nullptr, [&](auto flagged) {
           constexpr bool kFlags = decltype(flagged)::value;
+          S* hidden_new_t = hidden_new ? hidden_new + r0 * H : nullptr;
           if (p.cell == Cell::RNN_TANH)
-            be.for_each(rows, H, RnnForwardStep<S, A, false, kFlags>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H, flags_t});
+            be.for_each(rows, H,
+                        RnnForwardStep<S, A, false, kFlags>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H, flags_t, keep_h_t,
+                                                            hidden_new_t});
           else
-            be.for_each(rows, H, RnnForwardStep<S, A, true, kFlags>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H, flags_t});
+            be.for_each(rows, H,
+                        RnnForwardStep<S, A, true, kFlags>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H, flags_t, keep_h_t,
+                                                           hidden_new_t});
         });
         break;
       default:
@@ -354,6 +376,14 @@ void backward_steps(Backend& be, const BackwardParams& p) {
   auto* dm = static_cast<A*>(p.dm);
   auto* rh = static_cast<S*>(p.rh);
   auto* drh = static_cast<A*>(p.drh);
+  const auto* recurrent_mask = static_cast<const S*>(p.recurrent_mask);
+  const auto* keep_h = static_cast<const S*>(p.keep_h);
+  const auto* keep_c = static_cast<const S*>(p.keep_c);
+  auto* masked_h_prev = static_cast<S*>(p.masked_h_prev);
+  auto* dh_product = static_cast<A*>(p.dh_product);
+  // The state the cells computed from, before zoneout mixed in the previous one.
+  const auto* cells_new = p.cells_new ? static_cast<const A*>(p.cells_new) : cells;
+  const auto* hidden_new = p.hidden_new ? static_cast<const S*>(p.hidden_new) : hidden;
   const A cell_clip = A(p.cell_clip), grad_clip = A(p.grad_clip);
   const int64_t saved_width = saved_gates_per_unit(p.cell) * H;
   const auto offsets = step_offsets(p);
@@ -372,15 +402,31 @@ void backward_steps(Backend& be, const BackwardParams& p) {
                                   static_cast<const A*>(p.rstd_h));
   };
 
-  // Steps in the opposite order of the forward walk. With step flags the products of LSTM and
-  // RNN accumulate into dh (steps.h: the pass leaves what they must add to).
-  const double dh_beta = p.step_flags ? 1 : 0;
+  // Steps in the opposite order of the forward walk. With step flags or zoneout the products of
+  // LSTM and RNN accumulate into dh (steps.h: the pass leaves what they must add to).
+  const double dh_beta = p.step_flags || keep_h ? 1 : 0;
   for (int64_t s = 0; s < p.T; ++s) {
     const int64_t t = p.reverse ? s : p.T - 1 - s;
     const int64_t rows = p.batch_sizes[t];
     const int64_t r0 = offsets[t];
     const A* gates_t = gates + r0 * saved_width;
     const int32_t* flags_t = p.step_flags ? p.step_flags + r0 : nullptr;  // padded: r0 = t * B
+    const S* keep_h_t = keep_h ? keep_h + t * p.B * P : nullptr;
+    const S* keep_c_t = keep_c ? keep_c + t * p.B * H : nullptr;
+    // The product of the step's gate gradients dgh (its first `width` columns) with W_hh adds
+    // (beta 1) or writes the gradient of h_{t-1}; with recurrent dropout that of m ⊙ h_{t-1},
+    // which reaches h_{t-1} times m.
+    auto add_product = [&](int64_t width, double beta) {
+      if (!recurrent_mask)
+        return be.template gemm<S, A>(false, false, rows, P, width, dgh + r0 * G, G, w_hh, P, beta, dh, P);
+      be.template gemm<S, A>(false, false, rows, P, width, dgh + r0 * G, G, w_hh, P, 0, dh_product, P);
+      be.for_each(rows, P, AddMaskedProduct<S, A>{dh, dh_product, recurrent_mask, P, beta != 0});
+    };
+    const S* h_in = h_prev + r0 * P;  // the left operand of forward's products
+    if (recurrent_mask) {
+      be.for_each(rows, P, MaskState<S, A>{h_in, recurrent_mask, masked_h_prev + r0 * P, P, nullptr});
+      h_in = masked_h_prev + r0 * P;
+    }
     if (flags_t && s > 0) {  // the step after t (in the forward walk) may have reset the row
       const int32_t* next_flags = p.step_flags + (p.reverse ? t - 1 : t + 1) * p.B;
       be.for_each(rows, P, CutAtResets<A>{dh, P, next_flags});
@@ -393,7 +439,7 @@ void backward_steps(Backend& be, const BackwardParams& p) {
           const S* dy_t = dy + r0 * P;
           A* dh_t = dh;
           if (w_hr) {  // the cell's output m = o * tanh(c) reaches h through W_hr
-            be.for_each(rows, P, AddStep<S, A, kFlags>{dy_t, dh, dht + r0 * P, P, flags_t});
+            be.for_each(rows, P, AddStep<S, A, kFlags>{dy_t, dh, dht + r0 * P, P, flags_t, keep_h_t});
             be.template gemm<S, A>(false, false, rows, H, P, dht + r0 * P, P, w_hr, H, 0, dm, H);
             dh_t = dm;
           }
@@ -416,46 +462,46 @@ void backward_steps(Backend& be, const BackwardParams& p) {
             with_flag(w_hr != nullptr, [&](auto projected) {
               be.for_each(rows, H,
                           LstmBackwardStep<S, A, decltype(projected)::value, kFlags>{
-                              gates_t, cells + r0 * H, c_prev + r0 * H, dy_t, dh_t, dc, dpre_x + r0 * G, H,
-                              cell_clip, grad_clip, flags_t});
+                              gates_t, cells_new + r0 * H, c_prev + r0 * H, dy_t, dh_t, dc, dpre_x + r0 * G, H,
+                              cell_clip, grad_clip, flags_t, w_hr ? nullptr : keep_h_t, keep_c_t});
             });
           }
           normalize_hidden_backward(t, r0, rows, 0, G, 0);
-          be.template gemm<S, A>(false, false, rows, P, G, dgh + r0 * G, G, w_hh, P, dh_beta, dh, P);
+          add_product(G, dh_beta);
           break;
         }
         case Cell::GRU:
           be.for_each(rows, H,
                       GruBackwardStep<S, A, kFlags>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
-                                                    dpre_h + r0 * G, H, grad_clip, flags_t});
+                                                    dpre_h + r0 * G, H, grad_clip, flags_t, keep_h_t});
           normalize_hidden_backward(t, r0, rows, 0, G, 0);
-          be.template gemm<S, A>(false, false, rows, H, G, dgh + r0 * G, G, w_hh, H, 1, dh, H);
+          add_product(G, 1);
           break;
         case Cell::GRU_CHO:
           be.for_each(rows, H,
                       GruChoBackwardNzStep<S, A, kFlags>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
-                                                         H, grad_clip, flags_t});
+                                                         H, grad_clip, flags_t, keep_h_t});
           normalize_hidden_backward(t, r0, rows, 2 * H, H, 1);
           be.template gemm<S, A>(false, false, rows, H, H, dgh + r0 * G + 2 * H, G, w_hh + 2 * H * H, H,
                                  0, drh, H);
           be.for_each(rows, H,
-                      GruChoBackwardRStep<S, A, kFlags>{gates_t, h_prev + r0 * H, drh, dh, dpre_x + r0 * G,
-                                                        rh + r0 * H, H, grad_clip, flags_t});
+                      GruChoBackwardRStep<S, A, kFlags>{gates_t, h_in, drh, dh, dpre_x + r0 * G, rh + r0 * H, H,
+                                                        grad_clip, flags_t, recurrent_mask});
           normalize_hidden_backward(t, r0, rows, 0, 2 * H, 0);
-          be.template gemm<S, A>(false, false, rows, H, 2 * H, dgh + r0 * G, G, w_hh, H, 1, dh, H);
+          add_product(2 * H, 1);
           break;
         case Cell::RNN_TANH:
         case Cell::RNN_RELU:
           if (p.cell == Cell::RNN_TANH)
             be.for_each(rows, H,
-                        RnnBackwardStep<S, A, false, kFlags>{hidden + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G, H,
-                                                             grad_clip, flags_t});
+                        RnnBackwardStep<S, A, false, kFlags>{hidden_new + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
+                                                             H, grad_clip, flags_t, keep_h_t});
           else
             be.for_each(rows, H,
-                        RnnBackwardStep<S, A, true, kFlags>{hidden + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G, H,
-                                                            grad_clip, flags_t});
+                        RnnBackwardStep<S, A, true, kFlags>{hidden_new + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
+                                                            H, grad_clip, flags_t, keep_h_t});
           normalize_hidden_backward(t, r0, rows, 0, H, 0);
-          be.template gemm<S, A>(false, false, rows, H, H, dgh + r0 * G, G, w_hh, H, dh_beta, dh, H);
+          add_product(H, dh_beta);
           break;
         default:
           invalid_cell(p.cell);
@@ -508,7 +554,8 @@ void backward_weight_gradients(Backend& be, const BackwardParams& p) {
   const auto* w_ih = static_cast<const S*>(p.w_ih);
   const auto* dgx = static_cast<const S*>(p.dgx);
   const auto* dgh = static_cast<const S*>(p.dgh);
-  const auto* h_prev = static_cast<const S*>(p.h_prev);
+  // dW_hh: the left operand of forward's products, m ⊙ h_{t-1} with recurrent dropout.
+  const auto* h_prev = static_cast<const S*>(p.masked_h_prev ? p.masked_h_prev : p.h_prev);
   const auto* rh = static_cast<const S*>(p.rh);
   const auto* dht = static_cast<const S*>(p.dht);
   // A null result pointer means "not needed".

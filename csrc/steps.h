@@ -24,6 +24,11 @@
 // holds every row's state for the backward's gather). A reset needs nothing in these passes:
 // StartSegments zeroes the row's carried state and its product with W_hh before the pass, and
 // in the backward CutAtResets zeroes the gradient carried back across the reset.
+//
+// Zoneout (keep_h, keep_c: this step's rows of params.h's masks, null where off) mixes the
+// previous state into the new one after the cell (cells.h: zoneout), in the same pass; with a
+// projection h's is ProjectedStateStep's. A null test of a member is the same for every
+// element of a pass: the CPU's loop is unswitched on it, the GPU's warps do not diverge.
 #pragma once
 
 #include <cstdint>
@@ -124,6 +129,9 @@ struct LstmForwardStep {
   A* o_out = nullptr;  // [rows, 4H] kNormCell: o in column block 3 (may be gh itself)
   const int32_t* flags = nullptr;  // [rows] kFlags
   bool hold_output = true;         // kFlags: an inactive row writes its held h to h_out (else zeros)
+  const S* keep_h = nullptr;       // [rows, H] zoneout of h (not with kNormCell or a projection)
+  const S* keep_c = nullptr;       // [rows, H] zoneout of c (not with kNormCell)
+  A* cells_new = nullptr;          // [rows, H] kSave and keep_c: c̃_t, the cell before zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
 
@@ -136,12 +144,15 @@ struct LstmForwardStep {
                                         preact(x_row, h_row, b_ih, b_hh, 2 * H + j),
                                         preact(x_row, h_row, b_ih, b_hh, 3 * H + j));
     const int64_t e = b * H + j;
-    const A c_t = cells::lstm_cell(a, c[e], cell_clip);
+    const A c_prev = c[e];
+    const A c_new = cells::lstm_cell(a, c_prev, cell_clip);
+    const A c_t = keep_c ? cells::zoneout(load<A>(keep_c[e]), c_prev, c_new) : c_new;
     c[e] = c_t;
     if constexpr (kNormCell) {
       o_out[row + 3 * H + j] = a.o;
     } else {
-      const A h = cells::lstm_hidden(a, c_t);
+      A h = cells::lstm_hidden(a, c_new);
+      if (keep_h) h = cells::zoneout(load<A>(keep_h[e]), load<A>(h_state[e]), h);
       h_out[e] = store<S>(h);
       h_state[e] = store<S>(h);
     }
@@ -151,6 +162,7 @@ struct LstmForwardStep {
       gates[row + 2 * H + j] = a.g;
       gates[row + 3 * H + j] = a.o;
       cells[e] = c_t;
+      if (cells_new) cells_new[e] = c_new;
     }
   }
 
@@ -161,6 +173,7 @@ struct LstmForwardStep {
     if constexpr (kSave) {
       for (int64_t gate = 0; gate < 4; ++gate) gates[b * 4 * H + gate * H + j] = A(0);
       cells[e] = c[e];
+      if (cells_new) cells_new[e] = c[e];
     }
   }
 };
@@ -176,6 +189,7 @@ struct GruForwardStep {
   A* gates;       // [rows, 4H] kSave: r, z, n, W_hn h + b_hn
   int64_t H, ld_gx;
   const int32_t* flags = nullptr;  // [rows] kFlags
+  const S* keep_h = nullptr;       // [rows, H] zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
 
@@ -187,7 +201,9 @@ struct GruForwardStep {
     const auto a = cells::gru_forward(preact(x_row, h_row, b_ih, b_hh, j),
                                       preact(x_row, h_row, b_ih, b_hh, H + j), xn, hn);
     const int64_t e = b * H + j;
-    const A h = cells::gru_hidden(a.z, a.n, load<A>(h_state[e]));
+    const A h_prev = load<A>(h_state[e]);
+    A h = cells::gru_hidden(a.z, a.n, h_prev);
+    if (keep_h) h = cells::zoneout(load<A>(keep_h[e]), h_prev, h);
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
     if constexpr (kSave) {
@@ -213,7 +229,7 @@ struct GruChoResetStep {
   const A* gh;     // [rows, 3H] (r columns hold W_hr h)
   const S* b_ih;   // [3H]
   const S* b_hh;   // [3H]
-  const S* h_state;  // [rows, H] h_{t-1}
+  const S* h_state;  // [rows, H] h_{t-1} (recurrent dropout: m ⊙ h_{t-1})
   S* rh;           // [rows, H] out: r * h_{t-1}
   A* gates;        // [rows, 3H] kSave: r (column block 0)
   int64_t H, ld_gx;
@@ -238,6 +254,7 @@ struct GruChoOutputStep {
   A* gates;       // [rows, 3H] kSave: z, n (column blocks 1, 2)
   int64_t H, ld_gx;
   const int32_t* flags = nullptr;  // [rows] kFlags
+  const S* keep_h = nullptr;       // [rows, H] zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
 
@@ -249,7 +266,9 @@ struct GruChoOutputStep {
     const A n = cells::gru_cho_candidate(x_row[2 * H + j] + load<A>(b_ih[2 * H + j]),
                                          h_row[2 * H + j] + load<A>(b_hh[2 * H + j]));
     const int64_t e = b * H + j;
-    const A h = cells::gru_hidden(z, n, load<A>(h_state[e]));
+    const A h_prev = load<A>(h_state[e]);
+    A h = cells::gru_hidden(z, n, h_prev);
+    if (keep_h) h = cells::zoneout(load<A>(keep_h[e]), h_prev, h);
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
     if constexpr (kSave) {
@@ -272,22 +291,28 @@ struct RnnForwardStep {
   const A* gh;    // [rows, H]
   const S* b_ih;  // [H]
   const S* b_hh;  // [H]
-  S* h_state;     // [rows, H] out: h_t
+  S* h_state;     // [rows, H] out: h_t (in: h_{t-1}, read with keep_h)
   S* h_out;       // [rows, H] y rows
   int64_t H;
   const int32_t* flags = nullptr;  // [rows] kFlags
+  const S* keep_h = nullptr;       // [rows, H] zoneout
+  S* hidden_new = nullptr;         // [rows, H] saved with keep_h: h̃_t, the state before zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
 
   RNNF_HD void step(int64_t b, int64_t j) const {
+    const int64_t e = b * H + j;
     const A pre = preact(gx + b * H, gh + b * H, b_ih, b_hh, j);
-    const A h = kRelu ? cells::rnn_relu_forward(pre) : cells::rnn_tanh_forward(pre);
-    h_state[b * H + j] = store<S>(h);
-    h_out[b * H + j] = store<S>(h);
+    A h = kRelu ? cells::rnn_relu_forward(pre) : cells::rnn_tanh_forward(pre);
+    if (hidden_new) hidden_new[e] = store<S>(h);
+    if (keep_h) h = cells::zoneout(load<A>(keep_h[e]), load<A>(h_state[e]), h);
+    h_state[e] = store<S>(h);
+    h_out[e] = store<S>(h);
   }
 
   RNNF_HD void hold(int64_t b, int64_t j) const {
     h_out[b * H + j] = h_state[b * H + j];
+    if (hidden_new) hidden_new[b * H + j] = store<S>(A(0));
   }
 };
 
@@ -298,6 +323,8 @@ struct RnnForwardStep {
 // kFlags: `flags` are this step's. An inactive row passes the carried gradient on unchanged
 // (dh, dc untouched) and has zero gate gradients. The products of LSTM and RNN then
 // accumulate into dh (beta 1): the step leaves 0 in an active row's dh.
+// Zoneout (keep_h, keep_c): the new state gets its gradient times 1 - keep, the previous one
+// keeps it times keep: the step leaves that in dh (dc), and the products accumulate into dh.
 
 // kProjected: h_t = W_hr (o * tanh(c_t)); dh then holds the whole gradient of o * tanh(c_t)
 // (AddStep applied the flags to the state's gradient) and dy is not read.
@@ -314,6 +341,8 @@ struct LstmBackwardStep {
   int64_t H;
   A cell_clip, grad_clip;
   const int32_t* flags = nullptr;  // [rows] kFlags
+  const S* keep_h = nullptr;       // [rows, H] zoneout of h (not projecting: AddStep's then)
+  const S* keep_c = nullptr;       // [rows, H] zoneout of c; `cells` then holds c̃_t
 
   RNNF_STEP_OR_HOLD(kFlags)
 
@@ -323,11 +352,21 @@ struct LstmBackwardStep {
                                 gates[row + 3 * H + j]};
     const int64_t e = b * H + j;
     A dh_total = dh[e];
-    if constexpr (!kProjected) dh_total += load<A>(dy[e]);
-    if constexpr (kFlags && !kProjected) dh[e] = A(0);
+    if constexpr (!kProjected) {
+      dh_total += load<A>(dy[e]);
+      if (keep_h) {
+        A kept;
+        dh_total = cells::zoneout_backward(load<A>(keep_h[e]), dh_total, kept);
+        dh[e] = kept;
+      } else if constexpr (kFlags) {
+        dh[e] = A(0);
+      }
+    }
+    A dc_new = dc[e], dc_kept = A(0);
+    if (keep_c) dc_new = cells::zoneout_backward(load<A>(keep_c[e]), dc_new, dc_kept);
     A dc_prev;
-    const auto d = cells::lstm_backward(a, cells[e], c_prev[e], dh_total, dc[e], cell_clip, grad_clip, dc_prev);
-    dc[e] = dc_prev;
+    const auto d = cells::lstm_backward(a, cells[e], c_prev[e], dh_total, dc_new, cell_clip, grad_clip, dc_prev);
+    dc[e] = dc_prev + dc_kept;
     dg[row + j] = store<S>(d.i);
     dg[row + H + j] = store<S>(d.f);
     dg[row + 2 * H + j] = store<S>(d.g);
@@ -351,6 +390,7 @@ struct GruBackwardStep {
   int64_t H;
   A grad_clip;
   const int32_t* flags = nullptr;  // [rows] kFlags
+  const S* keep_h = nullptr;       // [rows, H] zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
 
@@ -359,8 +399,10 @@ struct GruBackwardStep {
     const cells::GruGates<A> a{gates[saved + j], gates[saved + H + j], gates[saved + 2 * H + j],
                                gates[saved + 3 * H + j]};
     const int64_t e = b * H + j;
-    const auto d = cells::gru_backward(a, load<A>(h_prev[e]), dh[e] + load<A>(dy[e]), grad_clip);
-    dh[e] = d.dh_prev_direct;
+    A dh_new = dh[e] + load<A>(dy[e]), dh_kept = A(0);
+    if (keep_h) dh_new = cells::zoneout_backward(load<A>(keep_h[e]), dh_new, dh_kept);
+    const auto d = cells::gru_backward(a, load<A>(h_prev[e]), dh_new, grad_clip);
+    dh[e] = d.dh_prev_direct + dh_kept;
     const int64_t row = b * 3 * H;
     dgx[row + j] = store<S>(d.d_r);
     dgh[row + j] = store<S>(d.d_r);
@@ -390,16 +432,18 @@ struct GruChoBackwardNzStep {
   int64_t H;
   A grad_clip;
   const int32_t* flags = nullptr;  // [rows] kFlags
+  const S* keep_h = nullptr;       // [rows, H] zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
 
   RNNF_HD void step(int64_t b, int64_t j) const {
     const int64_t row = b * 3 * H;
     const int64_t e = b * H + j;
+    A dh_new = dh[e] + load<A>(dy[e]), dh_kept = A(0);
+    if (keep_h) dh_new = cells::zoneout_backward(load<A>(keep_h[e]), dh_new, dh_kept);
     const auto d = cells::gru_cho_backward_nz(gates[row + H + j], gates[row + 2 * H + j],
-                                              load<A>(h_prev[e]), dh[e] + load<A>(dy[e]),
-                                              grad_clip);
-    dh[e] = d.dh_prev_direct;
+                                              load<A>(h_prev[e]), dh_new, grad_clip);
+    dh[e] = d.dh_prev_direct + dh_kept;
     dg[row + H + j] = store<S>(d.d_z);
     dg[row + 2 * H + j] = store<S>(d.d_xn);
   }
@@ -412,11 +456,12 @@ struct GruChoBackwardNzStep {
 
 // GRU_CHO phase 2: gradient of the r pre-activation from d(r * h_{t-1}); also writes
 // r * h_{t-1} of this step for the W_hn weight gradient. (An inactive row's d(r * h) is zero:
-// its n gradient was.)
+// its n gradient was.) With recurrent dropout h_{t-1} is m ⊙ h_{t-1} here, and its gradient
+// reaches h_{t-1} times m.
 template <typename S, typename A, bool kFlags = false>
 struct GruChoBackwardRStep {
   const A* gates;   // [rows, 3H] r, z, n
-  const S* h_prev;  // [rows, H]
+  const S* h_prev;  // [rows, H] (recurrent dropout: m ⊙ h_{t-1})
   const A* drh;     // [rows, H] gradient of r * h_{t-1}
   A* dh;            // [rows, H] in/out: direct part of the gradient of h_{t-1}
   S* dg;            // [rows, 3H] out: column of r
@@ -424,6 +469,7 @@ struct GruChoBackwardRStep {
   int64_t H;
   A grad_clip;
   const int32_t* flags = nullptr;  // [rows] kFlags
+  const S* mask = nullptr;         // [rows, H] recurrent dropout's m
 
   RNNF_STEP_OR_HOLD(kFlags)
 
@@ -432,9 +478,9 @@ struct GruChoBackwardRStep {
     const int64_t e = b * H + j;
     const A r = gates[row + j];
     const A h = load<A>(h_prev[e]);
-    A direct = dh[e];
-    dg[row + j] = store<S>(cells::gru_cho_backward_r(r, h, drh[e], grad_clip, direct));
-    dh[e] = direct;
+    A through_r = A(0);
+    dg[row + j] = store<S>(cells::gru_cho_backward_r(r, h, drh[e], grad_clip, through_r));
+    dh[e] += mask ? load<A>(mask[e]) * through_r : through_r;
     rh[e] = store<S>(r * h);
   }
 
@@ -448,19 +494,26 @@ template <typename S, typename A, bool kRelu, bool kFlags = false>
 struct RnnBackwardStep {
   const S* h;   // [rows, H] h_t (y rows)
   const S* dy;  // [rows, H]
-  A* dh;        // [rows, H] gradient from step t+1 (kFlags: out as described above)
+  A* dh;        // [rows, H] gradient from step t+1 (kFlags, keep_h: out as described above)
   S* dg;        // [rows, H] out: gradient of the pre-activation
   int64_t H;
   A grad_clip;
   const int32_t* flags = nullptr;  // [rows] kFlags
+  const S* keep_h = nullptr;       // [rows, H] zoneout; `h` then holds h̃_t
 
   RNNF_STEP_OR_HOLD(kFlags)
 
   RNNF_HD void step(int64_t b, int64_t j) const {
     const int64_t e = b * H + j;
     const A h_t = load<A>(h[e]);
-    const A grad = dh[e] + load<A>(dy[e]);
-    if constexpr (kFlags) dh[e] = A(0);
+    A grad = dh[e] + load<A>(dy[e]);
+    if (keep_h) {
+      A kept;
+      grad = cells::zoneout_backward(load<A>(keep_h[e]), grad, kept);
+      dh[e] = kept;
+    } else if constexpr (kFlags) {
+      dh[e] = A(0);
+    }
     dg[e] = store<S>(kRelu ? cells::rnn_relu_backward(h_t, grad, grad_clip)
                            : cells::rnn_tanh_backward(h_t, grad, grad_clip));
   }
@@ -472,6 +525,8 @@ struct RnnBackwardStep {
 
 // out = a + b (storage dtype): the total gradient of a projected h_t, dy + dh. kFlags: b is
 // the carried gradient of the state as in LstmBackwardStep (an inactive row's out is zero).
+// Zoneout of h (keep): out is the gradient of the projection's h̃_t, (1 - keep) (a + b), and b
+// keeps keep (a + b) for h_{t-1}.
 template <typename S, typename A, bool kFlags = false>
 struct AddStep {
   const S* a;  // [rows, width]
@@ -479,13 +534,21 @@ struct AddStep {
   S* out;      // [rows, width]
   int64_t width;
   const int32_t* flags = nullptr;  // [rows] kFlags
+  const S* keep = nullptr;         // [rows, width] zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
 
   RNNF_HD void step(int64_t r, int64_t k) const {
     const int64_t e = r * width + k;
-    out[e] = store<S>(load<A>(a[e]) + b[e]);
-    if constexpr (kFlags) b[e] = A(0);
+    const A total = load<A>(a[e]) + b[e];
+    if (keep) {
+      A kept;
+      out[e] = store<S>(cells::zoneout_backward(load<A>(keep[e]), total, kept));
+      b[e] = kept;
+    } else {
+      out[e] = store<S>(total);
+      if constexpr (kFlags) b[e] = A(0);
+    }
   }
 
   RNNF_HD void hold(int64_t r, int64_t k) const {
@@ -496,21 +559,62 @@ struct AddStep {
 // ---------------------------------------------------------------------------------------
 // Step flags outside the cell passes.
 
-// Forward, LSTM with projection, after the projection's product wrote y: an active row's new
-// state is its y row; an inactive row keeps its state and writes it to y (as the cell passes do).
-template <typename S>
-struct HoldProjectedStep {
+// Forward, LSTM with projection, after the projection's product wrote h̃_t to y: an active
+// row's new state is its y row, after zoneout (keep) mixed in its previous state (zero after a
+// reset); an inactive row keeps its state and writes it to y (as the cell passes do).
+template <typename S, typename A>
+struct ProjectedStateStep {
   S* y;      // [rows, P]
   S* h;      // [rows, P] the state
   int64_t P;
-  const int32_t* flags;  // [rows]
+  const int32_t* flags;  // [rows] or null
+  const S* keep;         // [rows, P] or null
 
   RNNF_HD void operator()(int64_t b, int64_t k) const {
     const int64_t e = b * P + k;
-    if (holds(flags, b))
+    if (flags && holds(flags, b)) {
       y[e] = h[e];
-    else
-      h[e] = y[e];
+      return;
+    }
+    if (keep) {
+      const A previous = flags && is_reset(flags[b]) ? A(0) : load<A>(h[e]);
+      y[e] = store<S>(cells::zoneout(load<A>(keep[e]), previous, load<A>(y[e])));
+    }
+    h[e] = y[e];
+  }
+};
+
+// Recurrent dropout, forward: the left operand of a step's product with W_hh, m ⊙ h_{t-1}, and
+// zero in the rows that start a segment (flags; their carried state is zero); backward the
+// same over every row, for dW_hh and GRU_CHO's r * h_{t-1}.
+template <typename S, typename A>
+struct MaskState {
+  const S* h;     // [rows, P] h_{t-1}
+  const S* mask;  // [rows, P]
+  S* out;         // [rows, P]
+  int64_t P;
+  const int32_t* flags;  // [rows] or null
+
+  RNNF_HD void operator()(int64_t b, int64_t k) const {
+    const int64_t e = b * P + k;
+    out[e] = flags && is_reset(flags[b]) ? store<S>(A(0)) : store<S>(load<A>(h[e]) * load<A>(mask[e]));
+  }
+};
+
+// Recurrent dropout, backward: a step's product dG W_hh is the gradient of m ⊙ h_{t-1}; it
+// reaches h_{t-1} times m, added to dh (accumulate) or in its place.
+template <typename S, typename A>
+struct AddMaskedProduct {
+  A* dh;             // [rows, P]
+  const A* product;  // [rows, P]
+  const S* mask;     // [rows, P]
+  int64_t P;
+  bool accumulate;
+
+  RNNF_HD void operator()(int64_t b, int64_t k) const {
+    const int64_t e = b * P + k;
+    const A through = load<A>(mask[e]) * product[e];
+    dh[e] = accumulate ? dh[e] + through : through;
   }
 };
 

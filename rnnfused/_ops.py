@@ -10,6 +10,13 @@ an LSTM with projection. Outputs that do not apply are empty tensors of shape [0
 Both operators take the tensors first (the weights and the normalization's as lists), then
 the scalar options of :class:`LayerOptions` in its field order, then what is particular to
 the operator (``save_for_backward``; ``need_dx``, ``need_weights``).
+
+``masks`` are the regularisers inside the steps (:mod:`rnnfused.regularisers`): ``[]``, or
+``[recurrent_mask, keep_h, keep_c]`` in the input's dtype, an absent one an empty tensor of
+shape [0]:
+recurrent_mask [B, P] multiplies h_{t-1} where it meets W_hh (recurrent dropout); keep_h
+[T, B, P] and keep_c [T, B, H] (LSTM) are zoneout's weights of the previous state (0/1 in
+training, p in eval). Packed input indexes them as padded: row b of step t at [t, b].
 """
 
 import dataclasses
@@ -84,8 +91,8 @@ _LAYER_FORWARD = torch.ops.rnnfused.layer_forward.default
 _LAYER_BACKWARD = torch.ops.rnnfused.layer_backward.default
 
 
-def layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), step_flags=None, *,
-                  save_for_backward):
+def layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), step_flags=None,
+                  masks=(), *, save_for_backward):
     """Runs one layer in one direction.
 
     x is [T, B, I] (padded, ``batch_sizes`` None) or [N, I] (packed, ``batch_sizes`` the int64
@@ -94,19 +101,21 @@ def layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), run
     beta_c]`` [H]); batch norm takes ``running_stats``, the statistics of every step
     ``[mean_x, var_x, mean_h, var_h]`` [T, G] (+ LSTM ``[mean_c, var_c]`` [T, H]), used in eval
     and at training steps with a single active row. ``step_flags`` (padded input only): int32
-    [T, B] of STEP_RESET / STEP_INACTIVE bits, or None.
+    [T, B] of STEP_RESET / STEP_INACTIVE bits, or None. ``masks``: see the module docstring.
 
     Returns ``(y, h_n, c_n, saved, batch_stats)``: y in the layout of x with P features, h_n
     [B, P], c_n [B, H] (LSTM); ``saved``, what backward needs when ``save_for_backward`` (else
-    empty): ``[hidden, gates, cells, proj_in, *norm_saved]``, a private copy of the hidden
-    states [N, P], the activations [N, saved * H] (fp32, fp64 for fp64), LSTM cell states
-    [N, H], the projection's input [N, H], and for normalized layers x̂ [N, width] and
+    empty): ``[hidden, gates, cells, proj_in, state_new, *norm_saved]``, a private copy of the
+    hidden states [N, P], the activations [N, saved * H] (fp32, fp64 for fp64), LSTM cell states
+    [N, H], the projection's input [N, H], with zoneout the state before it where backward
+    needs it (LSTM with keep_c: c̃ [N, H] accumulation dtype; RNN with keep_h: h̃ [N, H]), and
+    for normalized layers x̂ [N, width] and
     1/sqrt(var + eps) of each normalization; ``batch_stats``, batch norm in training: the mean
     and biased variance of every step, in the order of ``running_stats``, in the
     accumulation dtype.
     """
     args = (x, batch_sizes, h0, c0, _as_list(weights), _as_list(norm_weights), _as_list(running_stats), step_flags,
-            *options.op_args(), save_for_backward)
+            _as_list(masks), *options.op_args(), save_for_backward)
     if not save_for_backward and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
         # Nothing will be differentiated: skip the operator's autograd kernel (register_autograd's
         # Python wrapper, which would only redispatch; ~30 µs per call, python -m bench.overhead).
@@ -119,14 +128,14 @@ def _as_list(tensors):
     return tensors if type(tensors) is list else list(tensors)
 
 
-def layer_backward(options, x, batch_sizes, h0, c0, weights, norm_weights, step_flags, saved, dy, dh_n, dc_n, *,
-                   need_dx, need_weights):
+def layer_backward(options, x, batch_sizes, h0, c0, weights, norm_weights, step_flags, masks, saved, dy, dh_n, dc_n,
+                   *, need_dx, need_weights):
     """Gradients of one layer in one direction; ``saved`` as :func:`layer_forward` returned it.
     Returns ``(dx, dh0, dc0, dweights, dnorm_weights)``: dx as x (empty unless ``need_dx``),
     dh0 [B, P], dc0 [B, H] (LSTM), dweights and dnorm_weights shaped as ``weights`` and
     ``norm_weights`` (empty unless ``need_weights``)."""
-    args = (x, batch_sizes, h0, c0, _as_list(weights), _as_list(norm_weights), step_flags, _as_list(saved), dy, dh_n,
-            dc_n, *options.op_args(), need_dx, need_weights)
+    args = (x, batch_sizes, h0, c0, _as_list(weights), _as_list(norm_weights), step_flags, _as_list(masks),
+            _as_list(saved), dy, dh_n, dc_n, *options.op_args(), need_dx, need_weights)
     if not torch.compiler.is_compiling() and not torch.jit.is_tracing():
         # The gradients are not differentiated (create_graph runs the reference equations):
         # skip autograd's fallback kernel.
@@ -151,9 +160,17 @@ def _check_devices(x, batch_sizes, named):
         raise RuntimeError("rnnfused: batch_sizes must be a 1-D int64 CPU tensor")
 
 
-def _named_inputs(weights, has_biases, norm_weights, running_stats, h0, c0, step_flags):
+MASK_NAMES = ("recurrent_mask", "keep_h", "keep_c")
+
+
+def mask_given(mask):
+    """Whether an entry of the operators' ``masks`` is given (an absent one has shape [0])."""
+    return not (mask.dim() == 1 and mask.shape[0] == 0)
+
+
+def _named_inputs(weights, has_biases, norm_weights, running_stats, h0, c0, step_flags, masks):
     weight_names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if has_biases else []) + ["weight_hr"]
-    return [*zip(weight_names, weights), ("h0", h0), ("c0", c0), ("step_flags", step_flags),
+    return [*zip(weight_names, weights), ("h0", h0), ("c0", c0), ("step_flags", step_flags), *zip(MASK_NAMES, masks),
             *((f"norm_weights[{i}]", w) for i, w in enumerate(norm_weights)),
             *((f"running_stats[{i}]", r) for i, r in enumerate(running_stats))]
 
@@ -192,7 +209,8 @@ def checked_options(cell, has_biases, reverse, cell_clip, grad_clip, norm, train
     return LayerOptions.from_op_args(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps)
 
 
-def check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), step_flags=None):
+def check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), step_flags=None,
+                masks=()):
     """Every count, size and dtype check of the C++ operators (csrc/bindings.cpp:
     prepare_layer, prepare_norm, attach_running_stats), with their messages and exception
     types, for what does not reach them: the fake kernels (meta tensors, torch.compile) and the
@@ -262,6 +280,17 @@ def check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), runni
     elif c0 is not None:
         raise ValueError("rnnfused: c0 is only for LSTM")
     lstm = cell == Cell.LSTM
+    if masks:
+        if len(masks) != 3:
+            raise ValueError(f"rnnfused: masks are [recurrent_mask, keep_h, keep_c] (an absent one an empty tensor "
+                             f"of shape [0]), got {len(masks)} tensors")
+        if mask_given(masks[2]) and not lstm:
+            raise ValueError("rnnfused: keep_c (zoneout of the cell) is only for LSTM")
+        for name, mask, shape in zip(MASK_NAMES, masks, ((batch, width), (steps, batch, width), (steps, batch, hidden))):
+            if mask_given(mask):
+                _check_shape(mask, name, shape, x.dtype)
+        if options.norm != Norm.NONE and (mask_given(masks[1]) or mask_given(masks[2])):
+            raise ValueError("rnnfused: normalized layers take no zoneout masks (keep_h, keep_c)")
     if options.norm == Norm.NONE:
         if norm_weights:
             raise ValueError("rnnfused: norm weights are only for norm=1 (batch) or 2 (layer)")
@@ -291,15 +320,24 @@ def check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), runni
     return steps, batch, rows, inputs, hidden, width, gate_rows
 
 
-def _check_saved(options, x, sizes, projected, saved, dy, dh_n, dc_n):
+def _state_new_dtype(cell, masks, dtype):
+    """The dtype of the saved state before zoneout (``saved[4]``), None where there is none."""
+    if cell == Cell.LSTM and masks and mask_given(masks[2]):
+        return _acc_dtype(dtype)
+    if cell in (Cell.RNN_TANH, Cell.RNN_RELU) and masks and mask_given(masks[1]):
+        return dtype
+    return None
+
+
+def _check_saved(options, x, sizes, projected, masks, saved, dy, dh_n, dc_n):
     """layer_backward's checks of what forward saved and of the incoming gradients (as
     bindings.cpp's layer_backward)."""
     steps, batch, rows, _, hidden, width, gate_rows = sizes
     cell = options.cell
     lstm = cell == Cell.LSTM
     norm_saved = (6 if lstm else 4) if options.norm != Norm.NONE else 0
-    if len(saved) != 4 + norm_saved:
-        raise RuntimeError(f"rnnfused: backward needs the {4 + norm_saved} tensors forward saved (saved), got "
+    if len(saved) != 5 + norm_saved:
+        raise RuntimeError(f"rnnfused: backward needs the {5 + norm_saved} tensors forward saved (saved), got "
                            f"{len(saved)}")
     if lstm and dc_n is None:
         raise RuntimeError("rnnfused: LSTM backward needs c0 and the gradient of c_n")
@@ -314,6 +352,9 @@ def _check_saved(options, x, sizes, projected, saved, dy, dh_n, dc_n):
         _check_shape(dc_n, "grad of c_n", (batch, hidden), x.dtype)
     if projected:
         _check_shape(saved[3], "the saved projection input", (rows, hidden), x.dtype)
+    state_new_dtype = _state_new_dtype(cell, masks, x.dtype)
+    if state_new_dtype is not None:
+        _check_shape(saved[4], "the saved state before zoneout", (rows, hidden), state_new_dtype)
     _check_shape(dh_n, "grad of h_n", (batch, width), x.dtype)
     widths = (gate_rows, gate_rows, hidden)
     for i in range(norm_saved // 2):
@@ -322,18 +363,19 @@ def _check_saved(options, x, sizes, projected, saved, dy, dh_n, dc_n):
         else:
             line_shape = (rows, 2 if cell == Cell.GRU_CHO else 1) if i == 1 else (rows,)
         name = "xhc"[i]
-        _check_shape(saved[4 + 2 * i], f"the saved normalized {name}", (rows, widths[i]), acc)
-        _check_shape(saved[5 + 2 * i], f"the saved rstd of {name}", line_shape, acc)
+        _check_shape(saved[5 + 2 * i], f"the saved normalized {name}", (rows, widths[i]), acc)
+        _check_shape(saved[6 + 2 * i], f"the saved rstd of {name}", line_shape, acc)
 
 
 @torch.library.register_fake("rnnfused::layer_forward")
-def _layer_forward_fake(x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, cell, has_biases,
-                        reverse, cell_clip, grad_clip, norm, training, eps, save_for_backward):
+def _layer_forward_fake(x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks, cell,
+                        has_biases, reverse, cell_clip, grad_clip, norm, training, eps, save_for_backward):
     options = checked_options(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps)
     cell = options.cell
-    _check_devices(x, batch_sizes, _named_inputs(weights, has_biases, norm_weights, running_stats, h0, c0, step_flags))
+    _check_devices(x, batch_sizes, _named_inputs(weights, has_biases, norm_weights, running_stats, h0, c0, step_flags,
+                                                 masks))
     steps, batch, rows, _, hidden_size, width, gate_rows = check_layer(options, x, batch_sizes, h0, c0, weights,
-                                                                        norm_weights, running_stats, step_flags)
+                                                                        norm_weights, running_stats, step_flags, masks)
     acc = _acc_dtype(x.dtype)
     saved_per_unit = SAVED_PER_UNIT[cell]
     projected = len(weights) > (4 if has_biases else 2)  # a given w_hr, whatever its rows (P == H, P == 0)
@@ -349,6 +391,8 @@ def _layer_forward_fake(x, batch_sizes, h0, c0, weights, norm_weights, running_s
                  x.new_empty(rows, saved_per_unit * hidden_size, dtype=acc) if saved_per_unit else absent(),
                  x.new_empty(rows, hidden_size, dtype=acc) if cell == Cell.LSTM else absent(),
                  x.new_empty(rows, hidden_size) if projected else absent()]
+        state_new_dtype = _state_new_dtype(cell, masks, x.dtype)
+        saved.append(absent() if state_new_dtype is None else x.new_empty(rows, hidden_size, dtype=state_new_dtype))
     if norm != Norm.NONE:
         widths = [gate_rows, gate_rows] + ([hidden_size] if cell == Cell.LSTM else [])
         for side, w in enumerate(widths):
@@ -364,14 +408,14 @@ def _layer_forward_fake(x, batch_sizes, h0, c0, weights, norm_weights, running_s
 
 
 @torch.library.register_fake("rnnfused::layer_backward")
-def _layer_backward_fake(x, batch_sizes, h0, c0, weights, norm_weights, step_flags, saved, dy, dh_n, dc_n, cell,
-                         has_biases, reverse, cell_clip, grad_clip, norm, training, eps, need_dx, need_weights):
+def _layer_backward_fake(x, batch_sizes, h0, c0, weights, norm_weights, step_flags, masks, saved, dy, dh_n, dc_n,
+                         cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps, need_dx, need_weights):
     options = checked_options(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps)
     cell = options.cell
-    _check_devices(x, batch_sizes, _named_inputs(weights, has_biases, norm_weights, (), h0, c0, step_flags)
+    _check_devices(x, batch_sizes, _named_inputs(weights, has_biases, norm_weights, (), h0, c0, step_flags, masks)
                    + [(f"saved[{i}]", s) for i, s in enumerate(saved)] + [("dy", dy), ("dh_n", dh_n), ("dc_n", dc_n)])
-    sizes = check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights, None, step_flags)
-    _check_saved(options, x, sizes, len(weights) > (4 if has_biases else 2), saved, dy, dh_n, dc_n)
+    sizes = check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights, None, step_flags, masks)
+    _check_saved(options, x, sizes, len(weights) > (4 if has_biases else 2), masks, saved, dy, dh_n, dc_n)
     hidden_size = sizes[4]
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     dc0 = x.new_empty(h0.shape[0], hidden_size) if cell == Cell.LSTM else x.new_empty(0)
@@ -409,23 +453,25 @@ def _layer_backward_vmap(info, in_dims, *args):
 # pytree on every call: about 150 µs per layer's forward + backward, measured with
 # `python -m bench.overhead`).
 
-def _save(ctx, options, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, saved, batch_stats):
+def _save(ctx, options, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks, saved,
+          batch_stats):
     ctx.mark_non_differentiable(*saved, *batch_stats)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, batch_sizes, h0, c0, step_flags, *weights, *norm_weights, *running_stats, *saved)
+    ctx.save_for_backward(x, batch_sizes, h0, c0, step_flags, *weights, *norm_weights, *running_stats, *masks, *saved)
     ctx.options = options
-    ctx.counts = (len(weights), len(norm_weights), len(running_stats))
+    ctx.counts = (len(weights), len(norm_weights), len(running_stats), len(masks))
 
 
 def _gradients(ctx, dy, dh_n, dc_n, need_dx, need_dh0, need_dc0, need_dweights, need_dnorm_weights):
     """(dx, dh0, dc0, dweights + dnorm_weights) of the saved layer; None where not needed."""
     options = ctx.options
     x, batch_sizes, h0, c0, step_flags, *rest = ctx.saved_tensors
-    n_weights, n_norm_weights, n_running = ctx.counts
+    n_weights, n_norm_weights, n_running, n_masks = ctx.counts
     weights = rest[:n_weights]
     norm_weights = rest[n_weights:n_weights + n_norm_weights]
     running_stats = rest[n_weights + n_norm_weights:n_weights + n_norm_weights + n_running]
-    saved = rest[n_weights + n_norm_weights + n_running:]
+    masks = rest[n_weights + n_norm_weights + n_running:n_weights + n_norm_weights + n_running + n_masks]
+    saved = rest[n_weights + n_norm_weights + n_running + n_masks:]
     if not saved:
         raise RuntimeError("rnnfused: layer_forward ran with save_for_backward=False, so it cannot be "
                            "differentiated; call it with save_for_backward=True")
@@ -439,11 +485,11 @@ def _gradients(ctx, dy, dh_n, dc_n, need_dx, need_dh0, need_dc0, need_dweights, 
         # recomputed through the differentiable equations (rnnfused.reference).
         from .functional import reference_layer_gradients
         return reference_layer_gradients(options, x, batch_sizes, h0, c0, weights, norm_weights, running_stats,
-                                         step_flags, dy, dh_n, dc_n, need_dx, need_dh0, need_dc0,
+                                         step_flags, masks, dy, dh_n, dc_n, need_dx, need_dh0, need_dc0,
                                          need_dweights + need_dnorm_weights)
     need_weights = any(need_dweights) or any(need_dnorm_weights)
     dx, dh0, dc0, dweights, dnorm_weights = layer_backward(
-        options, x, batch_sizes, h0, c0, weights, norm_weights, step_flags, saved, dy, dh_n,
+        options, x, batch_sizes, h0, c0, weights, norm_weights, step_flags, masks, saved, dy, dh_n,
         dc_n if is_lstm else None, need_dx=need_dx, need_weights=need_weights)
 
     def wanted(grads, needs):
@@ -454,8 +500,8 @@ def _gradients(ctx, dy, dh_n, dc_n, need_dx, need_dh0, need_dc0, need_dweights, 
 
 
 # Positions of the operator's inputs (after x, batch_sizes, h0, c0, weights, norm_weights,
-# running_stats, step_flags come the options and save_for_backward).
-_OPTIONS_AT = 8
+# running_stats, step_flags, masks come the options and save_for_backward).
+_OPTIONS_AT = 9
 
 
 def _setup_context(ctx, inputs, output):
@@ -471,7 +517,7 @@ def _backward(ctx, dy, dh_n, dc_n, *unused):
     n_weights = ctx.counts[0]
     # Lists of inputs get lists of gradients (register_autograd checks the structure).
     return (dx, None, dh0, dc0, dweights[:n_weights], dweights[n_weights:], [None] * ctx.counts[2], None,
-            *[None] * (NUM_OPTIONS + 1))
+            [None] * ctx.counts[3], *[None] * (NUM_OPTIONS + 1))
 
 
 torch.library.register_autograd("rnnfused::layer_forward", _backward, setup_context=_setup_context)
@@ -483,14 +529,14 @@ class _EagerLayer(torch.autograd.Function):
     (y, h_n, c_n, *saved, *batch_stats)."""
 
     @staticmethod
-    def forward(ctx, options, x, batch_sizes, h0, c0, running_stats, step_flags, n_weights, *all_weights):
+    def forward(ctx, options, x, batch_sizes, h0, c0, running_stats, step_flags, masks, n_weights, *all_weights):
         weights, norm_weights = all_weights[:n_weights], all_weights[n_weights:]
         # This Function is the autograd formula: skip the operator's own (a Python wrapper that
         # would only redispatch here, where grad mode is off).
         with torch._C._AutoDispatchBelowAutograd():
             y, h_n, c_n, saved, batch_stats = layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights,
-                                                            running_stats, step_flags, save_for_backward=True)
-        _save(ctx, options, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, saved,
+                                                            running_stats, step_flags, masks, save_for_backward=True)
+        _save(ctx, options, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks, saved,
               batch_stats)
         return (y, h_n, c_n, *saved, *batch_stats)
 
@@ -499,21 +545,21 @@ class _EagerLayer(torch.autograd.Function):
         needs = ctx.needs_input_grad
         n_weights = ctx.counts[0]
         dx, dh0, dc0, dweights = _gradients(ctx, dy, dh_n, dc_n, needs[1], needs[3], needs[4],
-                                            list(needs[8:8 + n_weights]), list(needs[8 + n_weights:]))
-        return (None, dx, None, dh0, dc0, None, None, None, *dweights)
+                                            list(needs[9:9 + n_weights]), list(needs[9 + n_weights:]))
+        return (None, dx, None, dh0, dc0, None, None, None, None, *dweights)
 
 
 def differentiable_layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(),
-                                 step_flags=None):
+                                 step_flags=None, masks=()):
     """layer_forward with save_for_backward=True, differentiable: through _EagerLayer in
     eager mode, through the operator's registered autograd when compiling, exporting or
     tracing (torch.jit.trace records operators, not Python autograd Functions).
     Returns ``(y, h_n, c_n, batch_stats)``."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         y, h_n, c_n, _, batch_stats = layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights,
-                                                    running_stats, step_flags, save_for_backward=True)
+                                                    running_stats, step_flags, masks, save_for_backward=True)
         return y, h_n, c_n, batch_stats
-    output = _EagerLayer.apply(options, x, batch_sizes, h0, c0, running_stats, step_flags, len(weights), *weights,
-                               *norm_weights)
+    output = _EagerLayer.apply(options, x, batch_sizes, h0, c0, running_stats, step_flags, list(masks), len(weights),
+                               *weights, *norm_weights)
     n_batch_stats = len(running_stats) if options.norm == Norm.BATCH and options.training else 0
     return (*output[:3], list(output[len(output) - n_batch_stats:]))

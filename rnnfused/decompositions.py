@@ -82,21 +82,28 @@ def _scan_layer(options, x, h0, c0, weights, step_flags):
     return y, carry[0], (carry[1] if is_lstm else None)
 
 
-def layer_forward_decomposition(x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, cell,
-                                has_biases, reverse, cell_clip, grad_clip, norm, training, eps, save_for_backward):
+def _reference_masks(masks):
+    """The operators' masks as the reference's rnnfused.regularisers.Masks (None: none)."""
+    from .regularisers import Masks
+    return Masks(None, *(m if _ops.mask_given(m) else None for m in masks)) if masks else None
+
+
+def layer_forward_decomposition(x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks,
+                                cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps,
+                                save_for_backward):
     """``rnnfused::layer_forward`` in ATen operations (the operator's arguments and results)."""
     options = LayerOptions.from_op_args(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps)
     # The placeholders (and the checks of the fake kernel): shapes as the operator's.
     _, _, empty_c_n, saved, batch_stats = _ops._layer_forward_fake(
-        x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, cell, has_biases, reverse,
+        x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks, cell, has_biases, reverse,
         cell_clip, grad_clip, norm, training, eps, save_for_backward)
-    if batch_sizes is None and options.norm == Norm.NONE:
+    if batch_sizes is None and options.norm == Norm.NONE and not masks:
         y, h_n, c_n = _scan_layer(options, x, h0, c0, weights, step_flags)
     else:
         from .functional import _reference_layer
         y, h_n, c_n, batch_stats = _reference_layer(dataclasses.replace(options, grad_clip=math.inf),
                                                     x, batch_sizes, h0, c0, weights, norm_weights, running_stats,
-                                                    step_flags)
+                                                    step_flags, _reference_masks(masks))
         batch_stats = list(batch_stats)
     return y, h_n, (c_n if c_n is not None else empty_c_n), saved, batch_stats
 

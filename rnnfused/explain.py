@@ -74,10 +74,13 @@ def explain(module, input, *, lengths=None, resets=None):
             else:
                 kernel, reason = "reference equations", ("normalized layers on CUDA until their fused kernels have "
                                                          "passed their GPU tests (RNNFUSED_CUDA_NORM=fused)")
-            if module.regularisers.inside_steps(module.training):
-                kernel, reason = "reference equations", ("recurrent dropout and zoneout are not in the fused kernels "
-                                                         "yet: " + ", ".join(regularisers))
-            elif regularisers:
+            inside_steps = module.regularisers.inside_steps(module.training)
+            zoneout = module.regularisers.zoneout_h or module.regularisers.zoneout_c
+            if inside_steps and module.norm is not None and zoneout:
+                kernel, reason = "reference equations", "zoneout in a normalized layer is not in the fused kernels"
+            elif inside_steps and kernel not in ("cudnn", "reference equations"):
+                kernel, reason = "stepwise", "recurrent dropout and zoneout run the stepwise kernels"
+            if regularisers:
                 reason += "; regularisers: " + ", ".join(regularisers)
             choices.append(KernelChoice(layer, direction, kernel, reason, stack.row))
     return choices

@@ -18,6 +18,7 @@ from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import _ops, reference
+from . import regularisers as _regularisers
 from ._ops import STEP_INACTIVE, STEP_RESET, Cell, LayerOptions, Norm
 
 __all__ = ["Cell", "recurrent_layer", "step_flags"]
@@ -253,13 +254,14 @@ def _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), 
 
 
 def reference_layer_gradients(options, x, batch_sizes, h0, c0, weights, norm_weights, step_statistics, flags,
-                              dy, dh_n, dc_n, need_dx, need_dh0, need_dc0, need_dweights):
+                              masks, dy, dh_n, dc_n, need_dx, need_dh0, need_dc0, need_dweights):
     """(dx, dh0, dc0, dweights) of one layer as a differentiable computation (for
-    create_graph=True); None where not needed. ``need_dweights`` covers ``weights`` and then
-    ``norm_weights``."""
+    create_graph=True); None where not needed. ``masks`` as the operators'; ``need_dweights``
+    covers ``weights`` and then ``norm_weights``."""
+    steps_masks = _regularisers.Masks(None, *(m if _ops.mask_given(m) else None for m in masks)) if masks else None
     with torch.enable_grad():
         y, h_n, c_n, _ = _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights, step_statistics,
-                                          flags)
+                                          flags, steps_masks)
     outputs, grad_outputs = [y, h_n], [dy, dh_n]
     is_lstm = options.cell == Cell.LSTM
     if is_lstm:
@@ -354,6 +356,29 @@ def _recording_for_backward(tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _fused_masks_run(options, masks):
+    """Whether the fused kernels take these masks inside the steps: not zoneout in a normalized
+    layer (its statistics are of the state before zoneout), and not when exporting or tracing,
+    whose graphs (ONNX, TorchScript) hold the equations instead."""
+    if options.norm != Norm.NONE and (masks.keep_h is not None or masks.keep_c is not None):
+        return False
+    return not (torch.compiler.is_exporting() or torch.jit.is_tracing())
+
+
+def _operator_masks(masks, x, h0, c0, steps):
+    """The operators' ``[recurrent_mask, keep_h, keep_c]`` of a Masks, in the input's dtype (also
+    under autocast; absent: shape [0]); zoneout's eval weight (a number) filled in over [T, B, width]."""
+    def tensor(mask, width):
+        if mask is None:
+            return x.new_empty(0)
+        if isinstance(mask, torch.Tensor):
+            return mask.to(x.dtype)
+        return torch.full((steps, h0.size(0), width), mask, dtype=x.dtype, device=x.device)
+
+    return [tensor(masks.hidden, None), tensor(masks.keep_h, h0.size(1)),
+            tensor(masks.keep_c, None if c0 is None else c0.size(1))]
+
+
 def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), momentum=0.1,
               flags=None, reference=False, masks=None):
     """:func:`recurrent_layer` with its arguments checked and grouped: a
@@ -361,12 +386,15 @@ def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running
     flags (rnnfused.modules calls this); ``reference``: run the reference equations (the
     dispatch's choice where no verified fused kernel runs); ``masks``: the regularisers'
     :class:`~rnnfused.regularisers.Masks` of this call or None (weight drop multiplies W_hh
-    before the fused kernels; masks inside the steps run the reference equations). Returns
-    ``(y, h_n, c_n)`` (c_n an empty tensor unless LSTM)."""
+    before the fused kernels, which take the masks inside the steps; the reference equations
+    take them where the kernels cannot: with zoneout in a normalized layer, and when exporting
+    or tracing). Returns ``(y, h_n, c_n)`` (c_n an empty tensor unless LSTM)."""
     norm_weights, running_stats = list(norm_weights), list(running_stats)
     if masks is not None and masks.weight is not None:
         weights = [weights[0], weights[1] * masks.weight, *weights[2:]]
     steps_masks = dataclasses.replace(masks, weight=None) if masks is not None and masks.inside_steps else None
+    if steps_masks is not None and not _fused_masks_run(options, steps_masks):
+        reference = True
     if flags is not None and options.norm != Norm.NONE:
         raise ValueError("rnnfused: normalized layers do not take lengths or resets yet")
     if options.norm == Norm.BATCH and options.training and h0.size(0) == 1:  # as nn.BatchNorm1d: B = 0 runs
@@ -382,17 +410,21 @@ def run_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running
     if unverified:
         warnings.warn("rnnfused: normalized layers on CUDA run the reference equations (exact, slower) until "
                       "their fused kernels have passed their GPU tests; RNNFUSED_CUDA_NORM=fused runs those")
-    if reference or unverified or steps_masks is not None or _needs_differentiable_equations(tensors):
+    if reference or unverified or _needs_differentiable_equations(tensors):
         # The operators check every size; the equations would broadcast a wrong one.
         _ops.check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights, step_statistics, flags)
         y, h_n, c_n, batch_stats = _reference_layer(options, x, batch_sizes, h0, c0, weights, norm_weights,
                                                     step_statistics, flags, steps_masks)
-    elif _recording_for_backward(tensors):
-        y, h_n, c_n, batch_stats = _ops.differentiable_layer_forward(options, x, batch_sizes, h0, c0, weights,
-                                                                     norm_weights, step_statistics, flags)
     else:
-        y, h_n, c_n, _, batch_stats = _ops.layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights,
-                                                         step_statistics, flags, save_for_backward=False)
+        op_masks = () if steps_masks is None else _operator_masks(steps_masks, x, h0, c0, steps)
+        if _recording_for_backward(tensors):
+            y, h_n, c_n, batch_stats = _ops.differentiable_layer_forward(options, x, batch_sizes, h0, c0, weights,
+                                                                         norm_weights, step_statistics, flags,
+                                                                         op_masks)
+        else:
+            y, h_n, c_n, _, batch_stats = _ops.layer_forward(options, x, batch_sizes, h0, c0, weights, norm_weights,
+                                                             step_statistics, flags, op_masks,
+                                                             save_for_backward=False)
     if options.norm == Norm.BATCH and options.training:
         counts = batch_sizes if batch_sizes is not None else torch.full((steps,), x.size(1))
         _update_running_stats(running_stats, batch_stats, counts, momentum)

@@ -42,10 +42,12 @@ class UnsupportedExport(RuntimeError):
     """A layer's feature has no ONNX translation."""
 
 
-def _refuse(options, batch_sizes_given, flags_given):
+def _refuse(options, batch_sizes_given, flags_given, masks_given):
     """Raises UnsupportedExport naming what of this layer no exporter can translate."""
     what = None
-    if options.norm != Norm.NONE:
+    if masks_given:  # rnnfused's modules trace zoneout as the equations; a direct call of the operator
+        what = "the operator's zoneout and recurrent dropout masks"
+    elif options.norm != Norm.NONE:
         what = f"normalized layers (norm={'batch' if options.norm == Norm.BATCH else 'layer'!r})"
     elif batch_sizes_given:
         what = "PackedSequence input (pass the padded tensor, with lengths= for an LSTM)"
@@ -75,7 +77,7 @@ def _node_attributes(cell, hidden, reverse):
 
 # --- the dynamo exporter (onnxscript) --------------------------------------------------------
 
-def layer_forward_onnxscript(x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, cell,
+def layer_forward_onnxscript(x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks, cell,
                              has_biases, reverse, cell_clip, grad_clip, norm, training, eps, save_for_backward):
     """The dynamo exporter's translation of ``rnnfused::layer_forward`` (trace-only onnxscript:
     called with the graph's values and the operator's scalar arguments)."""
@@ -88,7 +90,7 @@ def layer_forward_onnxscript(x, batch_sizes, h0, c0, weights, norm_weights, runn
     hidden = weights[0].shape[0] // GATES_PER_UNIT[cell]
     projected = len(weights) > (4 if options.has_biases else 2)
     flags_given = step_flags is not None
-    _refuse(options, batch_sizes is not None, flags_given)
+    _refuse(options, batch_sizes is not None, flags_given, len(masks) > 0)
     w_ih, w_hh = weights[0], weights[1]
     b_ih, b_hh = (weights[2], weights[3]) if options.has_biases else (None, None)
 
@@ -175,7 +177,7 @@ def _constant(g, values, dtype=torch.int64):
     return g.op("Constant", value_t=torch.tensor(values, dtype=dtype))
 
 
-def layer_forward_symbolic(g, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, cell,
+def layer_forward_symbolic(g, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks, cell,
                            has_biases, reverse, cell_clip, grad_clip, norm, training, eps, save_for_backward):
     """The TorchScript exporter's symbolic of ``rnnfused::layer_forward`` (opset >= 13)."""
     from torch.onnx._internal.torchscript_exporter import symbolic_helper as sh
@@ -188,7 +190,7 @@ def layer_forward_symbolic(g, x, batch_sizes, h0, c0, weights, norm_weights, run
     weights = sh._unpack_list(weights)
     projected = len(weights) > (4 if options.has_biases else 2)
     flags_given = not sh._is_none(step_flags)
-    _refuse(options, not sh._is_none(batch_sizes), flags_given)
+    _refuse(options, not sh._is_none(batch_sizes), flags_given, len(sh._unpack_list(masks)) > 0)
     if _needs_loop(options, projected, flags_given):
         what = "proj_size" if projected else "cell_clip" if not math.isinf(options.cell_clip) else "lengths / resets"
         raise UnsupportedExport(f"rnnfused: the TorchScript ONNX exporter (dynamo=False) cannot export an LSTM with "

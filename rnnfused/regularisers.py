@@ -21,9 +21,10 @@ it; :func:`rnnfused.reference.forward` takes such a record and computes the same
 the loop over time.
 
 Which kernels run them: weight drop and variational between-layer dropout act outside the
-recurrence and run on the fused kernels. Recurrent dropout and zoneout act inside every step;
-the fused kernels do not implement them yet, so a layer with either (zoneout also in eval)
-runs the reference equations, exactly but slower.
+recurrence, on the fused kernels. Recurrent dropout and zoneout act inside every step: the
+stepwise kernels take their masks (csrc/steps.h; the persistent kernels do not, so such a layer
+runs stepwise). Zoneout in a normalized layer runs the reference equations, and so do both
+under torch.export and torch.jit.trace, whose graphs hold the equations.
 """
 
 import contextlib

@@ -151,6 +151,22 @@ BAD_INPUTS = {
     "step_flags with packed input": (
         "layer_forward(1, torch.zeros(3, 2), torch.tensor([2, 1]), torch.zeros(2, 4), None,"
         " [torch.zeros(12, 2), torch.zeros(12, 4)], False, False, True, inf, inf, torch.zeros(2, 2, dtype=torch.int32))"),
+    "masks not three entries": (
+        "layer_forward(1, torch.zeros(3, 2, 2), None, torch.zeros(2, 4), None,"
+        " [torch.zeros(12, 2), torch.zeros(12, 4)], False, False, True, inf, inf, None, [torch.ones(2, 4)])"),
+    "recurrent_mask of the wrong shape": (
+        "layer_forward(1, torch.zeros(3, 2, 2), None, torch.zeros(2, 4), None,"
+        " [torch.zeros(12, 2), torch.zeros(12, 4)], False, False, True, inf, inf, None, [torch.ones(3, 4), torch.ones(0), torch.ones(0)])"),
+    "keep_h with too few steps": (
+        "layer_forward(1, torch.zeros(3, 2, 2), None, torch.zeros(2, 4), None,"
+        " [torch.zeros(12, 2), torch.zeros(12, 4)], False, False, True, inf, inf, None, [torch.ones(0), torch.ones(2, 2, 4), torch.ones(0)])"),
+    "keep_h of another dtype": (
+        "layer_forward(1, torch.zeros(3, 2, 2), None, torch.zeros(2, 4), None,"
+        " [torch.zeros(12, 2), torch.zeros(12, 4)], False, False, True, inf, inf, None,"
+        " [torch.ones(0), torch.ones(3, 2, 4, dtype=torch.float64), torch.ones(0)])"),
+    "keep_c on a GRU": (
+        "layer_forward(1, torch.zeros(3, 2, 2), None, torch.zeros(2, 4), None,"
+        " [torch.zeros(12, 2), torch.zeros(12, 4)], False, False, True, inf, inf, None, [torch.ones(0), torch.ones(0), torch.ones(3, 2, 4)])"),
     "module: 4-D input": "rnnfused.LSTM(2, 4)(torch.zeros(1, 3, 2, 2))",
     "module: wrong feature size": "rnnfused.GRU(2, 4)(torch.zeros(3, 2, 5))",
     "module: int input": "rnnfused.RNN(2, 4)(torch.zeros(3, 2, 2, dtype=torch.long))",
@@ -163,13 +179,13 @@ import sys, torch, rnnfused
 # The cases name the arguments of an unnormalized layer in this order (the operators take
 # the tensors first, then the options).
 def layer_forward(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, save, cell_clip, grad_clip,
-                  step_flags=None):
-    return torch.ops.rnnfused.layer_forward(x, batch_sizes, h0, c0, weights, [], [], step_flags, cell, has_biases,
-                                            reverse, cell_clip, grad_clip, 0, True, 1e-5, save)
+                  step_flags=None, masks=()):
+    return torch.ops.rnnfused.layer_forward(x, batch_sizes, h0, c0, weights, [], [], step_flags, list(masks), cell,
+                                            has_biases, reverse, cell_clip, grad_clip, 0, True, 1e-5, save)
 def layer_backward(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip, grad_clip, hidden, gates,
                    cells, proj_in, dy, dh_n, dc_n, need_dx, need_weights):
-    saved = [hidden] + [torch.empty(0) if t is None else t for t in (gates, cells, proj_in)]
-    return torch.ops.rnnfused.layer_backward(x, batch_sizes, h0, c0, weights, [], None, saved, dy, dh_n, dc_n, cell,
+    saved = [hidden] + [torch.empty(0) if t is None else t for t in (gates, cells, proj_in, None)]
+    return torch.ops.rnnfused.layer_backward(x, batch_sizes, h0, c0, weights, [], None, [], saved, dy, dh_n, dc_n, cell,
                                              has_biases, reverse, cell_clip, grad_clip, 0, True, 1e-5, need_dx,
                                              need_weights)
 inf = float("inf")

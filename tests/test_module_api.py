@@ -251,13 +251,14 @@ def _saved_lstm_layer(device="cpu"):
     h0, c0 = torch.zeros(2, 5, device=device), torch.zeros(2, 5, device=device)
     weights = [torch.randn(20, 4, device=device), torch.randn(20, 5, device=device)]
     options = _ops.LayerOptions(_ops.Cell.LSTM, has_biases=False, cell_clip=inf, grad_clip=inf)
-    y, h_n, c_n, (hidden, gates, cells, proj_in), _ = _ops.layer_forward(options, x, None, h0, c0, weights,
-                                                                         save_for_backward=True)
+    y, h_n, c_n, (hidden, gates, cells, proj_in, state_new), _ = _ops.layer_forward(options, x, None, h0, c0, weights,
+                                                                                    save_for_backward=True)
 
     def backward(**replaced):
         saved = {"hidden": hidden, "gates": gates, "cells": cells, "dy": torch.ones_like(y), **replaced}
         return _ops.layer_backward(
-            options, x, None, h0, c0, weights, [], None, (saved["hidden"], saved["gates"], saved["cells"], proj_in),
+            options, x, None, h0, c0, weights, [], None, [],
+            (saved["hidden"], saved["gates"], saved["cells"], proj_in, state_new),
             saved["dy"], torch.zeros_like(h_n), torch.zeros_like(c_n), need_dx=True, need_weights=True)
     return backward, hidden, gates, cells
 

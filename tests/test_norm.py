@@ -281,8 +281,8 @@ def test_opcheck_with_normalization(norm, training, cell):
         running += [t(4, hidden), t(4, hidden).abs()]
     kind = Norm.BATCH if norm == "batch" else Norm.LAYER
     options = LayerOptions(Cell(cell), norm=kind, training=training)
-    args = (x, None, h0, c0, weights, norm_weights, running if kind == Norm.BATCH else [], None, *options.op_args(),
-            True)
+    args = (x, None, h0, c0, weights, norm_weights, running if kind == Norm.BATCH else [], None, [],
+            *options.op_args(), True)
     torch.library.opcheck(torch.ops.rnnfused.layer_forward.default, args)
 
 

@@ -16,9 +16,11 @@ INF = float("inf")
 DEVICES = ["cpu"] + (["cuda"] if CUDA_USABLE else [])
 
 
-def _operator_args(cell, packed, proj, requires_grad, dtype, device, flags=False):
+def _operator_args(cell, packed, proj, requires_grad, dtype, device, flags=False, masks=False):
     """Arguments of layer_forward for a small layer (B=3, T=4, I=3, H=4); ``flags``: with step
-    flags (padded input: resets and inactive rows)."""
+    flags (padded input: resets and inactive rows); ``masks``: with recurrent dropout and
+    zoneout masks (training's 0/1 weights of the previous state for h, eval's 0.3 for c; none
+    for c but an LSTM's)."""
     g = torch.Generator().manual_seed(0)
     hidden, width = 4, (2 if proj else 4)
     gates = GATES_PER_UNIT[cell] * hidden
@@ -36,35 +38,42 @@ def _operator_args(cell, packed, proj, requires_grad, dtype, device, flags=False
     step_flags = None
     if flags:
         step_flags = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 2], [1, 2, 2]], dtype=torch.int32, device=device)
+    mask_list = []
+    if masks:
+        mask_list = [(t(3, width, grad=False) > 0).to(dtype) * 2, (t(4, 3, width, grad=False) > 0).to(dtype),
+                     torch.full((4, 3, hidden), 0.3, dtype=dtype, device=device) if cell == Cell.LSTM
+                     else torch.empty(0, dtype=dtype, device=device)]
     options = LayerOptions(cell, has_biases=True, reverse=False, cell_clip=INF, grad_clip=0.5)
-    return (x, batch_sizes, t(3, width), c0, weights, [], [], step_flags, *options.op_args(), True)
+    return (x, batch_sizes, t(3, width), c0, weights, [], [], step_flags, mask_list, *options.op_args(), True)
 
 
-# (cell, packed, proj, flags, requires_grad, dtype, device); step flags go with padded input.
+# (cell, packed, proj, flags, masks, requires_grad, dtype, device); step flags go with padded
+# input; the masks with float32 and float64.
 OPCHECK_CASES = [
-    (cell, packed, proj, flags, requires_grad, dtype, device)
+    (cell, packed, proj, flags, masks, requires_grad, dtype, device)
     for cell, packed, requires_grad, dtype, device in itertools.product(
         Cell, (False, True), (False, True), (torch.float32, torch.float64, torch.bfloat16), DEVICES)
     for proj in ((False, True) if cell == Cell.LSTM else (False,))
     for flags in ((False,) if packed else (False, True))
+    for masks in ((False,) if dtype == torch.bfloat16 else (False, True))
 ]
 
 
-@pytest.mark.parametrize("cell,packed,proj,flags,requires_grad,dtype,device", OPCHECK_CASES)
-def test_opcheck_layer_forward(cell, packed, proj, flags, requires_grad, dtype, device):
-    args = _operator_args(cell, packed, proj, requires_grad, dtype, device, flags)
+@pytest.mark.parametrize("cell,packed,proj,flags,masks,requires_grad,dtype,device", OPCHECK_CASES)
+def test_opcheck_layer_forward(cell, packed, proj, flags, masks, requires_grad, dtype, device):
+    args = _operator_args(cell, packed, proj, requires_grad, dtype, device, flags, masks)
     torch.library.opcheck(torch.ops.rnnfused.layer_forward.default, args)
 
 
-@pytest.mark.parametrize("cell,packed,proj,flags,requires_grad,dtype,device",
-                         [c for c in OPCHECK_CASES if not c[4]])
-def test_opcheck_layer_backward(cell, packed, proj, flags, requires_grad, dtype, device):
-    args = _operator_args(cell, packed, proj, False, dtype, device, flags)
-    x, batch_sizes, h0, c0, weights, norm_weights, _, step_flags = args[:8]
-    options = args[8:-1]
+@pytest.mark.parametrize("cell,packed,proj,flags,masks,requires_grad,dtype,device",
+                         [c for c in OPCHECK_CASES if not c[5]])
+def test_opcheck_layer_backward(cell, packed, proj, flags, masks, requires_grad, dtype, device):
+    args = _operator_args(cell, packed, proj, False, dtype, device, flags, masks)
+    x, batch_sizes, h0, c0, weights, norm_weights, _, step_flags, mask_list = args[:9]
+    options = args[9:-1]
     y, h_n, c_n, saved, _ = torch.ops.rnnfused.layer_forward(*args)
     is_lstm = cell == Cell.LSTM
-    backward_args = (x, batch_sizes, h0, c0, weights, norm_weights, step_flags, saved, torch.randn_like(y),
+    backward_args = (x, batch_sizes, h0, c0, weights, norm_weights, step_flags, mask_list, saved, torch.randn_like(y),
                      torch.randn_like(h_n), torch.randn_like(c_n) if is_lstm else None, *options, True, True)
     torch.library.opcheck(torch.ops.rnnfused.layer_backward.default, backward_args)
 

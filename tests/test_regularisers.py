@@ -194,6 +194,98 @@ def test_with_layer_norm_and_lengths():
     assert (y - expected).abs().max() <= 1e-10
 
 
+def _spy_on_the_reference(monkeypatch):
+    """The calls of the reference equations a layer makes (rnnfused.functional._reference_layer)."""
+    from rnnfused import functional
+    calls = []
+    original = functional._reference_layer
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].cell)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "_reference_layer", spy)
+    return calls
+
+
+@pytest.mark.parametrize("mode,extra", MODES, ids=MODE_IDS)
+def test_the_fused_kernels_run_them(mode, extra, monkeypatch):
+    """Recurrent dropout and zoneout run in the stepwise kernels, in training and eval, and
+    explain says so; only zoneout in a normalized layer runs the reference equations."""
+    calls = _spy_on_the_reference(monkeypatch)
+    x, _ = _input(False)
+    module = _module(mode, extra, {"recurrent_dropout": 0.2, "zoneout": 0.3})
+    for training in (True, False):
+        module.train(training)
+        module(x)[0].sum().backward()
+        assert {choice.kernel for choice in rnnfused.explain(module, x)} == {"stepwise"}
+    assert calls == []
+    if "proj_size" in extra:
+        return
+    normalized = _module(mode, extra, {"recurrent_dropout": 0.2}, norm="layer")
+    normalized(x)[0].sum().backward()
+    assert calls == []
+    normalized.zoneout = 0.3
+    normalized(x)
+    assert calls
+    assert {choice.kernel for choice in rnnfused.explain(normalized, x)} == {"reference equations"}
+
+
+@pytest.mark.parametrize("mode,extra", MODES, ids=MODE_IDS)
+def test_with_lengths_and_resets(mode, extra, monkeypatch):
+    """Step flags and masks together in the fused kernels: a reset zeroes the state zoneout
+    keeps and recurrent dropout masks; a finished row holds it."""
+    calls = _spy_on_the_reference(monkeypatch)
+    module = _module(mode, extra, {"recurrent_dropout": 0.3, "zoneout": 0.4})
+    x, _ = _input(False)
+    lengths = torch.tensor([6, 2, 5, 1])
+    resets = torch.zeros(6, 4, dtype=torch.bool)
+    resets[2, 0] = resets[3, 2] = resets[1, 1] = True
+    for training in (True, False):
+        module.train(training)
+        with captured_masks() as recorded:
+            output = module(x, lengths=lengths, resets=resets)
+        expected = reference.forward(module, x, lengths=lengths, resets=resets, masks=recorded[0])
+        values, grads = _values_and_grads(module, x, output)
+        ref_values, ref_grads = _values_and_grads(module, x, expected)
+        assert _max_error(values, ref_values) <= 1e-10
+        assert _max_error(grads, ref_grads) <= 1e-10
+    assert calls == []
+
+
+@pytest.mark.parametrize("mode,extra", [MODES[0], MODES[1], MODES[2], MODES[4]], ids=["LSTM", "LSTMP", "GRU", "RNN_TANH"])
+def test_float32_within_the_float32_tolerance(mode, extra):
+    module = _module(mode, extra, {"recurrent_dropout": 0.3, "zoneout": 0.2}).float()
+    x = torch.randn(20, 8, 3, requires_grad=True)
+    with captured_masks() as recorded:
+        output = module(x)
+    masks = recorded[0]
+    double = _module(mode, extra, {}).double()
+    double.load_state_dict(module.state_dict())
+    for layer in masks.layers:  # the same masks in float64
+        for name in ("hidden", "keep_h", "keep_c"):
+            if isinstance(getattr(layer, name), torch.Tensor):
+                setattr(layer, name, getattr(layer, name).double())
+    expected = reference.forward(double, x.detach().double().requires_grad_(), masks=masks)
+    assert _max_error([output[0]], [expected[0]]) <= 1e-5
+
+
+def test_compiled_matches_eager_with_the_same_seed():
+    """torch.compile keeps the fused kernels and their masks (aot_eager draws the random
+    numbers as eager does, so the same seed gives the same masks)."""
+    torch._dynamo.reset()
+    module = _module("LSTM", {}, {"recurrent_dropout": 0.3, "zoneout": 0.2})
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x, _ = _input(False)
+    for training in (True, False):
+        module.train(training)
+        torch.manual_seed(5)
+        expected = _values_and_grads(module, x, module(x))
+        torch.manual_seed(5)
+        actual = _values_and_grads(module, x, compiled(x))
+        assert _max_error(actual[0] + list(actual[1]), expected[0] + list(expected[1])) <= 1e-12
+
+
 def test_the_dispatch_never_gives_them_to_cudnn():
     module = rnnfused.GRU(3, 5, num_layers=2, dropout=0.2, dropout_mode="variational", weight_drop=0.1,
                           recurrent_dropout=0.1, zoneout=0.1)
