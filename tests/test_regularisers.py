@@ -37,7 +37,7 @@ def _values_and_grads(module, x, output):
     states = output[1] if isinstance(output[1], tuple) else (output[1],)
     values = [y, *states]
     weights = torch.Generator().manual_seed(2)
-    loss = sum((v * torch.randn(v.shape, generator=weights, dtype=v.dtype)).sum() for v in values)
+    loss = sum((v * torch.randn(v.shape, generator=weights, dtype=v.dtype).to(v.device)).sum() for v in values)
     return values, torch.autograd.grad(loss, [x, *module.parameters()], retain_graph=True)
 
 
@@ -326,3 +326,28 @@ def test_a_module_saved_before_the_options_existed_runs_without_them():
     for name in ("weight_drop", "recurrent_dropout", "zoneout", "dropout_mode"):
         delattr(module, name)
     assert torch.equal(module(x)[0], expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode,extra", MODES, ids=MODE_IDS)
+def test_cuda_stepwise_kernels_match_the_reference_with_their_masks(mode, extra, dtype, monkeypatch):
+    """The CUDA stepwise kernels with every regulariser, training and eval, padded and with
+    lengths and resets (RNNFUSED_KERNEL=stepwise runs them before a GPU check verified them)."""
+    monkeypatch.setenv("RNNFUSED_KERNEL", "stepwise")
+    calls = _spy_on_the_reference(monkeypatch)
+    module = _module(mode, extra, OPTIONS[-1]).to("cuda", dtype)
+    x = torch.randn(6, 4, 3, device="cuda", dtype=dtype, requires_grad=True)
+    resets = torch.zeros(6, 4, dtype=torch.bool, device="cuda")
+    resets[2, 0] = True
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    for training, flags in ((True, {}), (False, {}), (True, {"lengths": torch.tensor([6, 2, 5, 1]), "resets": resets})):
+        module.train(training)
+        with captured_masks() as recorded:
+            output = module(x, **flags)
+        assert calls == []
+        expected = reference.forward(module, x, **flags, masks=recorded[0])
+        values, grads = _values_and_grads(module, x, output)
+        ref_values, ref_grads = _values_and_grads(module, x, expected)
+        assert _max_error(values, ref_values) <= tolerance
+        assert _max_error(grads, ref_grads) <= tolerance
