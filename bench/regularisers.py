@@ -10,6 +10,9 @@ Setup: a 2-layer LSTM (or GRU), T64 B32 I=H=256 by default, float32, training mo
   variational         rnnfused, dropout=0.3, dropout_mode="variational"
   recurrent_dropout   rnnfused, recurrent_dropout=0.3
   zoneout             rnnfused, zoneout=0.1
+  zoneout_drawn       the same with the masks in the form the device does not use by default
+  (zoneout_stored)    (rnnfused.regularisers.kernels_draw): drawn in the kernels on the CPU,
+                      stored on a GPU, to keep that choice measured
   torch_weight_drop   torch.nn with W_hh masked for each call through torch.func.functional_call
                       (AWD-LSTM's WeightDrop without replacing the parameters)
   cell_loop_zoneout   a Python loop of nn.LSTMCell / nn.GRUCell with recurrent dropout and
@@ -25,11 +28,13 @@ import csv
 import os
 import statistics
 import sys
+from unittest import mock
 
 import torch
 from torch import nn
 
 import rnnfused
+from rnnfused import regularisers
 
 from .harness import synced_clock
 
@@ -94,6 +99,17 @@ def cell_loop_zoneout(cells, hidden, zoneout=0.1):
     return forward
 
 
+def other_zoneout_form(module, device):
+    """(name, forward): ``module`` with zoneout masks drawn in the kernels where the device
+    stores them by default, stored where it draws them."""
+    drawn = not regularisers.kernels_draw(torch.device(device))
+
+    def forward(x):
+        with mock.patch.object(regularisers, "kernels_draw", lambda _: drawn):
+            return module(x)[0]
+    return ("zoneout_drawn" if drawn else "zoneout_stored"), forward
+
+
 def _build(name, hidden, layers, device):
     layer_cls, cell_cls = CELLS[name]
     runs = {}
@@ -101,6 +117,9 @@ def _build(name, hidden, layers, device):
         torch.manual_seed(0)
         module = getattr(rnnfused, name)(hidden, hidden, num_layers=layers, **options).to(device)
         runs[impl] = (lambda m: lambda x: m(x)[0])(module)
+        if impl == "zoneout":
+            other, forward = other_zoneout_form(module, device)
+            runs[other] = forward
     torch.manual_seed(0)
     runs["torch_weight_drop"] = torch_weight_drop(layer_cls(hidden, hidden, num_layers=layers).to(device))
     cells = [cell_cls(hidden, hidden).to(device) for _ in range(layers)]

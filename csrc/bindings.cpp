@@ -259,16 +259,21 @@ struct Layer {
   bool packed = false;
   Tensor x, w_ih, w_hh, b_ih, b_hh, w_hr, step_flags, recurrent_mask, keep_h, keep_c;
   at::TensorOptions opts, acc;
-  bool has_masks() const { return p.recurrent_mask || p.keep_h || p.keep_c; }
+  bool has_masks() const { return p.recurrent_mask || p.zoneout_h() || p.zoneout_c(); }
 };
 
 // The operators' `masks`: none, or [recurrent_mask, keep_h, keep_c] (params.h), an absent one an
 // empty tensor of shape [0] (as the operators' outputs that do not apply; `Tensor?[]` would not
-// trace with torch.jit.trace).
+// trace with torch.jit.trace). keep_h and keep_c are each either the weights [T, B, *] in the
+// input's dtype, or int64 [2] {seed, threshold}: drawn in the kernels (steps.h: Keep).
 using Masks = at::TensorList;
 
 bool absent_mask(const Tensor& t) {
   return t.dim() == 1 && t.size(0) == 0;
+}
+
+bool drawn_mask(const Tensor& t) {
+  return t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == 2;
 }
 
 void attach_masks(Layer& l, Masks masks) {
@@ -282,10 +287,16 @@ void attach_masks(Layer& l, Masks masks) {
   const std::vector<int64_t> shapes[] = {{p.B, p.P}, {p.T, p.B, p.P}, {p.T, p.B, p.H}};
   Tensor* kept[] = {&l.recurrent_mask, &l.keep_h, &l.keep_c};
   const void** pointers[] = {&p.recurrent_mask, &p.keep_h, &p.keep_c};
+  const int64_t** draws[] = {nullptr, &p.keep_h_draw, &p.keep_c_draw};
   for (int i = 0; i < 3; ++i) {
     if (absent_mask(masks[i])) continue;
-    *kept[i] = prepare(masks[i], names[i], shapes[i], l.x);
-    *pointers[i] = ptr(*kept[i]);
+    if (draws[i] && drawn_mask(masks[i])) {
+      *kept[i] = prepare(masks[i], names[i], {2}, l.x, at::kLong);
+      *draws[i] = kept[i]->data_ptr<int64_t>();
+    } else {
+      *kept[i] = prepare(masks[i], names[i], shapes[i], l.x);
+      *pointers[i] = ptr(*kept[i]);
+    }
   }
 }
 
@@ -389,7 +400,7 @@ Normalization prepare_norm(const LayerOptions& options, at::TensorList weights, 
   TORCH_CHECK_VALUE(weights.size() == (lstm ? 4u : 2u), "rnnfused: a normalized layer needs the norm weights "
                     "[gamma_x, gamma_h", lstm ? ", gamma_c, beta_c" : "", "], got ", weights.size(), " tensors");
   TORCH_CHECK_VALUE(!layer.p.step_flags, "rnnfused: normalized layers take no step_flags (resets or lengths)");
-  TORCH_CHECK_VALUE(!layer.p.keep_h && !layer.p.keep_c, "rnnfused: normalized layers take no zoneout masks "
+  TORCH_CHECK_VALUE(!layer.p.zoneout_h() && !layer.p.zoneout_c(), "rnnfused: normalized layers take no zoneout masks "
                     "(keep_h, keep_c)");
   const char* weight_names[] = {"gamma_x", "gamma_h", "gamma_c", "beta_c"};
   for (size_t i = 0; i < weights.size(); ++i)
@@ -577,9 +588,9 @@ ForwardResult layer_forward(const Tensor& x_in, const OptTensor& batch_sizes, co
   Tensor masked_h, state_new;
   if (layer.p.recurrent_mask) masked_h = empty({p.B, p.P}, opts);
   // Zoneout: what backward cannot tell from the state (params.h: cells_new, hidden_new).
-  if (save_for_backward && cell == Cell::LSTM && layer.p.keep_c) state_new = empty({p.N, p.H}, acc);
+  if (save_for_backward && cell == Cell::LSTM && layer.p.zoneout_c()) state_new = empty({p.N, p.H}, acc);
   const bool rnn = cell == Cell::RNN_TANH || cell == Cell::RNN_RELU;
-  if (save_for_backward && rnn && layer.p.keep_h) state_new = empty({p.N, p.H}, opts);
+  if (save_for_backward && rnn && layer.p.zoneout_h()) state_new = empty({p.N, p.H}, opts);
 
   p.x = ptr(x);
   p.y = ptr(y);
@@ -697,8 +708,8 @@ BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, 
   const Tensor cells_c =
       cell == Cell::LSTM ? prepare(cells, "the saved cells", {p.N, p.H}, x, acc_dtype) : Tensor();
   const Tensor proj_in_c = projected ? prepare(proj_in, "the saved projection input", {p.N, p.H}, x) : Tensor();
-  const bool lstm_zoneout = cell == Cell::LSTM && p.keep_c;
-  const bool rnn_zoneout = (cell == Cell::RNN_TANH || cell == Cell::RNN_RELU) && p.keep_h;
+  const bool lstm_zoneout = cell == Cell::LSTM && p.zoneout_c();
+  const bool rnn_zoneout = (cell == Cell::RNN_TANH || cell == Cell::RNN_RELU) && p.zoneout_h();
   const Tensor state_new_c =
       lstm_zoneout || rnn_zoneout
           ? prepare(state_new, "the saved state before zoneout", {p.N, p.H}, x,

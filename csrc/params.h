@@ -144,6 +144,12 @@ struct LayerParams {
                                          //   (the GRU's carry z ⊙ h_{t-1} keeps the unmasked state)
   const void* keep_h = nullptr;          // [T, B, P] zoneout of h (cells.h: zoneout)
   const void* keep_c = nullptr;          // [T, B, H] zoneout of the LSTM cell
+  // Or, in training, zoneout drawn in the kernels (steps.h: Keep), int64 {seed, threshold} in
+  // the memory of the input's device: what forward and backward save instead of [T, B, *].
+  const int64_t* keep_h_draw = nullptr;
+  const int64_t* keep_c_draw = nullptr;
+  bool zoneout_h() const { return keep_h || keep_h_draw; }
+  bool zoneout_c() const { return keep_c || keep_c_draw; }
 
   // Stage 2 (csrc/persistent/): run the recurrence as one persistent kernel with this tiling
   // (null: step by step). Packed input also needs its batch sizes and the first row of every

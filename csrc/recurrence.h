@@ -193,8 +193,8 @@ void forward_steps(Backend& be, const ForwardParams& p) {
   auto* proj_in = static_cast<S*>(p.proj_in);
   auto* rh = static_cast<S*>(p.rh);
   const auto* recurrent_mask = static_cast<const S*>(p.recurrent_mask);
-  const auto* keep_h = static_cast<const S*>(p.keep_h);
-  const auto* keep_c = static_cast<const S*>(p.keep_c);
+  const auto keep_h = keep_of<S, A>(p.keep_h, p.keep_h_draw);
+  const auto keep_c = keep_of<S, A>(p.keep_c, p.keep_c_draw);
   auto* masked_h = static_cast<S*>(p.masked_h);
   auto* cells_new = static_cast<A*>(p.cells_new);
   auto* hidden_new = static_cast<S*>(p.hidden_new);
@@ -230,8 +230,8 @@ void forward_steps(Backend& be, const ForwardParams& p) {
       be.for_each(rows, P, MaskState<S, A>{h_in, recurrent_mask, masked_h, P, flags_t});
       h_in = masked_h;
     }
-    const S* keep_h_t = keep_h ? keep_h + t * p.B * P : nullptr;  // [T, B, *]: packed too
-    const S* keep_c_t = keep_c ? keep_c + t * p.B * H : nullptr;
+    const auto keep_h_t = keep_h + t * p.B * P;  // [T, B, *]: packed too
+    const auto keep_c_t = keep_c + t * p.B * H;
     // Zoneout reads the state carried in, zero after a reset.
     S* h_reset = keep_h_t && !w_hr ? h : nullptr;
     switch (p.cell) {
@@ -250,7 +250,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
                           LstmForwardStep<S, A, decltype(save)::value, decltype(norm_cell)::value,
                                           decltype(flagged)::value>{
                               gx_t, gh, b_ih, b_hh, c, m_t, w_hr ? m_t : h, gates_t, cells_t, H, ld_gx,
-                              A(p.cell_clip), gh, flags_t, w_hr == nullptr, w_hr ? nullptr : keep_h_t, keep_c_t,
+                              A(p.cell_clip), gh, flags_t, w_hr == nullptr, w_hr ? Keep<S, A>{} : keep_h_t, keep_c_t,
                               cells_new ? cells_new + r0 * H : nullptr});
             });
           });
@@ -377,8 +377,8 @@ void backward_steps(Backend& be, const BackwardParams& p) {
   auto* rh = static_cast<S*>(p.rh);
   auto* drh = static_cast<A*>(p.drh);
   const auto* recurrent_mask = static_cast<const S*>(p.recurrent_mask);
-  const auto* keep_h = static_cast<const S*>(p.keep_h);
-  const auto* keep_c = static_cast<const S*>(p.keep_c);
+  const auto keep_h = keep_of<S, A>(p.keep_h, p.keep_h_draw);
+  const auto keep_c = keep_of<S, A>(p.keep_c, p.keep_c_draw);
   auto* masked_h_prev = static_cast<S*>(p.masked_h_prev);
   auto* dh_product = static_cast<A*>(p.dh_product);
   // The state the cells computed from, before zoneout mixed in the previous one.
@@ -411,8 +411,8 @@ void backward_steps(Backend& be, const BackwardParams& p) {
     const int64_t r0 = offsets[t];
     const A* gates_t = gates + r0 * saved_width;
     const int32_t* flags_t = p.step_flags ? p.step_flags + r0 : nullptr;  // padded: r0 = t * B
-    const S* keep_h_t = keep_h ? keep_h + t * p.B * P : nullptr;
-    const S* keep_c_t = keep_c ? keep_c + t * p.B * H : nullptr;
+    const auto keep_h_t = keep_h + t * p.B * P;
+    const auto keep_c_t = keep_c + t * p.B * H;
     // The product of the step's gate gradients dgh (its first `width` columns) with W_hh adds
     // (beta 1) or writes the gradient of h_{t-1}; with recurrent dropout that of m ⊙ h_{t-1},
     // which reaches h_{t-1} times m.
@@ -463,7 +463,7 @@ void backward_steps(Backend& be, const BackwardParams& p) {
               be.for_each(rows, H,
                           LstmBackwardStep<S, A, decltype(projected)::value, kFlags>{
                               gates_t, cells_new + r0 * H, c_prev + r0 * H, dy_t, dh_t, dc, dpre_x + r0 * G, H,
-                              cell_clip, grad_clip, flags_t, w_hr ? nullptr : keep_h_t, keep_c_t});
+                              cell_clip, grad_clip, flags_t, w_hr ? Keep<S, A>{} : keep_h_t, keep_c_t});
             });
           }
           normalize_hidden_backward(t, r0, rows, 0, G, 0);

@@ -25,9 +25,9 @@
 // StartSegments zeroes the row's carried state and its product with W_hh before the pass, and
 // in the backward CutAtResets zeroes the gradient carried back across the reset.
 //
-// Zoneout (keep_h, keep_c: this step's rows of params.h's masks, null where off) mixes the
-// previous state into the new one after the cell (cells.h: zoneout), in the same pass; with a
-// projection h's is ProjectedStateStep's. A null test of a member is the same for every
+// Zoneout (keep_h, keep_c: Keep, this step's rows of params.h's masks, empty where off) mixes
+// the previous state into the new one after the cell (cells.h: zoneout), in the same pass; with
+// a projection h's is ProjectedStateStep's. A null test of a member is the same for every
 // element of a pass: the CPU's loop is unswitched on it, the GPU's warps do not diverge.
 #pragma once
 
@@ -35,6 +35,7 @@
 
 #include "cells.h"
 #include "params.h"
+#include "philox.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -72,6 +73,34 @@ RNNF_HD __nv_bfloat16 store<__nv_bfloat16, float>(float x) {
   return __float2bfloat16_rn(x);
 }
 #endif
+
+// Zoneout's keep weight k of each element of a step (cells.h: zoneout), off when empty: given
+// values [rows, width] (eval's p, or masks a caller drew), or drawn per element from the Philox
+// stream of draw = {seed, threshold}, k = 1 with probability threshold / 2^32. `index` is the
+// element's place in the layer's [T, B, width] mask, so that backward draws what forward did.
+template <typename S, typename A>
+struct Keep {
+  const S* values = nullptr;
+  const int64_t* draw = nullptr;  // the input's device memory: the seed drawn from torch's generator
+  int64_t index = 0;
+
+  RNNF_HD explicit operator bool() const { return values != nullptr || draw != nullptr; }
+
+  // The keep weights of the elements from n on.
+  RNNF_HD Keep operator+(int64_t n) const { return Keep{values ? values + n : nullptr, draw, index + n}; }
+
+  RNNF_HD A at(int64_t e) const {
+    if (values) return load<A>(values[e]);
+    const uint32_t bits = philox::bits(static_cast<uint64_t>(draw[0]), static_cast<uint64_t>(index + e));
+    return static_cast<int64_t>(bits) < draw[1] ? A(1) : A(0);
+  }
+};
+
+// The keep weights of a layer's [T, B, width] mask (params.h: values or draw, both null: off).
+template <typename S, typename A>
+Keep<S, A> keep_of(const void* values, const int64_t* draw) {
+  return Keep<S, A>{static_cast<const S*>(values), draw, 0};
+}
 
 // Sum of the input and recurrent pre-activation of gate column k (both biases included);
 // x_row and h_row point at the row of gx and gh.
@@ -129,8 +158,8 @@ struct LstmForwardStep {
   A* o_out = nullptr;  // [rows, 4H] kNormCell: o in column block 3 (may be gh itself)
   const int32_t* flags = nullptr;  // [rows] kFlags
   bool hold_output = true;         // kFlags: an inactive row writes its held h to h_out (else zeros)
-  const S* keep_h = nullptr;       // [rows, H] zoneout of h (not with kNormCell or a projection)
-  const S* keep_c = nullptr;       // [rows, H] zoneout of c (not with kNormCell)
+  Keep<S, A> keep_h{};       // [rows, H] zoneout of h (not with kNormCell or a projection)
+  Keep<S, A> keep_c{};       // [rows, H] zoneout of c (not with kNormCell)
   A* cells_new = nullptr;          // [rows, H] kSave and keep_c: c̃_t, the cell before zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
@@ -146,13 +175,13 @@ struct LstmForwardStep {
     const int64_t e = b * H + j;
     const A c_prev = c[e];
     const A c_new = cells::lstm_cell(a, c_prev, cell_clip);
-    const A c_t = keep_c ? cells::zoneout(load<A>(keep_c[e]), c_prev, c_new) : c_new;
+    const A c_t = keep_c ? cells::zoneout(keep_c.at(e), c_prev, c_new) : c_new;
     c[e] = c_t;
     if constexpr (kNormCell) {
       o_out[row + 3 * H + j] = a.o;
     } else {
       A h = cells::lstm_hidden(a, c_new);
-      if (keep_h) h = cells::zoneout(load<A>(keep_h[e]), load<A>(h_state[e]), h);
+      if (keep_h) h = cells::zoneout(keep_h.at(e), load<A>(h_state[e]), h);
       h_out[e] = store<S>(h);
       h_state[e] = store<S>(h);
     }
@@ -189,7 +218,7 @@ struct GruForwardStep {
   A* gates;       // [rows, 4H] kSave: r, z, n, W_hn h + b_hn
   int64_t H, ld_gx;
   const int32_t* flags = nullptr;  // [rows] kFlags
-  const S* keep_h = nullptr;       // [rows, H] zoneout
+  Keep<S, A> keep_h{};       // [rows, H] zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
 
@@ -203,7 +232,7 @@ struct GruForwardStep {
     const int64_t e = b * H + j;
     const A h_prev = load<A>(h_state[e]);
     A h = cells::gru_hidden(a.z, a.n, h_prev);
-    if (keep_h) h = cells::zoneout(load<A>(keep_h[e]), h_prev, h);
+    if (keep_h) h = cells::zoneout(keep_h.at(e), h_prev, h);
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
     if constexpr (kSave) {
@@ -254,7 +283,7 @@ struct GruChoOutputStep {
   A* gates;       // [rows, 3H] kSave: z, n (column blocks 1, 2)
   int64_t H, ld_gx;
   const int32_t* flags = nullptr;  // [rows] kFlags
-  const S* keep_h = nullptr;       // [rows, H] zoneout
+  Keep<S, A> keep_h{};       // [rows, H] zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
 
@@ -268,7 +297,7 @@ struct GruChoOutputStep {
     const int64_t e = b * H + j;
     const A h_prev = load<A>(h_state[e]);
     A h = cells::gru_hidden(z, n, h_prev);
-    if (keep_h) h = cells::zoneout(load<A>(keep_h[e]), h_prev, h);
+    if (keep_h) h = cells::zoneout(keep_h.at(e), h_prev, h);
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
     if constexpr (kSave) {
@@ -295,7 +324,7 @@ struct RnnForwardStep {
   S* h_out;       // [rows, H] y rows
   int64_t H;
   const int32_t* flags = nullptr;  // [rows] kFlags
-  const S* keep_h = nullptr;       // [rows, H] zoneout
+  Keep<S, A> keep_h{};       // [rows, H] zoneout
   S* hidden_new = nullptr;         // [rows, H] saved with keep_h: h̃_t, the state before zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
@@ -305,7 +334,7 @@ struct RnnForwardStep {
     const A pre = preact(gx + b * H, gh + b * H, b_ih, b_hh, j);
     A h = kRelu ? cells::rnn_relu_forward(pre) : cells::rnn_tanh_forward(pre);
     if (hidden_new) hidden_new[e] = store<S>(h);
-    if (keep_h) h = cells::zoneout(load<A>(keep_h[e]), load<A>(h_state[e]), h);
+    if (keep_h) h = cells::zoneout(keep_h.at(e), load<A>(h_state[e]), h);
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
   }
@@ -341,8 +370,8 @@ struct LstmBackwardStep {
   int64_t H;
   A cell_clip, grad_clip;
   const int32_t* flags = nullptr;  // [rows] kFlags
-  const S* keep_h = nullptr;       // [rows, H] zoneout of h (not projecting: AddStep's then)
-  const S* keep_c = nullptr;       // [rows, H] zoneout of c; `cells` then holds c̃_t
+  Keep<S, A> keep_h{};       // [rows, H] zoneout of h (not projecting: AddStep's then)
+  Keep<S, A> keep_c{};       // [rows, H] zoneout of c; `cells` then holds c̃_t
 
   RNNF_STEP_OR_HOLD(kFlags)
 
@@ -356,14 +385,14 @@ struct LstmBackwardStep {
       dh_total += load<A>(dy[e]);
       if (keep_h) {
         A kept;
-        dh_total = cells::zoneout_backward(load<A>(keep_h[e]), dh_total, kept);
+        dh_total = cells::zoneout_backward(keep_h.at(e), dh_total, kept);
         dh[e] = kept;
       } else if constexpr (kFlags) {
         dh[e] = A(0);
       }
     }
     A dc_new = dc[e], dc_kept = A(0);
-    if (keep_c) dc_new = cells::zoneout_backward(load<A>(keep_c[e]), dc_new, dc_kept);
+    if (keep_c) dc_new = cells::zoneout_backward(keep_c.at(e), dc_new, dc_kept);
     A dc_prev;
     const auto d = cells::lstm_backward(a, cells[e], c_prev[e], dh_total, dc_new, cell_clip, grad_clip, dc_prev);
     dc[e] = dc_prev + dc_kept;
@@ -390,7 +419,7 @@ struct GruBackwardStep {
   int64_t H;
   A grad_clip;
   const int32_t* flags = nullptr;  // [rows] kFlags
-  const S* keep_h = nullptr;       // [rows, H] zoneout
+  Keep<S, A> keep_h{};       // [rows, H] zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
 
@@ -400,7 +429,7 @@ struct GruBackwardStep {
                                gates[saved + 3 * H + j]};
     const int64_t e = b * H + j;
     A dh_new = dh[e] + load<A>(dy[e]), dh_kept = A(0);
-    if (keep_h) dh_new = cells::zoneout_backward(load<A>(keep_h[e]), dh_new, dh_kept);
+    if (keep_h) dh_new = cells::zoneout_backward(keep_h.at(e), dh_new, dh_kept);
     const auto d = cells::gru_backward(a, load<A>(h_prev[e]), dh_new, grad_clip);
     dh[e] = d.dh_prev_direct + dh_kept;
     const int64_t row = b * 3 * H;
@@ -432,7 +461,7 @@ struct GruChoBackwardNzStep {
   int64_t H;
   A grad_clip;
   const int32_t* flags = nullptr;  // [rows] kFlags
-  const S* keep_h = nullptr;       // [rows, H] zoneout
+  Keep<S, A> keep_h{};       // [rows, H] zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
 
@@ -440,7 +469,7 @@ struct GruChoBackwardNzStep {
     const int64_t row = b * 3 * H;
     const int64_t e = b * H + j;
     A dh_new = dh[e] + load<A>(dy[e]), dh_kept = A(0);
-    if (keep_h) dh_new = cells::zoneout_backward(load<A>(keep_h[e]), dh_new, dh_kept);
+    if (keep_h) dh_new = cells::zoneout_backward(keep_h.at(e), dh_new, dh_kept);
     const auto d = cells::gru_cho_backward_nz(gates[row + H + j], gates[row + 2 * H + j],
                                               load<A>(h_prev[e]), dh_new, grad_clip);
     dh[e] = d.dh_prev_direct + dh_kept;
@@ -499,7 +528,7 @@ struct RnnBackwardStep {
   int64_t H;
   A grad_clip;
   const int32_t* flags = nullptr;  // [rows] kFlags
-  const S* keep_h = nullptr;       // [rows, H] zoneout; `h` then holds h̃_t
+  Keep<S, A> keep_h{};       // [rows, H] zoneout; `h` then holds h̃_t
 
   RNNF_STEP_OR_HOLD(kFlags)
 
@@ -509,7 +538,7 @@ struct RnnBackwardStep {
     A grad = dh[e] + load<A>(dy[e]);
     if (keep_h) {
       A kept;
-      grad = cells::zoneout_backward(load<A>(keep_h[e]), grad, kept);
+      grad = cells::zoneout_backward(keep_h.at(e), grad, kept);
       dh[e] = kept;
     } else if constexpr (kFlags) {
       dh[e] = A(0);
@@ -534,7 +563,7 @@ struct AddStep {
   S* out;      // [rows, width]
   int64_t width;
   const int32_t* flags = nullptr;  // [rows] kFlags
-  const S* keep = nullptr;         // [rows, width] zoneout
+  Keep<S, A> keep{};         // [rows, width] zoneout
 
   RNNF_STEP_OR_HOLD(kFlags)
 
@@ -543,7 +572,7 @@ struct AddStep {
     const A total = load<A>(a[e]) + b[e];
     if (keep) {
       A kept;
-      out[e] = store<S>(cells::zoneout_backward(load<A>(keep[e]), total, kept));
+      out[e] = store<S>(cells::zoneout_backward(keep.at(e), total, kept));
       b[e] = kept;
     } else {
       out[e] = store<S>(total);
@@ -568,7 +597,7 @@ struct ProjectedStateStep {
   S* h;      // [rows, P] the state
   int64_t P;
   const int32_t* flags;  // [rows] or null
-  const S* keep;         // [rows, P] or null
+  Keep<S, A> keep;       // [rows, P] or off
 
   RNNF_HD void operator()(int64_t b, int64_t k) const {
     const int64_t e = b * P + k;
@@ -578,7 +607,7 @@ struct ProjectedStateStep {
     }
     if (keep) {
       const A previous = flags && is_reset(flags[b]) ? A(0) : load<A>(h[e]);
-      y[e] = store<S>(cells::zoneout(load<A>(keep[e]), previous, load<A>(y[e])));
+      y[e] = store<S>(cells::zoneout(keep.at(e), previous, load<A>(y[e])));
     }
     h[e] = y[e];
   }

@@ -16,7 +16,9 @@ the operator (``save_for_backward``; ``need_dx``, ``need_weights``).
 shape [0]:
 recurrent_mask [B, P] multiplies h_{t-1} where it meets W_hh (recurrent dropout); keep_h
 [T, B, P] and keep_c [T, B, H] (LSTM) are zoneout's weights of the previous state (0/1 in
-training, p in eval). Packed input indexes them as padded: row b of step t at [t, b].
+training, p in eval), or each int64 [2] ``(seed, threshold)``: the kernels draw the 0/1
+weights themselves (:func:`rnnfused.regularisers.drawn_keep` gives the same tensor). Packed
+input indexes them as padded: row b of step t at [t, b].
 """
 
 import dataclasses
@@ -286,9 +288,11 @@ def check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), runni
                              f"of shape [0]), got {len(masks)} tensors")
         if mask_given(masks[2]) and not lstm:
             raise ValueError("rnnfused: keep_c (zoneout of the cell) is only for LSTM")
-        for name, mask, shape in zip(MASK_NAMES, masks, ((batch, width), (steps, batch, width), (steps, batch, hidden))):
+        for i, (name, mask, shape) in enumerate(zip(MASK_NAMES, masks,
+                                                    ((batch, width), (steps, batch, width), (steps, batch, hidden)))):
             if mask_given(mask):
-                _check_shape(mask, name, shape, x.dtype)
+                drawn = i > 0 and mask.dtype == torch.int64 and mask.shape == (2,)
+                _check_shape(mask, name, (2,) if drawn else shape, torch.int64 if drawn else x.dtype)
         if options.norm != Norm.NONE and (mask_given(masks[1]) or mask_given(masks[2])):
             raise ValueError("rnnfused: normalized layers take no zoneout masks (keep_h, keep_c)")
     if options.norm == Norm.NONE:

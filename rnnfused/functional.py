@@ -367,12 +367,13 @@ def _fused_masks_run(options, masks):
 
 def _operator_masks(masks, x, h0, c0, steps):
     """The operators' ``[recurrent_mask, keep_h, keep_c]`` of a Masks, in the input's dtype (also
-    under autocast; absent: shape [0]); zoneout's eval weight (a number) filled in over [T, B, width]."""
+    under autocast; absent: shape [0]); zoneout's eval weight (a number) filled in over [T, B, width],
+    its drawn form (int64 (seed, threshold)) as it is."""
     def tensor(mask, width):
         if mask is None:
             return x.new_empty(0)
         if isinstance(mask, torch.Tensor):
-            return mask.to(x.dtype)
+            return mask if mask.dtype == torch.int64 else mask.to(x.dtype)
         return torch.full((steps, h0.size(0), width), mask, dtype=x.dtype, device=x.device)
 
     return [tensor(masks.hidden, None), tensor(masks.keep_h, h0.size(1)),

@@ -16,6 +16,8 @@ import copy
 import torch
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from . import regularisers as _regularisers
+
 
 class _ClampGrad(torch.autograd.Function):
     """Identity forward; clamps the gradient to [-limit, limit] on the way back. Forward-mode
@@ -209,7 +211,9 @@ def layer(mode, x, h0, c0, weights, *, lengths=None, resets=None, step_flags=Non
     if masks is not None:
         if masks.weight is not None:
             weights = dict(weights, w_hh=weights["w_hh"] * masks.weight)
-        h_mask, keep_h, keep_c = masks.hidden, masks.keep_h, masks.keep_c
+        h_mask = masks.hidden
+        keep_h, keep_c = (_regularisers.keep_weights(keep, (steps, *state.shape), x.dtype)
+                          for keep, state in ((masks.keep_h, h0), (masks.keep_c, h0 if c0 is None else c0)))
     for t in order:
         active = None if active_steps is None else active_steps[t].to(x.device)
         if zero_before is not None:
@@ -316,6 +320,9 @@ def forward(module, input, hx=None, *, lengths=None, resets=None, masks=None):
             layer_masks = None
             if masks is not None:
                 layer_masks = copy.copy(masks.layers[index])
+                for name, width in (("keep_h", out_width), ("keep_c", hidden)):  # drawn: in the layer's row order
+                    setattr(layer_masks, name, _regularisers.keep_weights(getattr(layer_masks, name),
+                                                                          (x.size(0), batch, width), x.dtype))
                 for name, batch_dim in (("hidden", 0), ("keep_h", 1), ("keep_c", 1)):
                     setattr(layer_masks, name, _in_original_order(getattr(layer_masks, name), batch_dim, order))
             y, h, c = layer(mode, layer_input, h0[index], None if c0 is None else c0[index],

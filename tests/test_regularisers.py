@@ -8,7 +8,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import rnnfused
 from rnnfused import dispatch, reference
-from rnnfused.regularisers import captured_masks
+from rnnfused.regularisers import captured_masks, keep_weights, philox_bits
 
 MODES = [("LSTM", {}), ("LSTM", {"proj_size": 3}), ("GRU", {}), ("GRU", {"reset_after": False}), ("RNN", {}),
          ("RNN", {"nonlinearity": "relu"})]
@@ -96,10 +96,18 @@ def _keep_fraction(mask):
     return (mask != 0).double().mean().item()
 
 
-def test_keep_rates_and_scales():
+@pytest.fixture
+def kernels_draw(monkeypatch):
+    """Zoneout drawn in the kernels on the CPU too, as on a GPU (regularisers.kernels_draw)."""
+    monkeypatch.setattr(rnnfused.regularisers, "kernels_draw", lambda device: True)
+
+
+@pytest.mark.parametrize("drawn", [False, True], ids=["stored", "drawn"])
+def test_keep_rates_and_scales(drawn, monkeypatch):
     """Each mask keeps 1 - p of its entries (or p for zoneout's k), within 5 standard
     deviations, and scales what it keeps by 1 / (1 - p); recurrent dropout's mask is one per
     row for every step, variational dropout's one per sequence."""
+    monkeypatch.setattr(rnnfused.regularisers, "kernels_draw", lambda device: drawn)
     torch.manual_seed(0)
     module = rnnfused.LSTM(64, 128, num_layers=2, dropout=0.5, dropout_mode="variational", weight_drop=0.3,
                            recurrent_dropout=0.2, zoneout=(0.1, 0.4))
@@ -115,9 +123,11 @@ def test_keep_rates_and_scales():
     assert torch.allclose(layer.weight[layer.weight != 0], torch.tensor(1 / 0.7))
     assert layer.hidden.shape == (32, 128)
     near(_keep_fraction(layer.hidden), 0.8, layer.hidden.numel())
-    assert layer.keep_h.shape == (20, 32, 128) and layer.keep_c.shape == (20, 32, 128)
-    near(_keep_fraction(layer.keep_h), 0.1, layer.keep_h.numel())
-    near(_keep_fraction(layer.keep_c), 0.4, layer.keep_c.numel())
+    # drawn: the kernels' (seed, threshold)
+    assert layer.keep_h.shape == layer.keep_c.shape == ((2,) if drawn else (20, 32, 128))
+    keep_h, keep_c = (keep_weights(keep, (20, 32, 128), torch.float32) for keep in (layer.keep_h, layer.keep_c))
+    near(_keep_fraction(keep_h), 0.1, keep_h.numel())
+    near(_keep_fraction(keep_c), 0.4, keep_c.numel())
     assert between.shape == (32, 128)
     near(_keep_fraction(between), 0.5, between.numel())
     assert torch.allclose(between[between != 0], torch.tensor(2.0))
@@ -231,10 +241,32 @@ def test_the_fused_kernels_run_them(mode, extra, monkeypatch):
     assert {choice.kernel for choice in rnnfused.explain(normalized, x)} == {"reference equations"}
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("mode,extra", MODES, ids=MODE_IDS)
-def test_with_lengths_and_resets(mode, extra, monkeypatch):
+def test_zoneout_drawn_in_the_kernels_matches_the_reference(mode, extra, packed, kernels_draw):
+    """The kernels' Philox draws (csrc/philox.h) are the reference's (regularisers.drawn_keep),
+    element for element, forward and backward, in training and eval."""
+    module = _module(mode, extra, OPTIONS[-1])
+    for training in (True, False):
+        module.train(training)
+        x, inp = _input(packed)
+        with captured_masks() as calls:
+            output = module(inp)
+        if training:
+            assert all(layer.keep_h.dtype == torch.int64 for layer in calls[0].layers)
+        expected = reference.forward(module, inp, masks=calls[0])
+        values, grads = _values_and_grads(module, x, output)
+        ref_values, ref_grads = _values_and_grads(module, x, expected)
+        assert _max_error(values, ref_values) <= 1e-10
+        assert _max_error(grads, ref_grads) <= 1e-10
+
+
+@pytest.mark.parametrize("drawn", [False, True], ids=["stored", "drawn"])
+@pytest.mark.parametrize("mode,extra", MODES, ids=MODE_IDS)
+def test_with_lengths_and_resets(mode, extra, drawn, monkeypatch):
     """Step flags and masks together in the fused kernels: a reset zeroes the state zoneout
     keeps and recurrent dropout masks; a finished row holds it."""
+    monkeypatch.setattr(rnnfused.regularisers, "kernels_draw", lambda device: drawn)
     calls = _spy_on_the_reference(monkeypatch)
     module = _module(mode, extra, {"recurrent_dropout": 0.3, "zoneout": 0.4})
     x, _ = _input(False)
@@ -264,7 +296,7 @@ def test_float32_within_the_float32_tolerance(mode, extra):
     double.load_state_dict(module.state_dict())
     for layer in masks.layers:  # the same masks in float64
         for name in ("hidden", "keep_h", "keep_c"):
-            if isinstance(getattr(layer, name), torch.Tensor):
+            if isinstance(getattr(layer, name), torch.Tensor) and getattr(layer, name).is_floating_point():
                 setattr(layer, name, getattr(layer, name).double())
     expected = reference.forward(double, x.detach().double().requires_grad_(), masks=masks)
     assert _max_error([output[0]], [expected[0]]) <= 1e-5
@@ -351,3 +383,42 @@ def test_cuda_stepwise_kernels_match_the_reference_with_their_masks(mode, extra,
         ref_values, ref_grads = _values_and_grads(module, x, expected)
         assert _max_error(values, ref_values) <= tolerance
         assert _max_error(grads, ref_grads) <= tolerance
+
+
+def test_philox_matches_its_known_answer():
+    """Philox4x32-10's published known-answer vector (Salmon et al. 2011, Random123): counter
+    and key zero give 0x6627e8d5 as the first word; the kernels' csrc/philox.h agrees with this
+    copy wherever the parity tests above draw zoneout."""
+    assert philox_bits(torch.tensor(0), torch.tensor([0])).item() == 0x6627E8D5
+    bits = philox_bits(torch.tensor(12345), torch.arange(1 << 16))
+    assert bits.min() >= 0 and bits.max() < 2**32
+    assert abs(bits.double().mean().item() / 2**32 - 0.5) < 0.01  # uniform over 32 bits
+
+
+def _saved_bytes(module, x):
+    """The bytes autograd keeps for backward of one training call."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(x)
+    return total
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_zoneout_saves_seeds_not_masks(mode, kernels_draw):
+    """In training zoneout keeps two int64 per mask for backward, not [T, B, H] weights: the
+    saved bytes are those without zoneout plus what the cells' own backward needs (LSTM: the
+    cell before zoneout)."""
+    x = torch.randn(50, 16, 8)
+    plain, zoned = (getattr(rnnfused, mode)(8, 64, **options) for options in ({}, {"zoneout": 0.2}))
+    extra = _saved_bytes(zoned, x) - _saved_bytes(plain, x)
+    steps, batch, hidden = 50, 16, 64
+    cell_before_zoneout = steps * batch * hidden * 4 if mode == "LSTM" else 0
+    masks = 2 if mode == "LSTM" else 1
+    assert extra == cell_before_zoneout + masks * 2 * 8
+
