@@ -4,8 +4,10 @@ input product, one hidden product and one fused pointwise pass, forward and back
 
 Same constructor, parameters (names, shapes, order, initialisation), state_dict,
 extra_repr, forward signature, unbatched input, outputs and errors as torch.nn. Extras,
-keyword-only and off by default: ``grad_clip`` (every cell), ``cell_clip`` (LSTMCell) and
-``reset_after=False`` (GRUCell, the Cho et al. 2014 form).
+keyword-only and off by default: ``grad_clip`` (every cell), ``cell_clip`` (LSTMCell),
+``reset_after=False`` (GRUCell, the Cho et al. 2014 form) and ``zoneout`` (every cell; see
+:mod:`rnnfused.regularisers`). The sequence layers' other regularisers act once per sequence
+(one mask for all its steps), which a cell, called once per step, cannot know: use the layers.
 """
 
 import math
@@ -15,6 +17,7 @@ from torch import nn
 from torch.nn import init
 
 from . import dispatch
+from . import regularisers as _regularisers
 from .functional import Cell, _clip_value, autocast_result_dtypes, check_resets, run_layer, step_flags
 from .modules import _check_devices, layer_options, script_refusal
 
@@ -29,7 +32,8 @@ class RNNCellBase(nn.RNNCellBase):
 
     __constants__ = ["input_size", "hidden_size", "bias"]
 
-    def __init__(self, input_size, hidden_size, bias, num_chunks, device=None, dtype=None, *, grad_clip=None):
+    def __init__(self, input_size, hidden_size, bias, num_chunks, device=None, dtype=None, *, grad_clip=None,
+                 zoneout=0.0):
         factory_kwargs = {"device": device, "dtype": dtype}
         nn.Module.__init__(self)  # not torch.nn.RNNCellBase's: it would create and initialise its own weights
         self.input_size = input_size
@@ -37,6 +41,8 @@ class RNNCellBase(nn.RNNCellBase):
         self.bias = bias
         self.grad_clip = grad_clip
         _clip_value(grad_clip, "grad_clip")
+        self.zoneout = zoneout
+        self.regularisers  # checks zoneout
         self.weight_ih = nn.Parameter(torch.empty((num_chunks * hidden_size, input_size), **factory_kwargs))
         self.weight_hh = nn.Parameter(torch.empty((num_chunks * hidden_size, hidden_size), **factory_kwargs))
         if bias:
@@ -49,6 +55,16 @@ class RNNCellBase(nn.RNNCellBase):
 
     def __prepare_scriptable__(self):
         raise script_refusal(self)
+
+    @property
+    def regularisers(self):
+        """Zoneout as a :class:`rnnfused.regularisers.Regularisers` (absent, as in a cell saved
+        before it existed: off)."""
+        zoneout = getattr(self, "zoneout", 0.0)
+        arguments = (self.mode, 0.0, tuple(zoneout) if isinstance(zoneout, list) else zoneout)
+        if torch.compiler.is_compiling():
+            return _regularisers.Regularisers.of(*arguments)
+        return _regularisers.cached_of(*arguments)
 
     def _get_name(self):
         # repr tells ours from torch.nn's; a user's subclass keeps its own name.
@@ -64,6 +80,8 @@ class RNNCellBase(nn.RNNCellBase):
         for extra, default in (("grad_clip", None), ("cell_clip", None), ("reset_after", True)):
             if getattr(self, extra, default) is not default:
                 s += f", {extra}={getattr(self, extra)}"
+        if getattr(self, "zoneout", 0.0):
+            s += f", zoneout={self.zoneout}"
         return s
 
     def reset_parameters(self) -> None:
@@ -121,8 +139,14 @@ class RNNCellBase(nn.RNNCellBase):
         batch = input.size(0)
         flags = None if reset is None else step_flags(1, batch, input.device, resets=check_resets(reset, 1, batch))
         weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
+        masks = None
+        regularisers = self.regularisers
+        if regularisers != _regularisers.OFF:
+            masks = _regularisers.draw_layer_masks(regularisers, self.training, self.weight_hh, 1, batch,
+                                                   self.hidden_size)
+            _regularisers.record(_regularisers.CallMasks([masks], []))
         _, h_n, c_n = run_layer(options, input.unsqueeze(0), None, h, c, weights, flags=flags,
-                                reference=choice.kernel == "reference")
+                                reference=choice.kernel == "reference", masks=masks)
         c_n = c_n if cell == Cell.LSTM else None
         kind = {Cell.LSTM: "LSTMCell", Cell.GRU: "GRUCell", Cell.GRU_CHO: "GRUCell"}.get(cell, "RNNCell")
         dtypes = autocast_result_dtypes(kind, input, h.dtype, None if c is None else c.dtype)
@@ -136,22 +160,24 @@ class RNNCell(RNNCellBase, nn.RNNCell):
     :math:`h' = \tanh(W_{ih} x + b_{ih} + W_{hh} h + b_{hh})` (ReLU with ``nonlinearity='relu'``).
 
     ``RNNCell(input_size, hidden_size, bias=True, nonlinearity='tanh', device=None, dtype=None,
-    *, grad_clip=None)``
+    *, grad_clip=None, zoneout=0.0)``
 
     Shapes: input ``(N, H_in)`` or ``(H_in)``; hx ``(N, H)`` or ``(H)`` (zeros if None);
     output h' shaped as hx. ``forward(input, hx=None, reset=None)``: reset, a bool ``(N)``
     (or 0-d) tensor, starts the rows where it is True from zero states (an episode boundary;
     no gradient reaches their hx). grad_clip: clamp the gradient of the pre-activation to
-    [-grad_clip, grad_clip] in the backward pass (None: off).
+    [-grad_clip, grad_clip] in the backward pass (None: off). zoneout=p (Krueger et al. 2017):
+    in training each unit keeps its value of hx with probability p, ``h' = k ⊙ h + (1 - k) ⊙
+    h̃`` with k ~ Bernoulli(p) drawn at every call; in eval k = p.
     """
 
     __constants__ = ["input_size", "hidden_size", "bias", "nonlinearity"]
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None, *,
-                 grad_clip=None):
+                 grad_clip=None, zoneout=0.0):
+        self.nonlinearity = nonlinearity  # before the base class, which checks zoneout for this mode
         super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype,
-                         grad_clip=grad_clip)
-        self.nonlinearity = nonlinearity
+                         grad_clip=grad_clip, zoneout=zoneout)
 
     @property
     def mode(self):
@@ -183,15 +209,15 @@ class GRUCell(RNNCellBase, nn.GRUCell):
         h' = (1 - z) ⊙ n + z ⊙ h
 
     ``GRUCell(input_size, hidden_size, bias=True, device=None, dtype=None, *, grad_clip=None,
-    reset_after=True)``. Shapes as :class:`RNNCell`.
+    reset_after=True, zoneout=0.0)``. Shapes and zoneout as :class:`RNNCell`.
     """
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, grad_clip=None,
-                 reset_after=True):
+                 reset_after=True, zoneout=0.0):
         if not isinstance(reset_after, bool):
             raise TypeError(f"reset_after should be of type bool, got: {type(reset_after).__name__}")
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype,
-                         grad_clip=grad_clip)
+                         grad_clip=grad_clip, zoneout=zoneout)
         self.reset_after = reset_after
 
     mode = "GRU"
@@ -218,15 +244,16 @@ class LSTMCell(RNNCellBase, nn.LSTMCell):
         h' = o ⊙ tanh(c')
 
     ``LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None, *, grad_clip=None,
-    cell_clip=None)``. Shapes: input ``(N, H_in)`` or ``(H_in)``; hx ``(h, c)`` each
-    ``(N, H)`` or ``(H)`` (zeros if None); returns ``(h', c')`` shaped as h and c.
+    cell_clip=None, zoneout=0.0)``. Shapes: input ``(N, H_in)`` or ``(H_in)``; hx ``(h, c)`` each
+    ``(N, H)`` or ``(H)`` (zeros if None); returns ``(h', c')`` shaped as h and c. zoneout: p
+    for both h and c, or ``(p_h, p_c)``, as :class:`RNNCell`'s.
     """
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, grad_clip=None,
-                 cell_clip=None):
+                 cell_clip=None, zoneout=0.0):
         _clip_value(cell_clip, "cell_clip")
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype,
-                         grad_clip=grad_clip)
+                         grad_clip=grad_clip, zoneout=zoneout)
         self.cell_clip = cell_clip
 
     mode = "LSTM"

@@ -50,8 +50,8 @@ def convert(model, to="rnnfused", *, return_replaced=False):
     Refused are: a subclass (its own code would be lost; TypeError), a parametrized layer
     (TypeError) or one with other extra parameters or buffers such as ``weight_norm``'s
     (ValueError), and, towards torch, rnnfused's extras (``reset_after=False``,
-    ``cell_clip``, ``grad_clip``, ``norm``; ValueError). The message lists every refused
-    layer by name.
+    ``cell_clip``, ``grad_clip``, ``norm``, the regularisers; ValueError). The message lists
+    every refused layer by name.
 
     The replacement uses the very same ``nn.Parameter`` objects (device, dtype, values and
     ``requires_grad`` unchanged; an optimizer built on the model keeps working) and carries
@@ -124,6 +124,12 @@ def _convert_layer(old, cls, to):
         extras = {"reset_after": getattr(old, "reset_after", True) is not True,
                   "cell_clip": getattr(old, "cell_clip", None) is not None, "grad_clip": old.grad_clip is not None,
                   "norm": getattr(old, "norm", None) is not None}
+        regularisers = getattr(old, "regularisers", None)
+        if regularisers is not None:
+            extras.update({"weight_drop": regularisers.weight_drop > 0,
+                           "recurrent_dropout": regularisers.recurrent_dropout > 0,
+                           "zoneout": regularisers.zoneout_h > 0 or regularisers.zoneout_c > 0,
+                           "dropout_mode='variational'": regularisers.variational_dropout})
         used = [name for name, on in extras.items() if on]
         if used:
             raise ValueError(f"torch.nn.{cls.__name__} has no equivalent of {', '.join(used)}; "

@@ -6,6 +6,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _C, dispatch
+from . import regularisers as _regularisers
 from .cells import GRUCell, LSTMCell, RNNCell
 from .functional import Cell, fused_norm_on
 from .modules import RNNBase
@@ -43,7 +44,7 @@ def explain(module, input, *, lengths=None, resets=None):
         batch = input.size(0) if input.dim() == 2 else 1
         kernel, reason = _C.kernel_choice(int(cell[type(module)]), 1, module.hidden_size, module.hidden_size, batch,
                                           dtype, device)
-        return [KernelChoice(0, "forward", kernel, reason)]
+        return [KernelChoice(0, "forward", kernel, reason + _regularisers_words(module, kernel, weight.device))]
     if not isinstance(module, RNNBase):
         raise TypeError(f"explain: expected an rnnfused recurrent layer or cell, got {type(module).__name__}")
     if isinstance(input, PackedSequence):
@@ -58,7 +59,6 @@ def explain(module, input, *, lengths=None, resets=None):
     training = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
     has_flags = lengths is not None or resets is not None
     stack = dispatch.choose(module, weight, batch, training, torch.empty(0) if has_flags else None)
-    regularisers = module.regularisers.active(module.training, module.dropout)
     choices = []
     for layer in range(module.num_layers):
         for direction in ("forward", "reverse") if module.bidirectional else ("forward",):
@@ -80,7 +80,19 @@ def explain(module, input, *, lengths=None, resets=None):
                 kernel, reason = "reference equations", "zoneout in a normalized layer is not in the fused kernels"
             elif inside_steps and kernel not in ("cudnn", "reference equations"):
                 kernel, reason = "stepwise", "recurrent dropout and zoneout run the stepwise kernels"
-            if regularisers:
-                reason += "; regularisers: " + ", ".join(regularisers)
+            reason += _regularisers_words(module, kernel, weight.device)
             choices.append(KernelChoice(layer, direction, kernel, reason, stack.row))
     return choices
+
+
+def _regularisers_words(module, kernel, device):
+    """What explain adds for a module's active regularisers, and where zoneout's masks come from."""
+    regularisers = module.regularisers
+    active = regularisers.active(module.training, getattr(module, "dropout", 0))
+    if not active:
+        return ""
+    words = "; regularisers: " + ", ".join(active)
+    if module.training and (regularisers.zoneout_h or regularisers.zoneout_c) and kernel != "reference equations":
+        words += (" (zoneout drawn in the kernels: Philox)" if _regularisers.kernels_draw(device)
+                  else " (zoneout masks drawn per call and stored)")
+    return words

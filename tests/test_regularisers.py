@@ -422,3 +422,55 @@ def test_zoneout_saves_seeds_not_masks(mode, kernels_draw):
     masks = 2 if mode == "LSTM" else 1
     assert extra == cell_before_zoneout + masks * 2 * 8
 
+
+@pytest.mark.parametrize("cell,options", [("LSTMCell", {}), ("LSTMCell", {"zoneout": (0.2, 0.6)}), ("GRUCell", {}),
+                                          ("GRUCell", {"reset_after": False}), ("RNNCell", {}),
+                                          ("RNNCell", {"nonlinearity": "relu"})],
+                         ids=["LSTM", "LSTM_pair", "GRU", "GRU_CHO", "RNN_TANH", "RNN_RELU"])
+@pytest.mark.parametrize("drawn", [False, True], ids=["stored", "drawn"])
+def test_cell_zoneout(cell, options, drawn, monkeypatch):
+    """A cell's zoneout: h' = k ⊙ h + (1 - k) ⊙ h̃ (c' alike) with the call's recorded k in
+    training and k = p in eval, in float64 against the cell equations, gradients included."""
+    monkeypatch.setattr(rnnfused.regularisers, "kernels_draw", lambda device: drawn)
+    options = {"zoneout": 0.4, **options}
+    torch.manual_seed(0)
+    module = getattr(rnnfused, cell)(3, 5, **options).double()
+    mode = module.mode
+    lstm = mode == "LSTM"
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    weights = {"w_ih": module.weight_ih, "w_hh": module.weight_hh, "b_ih": module.bias_ih, "b_hh": module.bias_hh,
+               "w_hr": None}
+    p_h, p_c = (options["zoneout"] if isinstance(options["zoneout"], tuple) else (options["zoneout"],) * 2)
+    for training in (True, False):
+        module.train(training)
+        with captured_masks() as calls:
+            out = module(x, (h, c) if lstm else h)
+        out = out if lstm else (out,)
+        masks = calls[0].layers[0]
+        keep_h, keep_c = ((keep_weights(keep, (1, 4, 5), x.dtype)[0] if training and keep is not None else p)
+                          for keep, p in ((masks.keep_h, p_h), (masks.keep_c, p_c)))
+        if training:
+            assert 0 < keep_h.sum() < keep_h.numel()
+        new_h, new_c = reference.cell_step(mode, x, h, c if lstm else None, weights,
+                                           reset_after=options.get("reset_after", True))
+        expected = [keep_h * h + (1 - keep_h) * new_h] + ([keep_c * c + (1 - keep_c) * new_c] if lstm else [])
+        assert _max_error(out, expected) <= 1e-12
+        grads = torch.autograd.grad(sum(o.sum() for o in out), [x, h, c, *module.parameters()], allow_unused=True)
+        ref_grads = torch.autograd.grad(sum(e.sum() for e in expected), [x, h, c, *module.parameters()],
+                                        allow_unused=True)
+        assert _max_error([g for g in grads if g is not None], [g for g in ref_grads if g is not None]) <= 1e-12
+
+
+def test_cell_zoneout_is_checked_repr_and_convert():
+    with pytest.raises(ValueError, match="zoneout must be a probability"):
+        rnnfused.GRUCell(3, 5, zoneout=1.5)
+    with pytest.raises(ValueError, match="only for LSTM"):
+        rnnfused.RNNCell(3, 5, zoneout=(0.1, 0.2))
+    cell = rnnfused.LSTMCell(3, 5, zoneout=(0.1, 0.2))
+    assert "zoneout=(0.1, 0.2)" in repr(cell)
+    with pytest.raises(ValueError, match="no equivalent of zoneout"):
+        rnnfused.convert(torch.nn.Sequential(cell), to="torch")
+    with pytest.raises(ValueError, match="no equivalent of weight_drop"):
+        rnnfused.convert(torch.nn.Sequential(rnnfused.LSTM(3, 5, weight_drop=0.2)), to="torch")
