@@ -141,7 +141,7 @@ class RNNCellBase(nn.RNNCellBase):
         weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
         masks = None
         regularisers = self.regularisers
-        if regularisers != _regularisers.OFF:
+        if not regularisers.is_off():
             masks = _regularisers.draw_layer_masks(regularisers, self.training, self.weight_hh, 1, batch,
                                                    self.hidden_size)
             _regularisers.record(_regularisers.CallMasks([masks], []))

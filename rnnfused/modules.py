@@ -453,7 +453,7 @@ class RNNBase(nn.RNNBase):
         num_directions = 2 if self.bidirectional else 1
         options = [self._layer_options(reverse=direction == 1) for direction in range(num_directions)]
         regularisers = self.regularisers
-        call_masks = None if regularisers == _regularisers.OFF else _regularisers.CallMasks([], [], batch_order)
+        call_masks = None if regularisers.is_off() else _regularisers.CallMasks([], [], batch_order)
         steps = x.size(0) if batch_sizes is None else batch_sizes.numel()
         h_n, c_n = [], []
         layer_input = x

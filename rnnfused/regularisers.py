@@ -93,12 +93,18 @@ class Regularisers:
             words.append("dropout_mode='variational'")
         return words
 
+    def is_off(self):
+        """Whether no regulariser is set. Field by field rather than ``== Regularisers()``:
+        under torch.compile(dynamic=True) the probabilities may be symbolic floats, which a
+        dataclass's tuple equality cannot take."""
+        return not (self.recurrent_dropout or self.zoneout_h or self.zoneout_c or self.weight_drop
+                    or self.variational_dropout)
+
     def inside_steps(self, training):
-        """Whether a call in this mode has masks inside the recurrence (the reference runs it)."""
+        """Whether a call in this mode has masks inside the recurrence (recurrent dropout, zoneout)."""
         return bool((training and self.recurrent_dropout) or self.zoneout_h or self.zoneout_c)
 
 
-OFF = Regularisers()
 # Made once per combination: a module builds its record at every call (bench.overhead).
 cached_of = functools.lru_cache(maxsize=256)(Regularisers.of)
 
