@@ -511,8 +511,8 @@ Tensor absent(const Tensor& like) {
 
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>>;
 
-// Normalized layers run the stepwise kernels, and so do step flags (resets, lengths) but on
-// the CPU threads, which run recurrence.h's own steps: the GPU's persistent program has neither.
+// Normalized layers run the stepwise kernels, and so do step flags and masks except on the CPU
+// threads (with_steps_options).
 KernelChoice kernel_for(const Layer& layer, const Normalization& norm) {
   if (norm.active()) {
     // Their passes launch one thread per normalized line (csrc/norm.h): correct, but not yet
@@ -532,12 +532,8 @@ KernelChoice kernel_for(const Layer& layer, const Normalization& norm) {
                 "rnnfused: RNNFUSED_KERNEL=persistent but this layer cannot run persistent (LSTM with projection)");
     return {"stepwise", "LSTM with projection runs the stepwise kernels", {}};
   }
-  KernelChoice choice = choose_kernel(p.cell, p.T, p.H, p.P, p.B, dtype_of(layer.x), layer.x.device());
-  if (p.step_flags && choice.plan.persistent && !choice.plan.tiling.cpu_threads)
-    return {"stepwise", "resets and lengths run the stepwise kernels (the persistent kernel has no step flags)", {}};
-  if (layer.has_masks() && choice.plan.persistent)
-    return {"stepwise", "recurrent dropout and zoneout run the stepwise kernels", {}};
-  return choice;
+  return with_steps_options(choose_kernel(p.cell, p.T, p.H, p.P, p.B, dtype_of(layer.x), layer.x.device()),
+                            p.step_flags != nullptr, layer.has_masks());
 }
 
 // rnnfused::layer_forward: see the schema in TORCH_LIBRARY below.
@@ -976,11 +972,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Bytes of the CPU block cache: cached (kept for reuse), in use, and its bound");
   m.def(
       "kernel_choice",
-      [](int64_t cell, int64_t T, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, const std::string& device) {
-        const KernelChoice choice = choose_kernel(cell_of(cell), T, H, P, B, dtype_of(dtype), at::Device(device));
+      [](int64_t cell, int64_t T, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, const std::string& device,
+         bool step_flags, bool masks) {
+        const KernelChoice choice = with_steps_options(
+            choose_kernel(cell_of(cell), T, H, P, B, dtype_of(dtype), at::Device(device)), step_flags, masks);
         return std::make_pair(choice.kernel, choice.reason);
       },
-      "(kernel, reason) for a layer direction: cell, steps, hidden size, output width, batch, dtype, device");
+      py::arg("cell"), py::arg("T"), py::arg("H"), py::arg("P"), py::arg("B"), py::arg("dtype"), py::arg("device"),
+      py::arg("step_flags") = false, py::arg("masks") = false,
+      "(kernel, reason) for a layer direction: cell, steps, hidden size, output width, batch, dtype, device, and "
+      "whether it has step flags (resets, lengths) or masks (recurrent dropout, zoneout)");
   m.def(
       "plan",
       [](int64_t cell, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, bool tf32, int64_t sm_count,

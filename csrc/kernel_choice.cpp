@@ -22,6 +22,15 @@ std::set<int64_t> verified_architectures;
 
 }  // namespace
 
+KernelChoice with_steps_options(KernelChoice choice, bool step_flags, bool masks) {
+  if (!choice.plan.persistent || choice.plan.tiling.cpu_threads) return choice;
+  if (step_flags)
+    return {"stepwise", "resets and lengths run the stepwise kernels (the persistent kernel has no step flags)", {}};
+  if (masks)
+    return {"stepwise", "recurrent dropout and zoneout run the stepwise kernels (the persistent kernel has no masks)", {}};
+  return choice;
+}
+
 void set_verified_architectures(const std::vector<int64_t>& compute_capabilities) {
   std::lock_guard<std::mutex> lock(verified_mutex);
   verified_architectures = std::set<int64_t>(compute_capabilities.begin(), compute_capabilities.end());

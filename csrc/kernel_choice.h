@@ -37,6 +37,11 @@ std::string kernel_setting();
 KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B, DType dtype,
                            const at::Device& device);
 
+// `choice` for a layer with step flags (resets, lengths) or the masks of recurrent dropout and
+// zoneout: the CPU threads run recurrence.h's own steps and take both, the GPU's persistent
+// program neither (the stepwise kernels run them).
+KernelChoice with_steps_options(KernelChoice choice, bool step_flags, bool masks);
+
 // The compute capabilities (e.g. 90) on which a GPU run has verified this build's device
 // code; rnnfused.dispatch sets them at import from rnnfused/gpu_verified.json.
 void set_verified_architectures(const std::vector<int64_t>& compute_capabilities);

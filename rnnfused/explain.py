@@ -59,6 +59,8 @@ def explain(module, input, *, lengths=None, resets=None):
     training = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
     has_flags = lengths is not None or resets is not None
     stack = dispatch.choose(module, weight, batch, training, torch.empty(0) if has_flags else None)
+    inside_steps = module.regularisers.inside_steps(module.training)
+    zoneout = module.regularisers.zoneout_h or module.regularisers.zoneout_c
     choices = []
     for layer in range(module.num_layers):
         for direction in ("forward", "reverse") if module.bidirectional else ("forward",):
@@ -68,18 +70,14 @@ def explain(module, input, *, lengths=None, resets=None):
                 kernel, reason = "reference equations", stack.reason
             elif module.norm is None:
                 kernel, reason = _C.kernel_choice(int(module._cell()), steps, module.hidden_size, width, batch,
-                                                  dtype, device)
+                                                  dtype, device, has_flags, inside_steps)
             elif fused_norm_on(device):
                 kernel, reason = "stepwise", "normalized layers run the stepwise kernels"
             else:
                 kernel, reason = "reference equations", ("normalized layers on CUDA until their fused kernels have "
                                                          "passed their GPU tests (RNNFUSED_CUDA_NORM=fused)")
-            inside_steps = module.regularisers.inside_steps(module.training)
-            zoneout = module.regularisers.zoneout_h or module.regularisers.zoneout_c
             if inside_steps and module.norm is not None and zoneout:
                 kernel, reason = "reference equations", "zoneout in a normalized layer is not in the fused kernels"
-            elif inside_steps and kernel not in ("cudnn", "reference equations"):
-                kernel, reason = "stepwise", "recurrent dropout and zoneout run the stepwise kernels"
             reason += _regularisers_words(module, kernel, weight.device)
             choices.append(KernelChoice(layer, direction, kernel, reason, stack.row))
     return choices

@@ -220,8 +220,9 @@ def _spy_on_the_reference(monkeypatch):
 
 @pytest.mark.parametrize("mode,extra", MODES, ids=MODE_IDS)
 def test_the_fused_kernels_run_them(mode, extra, monkeypatch):
-    """Recurrent dropout and zoneout run in the stepwise kernels, in training and eval, and
-    explain says so; only zoneout in a normalized layer runs the reference equations."""
+    """Recurrent dropout and zoneout run in the stepwise kernels (fewer than 8 steps here), in
+    training and eval, and explain says so; only zoneout in a normalized layer runs the
+    reference equations."""
     calls = _spy_on_the_reference(monkeypatch)
     x, _ = _input(False)
     module = _module(mode, extra, {"recurrent_dropout": 0.2, "zoneout": 0.3})
@@ -278,6 +279,50 @@ def test_with_lengths_and_resets(mode, extra, drawn, monkeypatch):
         with captured_masks() as recorded:
             output = module(x, lengths=lengths, resets=resets)
         expected = reference.forward(module, x, lengths=lengths, resets=resets, masks=recorded[0])
+        values, grads = _values_and_grads(module, x, output)
+        ref_values, ref_grads = _values_and_grads(module, x, expected)
+        assert _max_error(values, ref_values) <= 1e-10
+        assert _max_error(grads, ref_grads) <= 1e-10
+    assert calls == []
+
+
+@pytest.fixture(params=[1, 3], ids=["1thread", "3threads"])
+def thread_count(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("drawn", [False, True], ids=["stored", "drawn"])
+@pytest.mark.parametrize("form", ["padded", "packed", "lengths_resets"])
+@pytest.mark.parametrize("mode,extra", [m for m in MODES if "proj_size" not in m[1]],
+                         ids=[i for i in MODE_IDS if i != "LSTMP"])
+def test_the_cpu_threads_run_them(mode, extra, form, drawn, thread_count, monkeypatch):
+    """From 8 steps on, the CPU's persistent threads (each with a slice of the units: 3
+    threads split H = 5 as 2, 2, 1) take recurrent dropout and zoneout through the same step
+    functors as the stepwise kernels: explain says so (it asks the operators' own rule), the
+    reference does not run, and each call matches it with its masks."""
+    monkeypatch.setattr(rnnfused.regularisers, "kernels_draw", lambda device: drawn)
+    calls = _spy_on_the_reference(monkeypatch)
+    module = _module(mode, extra, {"recurrent_dropout": 0.3, "zoneout": 0.4})
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    inp, flags = x, {}
+    if form == "packed":
+        inp = pack_sequence([x[:12, 0], x[:5, 1], x[:9, 2], x[:8, 3]], enforce_sorted=False)
+    elif form == "lengths_resets":
+        resets = torch.zeros(12, 4, dtype=torch.bool)
+        resets[4, 0] = resets[2, 2] = resets[9, 3] = True
+        flags = {"lengths": torch.tensor([12, 3, 9, 10]), "resets": resets}
+    for training in (True, False):
+        module.train(training)
+        choices = rnnfused.explain(module, inp, **flags)
+        assert all(choice.kernel == "persistent" and f"on {thread_count} CPU thread" in choice.reason
+                   for choice in choices)
+        with captured_masks() as recorded:
+            output = module(inp, **flags)
+        expected = reference.forward(module, inp, **flags, masks=recorded[0])
         values, grads = _values_and_grads(module, x, output)
         ref_values, ref_grads = _values_and_grads(module, x, expected)
         assert _max_error(values, ref_values) <= 1e-10
@@ -363,10 +408,13 @@ def test_a_module_saved_before_the_options_existed_runs_without_them():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mode,extra", MODES, ids=MODE_IDS)
-def test_cuda_stepwise_kernels_match_the_reference_with_their_masks(mode, extra, dtype, monkeypatch):
+@pytest.mark.parametrize("drawn", [True, False], ids=["drawn", "stored"])
+def test_cuda_stepwise_kernels_match_the_reference_with_their_masks(mode, extra, dtype, drawn, monkeypatch):
     """The CUDA stepwise kernels with every regulariser, training and eval, padded and with
-    lengths and resets (RNNFUSED_KERNEL=stepwise runs them before a GPU check verified them)."""
+    lengths and resets (RNNFUSED_KERNEL=stepwise runs them before a GPU check verified them);
+    zoneout drawn in the kernels (the GPU's default) and stored."""
     monkeypatch.setenv("RNNFUSED_KERNEL", "stepwise")
+    monkeypatch.setattr(rnnfused.regularisers, "kernels_draw", lambda device: drawn)
     calls = _spy_on_the_reference(monkeypatch)
     module = _module(mode, extra, OPTIONS[-1]).to("cuda", dtype)
     x = torch.randn(6, 4, 3, device="cuda", dtype=dtype, requires_grad=True)
