@@ -91,17 +91,20 @@ def _forward(module, config):
 
 
 @contextlib.contextmanager
-def kernel_setting(value):
-    """RNNFUSED_KERNEL for the calls inside (the kernels read it at every call)."""
-    old = os.environ.get("RNNFUSED_KERNEL")
-    os.environ["RNNFUSED_KERNEL"] = value
+def kernel_setting(value, **more):
+    """RNNFUSED_KERNEL (and the RNNFUSED_<NAME> of ``more``) for the calls inside (read at
+    every call)."""
+    values = {"RNNFUSED_KERNEL": value, **{f"RNNFUSED_{name.upper()}": v for name, v in more.items()}}
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            del os.environ["RNNFUSED_KERNEL"]
-        else:
-            os.environ["RNNFUSED_KERNEL"] = old
+        for name, value in old.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def _ours(cell, config, base, device, dtype):
@@ -137,8 +140,16 @@ def make_rnnfused_stepwise(base, cell, config, device, dtype):
     return Runner(_forward(module, config), module, lambda: kernel_setting("stepwise"))
 
 
-_SETTINGS = {"rnnfused": "auto", "rnnfused_ours": "ours", "rnnfused_persistent": "persistent",
-             "rnnfused_stepwise": "stepwise"}
+def make_rnnfused_one_stream(base, cell, config, device, dtype):
+    """rnnfused on our own kernels with a bidirectional layer's directions one after the other
+    on one CUDA stream (RNNFUSED_CONCURRENT_DIRECTIONS=0): beside rnnfused_ours, what running
+    them side by side gains."""
+    module = _ours(cell, config, base, device, dtype)
+    return Runner(_forward(module, config), module, lambda: kernel_setting("ours", concurrent_directions="0"))
+
+
+_SETTINGS = {"rnnfused": "auto", "rnnfused_ours": "ours", "rnnfused_one_stream": "ours",
+             "rnnfused_persistent": "persistent", "rnnfused_stepwise": "stepwise"}
 
 
 def kernel_of(name, cell, config, device, dtype):
@@ -222,6 +233,7 @@ IMPLEMENTATIONS = {
     "rnnfused_ours": make_rnnfused_ours,
     "rnnfused_persistent": make_rnnfused_persistent,
     "rnnfused_stepwise": make_rnnfused_stepwise,
+    "rnnfused_one_stream": make_rnnfused_one_stream,
     "torch": make_torch,
     "torch_native": make_torch_native,
     "reference": make_reference,
@@ -237,6 +249,8 @@ def unavailable(name, cell, config, device, dtype):
         kernel = kernel_of(name, cell, config, device, dtype)
         if kernel != "persistent":
             return f"no persistent plan ({kernel})"
+    if name == "rnnfused_one_stream" and (device != "cuda" or not config.bidirectional):
+        return "only a bidirectional layer on a GPU runs two streams"
     if name == "torch_native" and device != "cuda":
         return "cuDNN on/off only matters on a GPU"
     if name == "torch_native" and config.cell_loop:

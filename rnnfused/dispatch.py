@@ -259,6 +259,34 @@ def choose(module, weight, batch, training, flags=None, autotune=None):
     return decide(facts, _setting(), _VERIFIED, _ROWS, autotune)
 
 
+# --- both directions at once ----------------------------------------------------------------
+
+_SIDE_STREAMS = {}
+
+
+def directions_side_by_side(device, reference):
+    """Whether a bidirectional layer on ``device`` runs its reverse direction on a second CUDA
+    stream beside the forward one, each launch as it would be alone (so the results are the
+    sequential order's, bit for bit): on CUDA with our fused kernels, not under torch.compile,
+    torch.export or torch.jit.trace (their graphs order the ops), not with
+    RNNFUSED_CONCURRENT_DIRECTIONS=0. ``reference``: the layers run the reference equations
+    (many small ops) or are normalized; they keep one stream."""
+    return (torch.device(device).type == "cuda" and not reference and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and os.environ.get("RNNFUSED_CONCURRENT_DIRECTIONS", "1") != "0")
+
+
+def side_stream(device, main):
+    """The second stream of ``device`` (a CUDA device) for :func:`directions_side_by_side`: one
+    made once per device, unless that is ``main`` (the caller's stream; torch hands out its
+    streams from a pool of 32 in turn), then the pool's next."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _SIDE_STREAMS.get(index)
+    if stream is None:
+        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return stream if stream != main else torch.cuda.Stream(device=index)
+
+
 # --- autotuning ------------------------------------------------------------------------------
 
 _AUTOTUNED = {}

@@ -79,6 +79,9 @@ def explain(module, input, *, lengths=None, resets=None):
             if inside_steps and module.norm is not None and zoneout:
                 kernel, reason = "reference equations", "zoneout in a normalized layer is not in the fused kernels"
             reason += _regularisers_words(module, kernel, weight.device)
+            if direction == "reverse" and module.norm is None and kernel not in ("cudnn", "reference equations") and \
+                    dispatch.directions_side_by_side(weight.device, stack.kernel == "reference"):
+                reason += "; beside the forward direction, on a second CUDA stream"
             choices.append(KernelChoice(layer, direction, kernel, reason, stack.row))
     return choices
 

@@ -76,6 +76,7 @@ recommends (it keeps tanh and σ out of saturation early on), at 1 for layer nor
 The standard weights draw the same random numbers as without norm.
 """
 
+import contextlib
 import functools
 import math
 import numbers
@@ -90,14 +91,21 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import dispatch
 from . import regularisers as _regularisers
 from ._ops import LayerOptions
-from .functional import (Cell, _clip_value, _norm_kind, autocast_result_dtypes, check_lengths, check_resets, run_layer,
-                         step_flags)
+from .functional import (Cell, _clip_value, _needs_differentiable_equations, _norm_kind, autocast_result_dtypes,
+                         check_lengths, check_resets, run_layer, step_flags)
 
 __all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 _NORMS = (None, "batch", "layer")
 _BATCH_NORM_GAMMA = 0.1  # Cooijmans et al.: γ = 0.1 keeps the gates out of saturation early on
+
+
+def _used_on(stream, *tensors):
+    """record_stream(stream) for each CUDA tensor given (None skipped)."""
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+            tensor.record_stream(stream)
 
 
 class RNNBase(nn.RNNBase):
@@ -457,22 +465,43 @@ class RNNBase(nn.RNNBase):
         steps = x.size(0) if batch_sizes is None else batch_sizes.numel()
         h_n, c_n = [], []
         layer_input = x
+        side = main = None
+        equations = reference or self.norm is not None or \
+            _needs_differentiable_equations([x, hx, cx, *self._flat_weights])
+        if num_directions == 2 and dispatch.directions_side_by_side(x.device, equations):
+            main = torch.cuda.current_stream(x.device)
+            side = dispatch.side_stream(x.device, main)
         for layer in range(self.num_layers):
             outputs = []
+            if side is not None:
+                side.wait_stream(main)  # before the forward direction is queued: the two overlap
             for direction in range(num_directions):
                 index = layer * num_directions + direction
                 names = self._all_weights[index]  # the standard weights in the operators' order, then norm's
                 norm_weights = [getattr(self, n) for n in self._norm_weights_names[index]] if self.norm else ()
                 weights = [getattr(self, n) for n in names[:len(names) - len(norm_weights)]]
                 running_stats = [getattr(self, n) for n in self._running_stats_names[index]] if self.norm else ()
-                masks = None
-                if call_masks is not None:
-                    masks = _regularisers.draw_layer_masks(regularisers, self.training, weights[1], steps,
-                                                           hx.size(1), self.hidden_size)
-                    call_masks.layers.append(masks)
-                y, h, c = run_layer(options[direction], layer_input, batch_sizes, hx[index],
-                                    None if cx is None else cx[index], weights, norm_weights, running_stats,
-                                    self.momentum, None if flags is None else flags[direction], reference, masks)
+                beside = side is not None and direction == 1
+                layer_flags = None if flags is None else flags[direction]
+                try:
+                    with torch.cuda.stream(side) if beside else contextlib.nullcontext():
+                        masks = None
+                        if call_masks is not None:
+                            masks = _regularisers.draw_layer_masks(regularisers, self.training, weights[1], steps,
+                                                                   hx.size(1), self.hidden_size)
+                            call_masks.layers.append(masks)
+                        y, h, c = run_layer(options[direction], layer_input, batch_sizes, hx[index],
+                                            None if cx is None else cx[index], weights, norm_weights,
+                                            running_stats, self.momentum, layer_flags, reference, masks)
+                finally:
+                    if beside:  # joined also on an error, which a CUDA graph capture would otherwise hide
+                        main.wait_stream(side)
+                if beside:
+                    # The caching allocator must not hand these blocks to the other stream's
+                    # allocations while this stream may still use them (autograd runs the
+                    # direction's backward on the stream of its forward, too).
+                    _used_on(side, layer_input, hx, cx, layer_flags, *weights)
+                    _used_on(main, y, h, c, *(() if masks is None else vars(masks).values()))
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)

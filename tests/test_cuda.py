@@ -4,7 +4,7 @@ packed and deep bidirectional input, strided input, streams, determinism, device
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 
 import rnnfused
 from conftest import MODES, TOLERANCE, flatten, make_twins, max_error, run_and_grad, tf32_switch
@@ -125,6 +125,45 @@ def test_non_default_stream_and_bitwise_repeatable_backward(mode):
     torch.cuda.synchronize()
     assert torch.equal(output_s, output)
     assert all(torch.equal(a, b) for a, b in zip(first, grads_s))
+
+
+REGULARISED = {"recurrent_dropout": 0.3, "zoneout": 0.2, "weight_drop": 0.2, "dropout": 0.3,
+               "dropout_mode": "variational"}
+
+
+@pytest.mark.parametrize("regularised", [False, True], ids=["plain", "regularised"])
+@pytest.mark.parametrize("form", ["padded", "packed", "lengths"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_directions_side_by_side_equal_one_stream_bitwise(mode, form, regularised, monkeypatch):
+    """A bidirectional stack whose reverse directions run on the second stream gives, bit for
+    bit, what one stream gives, forward and backward (masks from the same seed), and explain
+    says where the reverse direction runs."""
+    monkeypatch.setenv("RNNFUSED_KERNEL", "ours")
+    torch.manual_seed(0)
+    _, cls, extra = MODES[mode]
+    ours = cls(16, 32, num_layers=3, bidirectional=True, **extra, **(REGULARISED if regularised else {})).cuda()
+    x = _x(25, 6, 16, torch.float32)
+    lengths = torch.tensor([25, 3, 17, 25, 9, 1], device="cuda")
+    results = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("RNNFUSED_CONCURRENT_DIRECTIONS", setting)
+        inputs = {"padded": (x, {}), "lengths": (x, {"lengths": lengths}),  # packed anew: its graph is freed
+                  "packed": (pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False), {})}
+        data, flags = inputs[form]
+        reasons = [choice.reason for choice in rnnfused.explain(ours, data, **flags) if choice.direction == "reverse"]
+        assert len(reasons) == 3 and all(("second CUDA stream" in reason) == (setting == "1") for reason in reasons), \
+            reasons
+        torch.manual_seed(5)
+        output, state = ours(data, **flags)
+        output = output.data if form == "packed" else output
+        values = [output] + list(state if isinstance(state, tuple) else (state,))
+        weights = [torch.randn(v.shape, generator=torch.Generator().manual_seed(i)).to(v.device)
+                   for i, v in enumerate(values)]
+        grads = torch.autograd.grad(sum((v * w).sum() for v, w in zip(values, weights)),
+                                    [x] + list(ours.parameters()))
+        torch.cuda.synchronize()
+        results[setting] = values + list(grads)
+    assert all(torch.equal(a, b) for a, b in zip(results["0"], results["1"]))
 
 
 def test_input_and_weights_on_different_devices():
