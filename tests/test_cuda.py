@@ -269,24 +269,35 @@ def test_tf32_follows_torch_switch_with_either_api(api):
         assert errors[on] > 4 * errors[off], errors
 
 
-def test_cuda_graph_capture_forward_and_backward():
+@pytest.mark.parametrize("flags", [False, True], ids=["padded", "lengths_resets"])
+@pytest.mark.parametrize("kernel", ["stepwise", "ours"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_cuda_graph_capture_forward_and_backward(mode, kernel, flags, monkeypatch):
     """A forward + backward captured in a CUDA graph and replayed on new input gives what an
-    eager run gives (the kernels allocate through torch and use torch's cuBLAS workspace)."""
-    _, ours = make_twins("LSTM", 16, 32, num_layers=2, bidirectional=True, dtype=torch.float32, device="cuda")
+    eager run gives (the kernels allocate through torch, use torch's cuBLAS workspace and read
+    lengths and resets on the device; the reverse directions fork to a second stream and
+    join): the stepwise kernels and ours (the persistent kernel where it plans)."""
+    monkeypatch.setenv("RNNFUSED_KERNEL", kernel)
+    _, ours = make_twins(mode, 16, 32, num_layers=2, bidirectional=True, dtype=torch.float32, device="cuda")
+    options = {}
+    if flags:
+        resets = torch.zeros(10, 4, dtype=torch.bool, device="cuda")
+        resets[3, 0] = resets[6, 2] = True
+        options = {"lengths": torch.tensor([10, 3, 7, 1], device="cuda"), "resets": resets}
     static_x = _x(10, 4, 16, torch.float32)
     weight = torch.randn(10, 4, 64, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture, as torch requires
         for _ in range(2):
-            ours(static_x)[0].backward(weight)
+            ours(static_x, **options)[0].backward(weight)
     torch.cuda.current_stream().wait_stream(side)
     params = list(ours.parameters())
     for tensor in params + [static_x]:
         tensor.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = ours(static_x)[0]
+        static_out = ours(static_x, **options)[0]
         static_out.backward(weight)
     fresh = _x(10, 4, 16, torch.float32, seed=11).detach()
     with torch.no_grad():
@@ -295,9 +306,28 @@ def test_cuda_graph_capture_forward_and_backward():
     torch.cuda.synchronize()
     captured = [static_out.clone(), static_x.grad.clone()] + [p.grad.clone() for p in params]
     x = fresh.clone().requires_grad_()
-    out = ours(x)[0]
+    out = ours(x, **options)[0]
     eager_grads = torch.autograd.grad(out, [x] + params, weight)
     assert max_error(captured, [out.detach()] + list(eager_grads)) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_compile_reduce_overhead_gives_what_eager_gives(mode, monkeypatch):
+    """torch.compile(mode="reduce-overhead") (CUDA graph trees: recorded on a warm call,
+    replayed after) runs our kernels, forward and backward, and matches eager on each input."""
+    monkeypatch.setenv("RNNFUSED_KERNEL", "ours")
+    torch._dynamo.reset()
+    _, ours = make_twins(mode, 16, 32, num_layers=2, bidirectional=True, dtype=torch.float32, device="cuda")
+    compiled = torch.compile(ours, mode="reduce-overhead")
+    params = list(ours.parameters())
+    weight = torch.randn(10, 4, 64, device="cuda")
+    for seed in (1, 2, 3, 4):
+        x = _x(10, 4, 16, torch.float32, seed=seed)
+        out = compiled(x)[0]
+        got = [out.detach().clone()] + [g.clone() for g in torch.autograd.grad(out, [x] + params, weight)]
+        eager = ours(x)[0]
+        expected = [eager.detach()] + list(torch.autograd.grad(eager, [x] + params, weight))
+        assert max_error(got, expected) <= 1e-6, seed
 
 
 def test_backward_checks_saved_tensors_device():
