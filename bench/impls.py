@@ -148,8 +148,16 @@ def make_rnnfused_one_stream(base, cell, config, device, dtype):
     return Runner(_forward(module, config), module, lambda: kernel_setting("ours", concurrent_directions="0"))
 
 
+def make_rnnfused_wavefront(base, cell, config, device, dtype):
+    """rnnfused on our own kernels with a deep stack's layers pipelined over 4 slices of the
+    steps, a CUDA stream per layer (RNNFUSED_WAVEFRONT=4): beside rnnfused_ours, what the
+    pipeline gains."""
+    module = _ours(cell, config, base, device, dtype)
+    return Runner(_forward(module, config), module, lambda: kernel_setting("ours", wavefront="4"))
+
+
 _SETTINGS = {"rnnfused": "auto", "rnnfused_ours": "ours", "rnnfused_one_stream": "ours",
-             "rnnfused_persistent": "persistent", "rnnfused_stepwise": "stepwise"}
+             "rnnfused_wavefront": "ours", "rnnfused_persistent": "persistent", "rnnfused_stepwise": "stepwise"}
 
 
 def kernel_of(name, cell, config, device, dtype):
@@ -234,6 +242,7 @@ IMPLEMENTATIONS = {
     "rnnfused_persistent": make_rnnfused_persistent,
     "rnnfused_stepwise": make_rnnfused_stepwise,
     "rnnfused_one_stream": make_rnnfused_one_stream,
+    "rnnfused_wavefront": make_rnnfused_wavefront,
     "torch": make_torch,
     "torch_native": make_torch_native,
     "reference": make_reference,
@@ -251,6 +260,9 @@ def unavailable(name, cell, config, device, dtype):
             return f"no persistent plan ({kernel})"
     if name == "rnnfused_one_stream" and (device != "cuda" or not config.bidirectional):
         return "only a bidirectional layer on a GPU runs two streams"
+    if name == "rnnfused_wavefront" and (device != "cuda" or config.layers < 2 or config.bidirectional
+                                         or config.packed or config.cell_loop):
+        return "the layer pipeline is for a padded unidirectional stack on a GPU"
     if name == "torch_native" and device != "cuda":
         return "cuDNN on/off only matters on a GPU"
     if name == "torch_native" and config.cell_loop:

@@ -275,16 +275,43 @@ def directions_side_by_side(device, reference):
             and not torch.jit.is_tracing() and os.environ.get("RNNFUSED_CONCURRENT_DIRECTIONS", "1") != "0")
 
 
-def side_stream(device, main):
-    """The second stream of ``device`` (a CUDA device) for :func:`directions_side_by_side`: one
-    made once per device, unless that is ``main`` (the caller's stream; torch hands out its
-    streams from a pool of 32 in turn), then the pool's next."""
+def side_streams(device, count, main):
+    """``count`` CUDA streams of ``device`` besides ``main`` (the caller's stream), for
+    :func:`directions_side_by_side` and :func:`wavefront_chunks`: made once per device and
+    kept; one that is ``main`` (torch hands out its streams from a pool of 32 in turn) is
+    replaced by the pool's next."""
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = _SIDE_STREAMS.get(index)
-    if stream is None:
-        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return stream if stream != main else torch.cuda.Stream(device=index)
+    made = _SIDE_STREAMS.setdefault(index, [])
+    while len(made) < count:
+        made.append(torch.cuda.Stream(device=index))
+    return [stream if stream != main else torch.cuda.Stream(device=index) for stream in made[:count]]
+
+
+def pipeline_streams(device, count):
+    """The caller's stream and ``count - 1`` others (:func:`side_streams`) on a CUDA ``device``
+    for a layer pipeline; None elsewhere (the slices run one after another)."""
+    if torch.device(device).type != "cuda":
+        return None
+    main = torch.cuda.current_stream(device)
+    return [main] + side_streams(device, count - 1, main)
+
+
+def wavefront_chunks(device, steps, num_layers, bidirectional, packed, unchunkable):
+    """The number of step slices a stack runs as a layer pipeline (modules.RNNBase._run_wavefront),
+    or 0 for layer after layer: RNNFUSED_WAVEFRONT=n asks for n slices (opt-in until a GPU run
+    measures where it pays). Only a unidirectional padded stack of several layers, at least
+    one step per slice; ``unchunkable``: the call runs the reference equations, draws
+    regularisers' masks or between-layer dropout (whose random streams are per layer call).
+    Off under torch.compile, torch.export and torch.jit.trace, as for the directions."""
+    setting = os.environ.get("RNNFUSED_WAVEFRONT", "0")
+    if not setting.isdigit():
+        raise ValueError(f"rnnfused: RNNFUSED_WAVEFRONT must be a number of slices, got {setting!r}")
+    chunks = min(int(setting), steps)
+    if (chunks < 2 or num_layers < 2 or bidirectional or packed or unchunkable or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()):
+        return 0
+    return chunks
 
 
 # --- autotuning ------------------------------------------------------------------------------

@@ -59,6 +59,8 @@ def explain(module, input, *, lengths=None, resets=None):
     training = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
     has_flags = lengths is not None or resets is not None
     stack = dispatch.choose(module, weight, batch, training, torch.empty(0) if has_flags else None)
+    packed = isinstance(input, PackedSequence) or (lengths is not None and resets is None and device == "cpu")
+    chunks = module._wavefront_chunks(weight.device, steps, packed, stack.kernel == "reference" or module.norm is not None)
     inside_steps = module.regularisers.inside_steps(module.training)
     zoneout = module.regularisers.zoneout_h or module.regularisers.zoneout_c
     choices = []
@@ -79,6 +81,8 @@ def explain(module, input, *, lengths=None, resets=None):
             if inside_steps and module.norm is not None and zoneout:
                 kernel, reason = "reference equations", "zoneout in a normalized layer is not in the fused kernels"
             reason += _regularisers_words(module, kernel, weight.device)
+            if chunks:
+                reason += f"; the layers pipelined over {chunks} slices of the steps (RNNFUSED_WAVEFRONT)"
             if direction == "reverse" and module.norm is None and kernel not in ("cudnn", "reference equations") and \
                     dispatch.directions_side_by_side(weight.device, stack.kernel == "reference"):
                 reason += "; beside the forward direction, on a second CUDA stream"

@@ -468,9 +468,13 @@ class RNNBase(nn.RNNBase):
         side = main = None
         equations = reference or self.norm is not None or \
             _needs_differentiable_equations([x, hx, cx, *self._flat_weights])
+        chunks = self._wavefront_chunks(x.device, steps, batch_sizes is not None, equations)
+        if chunks:
+            return self._results(x, hx, cx, *self._run_wavefront(x, hx, cx, None if flags is None else flags[0],
+                                                                 options[0], chunks))
         if num_directions == 2 and dispatch.directions_side_by_side(x.device, equations):
             main = torch.cuda.current_stream(x.device)
-            side = dispatch.side_stream(x.device, main)
+            side = dispatch.side_streams(x.device, 1, main)[0]
         for layer in range(self.num_layers):
             outputs = []
             if side is not None:
@@ -518,13 +522,69 @@ class RNNBase(nn.RNNBase):
                 call_masks.between.append(between)
         if call_masks is not None:
             _regularisers.record(call_masks)
+        return self._results(x, hx, cx, layer_input, h_n, c_n)
+
+    def _run_wavefront(self, x, hx, cx, flags, options, chunks):
+        """A unidirectional stack on padded x [T, B, I] as a pipeline over ``chunks`` slices of
+        the steps: layer l runs slice k once layer l-1 has finished it, carrying its state from
+        slice k-1. On CUDA each layer queues its slices on a stream of its own (layer 0 on the
+        caller's), so layer l works on slice k beside layer l+1 on slice k-1, forward and (as
+        autograd runs each backward on its forward's stream) backward; elsewhere the slices run
+        in the same order one after another. ``flags``: the step flags [T, B] or None. Returns
+        (output, [h_n of each layer], [c_n of each layer])."""
+        steps = x.size(0)
+        bounds = [(steps * k // chunks, steps * (k + 1) // chunks) for k in range(chunks)]
+        streams = dispatch.pipeline_streams(x.device, self.num_layers)
+        main = streams[0] if streams else None
+        layer_weights = [[getattr(self, name) for name in self._all_weights[layer]] for layer in range(self.num_layers)]
+        h = list(hx.unbind(0))
+        c = [None] * self.num_layers if cx is None else list(cx.unbind(0))
+        outputs = []
+        try:
+            for stream in streams[1:] if streams else ():
+                stream.wait_stream(main)
+            for begin, end in bounds:
+                layer_input, done = x[begin:end], None
+                for layer, weights in enumerate(layer_weights):
+                    stream = streams[layer] if streams else None
+                    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                        if done is not None:
+                            stream.wait_event(done)
+                            _used_on(stream, layer_input)
+                        chunk_flags = None if flags is None else flags[begin:end]
+                        layer_input, h[layer], c_out = run_layer(options, layer_input, None, h[layer], c[layer],
+                                                                 weights, flags=chunk_flags)
+                        c[layer] = None if cx is None else c_out
+                        if stream is not None and layer + 1 < self.num_layers:
+                            done = stream.record_event()
+                outputs.append(layer_input)
+        finally:
+            for stream in streams[1:] if streams else ():
+                main.wait_stream(stream)
+        if streams:
+            # As in _run_stack: blocks crossing streams stay reserved until both have used them.
+            for stream in streams[1:]:
+                _used_on(stream, hx, cx, flags, *[w for weights in layer_weights for w in weights])
+            _used_on(main, *outputs, *h, *(c if cx is not None else ()))
+        return torch.cat(outputs), h, c
+
+    def _wavefront_chunks(self, device, steps, packed, equations):
+        """:func:`rnnfused.dispatch.wavefront_chunks` for a call of this stack (explain asks the
+        same); ``equations``: it runs the reference equations or is normalized."""
+        return dispatch.wavefront_chunks(device, steps, self.num_layers, self.bidirectional, packed,
+                                         equations or not self.regularisers.is_off()
+                                         or (self.dropout > 0 and self.training))
+
+    def _results(self, x, hx, cx, output, h_n, c_n):
+        """(output, h_n, c_n) of a stack from the last layer's output and each layer direction's
+        final states; in torch.nn's result dtypes under CPU autocast."""
         h_n, c_n = _stack(h_n), (_stack(c_n) if cx is not None else None)
         kind = "RNN" if self.mode.startswith("RNN") else "LSTMP" if self.proj_size > 0 else self.mode
         dtypes = autocast_result_dtypes(kind, x, hx.dtype, None if cx is None else cx.dtype)
         if dtypes is not None:  # torch.nn's result dtypes under CPU autocast (our layers return the autocast dtype)
-            layer_input, h_n = layer_input.to(dtypes[0]), h_n.to(dtypes[0])
+            output, h_n = output.to(dtypes[0]), h_n.to(dtypes[0])
             c_n = None if c_n is None else c_n.to(dtypes[1])
-        return layer_input, h_n, c_n
+        return output, h_n, c_n
 
     def _by_packing(self, input, hx, lengths, resets):
         """Padded input with lengths (and no resets) runs as the PackedSequence it describes,

@@ -166,6 +166,27 @@ def test_directions_side_by_side_equal_one_stream_bitwise(mode, form, regularise
     assert all(torch.equal(a, b) for a, b in zip(results["0"], results["1"]))
 
 
+@pytest.mark.parametrize("dtype,kernel", [(torch.float64, "stepwise"), (torch.float32, "ours")], ids=["f64", "f32"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_layer_pipeline_matches_layer_after_layer(mode, dtype, kernel, monkeypatch):
+    """RNNFUSED_WAVEFRONT=4 (a stream per layer, slice k of layer l after slice k of layer
+    l-1) gives what the stack gives layer after layer, forward and backward, with lengths and
+    resets; the weight gradients sum over the slices in another order, so not bit for bit."""
+    monkeypatch.setenv("RNNFUSED_KERNEL", kernel)
+    _, ours = make_twins(mode, 16, 32, num_layers=4, dtype=dtype, device="cuda")
+    x = _x(25, 6, 16, dtype)
+    resets = torch.zeros(25, 6, dtype=torch.bool, device="cuda")
+    resets[7, 1] = resets[13, 4] = True
+    flags = {"lengths": torch.tensor([25, 3, 17, 25, 9, 1], device="cuda"), "resets": resets}
+    results = {}
+    for setting in ("0", "4"):
+        monkeypatch.setenv("RNNFUSED_WAVEFRONT", setting)
+        results[setting] = run_and_grad(lambda a, hx: ours(a, hx, **flags), x, None, [x], ours.parameters())
+        torch.cuda.synchronize()
+    assert max_error(results["4"][0], results["0"][0]) <= TOLERANCE[dtype]
+    assert max_error(results["4"][1], results["0"][1]) <= TOLERANCE[dtype]
+
+
 def test_input_and_weights_on_different_devices():
     ours = rnnfused.GRU(3, 4).cuda()
     with pytest.raises(RuntimeError, match="weight_ih is on cuda.* but the input is on cpu"):

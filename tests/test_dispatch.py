@@ -230,7 +230,7 @@ def test_the_reverse_direction_is_queued_between_the_fork_and_the_join(monkeypat
     log, current = [], []
     main, side = _FakeStream("main", log), _FakeStream("side", log)
     monkeypatch.setattr(dispatch, "directions_side_by_side", lambda device, reference: not reference)
-    monkeypatch.setattr(dispatch, "side_stream", lambda device, caller: side)
+    monkeypatch.setattr(dispatch, "side_streams", lambda device, count, caller: [side])
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
 
     @contextlib.contextmanager
