@@ -3,7 +3,6 @@ reference equations; its rules with made-up verification records and table rows 
 cuDNN route's plumbing (torch's op runs on the CPU too), and on a GPU that every choice gives
 the same results."""
 
-import contextlib
 import json
 
 import pytest
@@ -211,46 +210,3 @@ def test_directions_side_by_side_only_on_cuda_with_our_kernels(monkeypatch):
     monkeypatch.setenv("RNNFUSED_CONCURRENT_DIRECTIONS", "0")
     assert not dispatch.directions_side_by_side("cuda", reference=False)
 
-
-class _FakeStream:
-    """Stands for a CUDA stream: logs the waits and the layer directions queued on it."""
-
-    def __init__(self, name, log):
-        self.name, self.log = name, log
-
-    def wait_stream(self, other):
-        self.log.append(f"{self.name} waits for {other.name}")
-
-
-def test_the_reverse_direction_is_queued_between_the_fork_and_the_join(monkeypatch):
-    """The stack's stream choreography, with fake streams on the CPU (the CUDA test compares the
-    results): per layer the second stream waits for the main one before the forward direction
-    is queued (else it would wait for it too), the reverse direction runs on the second stream
-    only, and the main stream waits for it before the next layer reads both outputs."""
-    log, current = [], []
-    main, side = _FakeStream("main", log), _FakeStream("side", log)
-    monkeypatch.setattr(dispatch, "directions_side_by_side", lambda device, reference: not reference)
-    monkeypatch.setattr(dispatch, "side_streams", lambda device, count, caller: [side])
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
-
-    @contextlib.contextmanager
-    def on(stream):
-        current.append(stream)
-        yield
-        current.pop()
-
-    monkeypatch.setattr(torch.cuda, "stream", on)
-    run_layer = rnnfused.modules.run_layer
-
-    def logged(options, *args, **kwargs):
-        stream = current[-1].name if current else "main"
-        log.append(f"{'reverse' if options.reverse else 'forward'} on {stream}")
-        return run_layer(options, *args, **kwargs)
-
-    monkeypatch.setattr(rnnfused.modules, "run_layer", logged)
-    module = rnnfused.GRU(3, 4, num_layers=2, bidirectional=True)
-    module(torch.randn(5, 2, 3))
-    assert log == ["side waits for main", "forward on main", "reverse on side", "main waits for side"] * 2
-    log.clear()  # normalized layers keep one stream
-    rnnfused.GRU(3, 4, num_layers=2, bidirectional=True, norm="layer")(torch.randn(5, 2, 3))
-    assert log == ["forward on main", "reverse on main"] * 2

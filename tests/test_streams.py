@@ -1,9 +1,10 @@
-"""The layer pipeline (RNNFUSED_WAVEFRONT=n): a unidirectional stack run over n slices of the
-steps, layer l on slice k once layer l-1 has finished it. On the CPU the slices run one after
-another (what these tests check: the slicing, the carried states, the step flags and the
-gradients, against the stack run layer after layer in float64); on CUDA each layer has a
-stream (the choreography is checked here with fake streams; tests/test_cuda.py compares the
-results on a GPU)."""
+"""What runs on several CUDA streams, checked on the CPU: a bidirectional layer's two
+directions at once, and the layer pipeline (RNNFUSED_WAVEFRONT=n: a unidirectional stack run
+over n slices of the steps, layer l on slice k once layer l-1 has finished it). On the CPU
+the pipeline's slices run one after another: these tests check the slicing, the carried
+states, the step flags and the gradients against the stack run layer after layer in float64,
+and, with fake streams, the order of the waits and launches on CUDA. tests/test_cuda.py
+compares the results on a GPU."""
 
 import contextlib
 
@@ -119,7 +120,7 @@ def test_a_setting_that_is_not_a_number_raises(monkeypatch):
 
 
 class _FakeStream:
-    """Stands for a CUDA stream: logs waits and events."""
+    """Stands for a CUDA stream: logs its waits and events."""
 
     def __init__(self, name, log):
         self.name, self.log, self.events = name, log, 0
@@ -137,14 +138,12 @@ class _FakeStream:
         self.log.append(f"{self.name} waits for {event}")
 
 
-def test_each_layer_waits_for_the_slice_below_on_its_own_stream(monkeypatch):
-    """With fake streams: layer l queues slice k on its stream after waiting for the event the
-    layer below recorded once it had queued slice k; the other streams start after the
-    caller's work and the caller's stream waits for all of them at the end."""
+@pytest.fixture
+def stream_log(monkeypatch):
+    """(log, stream): fake streams made by stream(name) log into log, torch.cuda.stream(s)
+    makes s current, and every layer call logs "<direction> <steps> on <current stream>"
+    (main outside any torch.cuda.stream)."""
     log, current = [], []
-    streams = [_FakeStream(f"s{layer}", log) for layer in range(3)]
-    monkeypatch.setenv("RNNFUSED_WAVEFRONT", "2")
-    monkeypatch.setattr(dispatch, "pipeline_streams", lambda device, count: streams[:count])
 
     @contextlib.contextmanager
     def on(stream):
@@ -152,20 +151,48 @@ def test_each_layer_waits_for_the_slice_below_on_its_own_stream(monkeypatch):
         yield
         current.pop()
 
-    monkeypatch.setattr(torch.cuda, "stream", on)
-    run_layer = rnnfused.modules.run_layer
-
     def logged(options, x, *args, **kwargs):
-        log.append(f"{x.size(0)} steps on {current[-1].name}")
+        stream = current[-1].name if current else "main"
+        log.append(f"{'reverse' if options.reverse else 'forward'} {x.size(0)} on {stream}")
         return run_layer(options, x, *args, **kwargs)
 
+    run_layer = rnnfused.modules.run_layer
+    monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setattr(rnnfused.modules, "run_layer", logged)
+    return log, lambda name: _FakeStream(name, log)
+
+
+def test_the_reverse_direction_is_queued_between_the_fork_and_the_join(stream_log, monkeypatch):
+    """Per layer the second stream waits for the caller's before the forward direction is
+    queued (else it would wait for that too), the reverse direction runs on the second stream
+    only, and the caller's stream waits for it before the next layer reads both outputs;
+    normalized layers keep one stream."""
+    log, stream = stream_log
+    main, side = stream("main"), stream("side")
+    monkeypatch.setattr(dispatch, "directions_side_by_side", lambda device, reference: not reference)
+    monkeypatch.setattr(dispatch, "side_streams", lambda device, count, caller: [side])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    rnnfused.GRU(3, 4, num_layers=2, bidirectional=True)(torch.randn(5, 2, 3))
+    assert log == ["side waits for main", "forward 5 on main", "reverse 5 on side", "main waits for side"] * 2
+    log.clear()
+    rnnfused.GRU(3, 4, num_layers=2, bidirectional=True, norm="layer")(torch.randn(5, 2, 3))
+    assert log == ["forward 5 on main", "reverse 5 on main"] * 2
+
+
+def test_each_layer_waits_for_the_slice_below_on_its_own_stream(stream_log, monkeypatch):
+    """Layer l queues slice k on its stream after waiting for the event the layer below
+    recorded once it had queued slice k; the other streams start after the caller's work and
+    the caller's stream waits for all of them at the end."""
+    log, stream = stream_log
+    streams = [stream(f"s{layer}") for layer in range(3)]
+    monkeypatch.setenv("RNNFUSED_WAVEFRONT", "2")
+    monkeypatch.setattr(dispatch, "pipeline_streams", lambda device, count: streams[:count])
     rnnfused.LSTM(3, 5, num_layers=3)(torch.randn(6, 2, 3))
     assert log == ["s1 waits for s0", "s2 waits for s0",
-                   "3 steps on s0", "s0#1 recorded",
-                   "s1 waits for s0#1", "3 steps on s1", "s1#1 recorded",
-                   "s2 waits for s1#1", "3 steps on s2",
-                   "3 steps on s0", "s0#2 recorded",
-                   "s1 waits for s0#2", "3 steps on s1", "s1#2 recorded",
-                   "s2 waits for s1#2", "3 steps on s2",
+                   "forward 3 on s0", "s0#1 recorded",
+                   "s1 waits for s0#1", "forward 3 on s1", "s1#1 recorded",
+                   "s2 waits for s1#1", "forward 3 on s2",
+                   "forward 3 on s0", "s0#2 recorded",
+                   "s1 waits for s0#2", "forward 3 on s1", "s1#2 recorded",
+                   "s2 waits for s1#2", "forward 3 on s2",
                    "s0 waits for s1", "s0 waits for s2"]
