@@ -41,6 +41,12 @@ void with_flag(bool flag, Fn&& fn) {
     fn(std::false_type{});
 }
 
+// The same for two flags: fn(first, second).
+template <typename Fn>
+void with_flags(bool a, bool b, Fn&& fn) {
+  with_flag(a, [&](auto first) { with_flag(b, [&](auto second) { fn(first, second); }); });
+}
+
 inline std::vector<int64_t> step_offsets(const LayerParams& p) {
   std::vector<int64_t> offsets(p.T + 1, 0);
   for (int64_t t = 0; t < p.T; ++t) offsets[t + 1] = offsets[t] + p.batch_sizes[t];
@@ -195,6 +201,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
   const auto* recurrent_mask = static_cast<const S*>(p.recurrent_mask);
   const auto keep_h = keep_of<S, A>(p.keep_h, p.keep_h_draw);
   const auto keep_c = keep_of<S, A>(p.keep_c, p.keep_c_draw);
+  const bool zoneout = keep_h || keep_c;  // its passes are other instantiations (steps.h: kZoneout)
   auto* masked_h = static_cast<S*>(p.masked_h);
   auto* cells_new = static_cast<A*>(p.cells_new);
   auto* hidden_new = static_cast<S*>(p.hidden_new);
@@ -245,10 +252,10 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         A* cells_t = cells ? cells + r0 * H : nullptr;
         with_flag(gates != nullptr, [&](auto save) {
           with_flag(norm != nullptr, [&](auto norm_cell) {
-            with_flag(flags_t != nullptr, [&](auto flagged) {
+            with_flags(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
               be.for_each(rows, H,
                           LstmForwardStep<S, A, decltype(save)::value, decltype(norm_cell)::value,
-                                          decltype(flagged)::value>{
+                                          decltype(flagged)::value, decltype(zoned)::value>{
                               gx_t, gh, b_ih, b_hh, c, m_t, w_hr ? m_t : h, gates_t, cells_t, H, ld_gx,
                               A(p.cell_clip), gh, flags_t, w_hr == nullptr, w_hr ? Keep<S, A>{} : keep_h_t, keep_c_t,
                               cells_new ? cells_new + r0 * H : nullptr});
@@ -277,9 +284,9 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         normalize_hidden(t, r0, rows, 0, G, 0);
         if (flags_t) be.for_each(rows, H, StartSegments<S, A>{gh, G, 3, nullptr, h, H, flags_t});
         with_flag(gates != nullptr, [&](auto save) {
-          with_flag(flags_t != nullptr, [&](auto flagged) {
+          with_flags(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
             be.for_each(rows, H,
-                        GruForwardStep<S, A, decltype(save)::value, decltype(flagged)::value>{
+                        GruForwardStep<S, A, decltype(save)::value, decltype(flagged)::value, decltype(zoned)::value>{
                             gx_t, gh, b_ih, b_hh, h, y + r0 * H, gates_t, H, ld_gx, flags_t, keep_h_t});
           });
         });
@@ -296,9 +303,10 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         be.template gemm<S, A>(false, true, rows, H, H, rh, H, w_hh + 2 * H * H, H, 0, gh + 2 * H, G);
         normalize_hidden(t, r0, rows, 2 * H, H, 1);
         with_flag(gates != nullptr, [&](auto save) {
-          with_flag(flags_t != nullptr, [&](auto flagged) {
+          with_flags(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
             be.for_each(rows, H,
-                        GruChoOutputStep<S, A, decltype(save)::value, decltype(flagged)::value>{
+                        GruChoOutputStep<S, A, decltype(save)::value, decltype(flagged)::value,
+                                         decltype(zoned)::value>{
                             gx_t, gh, b_ih, b_hh, h, y + r0 * H, gates_t, H, ld_gx, flags_t, keep_h_t});
           });
         });
@@ -308,17 +316,17 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         be.template gemm<S, A>(false, true, rows, H, H, h_in, H, w_hh, H, 0, gh, H);
         normalize_hidden(t, r0, rows, 0, H, 0);
         if (flags_t) be.for_each(rows, H, StartSegments<S, A>{gh, H, 1, nullptr, h_reset, H, flags_t});
-        with_flag(flags_t != nullptr, [&](auto flagged) {
-          constexpr bool kFlags = decltype(flagged)::value;
+        with_flags(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
+          constexpr bool kFlags = decltype(flagged)::value, kZoneout = decltype(zoned)::value;
           S* hidden_new_t = hidden_new ? hidden_new + r0 * H : nullptr;
           if (p.cell == Cell::RNN_TANH)
             be.for_each(rows, H,
-                        RnnForwardStep<S, A, false, kFlags>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H, flags_t, keep_h_t,
-                                                            hidden_new_t});
+                        RnnForwardStep<S, A, false, kFlags, kZoneout>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H, flags_t,
+                                                                      keep_h_t, hidden_new_t});
           else
             be.for_each(rows, H,
-                        RnnForwardStep<S, A, true, kFlags>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H, flags_t, keep_h_t,
-                                                           hidden_new_t});
+                        RnnForwardStep<S, A, true, kFlags, kZoneout>{gx_t, gh, b_ih, b_hh, h, y + r0 * H, H, flags_t,
+                                                                     keep_h_t, hidden_new_t});
         });
         break;
       default:
@@ -379,6 +387,7 @@ void backward_steps(Backend& be, const BackwardParams& p) {
   const auto* recurrent_mask = static_cast<const S*>(p.recurrent_mask);
   const auto keep_h = keep_of<S, A>(p.keep_h, p.keep_h_draw);
   const auto keep_c = keep_of<S, A>(p.keep_c, p.keep_c_draw);
+  const bool zoneout = keep_h || keep_c;  // its passes are other instantiations (steps.h: kZoneout)
   auto* masked_h_prev = static_cast<S*>(p.masked_h_prev);
   auto* dh_product = static_cast<A*>(p.dh_product);
   // The state the cells computed from, before zoneout mixed in the previous one.
@@ -432,14 +441,14 @@ void backward_steps(Backend& be, const BackwardParams& p) {
       be.for_each(rows, P, CutAtResets<A>{dh, P, next_flags});
       if (p.cell == Cell::LSTM) be.for_each(rows, H, CutAtResets<A>{dc, H, next_flags});
     }
-    with_flag(flags_t != nullptr, [&](auto flagged) {
-      constexpr bool kFlags = decltype(flagged)::value;
+    with_flags(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
+      constexpr bool kFlags = decltype(flagged)::value, kZoneout = decltype(zoned)::value;
       switch (p.cell) {
         case Cell::LSTM: {
           const S* dy_t = dy + r0 * P;
           A* dh_t = dh;
           if (w_hr) {  // the cell's output m = o * tanh(c) reaches h through W_hr
-            be.for_each(rows, P, AddStep<S, A, kFlags>{dy_t, dh, dht + r0 * P, P, flags_t, keep_h_t});
+            be.for_each(rows, P, AddStep<S, A, kFlags, kZoneout>{dy_t, dh, dht + r0 * P, P, flags_t, keep_h_t});
             be.template gemm<S, A>(false, false, rows, H, P, dht + r0 * P, P, w_hr, H, 0, dm, H);
             dh_t = dm;
           }
@@ -461,7 +470,7 @@ void backward_steps(Backend& be, const BackwardParams& p) {
           } else {
             with_flag(w_hr != nullptr, [&](auto projected) {
               be.for_each(rows, H,
-                          LstmBackwardStep<S, A, decltype(projected)::value, kFlags>{
+                          LstmBackwardStep<S, A, decltype(projected)::value, kFlags, kZoneout>{
                               gates_t, cells_new + r0 * H, c_prev + r0 * H, dy_t, dh_t, dc, dpre_x + r0 * G, H,
                               cell_clip, grad_clip, flags_t, w_hr ? Keep<S, A>{} : keep_h_t, keep_c_t});
             });
@@ -472,15 +481,16 @@ void backward_steps(Backend& be, const BackwardParams& p) {
         }
         case Cell::GRU:
           be.for_each(rows, H,
-                      GruBackwardStep<S, A, kFlags>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
-                                                    dpre_h + r0 * G, H, grad_clip, flags_t, keep_h_t});
+                      GruBackwardStep<S, A, kFlags, kZoneout>{gates_t, h_prev + r0 * H, dy + r0 * H, dh,
+                                                              dpre_x + r0 * G, dpre_h + r0 * G, H, grad_clip, flags_t,
+                                                              keep_h_t});
           normalize_hidden_backward(t, r0, rows, 0, G, 0);
           add_product(G, 1);
           break;
         case Cell::GRU_CHO:
           be.for_each(rows, H,
-                      GruChoBackwardNzStep<S, A, kFlags>{gates_t, h_prev + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
-                                                         H, grad_clip, flags_t, keep_h_t});
+                      GruChoBackwardNzStep<S, A, kFlags, kZoneout>{gates_t, h_prev + r0 * H, dy + r0 * H, dh,
+                                                                   dpre_x + r0 * G, H, grad_clip, flags_t, keep_h_t});
           normalize_hidden_backward(t, r0, rows, 2 * H, H, 1);
           be.template gemm<S, A>(false, false, rows, H, H, dgh + r0 * G + 2 * H, G, w_hh + 2 * H * H, H,
                                  0, drh, H);
@@ -494,12 +504,12 @@ void backward_steps(Backend& be, const BackwardParams& p) {
         case Cell::RNN_RELU:
           if (p.cell == Cell::RNN_TANH)
             be.for_each(rows, H,
-                        RnnBackwardStep<S, A, false, kFlags>{hidden_new + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
-                                                             H, grad_clip, flags_t, keep_h_t});
+                        RnnBackwardStep<S, A, false, kFlags, kZoneout>{hidden_new + r0 * H, dy + r0 * H, dh,
+                                                                       dpre_x + r0 * G, H, grad_clip, flags_t, keep_h_t});
           else
             be.for_each(rows, H,
-                        RnnBackwardStep<S, A, true, kFlags>{hidden_new + r0 * H, dy + r0 * H, dh, dpre_x + r0 * G,
-                                                            H, grad_clip, flags_t, keep_h_t});
+                        RnnBackwardStep<S, A, true, kFlags, kZoneout>{hidden_new + r0 * H, dy + r0 * H, dh,
+                                                                      dpre_x + r0 * G, H, grad_clip, flags_t, keep_h_t});
           normalize_hidden_backward(t, r0, rows, 0, H, 0);
           add_product(H, dh_beta);
           break;

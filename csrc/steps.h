@@ -27,8 +27,10 @@
 //
 // Zoneout (keep_h, keep_c: Keep, this step's rows of params.h's masks, empty where off) mixes
 // the previous state into the new one after the cell (cells.h: zoneout), in the same pass; with
-// a projection h's is ProjectedStateStep's. A null test of a member is the same for every
-// element of a pass: the CPU's loop is unswitched on it, the GPU's warps do not diverge.
+// a projection h's is ProjectedStateStep's. Only the kZoneout instantiations read them: a test
+// of a Keep (with its Philox draw) inside the plain passes stopped GCC vectorising their loop,
+// and the LSTM without zoneout ran 2.3x slower on the CPU. Within a kZoneout pass the tests of
+// keep_h and keep_c are the same for every element: the GPU's warps do not diverge.
 #pragma once
 
 #include <cstdint>
@@ -142,7 +144,7 @@ RNNF_HD bool is_reset(int32_t flags) {
 // so the step stops at c_t and leaves o in o_out (norm.h's LstmNormOutputStep finishes).
 // kFlags: an inactive row keeps c and writes its held h to h_out, or zeros when projecting
 // (hold_output false: h_out and h_state are then o * tanh(c_t), and HoldProjectedStep holds y).
-template <typename S, typename A, bool kSave, bool kNormCell = false, bool kFlags = false>
+template <typename S, typename A, bool kSave, bool kNormCell = false, bool kFlags = false, bool kZoneout = false>
 struct LstmForwardStep {
   const A* gx;       // [rows, ld_gx] x W_ihᵀ (may be gates itself)
   const A* gh;       // [rows, 4H]
@@ -175,13 +177,13 @@ struct LstmForwardStep {
     const int64_t e = b * H + j;
     const A c_prev = c[e];
     const A c_new = cells::lstm_cell(a, c_prev, cell_clip);
-    const A c_t = keep_c ? cells::zoneout(keep_c.at(e), c_prev, c_new) : c_new;
+    const A c_t = kZoneout && keep_c ? cells::zoneout(keep_c.at(e), c_prev, c_new) : c_new;
     c[e] = c_t;
     if constexpr (kNormCell) {
       o_out[row + 3 * H + j] = a.o;
     } else {
       A h = cells::lstm_hidden(a, c_new);
-      if (keep_h) h = cells::zoneout(keep_h.at(e), load<A>(h_state[e]), h);
+      if (kZoneout && keep_h) h = cells::zoneout(keep_h.at(e), load<A>(h_state[e]), h);
       h_out[e] = store<S>(h);
       h_state[e] = store<S>(h);
     }
@@ -191,7 +193,7 @@ struct LstmForwardStep {
       gates[row + 2 * H + j] = a.g;
       gates[row + 3 * H + j] = a.o;
       cells[e] = c_t;
-      if (cells_new) cells_new[e] = c_new;
+      if (kZoneout && cells_new) cells_new[e] = c_new;
     }
   }
 
@@ -202,12 +204,12 @@ struct LstmForwardStep {
     if constexpr (kSave) {
       for (int64_t gate = 0; gate < 4; ++gate) gates[b * 4 * H + gate * H + j] = A(0);
       cells[e] = c[e];
-      if (cells_new) cells_new[e] = c[e];
+      if (kZoneout && cells_new) cells_new[e] = c[e];
     }
   }
 };
 
-template <typename S, typename A, bool kSave, bool kFlags = false>
+template <typename S, typename A, bool kSave, bool kFlags = false, bool kZoneout = false>
 struct GruForwardStep {
   const A* gx;    // [rows, ld_gx] x W_ihᵀ (may be gates itself)
   const A* gh;    // [rows, 3H]
@@ -232,7 +234,7 @@ struct GruForwardStep {
     const int64_t e = b * H + j;
     const A h_prev = load<A>(h_state[e]);
     A h = cells::gru_hidden(a.z, a.n, h_prev);
-    if (keep_h) h = cells::zoneout(keep_h.at(e), h_prev, h);
+    if (kZoneout && keep_h) h = cells::zoneout(keep_h.at(e), h_prev, h);
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
     if constexpr (kSave) {
@@ -272,7 +274,7 @@ struct GruChoResetStep {
 };
 
 // GRU_CHO phase 2: z, n and h_t; gh's n columns hold W_hn (r * h_{t-1}).
-template <typename S, typename A, bool kSave, bool kFlags = false>
+template <typename S, typename A, bool kSave, bool kFlags = false, bool kZoneout = false>
 struct GruChoOutputStep {
   const A* gx;    // [rows, ld_gx] x W_ihᵀ (may be gates itself)
   const A* gh;    // [rows, 3H]
@@ -297,7 +299,7 @@ struct GruChoOutputStep {
     const int64_t e = b * H + j;
     const A h_prev = load<A>(h_state[e]);
     A h = cells::gru_hidden(z, n, h_prev);
-    if (keep_h) h = cells::zoneout(keep_h.at(e), h_prev, h);
+    if (kZoneout && keep_h) h = cells::zoneout(keep_h.at(e), h_prev, h);
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
     if constexpr (kSave) {
@@ -314,7 +316,7 @@ struct GruChoOutputStep {
   }
 };
 
-template <typename S, typename A, bool kRelu, bool kFlags = false>
+template <typename S, typename A, bool kRelu, bool kFlags = false, bool kZoneout = false>
 struct RnnForwardStep {
   const A* gx;    // [rows, H]
   const A* gh;    // [rows, H]
@@ -333,15 +335,15 @@ struct RnnForwardStep {
     const int64_t e = b * H + j;
     const A pre = preact(gx + b * H, gh + b * H, b_ih, b_hh, j);
     A h = kRelu ? cells::rnn_relu_forward(pre) : cells::rnn_tanh_forward(pre);
-    if (hidden_new) hidden_new[e] = store<S>(h);
-    if (keep_h) h = cells::zoneout(keep_h.at(e), load<A>(h_state[e]), h);
+    if (kZoneout && hidden_new) hidden_new[e] = store<S>(h);
+    if (kZoneout && keep_h) h = cells::zoneout(keep_h.at(e), load<A>(h_state[e]), h);
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
   }
 
   RNNF_HD void hold(int64_t b, int64_t j) const {
     h_out[b * H + j] = h_state[b * H + j];
-    if (hidden_new) hidden_new[b * H + j] = store<S>(A(0));
+    if (kZoneout && hidden_new) hidden_new[b * H + j] = store<S>(A(0));
   }
 };
 
@@ -357,7 +359,7 @@ struct RnnForwardStep {
 
 // kProjected: h_t = W_hr (o * tanh(c_t)); dh then holds the whole gradient of o * tanh(c_t)
 // (AddStep applied the flags to the state's gradient) and dy is not read.
-template <typename S, typename A, bool kProjected, bool kFlags = false>
+template <typename S, typename A, bool kProjected, bool kFlags = false, bool kZoneout = false>
 struct LstmBackwardStep {
   const A* gates;   // [rows, 4H] i, f, g, o
   const A* cells;   // [rows, H] c_t
@@ -383,7 +385,7 @@ struct LstmBackwardStep {
     A dh_total = dh[e];
     if constexpr (!kProjected) {
       dh_total += load<A>(dy[e]);
-      if (keep_h) {
+      if (kZoneout && keep_h) {
         A kept;
         dh_total = cells::zoneout_backward(keep_h.at(e), dh_total, kept);
         dh[e] = kept;
@@ -392,7 +394,7 @@ struct LstmBackwardStep {
       }
     }
     A dc_new = dc[e], dc_kept = A(0);
-    if (keep_c) dc_new = cells::zoneout_backward(keep_c.at(e), dc_new, dc_kept);
+    if (kZoneout && keep_c) dc_new = cells::zoneout_backward(keep_c.at(e), dc_new, dc_kept);
     A dc_prev;
     const auto d = cells::lstm_backward(a, cells[e], c_prev[e], dh_total, dc_new, cell_clip, grad_clip, dc_prev);
     dc[e] = dc_prev + dc_kept;
@@ -407,7 +409,7 @@ struct LstmBackwardStep {
   }
 };
 
-template <typename S, typename A, bool kFlags = false>
+template <typename S, typename A, bool kFlags = false, bool kZoneout = false>
 struct GruBackwardStep {
   const A* gates;   // [rows, 4H] r, z, n, W_hn h + b_hn
   const S* h_prev;  // [rows, H]
@@ -429,7 +431,7 @@ struct GruBackwardStep {
                                gates[saved + 3 * H + j]};
     const int64_t e = b * H + j;
     A dh_new = dh[e] + load<A>(dy[e]), dh_kept = A(0);
-    if (keep_h) dh_new = cells::zoneout_backward(keep_h.at(e), dh_new, dh_kept);
+    if (kZoneout && keep_h) dh_new = cells::zoneout_backward(keep_h.at(e), dh_new, dh_kept);
     const auto d = cells::gru_backward(a, load<A>(h_prev[e]), dh_new, grad_clip);
     dh[e] = d.dh_prev_direct + dh_kept;
     const int64_t row = b * 3 * H;
@@ -451,7 +453,7 @@ struct GruBackwardStep {
 
 // GRU_CHO phase 1: gradients of the z and n pre-activations (the n one feeds the matmul
 // that gives d(r * h_{t-1})); dh becomes the direct part dh * z.
-template <typename S, typename A, bool kFlags = false>
+template <typename S, typename A, bool kFlags = false, bool kZoneout = false>
 struct GruChoBackwardNzStep {
   const A* gates;   // [rows, 3H] r, z, n
   const S* h_prev;  // [rows, H]
@@ -469,7 +471,7 @@ struct GruChoBackwardNzStep {
     const int64_t row = b * 3 * H;
     const int64_t e = b * H + j;
     A dh_new = dh[e] + load<A>(dy[e]), dh_kept = A(0);
-    if (keep_h) dh_new = cells::zoneout_backward(keep_h.at(e), dh_new, dh_kept);
+    if (kZoneout && keep_h) dh_new = cells::zoneout_backward(keep_h.at(e), dh_new, dh_kept);
     const auto d = cells::gru_cho_backward_nz(gates[row + H + j], gates[row + 2 * H + j],
                                               load<A>(h_prev[e]), dh_new, grad_clip);
     dh[e] = d.dh_prev_direct + dh_kept;
@@ -519,7 +521,7 @@ struct GruChoBackwardRStep {
   }
 };
 
-template <typename S, typename A, bool kRelu, bool kFlags = false>
+template <typename S, typename A, bool kRelu, bool kFlags = false, bool kZoneout = false>
 struct RnnBackwardStep {
   const S* h;   // [rows, H] h_t (y rows)
   const S* dy;  // [rows, H]
@@ -536,7 +538,7 @@ struct RnnBackwardStep {
     const int64_t e = b * H + j;
     const A h_t = load<A>(h[e]);
     A grad = dh[e] + load<A>(dy[e]);
-    if (keep_h) {
+    if (kZoneout && keep_h) {
       A kept;
       grad = cells::zoneout_backward(keep_h.at(e), grad, kept);
       dh[e] = kept;
@@ -556,7 +558,7 @@ struct RnnBackwardStep {
 // the carried gradient of the state as in LstmBackwardStep (an inactive row's out is zero).
 // Zoneout of h (keep): out is the gradient of the projection's h̃_t, (1 - keep) (a + b), and b
 // keeps keep (a + b) for h_{t-1}.
-template <typename S, typename A, bool kFlags = false>
+template <typename S, typename A, bool kFlags = false, bool kZoneout = false>
 struct AddStep {
   const S* a;  // [rows, width]
   A* b;        // [rows, width]
@@ -570,7 +572,7 @@ struct AddStep {
   RNNF_HD void step(int64_t r, int64_t k) const {
     const int64_t e = r * width + k;
     const A total = load<A>(a[e]) + b[e];
-    if (keep) {
+    if (kZoneout && keep) {
       A kept;
       out[e] = store<S>(cells::zoneout_backward(keep.at(e), total, kept));
       b[e] = kept;
