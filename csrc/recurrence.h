@@ -41,10 +41,17 @@ void with_flag(bool flag, Fn&& fn) {
     fn(std::false_type{});
 }
 
-// The same for two flags: fn(first, second).
+// fn(flag, form) with the step flags' bool and the zoneout form as template arguments
+// (decltype(flag)::value, decltype(form)::value).
 template <typename Fn>
-void with_flags(bool a, bool b, Fn&& fn) {
-  with_flag(a, [&](auto first) { with_flag(b, [&](auto second) { fn(first, second); }); });
+void with_flags_and_zoneout(bool flags, ZoneoutForm zoneout, Fn&& fn) {
+  with_flag(flags, [&](auto flagged) {
+    switch (zoneout) {
+      case ZoneoutForm::kOff: return fn(flagged, std::integral_constant<ZoneoutForm, ZoneoutForm::kOff>{});
+      case ZoneoutForm::kStored: return fn(flagged, std::integral_constant<ZoneoutForm, ZoneoutForm::kStored>{});
+      case ZoneoutForm::kDrawn: return fn(flagged, std::integral_constant<ZoneoutForm, ZoneoutForm::kDrawn>{});
+    }
+  });
 }
 
 inline std::vector<int64_t> step_offsets(const LayerParams& p) {
@@ -201,7 +208,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
   const auto* recurrent_mask = static_cast<const S*>(p.recurrent_mask);
   const auto keep_h = keep_of<S, A>(p.keep_h, p.keep_h_draw);
   const auto keep_c = keep_of<S, A>(p.keep_c, p.keep_c_draw);
-  const bool zoneout = keep_h || keep_c;  // its passes are other instantiations (steps.h: kZoneout)
+  const ZoneoutForm zoneout = zoneout_form(keep_h, keep_c);  // a template argument of the passes
   auto* masked_h = static_cast<S*>(p.masked_h);
   auto* cells_new = static_cast<A*>(p.cells_new);
   auto* hidden_new = static_cast<S*>(p.hidden_new);
@@ -252,7 +259,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         A* cells_t = cells ? cells + r0 * H : nullptr;
         with_flag(gates != nullptr, [&](auto save) {
           with_flag(norm != nullptr, [&](auto norm_cell) {
-            with_flags(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
+            with_flags_and_zoneout(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
               be.for_each(rows, H,
                           LstmForwardStep<S, A, decltype(save)::value, decltype(norm_cell)::value,
                                           decltype(flagged)::value, decltype(zoned)::value>{
@@ -284,7 +291,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         normalize_hidden(t, r0, rows, 0, G, 0);
         if (flags_t) be.for_each(rows, H, StartSegments<S, A>{gh, G, 3, nullptr, h, H, flags_t});
         with_flag(gates != nullptr, [&](auto save) {
-          with_flags(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
+          with_flags_and_zoneout(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
             be.for_each(rows, H,
                         GruForwardStep<S, A, decltype(save)::value, decltype(flagged)::value, decltype(zoned)::value>{
                             gx_t, gh, b_ih, b_hh, h, y + r0 * H, gates_t, H, ld_gx, flags_t, keep_h_t});
@@ -303,7 +310,7 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         be.template gemm<S, A>(false, true, rows, H, H, rh, H, w_hh + 2 * H * H, H, 0, gh + 2 * H, G);
         normalize_hidden(t, r0, rows, 2 * H, H, 1);
         with_flag(gates != nullptr, [&](auto save) {
-          with_flags(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
+          with_flags_and_zoneout(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
             be.for_each(rows, H,
                         GruChoOutputStep<S, A, decltype(save)::value, decltype(flagged)::value,
                                          decltype(zoned)::value>{
@@ -316,8 +323,9 @@ void forward_steps(Backend& be, const ForwardParams& p) {
         be.template gemm<S, A>(false, true, rows, H, H, h_in, H, w_hh, H, 0, gh, H);
         normalize_hidden(t, r0, rows, 0, H, 0);
         if (flags_t) be.for_each(rows, H, StartSegments<S, A>{gh, H, 1, nullptr, h_reset, H, flags_t});
-        with_flags(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
-          constexpr bool kFlags = decltype(flagged)::value, kZoneout = decltype(zoned)::value;
+        with_flags_and_zoneout(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
+          constexpr bool kFlags = decltype(flagged)::value;
+          constexpr ZoneoutForm kZoneout = decltype(zoned)::value;
           S* hidden_new_t = hidden_new ? hidden_new + r0 * H : nullptr;
           if (p.cell == Cell::RNN_TANH)
             be.for_each(rows, H,
@@ -387,7 +395,7 @@ void backward_steps(Backend& be, const BackwardParams& p) {
   const auto* recurrent_mask = static_cast<const S*>(p.recurrent_mask);
   const auto keep_h = keep_of<S, A>(p.keep_h, p.keep_h_draw);
   const auto keep_c = keep_of<S, A>(p.keep_c, p.keep_c_draw);
-  const bool zoneout = keep_h || keep_c;  // its passes are other instantiations (steps.h: kZoneout)
+  const ZoneoutForm zoneout = zoneout_form(keep_h, keep_c);  // a template argument of the passes
   auto* masked_h_prev = static_cast<S*>(p.masked_h_prev);
   auto* dh_product = static_cast<A*>(p.dh_product);
   // The state the cells computed from, before zoneout mixed in the previous one.
@@ -441,8 +449,9 @@ void backward_steps(Backend& be, const BackwardParams& p) {
       be.for_each(rows, P, CutAtResets<A>{dh, P, next_flags});
       if (p.cell == Cell::LSTM) be.for_each(rows, H, CutAtResets<A>{dc, H, next_flags});
     }
-    with_flags(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
-      constexpr bool kFlags = decltype(flagged)::value, kZoneout = decltype(zoned)::value;
+    with_flags_and_zoneout(flags_t != nullptr, zoneout, [&](auto flagged, auto zoned) {
+      constexpr bool kFlags = decltype(flagged)::value;
+      constexpr ZoneoutForm kZoneout = decltype(zoned)::value;
       switch (p.cell) {
         case Cell::LSTM: {
           const S* dy_t = dy + r0 * P;
@@ -505,11 +514,13 @@ void backward_steps(Backend& be, const BackwardParams& p) {
           if (p.cell == Cell::RNN_TANH)
             be.for_each(rows, H,
                         RnnBackwardStep<S, A, false, kFlags, kZoneout>{hidden_new + r0 * H, dy + r0 * H, dh,
-                                                                       dpre_x + r0 * G, H, grad_clip, flags_t, keep_h_t});
+                                                                       dpre_x + r0 * G, H, grad_clip, flags_t,
+                                                                       keep_h_t});
           else
             be.for_each(rows, H,
                         RnnBackwardStep<S, A, true, kFlags, kZoneout>{hidden_new + r0 * H, dy + r0 * H, dh,
-                                                                      dpre_x + r0 * G, H, grad_clip, flags_t, keep_h_t});
+                                                                      dpre_x + r0 * G, H, grad_clip, flags_t,
+                                                                      keep_h_t});
           normalize_hidden_backward(t, r0, rows, 0, H, 0);
           add_product(H, dh_beta);
           break;

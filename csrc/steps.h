@@ -27,10 +27,11 @@
 //
 // Zoneout (keep_h, keep_c: Keep, this step's rows of params.h's masks, empty where off) mixes
 // the previous state into the new one after the cell (cells.h: zoneout), in the same pass; with
-// a projection h's is ProjectedStateStep's. Only the kZoneout instantiations read them: a test
-// of a Keep (with its Philox draw) inside the plain passes stopped GCC vectorising their loop,
-// and the LSTM without zoneout ran 2.3x slower on the CPU. Within a kZoneout pass the tests of
-// keep_h and keep_c are the same for every element: the GPU's warps do not diverge.
+// a projection h's is ProjectedStateStep's. Only the passes instantiated for zoneout read them
+// (kZoneout, ZoneoutForm below): a test of a Keep, with its Philox draw, inside the plain passes
+// stopped GCC vectorising their loop, and the LSTM without zoneout ran 2.3x slower on the CPU.
+// Within such a pass the tests of keep_h and keep_c are the same for every element: the CPU's
+// loop is unswitched on them, the GPU's warps do not diverge.
 #pragma once
 
 #include <cstdint>
@@ -80,6 +81,15 @@ RNNF_HD __nv_bfloat16 store<__nv_bfloat16, float>(float x) {
 // values [rows, width] (eval's p, or masks a caller drew), or drawn per element from the Philox
 // stream of draw = {seed, threshold}, k = 1 with probability threshold / 2^32. `index` is the
 // element's place in the layer's [T, B, width] mask, so that backward draws what forward did.
+// How a layer's passes take zoneout, a template argument of theirs (kZoneout): not at all, from
+// stored keep weights, or drawn from Philox. Each form is its own loop, so that the plain and
+// the stored ones vectorise on the CPU (the draw's arithmetic in a loop stopped GCC).
+enum class ZoneoutForm { kOff, kStored, kDrawn };
+
+RNNF_HD constexpr bool zoned(ZoneoutForm form) {
+  return form != ZoneoutForm::kOff;
+}
+
 template <typename S, typename A>
 struct Keep {
   const S* values = nullptr;
@@ -91,12 +101,26 @@ struct Keep {
   // The keep weights of the elements from n on.
   RNNF_HD Keep operator+(int64_t n) const { return Keep{values ? values + n : nullptr, draw, index + n}; }
 
+  template <ZoneoutForm kForm>
   RNNF_HD A at(int64_t e) const {
-    if (values) return load<A>(values[e]);
-    const uint32_t bits = philox::bits(static_cast<uint64_t>(draw[0]), static_cast<uint64_t>(index + e));
-    return static_cast<int64_t>(bits) < draw[1] ? A(1) : A(0);
+    if constexpr (kForm == ZoneoutForm::kDrawn) {
+      const uint32_t bits = philox::bits(static_cast<uint64_t>(draw[0]), static_cast<uint64_t>(index + e));
+      return static_cast<int64_t>(bits) < draw[1] ? A(1) : A(0);
+    } else {
+      return load<A>(values[e]);
+    }
   }
+
+  // For a pass that is not specialised on the form.
+  RNNF_HD A at(int64_t e) const { return draw ? at<ZoneoutForm::kDrawn>(e) : at<ZoneoutForm::kStored>(e); }
 };
+
+// The form of a layer's zoneout masks (both drawn or both stored; either may be off).
+template <typename S, typename A>
+ZoneoutForm zoneout_form(const Keep<S, A>& keep_h, const Keep<S, A>& keep_c) {
+  if (!keep_h && !keep_c) return ZoneoutForm::kOff;
+  return keep_h.draw || keep_c.draw ? ZoneoutForm::kDrawn : ZoneoutForm::kStored;
+}
 
 // The keep weights of a layer's [T, B, width] mask (params.h: values or draw, both null: off).
 template <typename S, typename A>
@@ -144,7 +168,8 @@ RNNF_HD bool is_reset(int32_t flags) {
 // so the step stops at c_t and leaves o in o_out (norm.h's LstmNormOutputStep finishes).
 // kFlags: an inactive row keeps c and writes its held h to h_out, or zeros when projecting
 // (hold_output false: h_out and h_state are then o * tanh(c_t), and HoldProjectedStep holds y).
-template <typename S, typename A, bool kSave, bool kNormCell = false, bool kFlags = false, bool kZoneout = false>
+template <typename S, typename A, bool kSave, bool kNormCell = false, bool kFlags = false,
+          ZoneoutForm kZoneout = ZoneoutForm::kOff>
 struct LstmForwardStep {
   const A* gx;       // [rows, ld_gx] x W_ihᵀ (may be gates itself)
   const A* gh;       // [rows, 4H]
@@ -177,13 +202,13 @@ struct LstmForwardStep {
     const int64_t e = b * H + j;
     const A c_prev = c[e];
     const A c_new = cells::lstm_cell(a, c_prev, cell_clip);
-    const A c_t = kZoneout && keep_c ? cells::zoneout(keep_c.at(e), c_prev, c_new) : c_new;
+    const A c_t = zoned(kZoneout) && keep_c ? cells::zoneout(keep_c.template at<kZoneout>(e), c_prev, c_new) : c_new;
     c[e] = c_t;
     if constexpr (kNormCell) {
       o_out[row + 3 * H + j] = a.o;
     } else {
       A h = cells::lstm_hidden(a, c_new);
-      if (kZoneout && keep_h) h = cells::zoneout(keep_h.at(e), load<A>(h_state[e]), h);
+      if (zoned(kZoneout) && keep_h) h = cells::zoneout(keep_h.template at<kZoneout>(e), load<A>(h_state[e]), h);
       h_out[e] = store<S>(h);
       h_state[e] = store<S>(h);
     }
@@ -193,7 +218,7 @@ struct LstmForwardStep {
       gates[row + 2 * H + j] = a.g;
       gates[row + 3 * H + j] = a.o;
       cells[e] = c_t;
-      if (kZoneout && cells_new) cells_new[e] = c_new;
+      if (zoned(kZoneout) && cells_new) cells_new[e] = c_new;
     }
   }
 
@@ -204,12 +229,12 @@ struct LstmForwardStep {
     if constexpr (kSave) {
       for (int64_t gate = 0; gate < 4; ++gate) gates[b * 4 * H + gate * H + j] = A(0);
       cells[e] = c[e];
-      if (kZoneout && cells_new) cells_new[e] = c[e];
+      if (zoned(kZoneout) && cells_new) cells_new[e] = c[e];
     }
   }
 };
 
-template <typename S, typename A, bool kSave, bool kFlags = false, bool kZoneout = false>
+template <typename S, typename A, bool kSave, bool kFlags = false, ZoneoutForm kZoneout = ZoneoutForm::kOff>
 struct GruForwardStep {
   const A* gx;    // [rows, ld_gx] x W_ihᵀ (may be gates itself)
   const A* gh;    // [rows, 3H]
@@ -234,7 +259,7 @@ struct GruForwardStep {
     const int64_t e = b * H + j;
     const A h_prev = load<A>(h_state[e]);
     A h = cells::gru_hidden(a.z, a.n, h_prev);
-    if (kZoneout && keep_h) h = cells::zoneout(keep_h.at(e), h_prev, h);
+    if (zoned(kZoneout) && keep_h) h = cells::zoneout(keep_h.template at<kZoneout>(e), h_prev, h);
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
     if constexpr (kSave) {
@@ -274,7 +299,7 @@ struct GruChoResetStep {
 };
 
 // GRU_CHO phase 2: z, n and h_t; gh's n columns hold W_hn (r * h_{t-1}).
-template <typename S, typename A, bool kSave, bool kFlags = false, bool kZoneout = false>
+template <typename S, typename A, bool kSave, bool kFlags = false, ZoneoutForm kZoneout = ZoneoutForm::kOff>
 struct GruChoOutputStep {
   const A* gx;    // [rows, ld_gx] x W_ihᵀ (may be gates itself)
   const A* gh;    // [rows, 3H]
@@ -299,7 +324,7 @@ struct GruChoOutputStep {
     const int64_t e = b * H + j;
     const A h_prev = load<A>(h_state[e]);
     A h = cells::gru_hidden(z, n, h_prev);
-    if (kZoneout && keep_h) h = cells::zoneout(keep_h.at(e), h_prev, h);
+    if (zoned(kZoneout) && keep_h) h = cells::zoneout(keep_h.template at<kZoneout>(e), h_prev, h);
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
     if constexpr (kSave) {
@@ -316,7 +341,7 @@ struct GruChoOutputStep {
   }
 };
 
-template <typename S, typename A, bool kRelu, bool kFlags = false, bool kZoneout = false>
+template <typename S, typename A, bool kRelu, bool kFlags = false, ZoneoutForm kZoneout = ZoneoutForm::kOff>
 struct RnnForwardStep {
   const A* gx;    // [rows, H]
   const A* gh;    // [rows, H]
@@ -335,15 +360,15 @@ struct RnnForwardStep {
     const int64_t e = b * H + j;
     const A pre = preact(gx + b * H, gh + b * H, b_ih, b_hh, j);
     A h = kRelu ? cells::rnn_relu_forward(pre) : cells::rnn_tanh_forward(pre);
-    if (kZoneout && hidden_new) hidden_new[e] = store<S>(h);
-    if (kZoneout && keep_h) h = cells::zoneout(keep_h.at(e), load<A>(h_state[e]), h);
+    if (zoned(kZoneout) && hidden_new) hidden_new[e] = store<S>(h);
+    if (zoned(kZoneout) && keep_h) h = cells::zoneout(keep_h.template at<kZoneout>(e), load<A>(h_state[e]), h);
     h_state[e] = store<S>(h);
     h_out[e] = store<S>(h);
   }
 
   RNNF_HD void hold(int64_t b, int64_t j) const {
     h_out[b * H + j] = h_state[b * H + j];
-    if (kZoneout && hidden_new) hidden_new[b * H + j] = store<S>(A(0));
+    if (zoned(kZoneout) && hidden_new) hidden_new[b * H + j] = store<S>(A(0));
   }
 };
 
@@ -359,7 +384,7 @@ struct RnnForwardStep {
 
 // kProjected: h_t = W_hr (o * tanh(c_t)); dh then holds the whole gradient of o * tanh(c_t)
 // (AddStep applied the flags to the state's gradient) and dy is not read.
-template <typename S, typename A, bool kProjected, bool kFlags = false, bool kZoneout = false>
+template <typename S, typename A, bool kProjected, bool kFlags = false, ZoneoutForm kZoneout = ZoneoutForm::kOff>
 struct LstmBackwardStep {
   const A* gates;   // [rows, 4H] i, f, g, o
   const A* cells;   // [rows, H] c_t
@@ -385,16 +410,16 @@ struct LstmBackwardStep {
     A dh_total = dh[e];
     if constexpr (!kProjected) {
       dh_total += load<A>(dy[e]);
-      if (kZoneout && keep_h) {
+      if (zoned(kZoneout) && keep_h) {
         A kept;
-        dh_total = cells::zoneout_backward(keep_h.at(e), dh_total, kept);
+        dh_total = cells::zoneout_backward(keep_h.template at<kZoneout>(e), dh_total, kept);
         dh[e] = kept;
       } else if constexpr (kFlags) {
         dh[e] = A(0);
       }
     }
     A dc_new = dc[e], dc_kept = A(0);
-    if (kZoneout && keep_c) dc_new = cells::zoneout_backward(keep_c.at(e), dc_new, dc_kept);
+    if (zoned(kZoneout) && keep_c) dc_new = cells::zoneout_backward(keep_c.template at<kZoneout>(e), dc_new, dc_kept);
     A dc_prev;
     const auto d = cells::lstm_backward(a, cells[e], c_prev[e], dh_total, dc_new, cell_clip, grad_clip, dc_prev);
     dc[e] = dc_prev + dc_kept;
@@ -409,7 +434,7 @@ struct LstmBackwardStep {
   }
 };
 
-template <typename S, typename A, bool kFlags = false, bool kZoneout = false>
+template <typename S, typename A, bool kFlags = false, ZoneoutForm kZoneout = ZoneoutForm::kOff>
 struct GruBackwardStep {
   const A* gates;   // [rows, 4H] r, z, n, W_hn h + b_hn
   const S* h_prev;  // [rows, H]
@@ -431,7 +456,7 @@ struct GruBackwardStep {
                                gates[saved + 3 * H + j]};
     const int64_t e = b * H + j;
     A dh_new = dh[e] + load<A>(dy[e]), dh_kept = A(0);
-    if (kZoneout && keep_h) dh_new = cells::zoneout_backward(keep_h.at(e), dh_new, dh_kept);
+    if (zoned(kZoneout) && keep_h) dh_new = cells::zoneout_backward(keep_h.template at<kZoneout>(e), dh_new, dh_kept);
     const auto d = cells::gru_backward(a, load<A>(h_prev[e]), dh_new, grad_clip);
     dh[e] = d.dh_prev_direct + dh_kept;
     const int64_t row = b * 3 * H;
@@ -453,7 +478,7 @@ struct GruBackwardStep {
 
 // GRU_CHO phase 1: gradients of the z and n pre-activations (the n one feeds the matmul
 // that gives d(r * h_{t-1})); dh becomes the direct part dh * z.
-template <typename S, typename A, bool kFlags = false, bool kZoneout = false>
+template <typename S, typename A, bool kFlags = false, ZoneoutForm kZoneout = ZoneoutForm::kOff>
 struct GruChoBackwardNzStep {
   const A* gates;   // [rows, 3H] r, z, n
   const S* h_prev;  // [rows, H]
@@ -471,7 +496,7 @@ struct GruChoBackwardNzStep {
     const int64_t row = b * 3 * H;
     const int64_t e = b * H + j;
     A dh_new = dh[e] + load<A>(dy[e]), dh_kept = A(0);
-    if (kZoneout && keep_h) dh_new = cells::zoneout_backward(keep_h.at(e), dh_new, dh_kept);
+    if (zoned(kZoneout) && keep_h) dh_new = cells::zoneout_backward(keep_h.template at<kZoneout>(e), dh_new, dh_kept);
     const auto d = cells::gru_cho_backward_nz(gates[row + H + j], gates[row + 2 * H + j],
                                               load<A>(h_prev[e]), dh_new, grad_clip);
     dh[e] = d.dh_prev_direct + dh_kept;
@@ -521,7 +546,7 @@ struct GruChoBackwardRStep {
   }
 };
 
-template <typename S, typename A, bool kRelu, bool kFlags = false, bool kZoneout = false>
+template <typename S, typename A, bool kRelu, bool kFlags = false, ZoneoutForm kZoneout = ZoneoutForm::kOff>
 struct RnnBackwardStep {
   const S* h;   // [rows, H] h_t (y rows)
   const S* dy;  // [rows, H]
@@ -538,9 +563,9 @@ struct RnnBackwardStep {
     const int64_t e = b * H + j;
     const A h_t = load<A>(h[e]);
     A grad = dh[e] + load<A>(dy[e]);
-    if (kZoneout && keep_h) {
+    if (zoned(kZoneout) && keep_h) {
       A kept;
-      grad = cells::zoneout_backward(keep_h.at(e), grad, kept);
+      grad = cells::zoneout_backward(keep_h.template at<kZoneout>(e), grad, kept);
       dh[e] = kept;
     } else if constexpr (kFlags) {
       dh[e] = A(0);
@@ -558,7 +583,7 @@ struct RnnBackwardStep {
 // the carried gradient of the state as in LstmBackwardStep (an inactive row's out is zero).
 // Zoneout of h (keep): out is the gradient of the projection's h̃_t, (1 - keep) (a + b), and b
 // keeps keep (a + b) for h_{t-1}.
-template <typename S, typename A, bool kFlags = false, bool kZoneout = false>
+template <typename S, typename A, bool kFlags = false, ZoneoutForm kZoneout = ZoneoutForm::kOff>
 struct AddStep {
   const S* a;  // [rows, width]
   A* b;        // [rows, width]
@@ -572,9 +597,9 @@ struct AddStep {
   RNNF_HD void step(int64_t r, int64_t k) const {
     const int64_t e = r * width + k;
     const A total = load<A>(a[e]) + b[e];
-    if (kZoneout && keep) {
+    if (zoned(kZoneout) && keep) {
       A kept;
-      out[e] = store<S>(cells::zoneout_backward(keep.at(e), total, kept));
+      out[e] = store<S>(cells::zoneout_backward(keep.template at<kZoneout>(e), total, kept));
       b[e] = kept;
     } else {
       out[e] = store<S>(total);
