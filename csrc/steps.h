@@ -77,19 +77,18 @@ RNNF_HD __nv_bfloat16 store<__nv_bfloat16, float>(float x) {
 }
 #endif
 
-// Zoneout's keep weight k of each element of a step (cells.h: zoneout), off when empty: given
-// values [rows, width] (eval's p, or masks a caller drew), or drawn per element from the Philox
-// stream of draw = {seed, threshold}, k = 1 with probability threshold / 2^32. `index` is the
-// element's place in the layer's [T, B, width] mask, so that backward draws what forward did.
 // How a layer's passes take zoneout, a template argument of theirs (kZoneout): not at all, from
-// stored keep weights, or drawn from Philox. Each form is its own loop, so that the plain and
-// the stored ones vectorise on the CPU (the draw's arithmetic in a loop stopped GCC).
+// stored keep weights, or drawn from Philox; each form is its own loop (see the top).
 enum class ZoneoutForm { kOff, kStored, kDrawn };
 
 RNNF_HD constexpr bool zoned(ZoneoutForm form) {
   return form != ZoneoutForm::kOff;
 }
 
+// Zoneout's keep weight k of each element of a step (cells.h: zoneout), off when empty: given
+// values [rows, width] (eval's p, or masks a caller drew), or drawn per element from the Philox
+// stream of draw = {seed, threshold}, k = 1 with probability threshold / 2^32. `index` is the
+// element's place in the layer's [T, B, width] mask, so that backward draws what forward did.
 template <typename S, typename A>
 struct Keep {
   const S* values = nullptr;

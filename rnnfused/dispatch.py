@@ -271,8 +271,12 @@ def directions_side_by_side(device, reference):
     torch.export or torch.jit.trace (their graphs order the ops), not with
     RNNFUSED_CONCURRENT_DIRECTIONS=0. ``reference``: the layers run the reference equations
     (many small ops) or are normalized; they keep one stream."""
-    return (torch.device(device).type == "cuda" and not reference and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and os.environ.get("RNNFUSED_CONCURRENT_DIRECTIONS", "1") != "0")
+    return (torch.device(device).type == "cuda" and not reference and not _graph_orders_the_ops()
+            and os.environ.get("RNNFUSED_CONCURRENT_DIRECTIONS", "1") != "0")
+
+
+def _graph_orders_the_ops():
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def side_streams(device, count, main):
@@ -304,14 +308,18 @@ def wavefront_chunks(device, steps, num_layers, bidirectional, packed, unchunkab
     one step per slice; ``unchunkable``: the call runs the reference equations, draws
     regularisers' masks or between-layer dropout (whose random streams are per layer call).
     Off under torch.compile, torch.export and torch.jit.trace, as for the directions."""
+    chunks = min(wavefront_setting(), steps)
+    if chunks < 2 or num_layers < 2 or bidirectional or packed or unchunkable or _graph_orders_the_ops():
+        return 0
+    return chunks
+
+
+def wavefront_setting():
+    """The number of slices RNNFUSED_WAVEFRONT asks for (0 when unset)."""
     setting = os.environ.get("RNNFUSED_WAVEFRONT", "0")
     if not setting.isdigit():
         raise ValueError(f"rnnfused: RNNFUSED_WAVEFRONT must be a number of slices, got {setting!r}")
-    chunks = min(int(setting), steps)
-    if (chunks < 2 or num_layers < 2 or bidirectional or packed or unchunkable or torch.compiler.is_compiling()
-            or torch.jit.is_tracing()):
-        return 0
-    return chunks
+    return int(setting)
 
 
 # --- autotuning ------------------------------------------------------------------------------

@@ -59,8 +59,9 @@ def explain(module, input, *, lengths=None, resets=None):
     training = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
     has_flags = lengths is not None or resets is not None
     stack = dispatch.choose(module, weight, batch, training, torch.empty(0) if has_flags else None)
-    packed = isinstance(input, PackedSequence) or (lengths is not None and resets is None and device == "cpu")
-    chunks = module._wavefront_chunks(weight.device, steps, packed, stack.kernel == "reference" or module.norm is not None)
+    packed = isinstance(input, PackedSequence) or module._packs(input, lengths, resets)
+    chunks = module._wavefront_chunks(weight.device, steps, packed,
+                                      stack.kernel == "reference" or module.norm is not None)
     inside_steps = module.regularisers.inside_steps(module.training)
     zoneout = module.regularisers.zoneout_h or module.regularisers.zoneout_c
     choices = []

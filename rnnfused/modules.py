@@ -466,8 +466,9 @@ class RNNBase(nn.RNNBase):
         h_n, c_n = [], []
         layer_input = x
         side = main = None
-        equations = reference or self.norm is not None or \
-            _needs_differentiable_equations([x, hx, cx, *self._flat_weights])
+        # Asked only where the directions or the layers could overlap.
+        equations = (self.bidirectional or dispatch.wavefront_setting() > 1) and (
+            reference or self.norm is not None or _needs_differentiable_equations([x, hx, cx, *self._flat_weights]))
         chunks = self._wavefront_chunks(x.device, steps, batch_sizes is not None, equations)
         if chunks:
             return self._results(x, hx, cx, *self._run_wavefront(x, hx, cx, None if flags is None else flags[0],
@@ -592,17 +593,22 @@ class RNNBase(nn.RNNBase):
         costs no device sync there) and for normalized layers (which take no step flags; on a
         GPU packing reads the lengths on the host). None where this does not apply: the step
         flags then hold the finished rows, without a host sync."""
-        if (lengths is None or resets is not None or isinstance(input, PackedSequence) or input.dim() != 3
-                or input.numel() == 0 or torch.compiler.is_compiling()):
-            return None
-        on_cpu = input.device.type == "cpu" and (not isinstance(lengths, torch.Tensor) or lengths.device.type == "cpu")
-        if not (on_cpu or self.norm is not None):
+        if not self._packs(input, lengths, resets):
             return None
         steps, batch = (input.size(1), input.size(0)) if self.batch_first else (input.size(0), input.size(1))
         lengths = check_lengths(lengths, steps, batch)
         packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
         output, state = self.forward(packed, hx)
         return pad_packed_sequence(output, batch_first=self.batch_first, total_length=steps)[0], state
+
+    def _packs(self, input, lengths, resets):
+        """Whether a call with these arguments runs as a PackedSequence (_by_packing; explain
+        asks the same)."""
+        if (lengths is None or resets is not None or isinstance(input, PackedSequence) or input.dim() != 3
+                or input.numel() == 0 or torch.compiler.is_compiling()):
+            return False
+        on_cpu = input.device.type == "cpu" and (not isinstance(lengths, torch.Tensor) or lengths.device.type == "cpu")
+        return on_cpu or self.norm is not None
 
     def _forward(self, input, hx, lengths, resets):
         """Shared forward of GRU and RNN (a single hidden state); LSTM has its own."""
