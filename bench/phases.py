@@ -10,7 +10,11 @@ replaces the grid barrier, and "stores" stays zero); begin() and end() once per 
 
 Printed and written to CSV: microseconds per step of each phase (the mean over CTAs, median
 over --repeats launches), begin/end in microseconds per launch, forward and backward, for
-fastrnns, latency_b1 and small_b16_h128, LSTM and GRU, fp16/bf16/fp32 (TF32).
+fastrnns, latency_b1 and small_b16_h128, LSTM and GRU, fp16/bf16/fp32 (TF32); each case under
+every tiling of --tilings (the planner's, stage 2's spread over every SM, one CTA per batch
+tile, or ROWSxUNITS), and beside each measured row ("fwd", "bwd") the planner's cost-model
+estimate of the same phases ("~fwd", "~bwd"; csrc/persistent/plan.h), which these
+measurements are meant to calibrate.
 
 Needs a GPU and a build with RNNFUSED_PHASE_TIMING=1 (setup.py); it refuses otherwise and
 never prints a number it did not measure."""
@@ -18,6 +22,7 @@ never prints a number it did not measure."""
 import argparse
 import csv
 import datetime
+import itertools
 import os
 import statistics
 import sys
@@ -26,6 +31,7 @@ import torch
 
 import rnnfused
 from rnnfused import _C
+from rnnfused._ops import Cell
 
 from . import configs
 from .impls import kernel_setting
@@ -35,6 +41,23 @@ CELLS = ["LSTM", "GRU"]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STEP_PHASES = ["exchange", "mma", "cell", "stores", "barrier"]
 LAUNCH_PHASES = ["begin", "end"]
+TILINGS = ["model", "spread", "one_cta"]
+
+
+def tiling_settings(tiling, config):
+    """The RNNFUSED_PERSISTENT_* settings (names without the prefix) of a --tilings entry:
+    the planner's choice ("model"), stage 2's rule ("spread"), one CTA per batch tile of 16
+    rows with every unit ("one_cta"), or ROWSxUNITS."""
+    if tiling == "model":
+        return {}
+    if tiling == "spread":
+        return {"persistent_spread": "1"}
+    if tiling == "one_cta":
+        return {"persistent_tiling": f"{min(16, config.B)}x{config.H}"}
+    rows, _, units = tiling.partition("x")
+    if not (rows.isdigit() and units.isdigit()):
+        raise ValueError(f"a tiling is model, spread, one_cta or ROWSxUNITS, not {tiling!r}")
+    return {"persistent_tiling": tiling}
 
 
 def why_not():
@@ -73,15 +96,16 @@ def summarize(record):
     return {k: v / len(record["ctas"]) for k, v in sums.items()}
 
 
-def time_case(config, cell, dtype, repeats):
-    """{direction: summary} (median over launches) for one case, or a reason it did not run
-    the persistent kernel."""
+def time_case(config, cell, dtype, repeats, tiling="model"):
+    """({direction: summary} (median over launches), the layer's plan (_C.layer_plan)) for one
+    case under one tiling, or a reason it did not run the persistent kernel."""
     torch.manual_seed(0)
     module = getattr(rnnfused, cell)(config.I, config.H).to("cuda", dtype)
     x = torch.randn(config.T, config.B, config.I, device="cuda", dtype=dtype, requires_grad=True)
-    with kernel_setting("persistent"):
+    with kernel_setting("persistent", **tiling_settings(tiling, config)):
         try:
             kernels = {c.kernel for c in rnnfused.explain(module, x)}
+            plan = _C.layer_plan(int(Cell[cell]), config.T, config.H, config.B, dtype, "cuda")
         except RuntimeError as error:
             return f"not persistent: {str(error).splitlines()[0]}"
         if kernels != {"persistent"}:
@@ -98,7 +122,7 @@ def time_case(config, cell, dtype, repeats):
                     return f"the {direction} persistent kernel did not run (refused launch?)"
                 if i > 0:
                     runs[direction].append(summarize(record))
-    return {d: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for d, rs in runs.items()}
+    return {d: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for d, rs in runs.items()}, plan
 
 
 def main(argv=None):
@@ -107,6 +131,8 @@ def main(argv=None):
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated (default %(default)s)")
     parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated (default %(default)s)")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated (default %(default)s)")
+    parser.add_argument("--tilings", default=",".join(TILINGS),
+                        help="comma-separated: model, spread, one_cta or ROWSxUNITS (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed launches per case (default %(default)s)")
     parser.add_argument("--out", help="folder for phases.csv (default results/phases-<time>)")
     args = parser.parse_args(argv)
@@ -123,28 +149,34 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     rows = []
     print(f"{torch.cuda.get_device_name()}: persistent kernel, us per step (begin, end, kernel: us per launch), "
-          f"mean over CTAs, median of {args.repeats} launches")
-    header = ["config", "cell", "dtype", "dir"] + LAUNCH_PHASES + STEP_PHASES + ["step", "kernel"]
-    print("{:<16}{:<6}{:<10}{:<5}".format(*header[:4]) + "".join(f"{h:>10}" for h in header[4:]))
-    for config_name in args.configs.split(","):
+          f"mean over CTAs, median of {args.repeats} launches; ~fwd/~bwd: the planner's cost model (an estimate)")
+    header = ["config", "cell", "dtype", "tiling", "dir"] + LAUNCH_PHASES + STEP_PHASES + ["step", "kernel"]
+    print("{:<16}{:<6}{:<10}{:<22}{:<6}".format(*header[:5]) + "".join(f"{h:>10}" for h in header[5:]))
+    for config_name, cell, dtype_name, tiling in itertools.product(
+            args.configs.split(","), args.cells.split(","), args.dtypes.split(","), args.tilings.split(",")):
         config = configs.NAMED[config_name]
-        for cell in args.cells.split(","):
-            for dtype_name in args.dtypes.split(","):
-                result = time_case(config, cell, DTYPES[dtype_name], args.repeats)
-                if isinstance(result, str):
-                    print(f"{config_name:<16}{cell:<6}{dtype_name:<10}{'-':<5}{result}")
-                    rows.append(dict(config=config_name, cell=cell, dtype=dtype_name, status=result))
-                    continue
-                for direction, summary in result.items():
-                    step = sum(summary[p] for p in STEP_PHASES)
-                    values = [summary[p] for p in LAUNCH_PHASES + STEP_PHASES] + [step, summary["kernel"]]
-                    print(f"{config_name:<16}{cell:<6}{dtype_name:<10}{direction[:3]:<5}"
-                          + "".join(f"{v:>10.3f}" for v in values))
-                    rows.append(dict(config=config_name, T=config.T, B=config.B, I=config.I, H=config.H, cell=cell,
-                                     dtype=dtype_name, direction=direction, status="ok",
-                                     **{f"{p}_us": summary[p] for p in LAUNCH_PHASES + STEP_PHASES},
-                                     step_us=step, kernel_us=summary["kernel"],
-                                     ns_per_cycle=summary["ns_per_cycle"]))
+        case = dict(config=config_name, cell=cell, dtype=dtype_name, tiling=tiling)
+        label = f"{config_name:<16}{cell:<6}{dtype_name:<10}"
+        result = time_case(config, cell, DTYPES[dtype_name], args.repeats, tiling)
+        if isinstance(result, str):
+            print(f"{label}{tiling:<22}{'-':<6}{result}")
+            rows.append(dict(case, status=result))
+            continue
+        measured, plan = result
+        shape = f"{tiling}:{plan['ctas']}={plan['unit_tiles']}x{plan['units']}u,{plan['row_tiles']}x{plan['rows']}r"
+        for direction, summary in measured.items():
+            step = sum(summary[p] for p in STEP_PHASES)
+            values = [summary[p] for p in LAUNCH_PHASES + STEP_PHASES] + [step, summary["kernel"]]
+            estimate = {p: plan["estimate"][direction][p] / 1e3 for p in STEP_PHASES}
+            print(f"{label}{shape:<22}{direction[:3]:<6}" + "".join(f"{v:>10.3f}" for v in values))
+            print(f"{label}{shape:<22}{'~' + direction[:3]:<6}{'':>20}"
+                  + "".join(f"{estimate[p]:>10.3f}" for p in STEP_PHASES) + f"{sum(estimate.values()):>10.3f}")
+            rows.append(dict(case, T=config.T, B=config.B, I=config.I, H=config.H, ctas=plan["ctas"],
+                             units=plan["units"], rows=plan["rows"], direction=direction, status="ok",
+                             **{f"{p}_us": summary[p] for p in LAUNCH_PHASES + STEP_PHASES},
+                             step_us=step, kernel_us=summary["kernel"], ns_per_cycle=summary["ns_per_cycle"],
+                             **{f"model_{p}_us": estimate[p] for p in STEP_PHASES},
+                             model_step_us=sum(estimate.values())))
     fields = list(dict.fromkeys(k for row in rows for k in row))
     path = os.path.join(out, "phases.csv")
     with open(path, "w", newline="") as f:

@@ -899,6 +899,43 @@ BackwardResult layer_backward_batched(const Tensor& x_in, const OptTensor& batch
   return {stacked(dxs), stacked(dh0s), stacked(dc0s), dw_out, dnw_out};
 }
 
+// A tiling's fields and layouts, for _C.plan and _C.plan_cost.
+pybind11::dict tiling_dict(const persistent::Tiling& t) {
+  namespace py = pybind11;
+  py::dict out;
+  for (const auto& [name, value] :
+       std::vector<std::pair<const char*, int64_t>>{{"units", t.units}, {"rows", t.rows},
+                                                    {"unit_tiles", t.unit_tiles}, {"row_tiles", t.row_tiles},
+                                                    {"ctas", t.ctas()}, {"rows_pad", t.rows_pad},
+                                                    {"gate_stride", t.gate_stride}, {"gate_rows", t.gate_rows},
+                                                    {"k_fwd", t.k_fwd}, {"ld_w_fwd", t.ld_w_fwd},
+                                                    {"ld_acc_fwd", t.ld_acc_fwd}, {"split_fwd", t.split_fwd},
+                                                    {"unit_rows", t.unit_rows}, {"k_block", t.k_block},
+                                                    {"k_bwd", t.k_bwd}, {"ld_w_bwd", t.ld_w_bwd},
+                                                    {"chunk_gates", t.chunk_gates}, {"ld_dg", t.ld_dg},
+                                                    {"ld_acc_bwd", t.ld_acc_bwd}, {"split_bwd", t.split_bwd}})
+    out[name] = value;
+  for (const auto& [name, layout] :
+       std::vector<std::pair<const char*, persistent::Layout>>{{"fwd", t.fwd}, {"bwd", t.bwd}})
+    out[name] = py::dict(py::arg("weights") = layout.weights, py::arg("operand") = layout.operand,
+                         py::arg("acc") = layout.acc, py::arg("partials") = layout.partials,
+                         py::arg("state") = layout.state, py::arg("state2") = layout.state2,
+                         py::arg("bytes") = layout.bytes);
+  return out;
+}
+
+// A forward and a backward step's estimates by phase (timing.h's names), in nanoseconds,
+// with their totals.
+pybind11::dict estimate_dict(const persistent::StepCost& forward, const persistent::StepCost& backward) {
+  namespace py = pybind11;
+  auto phases = [](const persistent::StepCost& cost) {
+    return py::dict(py::arg("exchange") = cost.exchange, py::arg("mma") = cost.mma, py::arg("cell") = cost.cell,
+                    py::arg("stores") = cost.stores, py::arg("barrier") = cost.barrier,
+                    py::arg("total") = cost.total());
+  };
+  return py::dict(py::arg("forward") = phases(forward), py::arg("backward") = phases(backward));
+}
+
 }  // namespace
 }  // namespace rnnfused
 
@@ -983,6 +1020,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "(kernel, reason) for a layer direction: cell, steps, hidden size, output width, batch, dtype, device, and "
       "whether it has step flags (resets, lengths) or masks (recurrent dropout, zoneout)");
   m.def(
+      "layer_plan",
+      [](int64_t cell, int64_t T, int64_t H, int64_t B, at::ScalarType dtype, const std::string& device) {
+        const KernelChoice choice = choose_kernel(cell_of(cell), T, H, H, B, dtype_of(dtype), at::Device(device));
+        py::dict out = tiling_dict(choice.plan.tiling);
+        out["kernel"] = choice.kernel;
+        out["reason"] = choice.reason;
+        out["persistent"] = choice.plan.persistent;
+        out["estimate"] = estimate_dict(choice.plan.forward, choice.plan.backward);
+        return out;
+      },
+      py::arg("cell"), py::arg("T"), py::arg("H"), py::arg("B"), py::arg("dtype"), py::arg("device"),
+      "The kernel choice of a layer direction (as kernel_choice, RNNFUSED_* settings included) with its persistent "
+      "plan: the tiling and the cost model's estimate of a step's phases in nanoseconds (for bench.phases)");
+  m.def(
       "plan",
       [](int64_t cell, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, bool tf32, int64_t sm_count,
          int64_t smem_per_block, int compute_capability, bool cooperative_launch, bool host_simulation,
@@ -996,31 +1047,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         limits.spread_units = spread_units;
         const persistent::Plan plan =
             persistent::make_plan(cell_of(cell), H, P, B, dtype_of(dtype), tf32, limits);
-        const persistent::Tiling& t = plan.tiling;
-        py::dict out;
+        py::dict out = tiling_dict(plan.tiling);
         out["persistent"] = plan.persistent;
         out["reason"] = plan.reason;
-        for (const auto& [name, value] :
-             std::vector<std::pair<const char*, int64_t>>{{"units", t.units}, {"rows", t.rows},
-                                                          {"unit_tiles", t.unit_tiles}, {"row_tiles", t.row_tiles},
-                                                          {"ctas", t.ctas()}, {"rows_pad", t.rows_pad},
-                                                          {"gate_stride", t.gate_stride}, {"gate_rows", t.gate_rows},
-                                                          {"k_fwd", t.k_fwd}, {"ld_w_fwd", t.ld_w_fwd},
-                                                          {"ld_acc_fwd", t.ld_acc_fwd}, {"split_fwd", t.split_fwd},
-                                                          {"unit_rows", t.unit_rows}, {"k_block", t.k_block},
-                                                          {"k_bwd", t.k_bwd}, {"ld_w_bwd", t.ld_w_bwd},
-                                                          {"chunk_gates", t.chunk_gates}, {"ld_dg", t.ld_dg},
-                                                          {"ld_acc_bwd", t.ld_acc_bwd}, {"split_bwd", t.split_bwd}})
-          out[name] = value;
-        for (const auto& [name, layout] :
-             std::vector<std::pair<const char*, persistent::Layout>>{{"fwd", t.fwd}, {"bwd", t.bwd}})
-          out[name] = py::dict(py::arg("weights") = layout.weights, py::arg("operand") = layout.operand,
-                               py::arg("acc") = layout.acc, py::arg("partials") = layout.partials,
-                               py::arg("state") = layout.state, py::arg("state2") = layout.state2,
-                               py::arg("bytes") = layout.bytes);
+        out["candidates"] = plan.candidates;
+        out["estimate"] = estimate_dict(plan.forward, plan.backward);
         return out;
       },
-      "The persistent kernel's plan for a layer direction on a described device (for tests and tuning)");
+      "The persistent kernel's plan for a layer direction on a described device (for tests and tuning), with "
+      "the cost model's estimate of a step's phases in nanoseconds (not a measurement)");
+  m.def(
+      "plan_cost",
+      [](int64_t cell, int64_t H, int64_t B, at::ScalarType dtype, int64_t rows, int64_t units,
+         int64_t smem_per_block) {
+        const persistent::Tiling t =
+            persistent::tile_for(cell_of(cell), H, B, dtype_of(dtype), rows, units, smem_per_block);
+        py::dict out = tiling_dict(t);
+        out["fits"] = persistent::fits(t, smem_per_block);
+        out["estimate"] = py::none();
+        if (persistent::fits(t, smem_per_block))
+          out["estimate"] = estimate_dict(persistent::estimate_step(cell_of(cell), H, dtype_of(dtype), t, false),
+                                          persistent::estimate_step(cell_of(cell), H, dtype_of(dtype), t, true));
+        return out;
+      },
+      "Any tiling of `rows` batch rows and `units` hidden units per CTA: its layout, whether it fits, and (if it does) the "
+      "cost model's estimate of a step (the planner's candidates; for tests)");
 #ifdef RNNFUSED_WITH_CUDA
   m.def(
       "persistent_kernel_info",

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <set>
@@ -56,8 +57,9 @@ namespace {
 // The device the persistent kernel would run on; RNNFUSED_PERSISTENT_SMS and
 // RNNFUSED_PERSISTENT_SMEM_KB override its multiprocessor count and shared memory per block
 // (to plan for another GPU, e.g. an A100's 108 and 163, or to provoke a refused launch in a
-// test); RNNFUSED_PERSISTENT_SPREAD=1 keeps the units spread over the SMs (plan.h). The CPU's
-// host simulation plans for an H100.
+// test); RNNFUSED_PERSISTENT_SPREAD=1 plans by stage 2's rule, the units spread over the SMs,
+// and RNNFUSED_PERSISTENT_TILING=ROWSxUNITS forces a tiling (plan.h). The CPU's host
+// simulation plans for an H100.
 persistent::DeviceLimits device_limits(const at::Device& device) {
   persistent::DeviceLimits limits = persistent::h100_limits();
   limits.host_simulation = device.is_cpu();
@@ -73,6 +75,15 @@ persistent::DeviceLimits device_limits(const at::Device& device) {
   if (const char* sms = std::getenv("RNNFUSED_PERSISTENT_SMS")) limits.sm_count = std::atoll(sms);
   if (const char* kb = std::getenv("RNNFUSED_PERSISTENT_SMEM_KB")) limits.smem_per_block = std::atoll(kb) * 1024;
   if (const char* spread = std::getenv("RNNFUSED_PERSISTENT_SPREAD")) limits.spread_units = std::string(spread) == "1";
+  if (const char* tiling = std::getenv("RNNFUSED_PERSISTENT_TILING"); tiling && *tiling) {
+    long long rows = 0, units = 0;
+    char end = 0;
+    TORCH_CHECK_VALUE(std::sscanf(tiling, "%lldx%lld%c", &rows, &units, &end) == 2 && rows > 0 && units > 0,
+                      "rnnfused: RNNFUSED_PERSISTENT_TILING must be ROWSxUNITS (batch rows and hidden units per CTA, "
+                      "e.g. 16x32), got '", tiling, "'");
+    limits.forced_rows = rows;
+    limits.forced_units = units;
+  }
   return limits;
 }
 

@@ -85,7 +85,7 @@ def test_every_bench_config_gets_a_valid_plan_or_a_stated_reason(config, limits)
 
 def test_planner_decisions():
     fastrnns = _plan(Cell.LSTM, 512, 64, torch.float16)
-    assert fastrnns["persistent"] and fastrnns["ctas"] > 100 and fastrnns["chunk_gates"] == 4
+    assert fastrnns["persistent"] and fastrnns["chunk_gates"] == 4
     tf32 = _plan(Cell.LSTM, 512, 64, torch.float32)  # its dG tile of all four gates would not fit
     assert tf32["persistent"] and tf32["chunk_gates"] < 4
     latency = _plan(Cell.GRU, 256, 1, torch.bfloat16)
@@ -105,24 +105,105 @@ def test_planner_decisions():
     assert _plan(Cell.LSTM, 64, 8, torch.float64, host_simulation=True)["persistent"]
 
 
-def test_one_cta_per_batch_tile_where_all_of_w_hh_fits():
-    """Small H: each CTA holds every unit of its rows, so no step waits on a grid barrier; the
-    smallest batch tile, for the most CTAs. RNNFUSED_PERSISTENT_SPREAD's plans spread the units."""
-    small_h = _plan(Cell.LSTM, 128, 64, torch.float16)
-    assert small_h["persistent"] and small_h["unit_tiles"] == 1 and small_h["units"] == 128
-    assert small_h["rows"] == 16 and small_h["row_tiles"] == 4 and "no grid barrier" in small_h["reason"]
-    _check_tiling(small_h, 128, 64, torch.float16, H100)
+def _cell_of(mode, options):
+    """The Cell number of a VARIANTS entry."""
+    if mode == "LSTM":
+        return int(Cell.LSTM)
+    if mode == "GRU":
+        return int(Cell.GRU_CHO if options.get("reset_after") is False else Cell.GRU)
+    return int(Cell.RNN_RELU if options.get("nonlinearity") == "relu" else Cell.RNN_TANH)
+
+
+def _candidates(cell, H, B, dtype, limits=H100):
+    """Every tiling in the planner's space (batch tiles of 16 * 2^k rows or all of B; every
+    unit slice 1..H), enumerated here independently of plan.cpp: {(rows, units): its
+    _C.plan_cost} for those that fit with at most one CTA per SM."""
+    rows_choices = [16 * 2 ** k for k in range(12) if 16 * 2 ** k < B] + [B]
+    out = {}
+    for rows in rows_choices:
+        for units in range(1, H + 1):
+            cost = _C.plan_cost(int(cell), H, B, dtype, rows, units, limits["smem_per_block"])
+            if cost["fits"] and cost["ctas"] <= limits["sm_count"]:
+                out[rows, units] = cost
+    return out
+
+
+def _step_ns(cost):
+    return cost["estimate"]["forward"]["total"] + cost["estimate"]["backward"]["total"]
+
+
+@pytest.mark.parametrize("cell,H,B,dtype", [
+    (Cell.LSTM, 128, 16, torch.float16), (Cell.GRU, 256, 1, torch.bfloat16), (Cell.RNN_TANH, 128, 16, torch.float16),
+    (Cell.LSTM, 512, 64, torch.float16), (Cell.GRU_CHO, 96, 40, torch.float32), (Cell.LSTM, 256, 64, torch.float32),
+    (Cell.RNN_RELU, 200, 3, torch.float16)])
+def test_the_planner_takes_the_cheapest_tiling_that_fits(cell, H, B, dtype):
+    """No tiling of the planner's space that fits is cheaper, by the cost model, than the one
+    it chose (plan.cpp visits only the smallest slice of each unit-tile count: a larger slice
+    with the same count can only cost more, which this checks too); the plan's estimate is its
+    tiling's, and it counts the candidates it compared."""
+    plan = _plan(cell, H, B, dtype)
+    assert plan["persistent"], plan["reason"]
+    _check_tiling(plan, H, B, dtype, H100)
+    candidates = _candidates(cell, H, B, dtype)
+    chosen = candidates[plan["rows"], plan["units"]]
+    assert plan["estimate"] == chosen["estimate"]
+    assert _step_ns(chosen) <= min(_step_ns(c) for c in candidates.values()) * (1 + 1e-12)
+    assert f"cheapest of {plan['candidates']} tilings" in plan["reason"]
+    assert plan["candidates"] == len({(rows, c["unit_tiles"]) for (rows, _), c in candidates.items()})
+
+
+def test_the_cost_model_charges_what_each_tiling_does():
+    smem = H100["smem_per_block"]
+    one_cta = _C.plan_cost(int(Cell.LSTM), 128, 16, torch.float16, 16, 128, smem)
+    spread = _C.plan_cost(int(Cell.LSTM), 128, 16, torch.float16, 16, 1, smem)
+    assert one_cta["ctas"] == 1 and spread["ctas"] == 128
+    for direction in ("forward", "backward"):
+        one, many = one_cta["estimate"][direction], spread["estimate"][direction]
+        # A CTA barrier closes a one-CTA step: no fence, no grid barrier.
+        assert one["stores"] == 0 and one["barrier"] < 100 and many["stores"] > 0 and many["barrier"] > 1000
+        # 8 elements a thread, each waiting on its loads, against 16 elements in 256 threads.
+        assert one["cell"] > 4 * many["cell"]
+        # All of W_hh times the tile, against one unit's gates.
+        assert one["mma"] > many["mma"]
+        assert one["total"] == pytest.approx(sum(one[p] for p in ("exchange", "mma", "cell", "stores", "barrier")))
+    # The one measured constant: the grid barrier at 132 CTAs took 1.1 us on an H100.
+    full = _C.plan_cost(int(Cell.RNN_TANH), 132, 16, torch.float16, 16, 1, smem)
+    assert full["ctas"] == 132 and full["estimate"]["forward"]["barrier"] == pytest.approx(1100, abs=10)
+    # More rows a CTA: more to pull each step; the LSTM backward pulls four gates' dG.
+    rows16 = _C.plan_cost(int(Cell.LSTM), 512, 64, torch.float16, 16, 16, smem)["estimate"]
+    rows64 = _C.plan_cost(int(Cell.LSTM), 512, 64, torch.float16, 64, 16, smem)["estimate"]
+    assert rows64["forward"]["exchange"] > rows16["forward"]["exchange"]
+    assert rows16["backward"]["exchange"] > 2 * rows16["forward"]["exchange"]
+    # GRU_CHO takes two phases a step: two barriers.
+    cho = _C.plan_cost(int(Cell.GRU_CHO), 128, 16, torch.float16, 16, 16, smem)["estimate"]["forward"]
+    gru = _C.plan_cost(int(Cell.GRU), 128, 16, torch.float16, 16, 16, smem)["estimate"]["forward"]
+    assert cho["barrier"] == pytest.approx(2 * gru["barrier"])
+
+
+def test_spread_keeps_stage_2s_rule_and_a_tiling_can_be_forced():
     spread = _plan(Cell.LSTM, 128, 64, torch.float16, spread=True)
-    assert spread["persistent"] and spread["unit_tiles"] > 1 and "grid barrier" not in spread["reason"]
-    # W_hh of H512 (2 MB in fp16) fits no CTA: spread as before.
-    assert _plan(Cell.LSTM, 512, 16, torch.float16)["unit_tiles"] > 1
+    assert spread["persistent"] and spread["ctas"] > 100 and "spread over the SMs" in spread["reason"]
+    with environment(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_TILING="16x128"):
+        forced = _C.layer_plan(int(Cell.LSTM), 10, 128, 64, torch.float16, "cpu")
+        assert forced["unit_tiles"] == 1 and forced["row_tiles"] == 4 and "no grid barrier" in forced["reason"]
+        assert "forced by RNNFUSED_PERSISTENT_TILING=16x128" in forced["reason"]
+        assert forced["estimate"] == _C.plan_cost(int(Cell.LSTM), 128, 64, torch.float16, 16, 128,
+                                                  H100["smem_per_block"])["estimate"]
+    for tiling, why in [("16x512", "does not fit"), ("1x1", "more than the SMs")]:
+        with environment(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_TILING=tiling):
+            refused = _C.layer_plan(int(Cell.LSTM), 10, 512, 64, torch.float16, "cpu")
+            assert refused["kernel"] == "stepwise" and why in refused["reason"], refused["reason"]
+    for bad in ("16", "16x", "x8", "0x8", "16x8x2", "sixteen"):
+        with environment(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_TILING=bad), \
+                pytest.raises(ValueError, match="RNNFUSED_PERSISTENT_TILING must be ROWSxUNITS"):
+            _C.layer_plan(int(Cell.LSTM), 10, 64, 8, torch.float16, "cpu")
 
 
 def test_more_row_tiles_only_when_the_weights_fit():
-    """The batch tile is the smallest whose replicated weight slices fit."""
-    small = _plan(Cell.RNN_TANH, 128, 256, torch.float16)
+    """Stage 2's rule: the batch tile is the smallest whose replicated weight slices fit."""
+    small = _plan(Cell.RNN_TANH, 128, 256, torch.float16, spread=True)
     assert small["persistent"] and small["rows"] == 16
-    tight = _plan(Cell.LSTM, 1024, 64, torch.float16)
+    tight = _plan(Cell.LSTM, 1024, 64, torch.float16, spread=True)
     if tight["persistent"]:
         assert tight["rows"] >= 16
 
@@ -212,6 +293,37 @@ def test_simulated_kernel_in_low_precision(mode, options, dtype):
         stepwise = max_error(_run(module, 9, 6, dtype, False), exact)
     tf32 = 2.0 ** -11 if dtype == torch.float32 else 0  # the stepwise CPU kernels do not round to TF32
     assert simulated <= 2 * stepwise + 8 * tf32 + 4 * torch.finfo(dtype).eps, (simulated, stepwise)
+
+
+# (hidden, batch): the planner's GPU choice (fp16, bf16, fp32 as TF32) at small shapes.
+GPU_PLANS = [(128, 16), (256, 1), (64, 40), (40, 3)]
+
+
+@pytest.mark.parametrize("mode,options", VARIANTS[::2] + [("RNN", {"nonlinearity": "relu"})])
+@pytest.mark.parametrize("hidden,batch", GPU_PLANS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_plans_the_gpu_would_run_simulated_in_their_dtype(mode, options, hidden, batch, dtype):
+    """The tiling the planner picks for an H100 at these shapes, simulated in the GPU's dtype
+    (fp32 products as TF32): no worse than twice the stepwise kernels' error against float64,
+    or, for ReLU in TF32, than stage 2's tiling. There TF32's rounding flips the sign of
+    pre-activations near zero, and with it whole terms of the gradient (1e-2 at H128 B16, in
+    every tiling alike), which the stepwise CPU kernels, without TF32, do not."""
+    module = _module(mode, options, 6, hidden, dtype)
+    with environment(RNNFUSED_KERNEL="simulate"):
+        simulated_plan = _C.layer_plan(_cell_of(mode, options), 3, hidden, batch, dtype, "cpu")
+        simulated = _run(module, 3, batch, dtype, False)
+    gpu_plan = _plan(_cell_of(mode, options), hidden, batch, dtype)
+    assert simulated_plan["kernel"] == "persistent (host simulation)", simulated_plan["reason"]
+    assert [simulated_plan[k] for k in ("rows", "units", "ctas")] == [gpu_plan[k] for k in ("rows", "units", "ctas")]
+    exact = _exact(module, 3, batch, False)
+    with environment(RNNFUSED_KERNEL="stepwise"):
+        stepwise = max_error(_run(module, 3, batch, dtype, False), exact)
+    tf32 = 2.0 ** -11 if dtype == torch.float32 else 0
+    bound = 2 * stepwise + 8 * tf32 + 4 * torch.finfo(dtype).eps
+    if dtype == torch.float32 and options.get("nonlinearity") == "relu":
+        with environment(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SPREAD=1):
+            bound = max(bound, 1.01 * max_error(_run(module, 3, batch, dtype, False), exact))
+    assert max_error(simulated, exact) <= bound
 
 
 @pytest.mark.parametrize("mode,options", VARIANTS)

@@ -16,40 +16,43 @@ import torch
 
 from rnnfused import _C
 from conftest import flatten, max_error
-from test_persistent import _exact, _module, _run, _simulated, environment
+from test_persistent import _cell_of, _exact, _module, _run, environment
 
 CELLS = [("LSTM", {}), ("GRU", {}), ("GRU", {"reset_after": False}), ("RNN", {}), ("RNN", {"nonlinearity": "relu"})]
 CELL_IDS = ["LSTM", "GRU", "GRU_CHO", "RNN_TANH", "RNN_RELU"]
 
-# name -> (steps, batch, inputs, hidden, SMs, shared KB, spread), float64, bidirectional. Each
+# name -> (steps, batch, inputs, hidden, SMs, shared KB, planner), float64, bidirectional; the
+# planner: None (the cost model), "spread" (stage 2's rule) or a forced ROWSxUNITS tiling. Each
 # plan's features are asserted in _check_plan, so that a planner change cannot quietly take
 # the tests off the paths they are meant to cover.
 PLANS = {
     # 4 unit tiles x 2 row tiles; warps split K forward and backward; 16-byte row copies
-    "split_k": (4, 20, 3, 64, 8, None, True),
+    "split_k": (4, 20, 3, 64, 8, None, "spread"),
     # the backward's dG tile one gate at a time (LSTM, both GRU forms); 3 CTAs
-    "chunked_dg": (4, 18, 3, 40, 3, 60, True),
+    "chunked_dg": (4, 18, 3, 40, 3, 60, "spread"),
     # odd H: the element-by-element copy path; 3 units per CTA, 5 CTAs
-    "element_copy": (3, 7, 2, 13, 5, None, True),
+    "element_copy": (3, 7, 2, 13, 5, None, "spread"),
     # one CTA per batch tile with every unit, 2 CTAs, no grid barrier: a CTA that touched
     # another's rows would be caught within the one interval between the kernel's ends
-    "one_cta": (4, 20, 3, 64, 8, None, False),
+    "one_cta": (4, 20, 3, 64, 8, None, "16x64"),
+    # the cost model's choice on an H100: neither one CTA per batch tile nor every SM
+    "model": (4, 20, 3, 64, None, None, None),
 }
 
 
-def _cell_number(mode, options):
-    if mode == "LSTM":
-        return 0
-    if mode == "GRU":
-        return 2 if options.get("reset_after") is False else 1
-    return 4 if options.get("nonlinearity") == "relu" else 3
+def _limits(plan):
+    """The RNNFUSED_* settings of a PLANS entry, for test_persistent.environment."""
+    steps, batch, inputs, hidden, sms, smem_kb, planner = PLANS[plan]
+    return dict(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SMS=sms, RNNFUSED_PERSISTENT_SMEM_KB=smem_kb,
+                RNNFUSED_PERSISTENT_SPREAD=1 if planner == "spread" else None,
+                RNNFUSED_PERSISTENT_TILING=planner if planner not in (None, "spread") else None)
 
 
 def _check_plan(name, mode, options):
-    steps, batch, inputs, hidden, sms, smem_kb, spread = PLANS[name]
-    plan = _C.plan(_cell_number(mode, options), hidden, hidden, batch, torch.float64, True, sms,
-                   (smem_kb or 227) * 1024, 90, True, True, spread)
-    assert plan["persistent"], plan["reason"]
+    steps, batch, inputs, hidden, sms, smem_kb, planner = PLANS[name]
+    with environment(**_limits(name)):
+        plan = _C.layer_plan(_cell_of(mode, options), steps, hidden, batch, torch.float64, "cpu")
+    assert plan["kernel"] == "persistent (host simulation)", plan["reason"]
     gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[mode]
     if name == "split_k":
         assert plan["split_fwd"] > 1 and plan["split_bwd"] > 1, plan
@@ -60,6 +63,8 @@ def _check_plan(name, mode, options):
         assert plan["chunk_gates"] < gates or gates == 1, plan
     elif name == "one_cta":
         assert plan["unit_tiles"] == 1 and plan["row_tiles"] > 1, plan
+    elif name == "model":
+        assert 1 < plan["unit_tiles"] and plan["ctas"] < 132 // plan["row_tiles"] and "cost model" in plan["reason"]
     else:
         assert hidden % 2 == 1 and plan["ctas"] > 1, plan
     return plan
@@ -72,9 +77,10 @@ def test_the_program_passes_the_checker(mode, options, plan, packed):
     """Forward and backward of both directions run through the checker (it raises on any
     hazard) and match the reference."""
     _check_plan(plan, mode, options)
-    steps, batch, inputs, hidden, sms, smem_kb, spread = PLANS[plan]
+    steps, batch, inputs, hidden, *_ = PLANS[plan]
     module = _module(mode, options, inputs, hidden, torch.float64, bidirectional=True)
-    simulated = _simulated(module, steps, batch, torch.float64, packed, sms, smem_kb, spread)
+    with environment(**_limits(plan)):
+        simulated = _run(module, steps, batch, torch.float64, packed)
     assert max_error(simulated, _exact(module, steps, batch, packed)) <= 1e-10
 
 
@@ -105,13 +111,11 @@ DEFECTS = [
 def _case(cell, plan):
     mode, options = CELLS[CELL_IDS.index(cell)]
     _check_plan(plan, mode, options)
-    steps, batch, inputs, hidden, sms, smem_kb, spread = PLANS[plan]
+    steps, batch, inputs, hidden, *_ = PLANS[plan]
     module = _module(mode, options, inputs, hidden, torch.float64)
     x = torch.randn(steps, batch, inputs, dtype=torch.float64, generator=torch.Generator().manual_seed(5),
                     requires_grad=True)
-    limits = dict(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SMS=sms, RNNFUSED_PERSISTENT_SMEM_KB=smem_kb,
-                  RNNFUSED_PERSISTENT_SPREAD=1 if spread else None)
-    return module, x, limits
+    return module, x, _limits(plan)
 
 
 @pytest.mark.parametrize("defect,cell,plan,kernel,message", DEFECTS,

@@ -1,12 +1,15 @@
 """python -m bench.phases without a GPU run: it refuses where it cannot measure (no GPU, no
 CUDA kernels, a build without RNNFUSED_PHASE_TIMING) and writes nothing; its arithmetic from
 a launch's per-CTA record (clock64 cycles per phase, clock64 and %globaltimer at start and
-end) to microseconds."""
+end) to microseconds; the planner settings of each --tilings entry."""
 
 import pytest
+import torch
 
-from bench import phases
+from bench import configs, phases
+from bench.impls import kernel_setting
 from rnnfused import _C
+from rnnfused._ops import Cell
 
 
 def test_the_bench_reports_every_phase_the_kernel_times():
@@ -42,3 +45,18 @@ def test_summary_refuses_a_record_that_is_not_a_timed_launch():
     with pytest.raises(ValueError, match="not a timed launch"):
         phases.summarize({"launches": 1, "steps": 2, "phases_per_step": 1,
                           "ctas": [{"cycles": [0] * 7, "clock": (0, 0), "ns": (0, 0)}]})
+
+
+@pytest.mark.parametrize("tiling,expect", [
+    ("model", "the cost model's cheapest"), ("spread", "units spread over the SMs"),
+    ("one_cta", "each CTA has all the units of its rows"), ("16x32", "forced by RNNFUSED_PERSISTENT_TILING=16x32")])
+def test_each_tiling_sets_what_the_planner_reads(tiling, expect):
+    config = configs.NAMED["small_b16_h128"]
+    with kernel_setting("simulate", **phases.tiling_settings(tiling, config)):
+        plan = _C.layer_plan(int(Cell.LSTM), config.T, config.H, config.B, torch.float16, "cpu")
+    assert plan["kernel"] == "persistent (host simulation)" and expect in plan["reason"], plan["reason"]
+
+
+def test_a_tiling_is_named_or_rows_by_units():
+    with pytest.raises(ValueError, match="model, spread, one_cta or ROWSxUNITS"):
+        phases.tiling_settings("16by32", configs.NAMED["small_b16_h128"])

@@ -112,12 +112,102 @@ std::string describe(const Tiling& t) {
          " at a time)" + (t.unit_tiles == 1 ? "; each CTA has all the units of its rows: no grid barrier" : "");
 }
 
-// A tiling whose forward and backward both fit one block's shared memory.
+// Below: the cost model's pieces, one per phase of a step (timing.h), each what device.cuh
+// and program.h do for one CTA with a full slice.
+
+// copy_rows: `rows` rows of `elements` elements from L2 into shared memory, 16-byte loads four
+// in flight per thread where rows are 16-byte multiples (else element by element), then the
+// Operand barrier. Every CTA pulls its copy at once, so the whole GPU's L2 bandwidth can bind.
+double exchange_ns(int64_t rows, int64_t elements, int64_t elem, int64_t ctas, const CostModel& m) {
+  const int64_t bytes = rows * elements * elem;
+  const bool vector = elements % (16 / std::min<int64_t>(elem, 16)) == 0;
+  const int64_t per_round = vector ? kThreads * 4 * 16 : kThreads * elem;
+  const double bandwidth_ns = std::max(bytes / m.sm_l2_bytes_per_ns, ctas * bytes / m.l2_bytes_per_ns);
+  return ceil_div(bytes, per_round) * m.copy_round_ns + bandwidth_ns + m.cta_barrier_ns;
+}
+
+// gemm: an M x N output over K; warp w takes jobs w, w + 8, ... (a job: one 16 x 16 output tile
+// over one of `split` parts of K). A warp's jobs and K steps are one dependent chain, shared
+// memory feeds both fragments of every K step, and the SM's tensor cores bound the whole;
+// then a barrier, and with a split the sum of the partials and another.
+double mma_ns(int64_t M, int64_t N, int64_t K, int64_t split, int64_t elem, const CostModel& m) {
+  const int64_t warps = kThreads / 32, tiles = (M / kTile) * (N / kTile), steps = K / kTile;
+  const double slower = elem > 2 ? 2 : 1;  // TF32 (fp32 operands): 16 x 16 x 8 MMAs, half the rate
+  const double chain = ceil_div(tiles * split, warps) * ceil_div(steps, split) * m.k_step_ns * slower;
+  const double fragments = static_cast<double>(tiles) * steps * 2 * kTile * kTile * elem / m.smem_bytes_per_ns;
+  const double flops = 2.0 * M * N * K / m.mma_flops_per_ns * slower;
+  double ns = std::max({chain, fragments, flops}) + m.cta_barrier_ns;
+  if (split > 1) ns += static_cast<double>(split) * M * N * 4 / m.smem_bytes_per_ns + m.cta_barrier_ns;
+  return ns;
+}
+
+// A pass over the CTA's (row, unit) elements, each thread's in turn. The cell's loads from
+// global memory (gx or the saved gates, biases, dy) wait a load latency per element: the
+// stores of the element before may alias them, so the compiler cannot hoist them. The fold's
+// elements read only shared memory.
+double elements_ns(const Tiling& t, bool global_loads, const CostModel& m) {
+  const double per_element = m.element_ns + (global_loads ? m.load_latency_ns : 0);
+  return ceil_div(t.rows * t.units, kThreads) * per_element + m.cta_barrier_ns;
+}
+
+// The end of a phase: the grid barrier (its fence waits for the phase's stores; every CTA
+// arrives), or a CTA barrier where each CTA has all the units of its rows.
+void close_phase(StepCost& cost, const Tiling& t, const CostModel& m) {
+  if (t.unit_tiles == 1) {
+    cost.barrier += m.cta_barrier_ns;
+    return;
+  }
+  cost.stores += m.fence_ns;
+  cost.barrier += m.grid_barrier_ns + m.arrival_ns * t.ctas();
+}
+
+}  // namespace
+
 bool fits(const Tiling& t, int64_t smem_per_block) {
   return t.chunk_gates >= 1 && t.fwd.bytes <= smem_per_block && t.bwd.bytes <= smem_per_block;
 }
 
-}  // namespace
+Tiling tile_for(Cell cell, int64_t H, int64_t B, DType dtype, int64_t rows, int64_t units, int64_t smem_per_block) {
+  return tile(cell, H, B, rows, units, storage_bytes(dtype), dtype == DType::Float64 ? 8 : 4, smem_per_block);
+}
+
+StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool backward, const CostModel& m) {
+  const int64_t elem = storage_bytes(dtype), gates = gates_per_unit(cell), ctas = t.ctas();
+  StepCost cost;
+  if (!backward) {
+    // GRU_CHO: the r/z rows, then (with r * h_{t-1} exchanged) the n rows.
+    const int64_t first_rows = cell == Cell::GRU_CHO ? 2 * t.gate_stride : t.gate_rows;
+    for (const int64_t rows : {first_rows, t.gate_rows - first_rows}) {
+      if (rows == 0) continue;
+      cost.exchange += exchange_ns(t.rows, H, elem, ctas, m);
+      cost.mma += mma_ns(rows, t.rows_pad, t.k_fwd, t.split_fwd, elem, m);
+      cost.cell += elements_ns(t, true, m);
+      close_phase(cost, t, m);
+    }
+    return cost;
+  }
+  // The fold of the recurrent gradient gate chunk by gate chunk (GRU_CHO: z and n, then n
+  // again for r), each chunk adding its product into the carried gradient; then the cell.
+  auto fold = [&](int64_t g0, int64_t g1) {
+    for (int64_t chunk = g0; chunk < g1; chunk += t.chunk_gates) {
+      const int64_t width = std::min(t.chunk_gates, g1 - chunk);
+      cost.exchange += exchange_ns(t.rows, width * H, elem, ctas, m);
+      cost.mma += mma_ns(t.unit_rows, t.rows_pad, width * t.k_block, t.split_bwd, elem, m) + elements_ns(t, false, m);
+    }
+  };
+  if (cell == Cell::GRU_CHO) {
+    fold(0, 2);
+    cost.cell += elements_ns(t, true, m);
+    close_phase(cost, t, m);
+    fold(2, 3);
+    cost.cell += elements_ns(t, true, m);
+  } else {
+    fold(0, gates);
+    cost.cell += elements_ns(t, true, m);
+  }
+  close_phase(cost, t, m);
+  return cost;
+}
 
 Plan make_cpu_plan(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B, DType dtype, int64_t threads) {
   Plan plan;
@@ -174,37 +264,64 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
   if (limits.sm_count <= 0) return stepwise("no multiprocessors");
 
   const int64_t elem = storage_bytes(dtype);
-  const int64_t acc_elem = dtype == DType::Float64 ? 8 : 4;
   std::vector<int64_t> row_choices;
   for (int64_t rows = kTile; rows < B; rows *= 2) row_choices.push_back(rows);
   row_choices.push_back(B);
-  auto chosen = [&](const Tiling& t) {
+  auto chosen = [&](const Tiling& t, std::string why) {
     plan.persistent = true;
     plan.tiling = t;
-    plan.reason = describe(t);
+    plan.forward = estimate_step(cell, H, dtype, t, false);
+    plan.backward = estimate_step(cell, H, dtype, t, true);
+    plan.reason = describe(t) + std::move(why);
     return plan;
   };
-  // First, where all of W_hh fits one CTA: one CTA per batch tile with every unit, so that no
-  // step waits for another CTA (no grid barrier, ~1.1 us a step on an H100, measured) and the
-  // state never leaves the CTA's own rows; the smallest tile, for the most CTAs in parallel.
-  // (The per-step product is then one CTA's: at most 16-row tiles of G x H, a fraction of a
-  // microsecond on one SM's tensor cores, an estimate for bench.phases to check.)
-  for (const int64_t rows : row_choices) {
-    if (limits.spread_units) break;
-    if (ceil_div(B, rows) > limits.sm_count) continue;
-    const Tiling t = tile(cell, H, B, rows, H, elem, acc_elem, limits.smem_per_block);
-    if (fits(t, limits.smem_per_block)) return chosen(t);
-    break;  // larger tiles need more shared memory still
+  const int64_t smem = limits.smem_per_block;
+  if (limits.forced_rows > 0 && limits.forced_units > 0) {
+    const std::string forced = "RNNFUSED_PERSISTENT_TILING=" + num(limits.forced_rows) + "x" + num(limits.forced_units);
+    const Tiling t = tile_for(cell, H, B, dtype, std::min(limits.forced_rows, B), std::min(limits.forced_units, H), smem);
+    if (t.ctas() > limits.sm_count) return stepwise(forced + " needs " + num(t.ctas()) + " CTAs, more than the SMs");
+    if (!fits(t, smem)) return stepwise(forced + " does not fit in " + num(smem / 1024) + " KB of shared memory");
+    if (!cooperative && t.unit_tiles > 1) return stepwise(forced + " needs a grid barrier: a cooperative launch");
+    return chosen(t, "; forced by " + forced);
   }
-  // Else the smallest batch tile whose weight slices fit, the units spread over the SMs: every
-  // row tile replicates W_hh, so small tiles need more shared memory, but each CTA then reads
-  // fewer rows of h per step.
-  for (const int64_t rows : row_choices) {
-    const int64_t row_tiles = ceil_div(B, rows);
-    if (row_tiles > limits.sm_count) continue;
-    const int64_t units = ceil_div(H, limits.sm_count / row_tiles);
-    const Tiling t = tile(cell, H, B, rows, units, elem, acc_elem, limits.smem_per_block);
-    if (fits(t, limits.smem_per_block) && (cooperative || t.unit_tiles == 1)) return chosen(t);
+  if (limits.spread_units) {
+    // Stage 2's rule: the smallest batch tile whose weight slices fit, the units spread over
+    // every SM.
+    for (const int64_t rows : row_choices) {
+      const int64_t row_tiles = ceil_div(B, rows);
+      if (row_tiles > limits.sm_count) continue;
+      const Tiling t = tile_for(cell, H, B, dtype, rows, ceil_div(H, limits.sm_count / row_tiles), smem);
+      if (fits(t, smem) && (cooperative || t.unit_tiles == 1)) return chosen(t, "; units spread over the SMs");
+    }
+  } else {
+    // Every batch tile, and for each every unit slice from all of H (one CTA per batch tile,
+    // no grid barrier) down to one unit tile per SM. Fewer unit tiles need more shared memory;
+    // the model charges more CTAs their grid barrier and exchange, larger slices their longer
+    // products and cell passes.
+    Tiling best;
+    double best_ns = 0;
+    for (const int64_t rows : row_choices) {
+      const int64_t row_tiles = ceil_div(B, rows);
+      if (row_tiles > limits.sm_count) continue;
+      int64_t previous_units = 0;
+      for (int64_t n = 1; n <= std::min(H, limits.sm_count / row_tiles); ++n) {
+        const int64_t units = ceil_div(H, n);
+        if (units == previous_units) continue;
+        previous_units = units;
+        const Tiling t = tile_for(cell, H, B, dtype, rows, units, smem);
+        if (!fits(t, smem) || (!cooperative && t.unit_tiles > 1)) continue;
+        ++plan.candidates;
+        const double ns =
+            estimate_step(cell, H, dtype, t, false).total() + estimate_step(cell, H, dtype, t, true).total();
+        if (plan.candidates == 1 || ns < best_ns) {
+          best = t;
+          best_ns = ns;
+        }
+      }
+    }
+    if (plan.candidates > 0)
+      return chosen(best, "; the cost model's cheapest of " + num(plan.candidates) + " tiling" +
+                              (plan.candidates > 1 ? "s" : ""));
   }
   if (!cooperative)
     return stepwise("the device does not support cooperative launch, which the grid barrier needs where W_hh (" +

@@ -46,10 +46,13 @@ struct DeviceLimits {
   // The host simulation (a CPU test harness) runs every dtype, fp64 and fp32 without TF32
   // included, with this device's tiling.
   bool host_simulation = false;
-  // Spread the units of every plan over the SMs, even where one CTA could hold them all and
-  // close each step without a grid barrier (RNNFUSED_PERSISTENT_SPREAD=1): to test and to
-  // compare the grid-barrier plans.
+  // Plan by the stage-2 rule, the units of every plan spread over all the SMs, even where one
+  // CTA could hold them all and close each step without a grid barrier
+  // (RNNFUSED_PERSISTENT_SPREAD=1): to test and to compare the grid-barrier plans.
   bool spread_units = false;
+  // A tiling instead of the planner's choice, to test or time one: batch rows and hidden
+  // units per CTA (RNNFUSED_PERSISTENT_TILING=ROWSxUNITS); 0: the planner's.
+  int64_t forced_rows = 0, forced_units = 0;
 };
 
 // One region of a CTA's shared memory layout, in bytes.
@@ -82,14 +85,57 @@ struct Tiling {
   int64_t ctas() const { return unit_tiles * row_tiles; }
 };
 
+// The planner's cost model: what the phases of one step (timing.h's, which bench.phases
+// measures) cost the slowest CTA of a tiling, in nanoseconds, on an H100. Only the grid
+// barrier is measured (an empty persistent kernel, 2026-11-26: 1.1 us at 132 CTAs); the rest
+// are estimates from the latency review of the stage-2 kernel (shared/STAGE3.md section 4),
+// for python -m bench.phases, which prints them beside what it measures, to replace.
+struct CostModel {
+  double grid_barrier_ns = 700;     // the grid barrier's fixed part (with the arrivals: 1.1 us at 132 CTAs)
+  double arrival_ns = 3;            // per CTA at the grid barrier: its atomic add and the skew of arrivals
+  double cta_barrier_ns = 25;       // __syncthreads of 8 warps
+  double fence_ns = 400;            // the grid barrier's fence, waiting for the step's global stores
+  double copy_round_ns = 600;       // one round of copy_rows (16 KB a CTA from L2, staged through registers)
+  double load_latency_ns = 300;     // one global load that hits L2, from issue to use
+  double sm_l2_bytes_per_ns = 110;  // one SM's L2 read bandwidth (64 B/clock)
+  double l2_bytes_per_ns = 5500;    // the whole GPU's L2 read bandwidth
+  double smem_bytes_per_ns = 225;   // one SM's shared-memory bandwidth (128 B/clock)
+  double mma_flops_per_ns = 3500;   // one SM's dense fp16/bf16 tensor-core rate; TF32 half of it
+  double k_step_ns = 20;            // one dependent 16x16x16 WMMA step of a warp (fragment loads and mma)
+  double element_ns = 40;           // one thread's cell math for one element, its loads aside
+};
+
+// One step's estimate, per phase (timing.h's step phases), in nanoseconds.
+struct StepCost {
+  double exchange = 0, mma = 0, cell = 0, stores = 0, barrier = 0;
+  double total() const { return exchange + mma + cell + stores + barrier; }
+};
+
+// The cost model's estimate for one forward or backward step of tiling t: the slowest CTA's,
+// one with a full slice. t must fit (its backward folds chunk_gates >= 1 gates at a time).
+StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool backward,
+                       const CostModel& model = CostModel());
+
 struct Plan {
   bool persistent = false;
   std::string reason;  // why the layer runs stepwise, or what the persistent plan is
   Tiling tiling;
+  StepCost forward, backward;  // the cost model's estimates for the tiling (not measurements)
+  int64_t candidates = 0;      // the fitting tilings the planner compared
 };
+
+// The tiling of `rows` batch rows and `units` hidden units per CTA (the backward's dG tile
+// takes the most gates at a time that fit in smem_per_block), and whether both its passes fit.
+Tiling tile_for(Cell cell, int64_t H, int64_t B, DType dtype, int64_t rows, int64_t units, int64_t smem_per_block);
+bool fits(const Tiling& t, int64_t smem_per_block);
 
 // The plan for one layer direction: cell, hidden size H, output width P (= H unless
 // projecting), batch B, storage dtype, whether fp32 products may use TF32, and the device.
+// Of the tilings that fit (every batch tile of 16 x 2^k rows or all B, every unit slice from
+// all of H, one CTA per batch tile with no grid barrier, to one unit tile per SM), the one
+// whose forward plus backward step the cost model estimates cheapest; ties go to fewer
+// CTAs. With limits.spread_units, the stage-2 rule instead: the smallest batch tile that
+// fits, its units spread over every SM.
 Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf32, const DeviceLimits& limits);
 
 // The plan of the CPU's persistent recurrence (csrc/cpu/persistent_cpu.h): one slice of the
