@@ -3,10 +3,12 @@
 Thread 0 of every CTA stamps clock64 right after each CTA barrier of the program
 (csrc/persistent/timing.h) and charges the cycles since its previous stamp to: the copy of
 h (forward) or dG (backward) from the other CTAs ("exchange"), the tensor-core product and its
-epilogue ("mma"), the cell pass ("cell"), the fence of the grid barrier, which orders the
-CTA's stores of the step before its arrival ("stores"), and the wait for the other CTAs
-("barrier"; on a plan whose CTAs each have every unit of their rows, the CTA barrier that
-replaces the grid barrier, and "stores" stays zero); begin() and end() once per launch. Each CTA's %globaltimer at its start and end converts its cycles to time.
+epilogue ("mma"), the cell pass ("cell"), the fence of the grid barrier's arrival, which
+orders the CTA's stores of the step before it ("stores"), what the CTA does between its
+arrival and its wait ("window": the saved activations' stores and the next step's input
+prefetch, thread 0's share), and the wait for the other CTAs ("barrier"; on a plan whose CTAs
+each have every unit of their rows, the CTA barrier that replaces the grid barrier, and
+"stores" stays zero); begin() and end() once per launch. Each CTA's %globaltimer at its start and end converts its cycles to time.
 
 Printed and written to CSV: microseconds per step of each phase (the mean over CTAs, median
 over --repeats launches), begin/end in microseconds per launch, forward and backward, for
@@ -39,7 +41,7 @@ from .impls import kernel_setting
 CONFIGS = ["fastrnns", "latency_b1", "small_b16_h128"]
 CELLS = ["LSTM", "GRU"]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-STEP_PHASES = ["exchange", "mma", "cell", "stores", "barrier"]
+STEP_PHASES = ["exchange", "mma", "cell", "stores", "window", "barrier"]
 LAUNCH_PHASES = ["begin", "end"]
 TILINGS = ["model", "spread", "one_cta"]
 

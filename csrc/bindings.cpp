@@ -920,6 +920,7 @@ pybind11::dict tiling_dict(const persistent::Tiling& t) {
     out[name] = py::dict(py::arg("weights") = layout.weights, py::arg("operand") = layout.operand,
                          py::arg("acc") = layout.acc, py::arg("partials") = layout.partials,
                          py::arg("state") = layout.state, py::arg("state2") = layout.state2,
+                         py::arg("inputs") = layout.inputs, py::arg("bias") = layout.bias,
                          py::arg("bytes") = layout.bytes);
   return out;
 }
@@ -930,7 +931,8 @@ pybind11::dict estimate_dict(const persistent::StepCost& forward, const persiste
   namespace py = pybind11;
   auto phases = [](const persistent::StepCost& cost) {
     return py::dict(py::arg("exchange") = cost.exchange, py::arg("mma") = cost.mma, py::arg("cell") = cost.cell,
-                    py::arg("stores") = cost.stores, py::arg("barrier") = cost.barrier,
+                    py::arg("stores") = cost.stores, py::arg("window") = cost.window,
+                    py::arg("barrier") = cost.barrier,
                     py::arg("total") = cost.total());
   };
   return py::dict(py::arg("forward") = phases(forward), py::arg("backward") = phases(backward));

@@ -1,12 +1,13 @@
 """The host simulation's race checker (csrc/persistent/host.h). It gives every access of the
 persistent CTA program the simulated thread (or warp) that makes it on the GPU and flags two
 threads of a CTA touching the same bytes with no CTA barrier between, two CTAs touching the
-same global bytes between the same two grid barriers, and plain loads of another CTA's data.
+same global bytes with no grid barrier ordering the two, and plain loads of another CTA's data.
 
 The real program passes it for every cell, padded and packed, forward and backward, on plans
 that split K and take dG a gate at a time; each defect planted through the test-only
 RNNFUSED_SIMULATE_DEFECT (a CTA barrier of program.h left out, ops.copy_rows reading with plain
-loads, a grid barrier left out) is reported, forward and backward."""
+loads, a grid barrier left out, the arrival at the grid barrier before the stores the other CTAs
+read, a prefetch not waited for) is reported, forward and backward."""
 
 import re
 from pathlib import Path
@@ -29,14 +30,14 @@ PLANS = {
     # 4 unit tiles x 2 row tiles; warps split K forward and backward; 16-byte row copies
     "split_k": (4, 20, 3, 64, 8, None, "spread"),
     # the backward's dG tile one gate at a time (LSTM, both GRU forms); 3 CTAs
-    "chunked_dg": (4, 18, 3, 40, 3, 60, "spread"),
+    "chunked_dg": (4, 18, 3, 40, 3, 68, "spread"),
     # odd H: the element-by-element copy path; 3 units per CTA, 5 CTAs
     "element_copy": (3, 7, 2, 13, 5, None, "spread"),
     # one CTA per batch tile with every unit, 2 CTAs, no grid barrier: a CTA that touched
     # another's rows would be caught within the one interval between the kernel's ends
     "one_cta": (4, 20, 3, 64, 8, None, "16x64"),
     # the cost model's choice on an H100: neither one CTA per batch tile nor every SM
-    "model": (4, 20, 3, 64, None, None, None),
+    "model": (4, 20, 3, 96, None, None, None),
 }
 
 
@@ -100,11 +101,22 @@ DEFECTS = [
     ("plain_copy", "RNN_RELU", "element_copy", "backward",
      "plain load of global memory another CTA wrote during the kernel"),
     ("skip_barrier=0", "LSTM", "element_copy", "forward",
-     "global memory read by one CTA and written by another between the same two grid barriers"),
+     "global memory read by one CTA and written by another with no grid barrier ordering the two"),
     ("skip_barrier=0", "GRU_CHO", "split_k", "backward",
-     "global memory read by one CTA and written by another between the same two grid barriers"),
+     "global memory read by one CTA and written by another with no grid barrier ordering the two"),
     ("skip_barrier=1", "GRU_CHO", "split_k", "forward",
      "global buffer reused before it was consumed: written by one CTA after another CTA read it"),
+    # h_t (forward) and dG (backward) stored after the arrival: ordered only before the phase
+    # after next, so the next step's readers race with them.
+    ("early_arrive", "LSTM", "element_copy", "forward",
+     "global memory read by one CTA and written by another with no grid barrier ordering the two"),
+    ("early_arrive", "GRU", "split_k", "backward",
+     "global memory read by one CTA and written by another with no grid barrier ordering the two"),
+    # The inputs prefetched for a step land while its cell pass reads them.
+    ("skip_prefetch_wait", "LSTM", "split_k", "forward",
+     "shared memory touched while a prefetch into it is in flight"),
+    ("skip_prefetch_wait", "GRU_CHO", "element_copy", "forward",
+     "shared memory reused before it was consumed: written after another thread read it"),
 ]
 
 

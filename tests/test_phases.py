@@ -26,10 +26,10 @@ def test_refuses_without_a_gpu_or_the_timer(tmp_path, capsys):
 
 def test_summary_converts_cycles_with_each_ctas_own_clock():
     # CTA 0: 1000 cycles in 2000 ns (2 ns per cycle); CTA 1: 1000 cycles in 1000 ns.
-    # cycles: begin, exchange, mma, cell, stores, barrier, end
+    # cycles: begin, exchange, mma, cell, stores, window, barrier, end
     record = {"launches": 1, "steps": 4, "phases_per_step": 1, "ctas": [
-        {"cycles": [100, 200, 120, 80, 40, 400, 60], "clock": (5000, 6000), "ns": (10_000, 12_000)},
-        {"cycles": [100, 400, 120, 80, 40, 200, 60], "clock": (7000, 8000), "ns": (10_000, 11_000)},
+        {"cycles": [100, 200, 120, 80, 40, 20, 400, 60], "clock": (5000, 6000), "ns": (10_000, 12_000)},
+        {"cycles": [100, 400, 120, 80, 40, 20, 200, 60], "clock": (7000, 8000), "ns": (10_000, 11_000)},
     ]}
     summary = phases.summarize(record)
     assert summary["begin"] == pytest.approx((0.2 + 0.1) / 2)               # us per launch
@@ -44,7 +44,7 @@ def test_summary_refuses_a_record_that_is_not_a_timed_launch():
         phases.summarize({"launches": 0, "steps": 0, "phases_per_step": 0, "ctas": []})
     with pytest.raises(ValueError, match="not a timed launch"):
         phases.summarize({"launches": 1, "steps": 2, "phases_per_step": 1,
-                          "ctas": [{"cycles": [0] * 7, "clock": (0, 0), "ns": (0, 0)}]})
+                          "ctas": [{"cycles": [0] * 8, "clock": (0, 0), "ns": (0, 0)}]})
 
 
 @pytest.mark.parametrize("tiling,expect", [

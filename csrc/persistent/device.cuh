@@ -87,27 +87,80 @@ struct DeviceOps {
   __device__ __forceinline__ void finish() {}
 #endif
 
-  // The barrier after every phase (grid_barrier.cuh); target = k * CTAs at the k-th.
-  __device__ __forceinline__ void grid_sync(unsigned long long* arrivals, unsigned long long target,
-                                            const char* message) {
-    grid_barrier(arrivals, target, message, [this] { stamp(Phase::Stores); });
-    stamp(Phase::Barrier);
-  }
-
-  // The barrier after every phase where each CTA owns all the units of its rows (unit_tiles
-  // 1): what a phase writes, only its own CTA reads, and a CTA barrier orders its threads'
-  // global as well as shared memory.
-  __device__ __forceinline__ void cta_sync() {
-    __syncthreads();
-    stamp(Phase::Barrier);
-  }
-
-  // The barrier after every phase of a plan.
-  __device__ __forceinline__ void phase_sync(const Tiling& t, unsigned long long* arrivals, unsigned long long& target,
-                                             const char* message) {
-    if (t.unit_tiles == 1) return cta_sync();
+  // The barrier after every phase, in two halves (program.h): the grid barrier's
+  // (grid_barrier.cuh; target = k * CTAs at the k-th), or where each CTA owns all the units of
+  // its rows (unit_tiles 1) a CTA barrier for each half: what a phase writes, only its own
+  // CTA reads, and a CTA barrier orders its threads' global as well as shared memory.
+  __device__ __forceinline__ void arrive(const Tiling& t, unsigned long long* arrivals, unsigned long long& target) {
+    if (t.unit_tiles == 1) {
+      __syncthreads();
+      return;
+    }
     target += gridDim.x;
-    grid_sync(arrivals, target, message);
+    grid_arrive(arrivals, [this] { stamp(Phase::Stores); });
+  }
+
+  __device__ __forceinline__ void wait(const Tiling& t, const unsigned long long* arrivals, unsigned long long target,
+                                       const char* message) {
+    stamp(Phase::Window);
+    if (t.unit_tiles == 1)
+      __syncthreads();
+    else
+      grid_wait(arrivals, target, message);
+    stamp(Phase::Barrier);
+  }
+
+  // Asynchronous copies (cp.async, sm_80) of rows no other CTA writes during the kernel into
+  // shared memory: 16 bytes at a time (cp.async.cg, through L2) where source and destination are
+  // 16-byte aligned, element by element (cp.async.ca) otherwise. They land by prefetched().
+  template <typename T, typename Source>
+  __device__ void prefetch_rows(T* dst, int64_t ld, int64_t rows, int64_t segments, int64_t dst_stride,
+                                int64_t src_stride, int64_t length, const Source& source) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "cp.async copies 4, 8 or 16 bytes");
+    if (rows <= 0) return;
+    constexpr int kVector = 16 / sizeof(T);
+    const int width = length % kVector == 0 && src_stride % kVector == 0 && ld % kVector == 0 &&
+                              dst_stride % kVector == 0
+                          ? kVector
+                          : 1;
+    const int chunks = static_cast<int>(length) / width, per_row = static_cast<int>(segments) * chunks;
+    const int total = static_cast<int>(rows) * per_row;
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+      const int r = i / per_row, g = i % per_row / chunks, j = i % chunks * width;
+      const T* row = source(r);
+      if (row == nullptr) continue;
+      const T* from = row + g * src_stride + j;
+      T* to = dst + r * ld + g * dst_stride + j;
+      if (width == kVector && reinterpret_cast<uintptr_t>(from) % 16 == 0 && reinterpret_cast<uintptr_t>(to) % 16 == 0) {
+        copy_async<16, true>(to, from);
+      } else {
+        for (int e = 0; e < width; ++e) copy_async<sizeof(T), false>(to + e, from + e);
+      }
+    }
+  }
+
+  // This thread's asynchronous copies have landed (a CTA barrier must follow before other
+  // threads read them).
+  __device__ __forceinline__ void prefetched() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+  }
+
+  // One cp.async of `kBytes` (through L2 only where `kGlobal`: .cg takes 16 bytes only);
+  // before sm_80, a load and a store (the persistent kernels need sm_80; this keeps the
+  // other architectures' builds compiling).
+  template <int kBytes, bool kGlobal, typename T>
+  __device__ __forceinline__ void copy_async(T* to, const T* from) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(to));
+    if constexpr (kGlobal)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], %2;" ::"r"(address), "l"(from), "n"(kBytes) : "memory");
+    else
+      asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(address), "l"(from), "n"(kBytes) : "memory");
+#else
+    for (int e = 0; e < kBytes / static_cast<int>(sizeof(T)); ++e) to[e] = from[e];
+#endif
   }
 
   template <typename S>
@@ -216,7 +269,9 @@ struct DeviceOps {
 // Every CTA runs begin, the phases of every walk step, end; the grid barrier separates the
 // phases (none between begin and the first phase: begin writes only this CTA's shared
 // memory), or a CTA barrier where each CTA has all the units of its rows (its phases read
-// only what it wrote). All CTAs reach every barrier: the trip counts depend only on T and the cell.
+// only what it wrote). Between its arrival at the barrier and its wait a CTA does what no
+// other CTA waits for (after_arrival). All CTAs reach every barrier: the trip counts depend
+// only on T and the cell.
 // `arrivals`: the barrier's counter, zero at the start; `times`: the phase records of a
 // timed build (null otherwise).
 template <typename S>
@@ -231,7 +286,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t s = 0; s < walk.T; ++s)
     for (int k = 0; k < cta.phases(); ++k) {
       cta.phase(ops, s, k);
-      ops.phase_sync(t, arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent forward kernel"));
+      ops.arrive(t, arrivals, target);
+      cta.after_arrival(ops, s, k);
+      ops.wait(t, arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent forward kernel"));
     }
   cta.end(ops);
   ops.finish();
@@ -249,7 +306,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t s = walk.T - 1; s >= 0; --s)
     for (int k = 0; k < cta.phases(); ++k) {
       cta.phase(ops, s, k);
-      ops.phase_sync(t, arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent backward kernel"));
+      ops.arrive(t, arrivals, target);
+      cta.after_arrival(ops, s, k);
+      ops.wait(t, arrivals, target, RNNF_BARRIER_TIMEOUT_MESSAGE("persistent backward kernel"));
     }
   cta.end(ops);
   ops.finish();

@@ -61,29 +61,46 @@ __device__ __forceinline__ unsigned long long load_acquire(const unsigned long l
   return value;
 }
 
-// Returns once all gridDim.x CTAs have made their k-th call, target = k * gridDim.x.
-// after_fence() runs in thread 0 between its fence and its arrival (the phase timer's stamp).
-// `message` (a string literal) is printed before the trap if the wait times out; printf
-// without arguments keeps the kernels free of local memory.
+// The barrier in two halves, so that a CTA can do work no other CTA waits for (the saved
+// activations' stores, the next step's prefetch) between its arrival and its wait:
+// grid_arrive after everything the other CTAs will read, grid_wait before reading it. What a
+// CTA writes between the two is ordered only before what the others do after their *next*
+// wait (its next arrival's fence covers it), never before this barrier's.
+//
+// Arrival k: after_fence() runs in thread 0 between its fence and its add (the phase timer's stamp).
 template <typename AfterFence>
-__device__ __forceinline__ void grid_barrier(unsigned long long* arrivals, unsigned long long target,
-                                             const char* message, const AfterFence& after_fence) {
+__device__ __forceinline__ void grid_arrive(unsigned long long* arrivals, const AfterFence& after_fence) {
   __syncthreads();
   if (threadIdx.x == 0) {
     asm volatile("fence.acq_rel.gpu;" ::: "memory");
     after_fence();
     asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(arrivals) : "memory");
-    if (load_acquire(arrivals) < target) {
-      const unsigned long long start = global_nanoseconds();
-      while (load_acquire(arrivals) < target) {
-        if (global_nanoseconds() - start > RNNFUSED_BARRIER_TIMEOUT_S * 1000000000ull) {
-          printf(message);
-          __trap();
-        }
+  }
+}
+
+// Returns once all gridDim.x CTAs have made their k-th arrival, target = k * gridDim.x.
+// `message` (a string literal) is printed before the trap if the wait times out; printf
+// without arguments keeps the kernels free of local memory.
+__device__ __forceinline__ void grid_wait(const unsigned long long* arrivals, unsigned long long target,
+                                          const char* message) {
+  if (threadIdx.x == 0 && load_acquire(arrivals) < target) {
+    const unsigned long long start = global_nanoseconds();
+    while (load_acquire(arrivals) < target) {
+      if (global_nanoseconds() - start > RNNFUSED_BARRIER_TIMEOUT_S * 1000000000ull) {
+        printf(message);
+        __trap();
       }
     }
   }
   __syncthreads();
+}
+
+// Both halves at once: returns once all gridDim.x CTAs have made their k-th call.
+template <typename AfterFence>
+__device__ __forceinline__ void grid_barrier(unsigned long long* arrivals, unsigned long long target,
+                                             const char* message, const AfterFence& after_fence) {
+  grid_arrive(arrivals, after_fence);
+  grid_wait(arrivals, target, message);
 }
 
 }  // namespace persistent

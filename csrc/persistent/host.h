@@ -5,6 +5,12 @@
 // memory starts as NaN, and so do the outputs (bindings.cpp), so that a read of something
 // no one wrote shows in the results.
 //
+// Each barrier comes in two halves, as on the GPU: every CTA's phase, the arrival, every
+// CTA's after_arrival, the wait. A prefetch (ops.prefetch_rows) lands when its thread calls
+// ops.prefetched(), not when it is issued; until then the copy may read its source and write
+// its destination at any time, so the checker sees it read the source both at the issue and
+// at the landing, and flags any touch of its destination in between.
+//
 // It runs the CTA's threads one after the other, so a missing ops.sync or a plain load of
 // another CTA's data would still give the right numbers here. The checker below sees those
 // anyway. It gives every access the simulated thread that makes it on the GPU (the same
@@ -13,18 +19,25 @@
 //   - within a CTA, two threads touching the same bytes (shared or global memory) between
 //     the same two CTA barriers, one of them writing: a read after write is a missing
 //     ops.sync, a write after read a buffer reused before it was consumed;
-//   - across CTAs, two CTAs touching the same global bytes between the same two grid
-//     barriers, one of them writing (the same two kinds, and a write after write);
-//   - a plain read (not load_coherent / ops.copy_rows, i.e. not ld.global.cg on the GPU) of
-//     global memory another CTA wrote during the kernel;
+//   - across CTAs, two CTAs touching the same global bytes, one of them writing, with no
+//     grid barrier ordering the two (the same two kinds, and a write after write). A barrier
+//     orders what one CTA did before its arrival before what another does after its wait:
+//     the phase of step k before the phase of step k+1, but the after_arrival of step k
+//     before nothing until the phase of step k+2;
+//   - a plain read (not load_coherent / ops.copy_rows, i.e. not ld.global.cg on the GPU; a
+//     prefetch's too) of global memory another CTA wrote during the kernel;
+//   - shared memory touched while a prefetch into it is in flight;
 //   - shared memory outside the plan's layout.
 // The GPU kernel has no grid barrier between begin() and the first phase, nor does the
 // simulation: each CTA runs begin() just before its first phase.
 //
 // RNNFUSED_SIMULATE_DEFECT (test only; tests/test_persistent.py) plants a defect to show that
 // the checker finds it: skip_sync=<begin|operand|fold|phase_end> leaves out that CTA barrier
-// of program.h, plain_copy makes ops.copy_rows read with plain loads, and
-// skip_barrier=<phase> leaves out the grid barrier after that phase of every step. (The one
+// of program.h, plain_copy makes ops.copy_rows read with plain loads,
+// skip_barrier=<phase> leaves out the grid barrier after that phase of every step,
+// early_arrive arrives at every grid barrier before the phase instead of after it (the
+// phase's stores then follow the arrival), and skip_prefetch_wait leaves out
+// ops.prefetched(), so that the prefetches land at the end of the phase. (The one
 // load_coherent of the program, GRU_CHO's h_{t-1} in cho_output, reads the CTA's own units, so
 // a plain load there would be no defect, and the checker rightly says nothing.)
 //
@@ -58,6 +71,7 @@ struct Defects {
   bool skip_sync[4] = {false, false, false, false};  // indexed by Sync
   bool plain_copy = false;
   int skip_barrier = -1;  // the phase after which no grid barrier runs; -1: none
+  bool early_arrive = false, skip_prefetch_wait = false;
   std::string text;
 
   static Defects from_environment() {
@@ -72,8 +86,10 @@ struct Defects {
       const std::string item = d.text.substr(start, comma - start);
       start = comma + 1;
       if (item.empty()) continue;
-      bool known = item == "plain_copy";
+      bool known = item == "plain_copy" || item == "early_arrive" || item == "skip_prefetch_wait";
       d.plain_copy |= item == "plain_copy";
+      d.early_arrive |= item == "early_arrive";
+      d.skip_prefetch_wait |= item == "skip_prefetch_wait";
       for (int i = 0; i < 4; ++i)
         if (item == std::string("skip_sync=") + syncs[i]) known = d.skip_sync[i] = true;
       if (item == "skip_barrier=0" || item == "skip_barrier=1") {
@@ -82,15 +98,17 @@ struct Defects {
       }
       if (!known)
         throw std::invalid_argument("rnnfused: RNNFUSED_SIMULATE_DEFECT: unknown defect '" + item +
-                                    "' (skip_sync=begin|operand|fold|phase_end, plain_copy, skip_barrier=0|1)");
+                                    "' (skip_sync=begin|operand|fold|phase_end, plain_copy, skip_barrier=0|1, early_arrive, "
+                                    "skip_prefetch_wait)");
     }
     return d;
   }
 };
 
 // The race checker of one simulated launch (see the header comment). Shadow state is kept per
-// 2 bytes (the smallest element); a CTA barrier starts a new "epoch", a grid barrier a new
-// "interval" (and epoch). Epochs are numbered across all CTAs, so one shadow of the shared
+// 2 bytes (the smallest element); a CTA barrier starts a new "epoch", each half of a grid
+// barrier a new "interval" (and epoch): the phase of step k runs in interval 2k, its
+// after_arrival in 2k + 1. Epochs are numbered across all CTAs, so one shadow of the shared
 // memory serves every CTA in turn: entries a CTA left are stale for the next.
 class Checker final : public AccessObserver {
  public:
@@ -121,23 +139,38 @@ class Checker final : public AccessObserver {
   void doing(std::string where) { where_ = std::move(where); }
   void thread(int who) { who_ = who; }
   void sync() { ++epoch_; }
-  void grid_barrier() {
+  // The two halves of a grid barrier, once all CTAs have reached each.
+  void arrive() {
     ++interval_;
     ++epoch_;
   }
+  void wait() { arrive(); }
 
   bool skips(Sync point) const { return defects_.skip_sync[static_cast<int>(point)]; }
   bool skips_barrier_after(int phase) const { return defects_.skip_barrier == phase; }
+  bool arrives_early() const { return defects_.early_arrive; }
+  bool skips_prefetch_wait() const { return defects_.skip_prefetch_wait; }
   // How ops.copy_rows reads its source rows (ld.global.cg on the GPU, unless planted).
   Access copy_access() const { return defects_.plain_copy ? Access::Read : Access::Coherent; }
 
   // From program.h's read / write / load_coherent, made by the current thread.
   void access(const void* p, int64_t bytes, Access kind) override { touch(p, bytes, kind, who_); }
 
+  // The current CTA's prefetch of [to, to + bytes) is in flight (issued), or has landed.
+  void in_flight(const void* to, int64_t bytes) {
+    auto& ranges = in_flight_[cta_];
+    ranges.emplace_back(static_cast<const char*>(to), static_cast<const char*>(to) + bytes);
+  }
+  void landed() { in_flight_.erase(cta_); }
+
   // From the Ops, on behalf of `who`.
   void touch(const void* p, int64_t bytes, Access kind, int who) {
     const char* c = static_cast<const char*>(p);
     if (c >= base_ && c < base_ + layout_.bytes) {
+      const auto flying = in_flight_.empty() ? in_flight_.end() : in_flight_.find(cta_);
+      if (flying != in_flight_.end())
+        for (const auto& [from, to] : flying->second)
+          if (c < to && c + bytes > from) found(kInFlight, describe(who, kind, p));
       if (c + bytes > base_ + layout_.bytes) found(kOutsideLayout, describe(who, kind, p) + " runs past the layout");
       if (kind == Access::Coherent) found(kCoherentShared, describe(who, kind, p));
       for (int64_t i = (c - base_) / 2; i < std::min<int64_t>((c - base_ + bytes + 1) / 2, shared_.size()); ++i)
@@ -170,14 +203,29 @@ class Checker final : public AccessObserver {
   }
 
  private:
-  struct Shadow {
-    uint32_t write_epoch = 0, read_epoch = 0;       // 0: never in this launch
-    int32_t write_interval = -1, read_interval = -1;
-    int16_t writer = 0, reader = 0;                 // who, in the epoch
-    int32_t writer_cta = -1, reader_cta = -1;       // which CTA, in the interval (global memory)
-    bool many_readers = false;                      // another thread read it in read_epoch too
-    bool many_reader_ctas = false;                  // another CTA read it in read_interval too
+  // The CTAs that read a granule in one interval: `cta`, or several.
+  struct Reads {
+    int32_t interval = -1, cta = -1;
+    bool many = false;
   };
+  struct Shadow {
+    uint32_t write_epoch = 0, read_epoch = 0;  // 0: never in this launch
+    int32_t write_interval = -1;
+    int16_t writer = 0, reader = 0;            // who, in the epoch
+    int32_t writer_cta = -1;                   // which CTA, in write_interval (global memory)
+    bool many_readers = false;                 // another thread read it in read_epoch too
+    // The last three intervals with reads, latest first: the most that can be unordered with
+    // a later access (see ordered).
+    Reads reads[3];
+  };
+
+  // Whether a barrier orders an access in interval `earlier` before one in `later` (the
+  // simulation visits intervals in order): with a whole barrier between them (a wait after
+  // the earlier access's arrival), i.e. two intervals apart, unless both are after_arrivals
+  // (2k + 1 and 2k + 3: the second precedes the wait of the barrier the first arrives at).
+  static bool ordered(int32_t earlier, int32_t later) {
+    return earlier < 0 || later - earlier >= 3 || (later - earlier == 2 && earlier % 2 == 0);
+  }
 
   enum Kind {
     kSharedReadAfterWrite,
@@ -191,6 +239,7 @@ class Checker final : public AccessObserver {
     kEveryThreadWrites,
     kOutsideLayout,
     kCoherentShared,
+    kInFlight,
     kKinds
   };
   static constexpr const char* kDescriptions[kKinds] = {
@@ -199,15 +248,16 @@ class Checker final : public AccessObserver {
       "between",
       "shared memory written by two threads with no CTA barrier between",
       "global memory touched by two threads of one CTA, one writing, with no CTA barrier between",
-      "global memory read by one CTA and written by another between the same two grid barriers",
-      "global buffer reused before it was consumed: written by one CTA after another CTA read it, between the "
-      "same two grid barriers",
-      "global memory written by two CTAs between the same two grid barriers",
+      "global memory read by one CTA and written by another with no grid barrier ordering the two",
+      "global buffer reused before it was consumed: written by one CTA after another CTA read it, with no grid "
+      "barrier ordering the two",
+      "global memory written by two CTAs with no grid barrier ordering the two",
       "plain load of global memory another CTA wrote during the kernel (use load_coherent or ops.copy_rows: "
       "ld.global.cg on the GPU)",
       "a write outside ops.for_each, which every thread of the CTA would make",
       "shared memory outside the plan's layout",
       "load_coherent of shared memory",
+      "shared memory touched while a prefetch into it is in flight (before its thread's ops.prefetched())",
   };
 
   Shadow& global(uintptr_t granule) {
@@ -226,7 +276,7 @@ class Checker final : public AccessObserver {
     if (kind != Access::Write) {
       if (s.write_epoch == epoch_ && s.writer != me)
         found(global ? kGlobalThreadRace : kSharedReadAfterWrite, describe(who, kind, p) + ", written by " + name(s.writer));
-      if (global && s.write_interval == interval_ && s.writer_cta != cta)
+      if (global && !ordered(s.write_interval, interval_) && s.writer_cta != cta)
         found(kCrossReadAfterWrite, describe(who, kind, p) + ", written by CTA " + std::to_string(s.writer_cta));
       if (global && kind == Access::Read && s.writer_cta >= 0 && s.writer_cta != cta)
         found(kPlainLoad, describe(who, kind, p) + ", written by CTA " + std::to_string(s.writer_cta));
@@ -238,12 +288,12 @@ class Checker final : public AccessObserver {
         s.many_readers = false;
       }
       if (global) {
-        if (s.read_interval == interval_) {
-          s.many_reader_ctas |= s.reader_cta != cta;
+        if (s.reads[0].interval == interval_) {
+          s.reads[0].many |= s.reads[0].cta != cta;
         } else {
-          s.read_interval = interval_;
-          s.reader_cta = cta;
-          s.many_reader_ctas = false;
+          s.reads[2] = s.reads[1];
+          s.reads[1] = s.reads[0];
+          s.reads[0] = Reads{interval_, cta, false};
         }
       }
       return;
@@ -254,12 +304,12 @@ class Checker final : public AccessObserver {
     if (s.read_epoch == epoch_ && (s.many_readers || s.reader != me))
       found(global ? kGlobalThreadRace : kSharedWriteAfterRead,
             describe(who, kind, p) + ", read by " + (s.reader != me ? name(s.reader) : "other threads"));
-    if (global && s.write_interval == interval_ && s.writer_cta != cta)
+    if (global && !ordered(s.write_interval, interval_) && s.writer_cta != cta)
       found(kCrossWriteAfterWrite, describe(who, kind, p) + ", written by CTA " + std::to_string(s.writer_cta));
-    if (global && s.read_interval == interval_ && (s.many_reader_ctas || s.reader_cta != cta))
-      found(kCrossWriteAfterRead,
-            describe(who, kind, p) + ", read by " +
-                (s.reader_cta != cta ? "CTA " + std::to_string(s.reader_cta) : std::string("other CTAs")));
+    for (const Reads& r : s.reads)
+      if (global && !ordered(r.interval, interval_) && (r.many || r.cta != cta))
+        found(kCrossWriteAfterRead, describe(who, kind, p) + ", read by " +
+                                        (r.cta != cta ? "CTA " + std::to_string(r.cta) : std::string("other CTAs")));
     s.write_epoch = epoch_;
     s.writer = me;
     s.write_interval = interval_;
@@ -285,12 +335,13 @@ class Checker final : public AccessObserver {
   std::string place(const void* p) const {
     const char* c = static_cast<const char*>(p);
     if (c >= base_ && c < base_ + layout_.bytes) {
-      const std::pair<const char*, int64_t> regions[] = {{"weights", layout_.weights}, {"operand", layout_.operand},
-                                                         {"acc", layout_.acc},         {"partials", layout_.partials},
-                                                         {"state", layout_.state},     {"state2", layout_.state2}};
+      const std::pair<const char*, int64_t> regions[] = {
+          {"weights", layout_.weights}, {"operand", layout_.operand}, {"acc", layout_.acc},
+          {"partials", layout_.partials}, {"state", layout_.state}, {"state2", layout_.state2},
+          {"inputs", layout_.inputs}, {"bias", layout_.bias}};
       const auto* region = &regions[0];
-      for (const auto& r : regions)
-        if (r.second <= c - base_) region = &r;
+      for (const auto& r : regions)  // the last that starts at or before c (unused regions start at 0)
+        if (r.second <= c - base_ && r.second > 0) region = &r;
       return std::string("shared ") + region->first + "+" + std::to_string(c - base_ - region->second);
     }
     if (c >= allocation_ && c < allocation_end_) return "shared memory at byte " + std::to_string(c - base_);
@@ -315,6 +366,7 @@ class Checker final : public AccessObserver {
   int cta_ = 0, who_ = kEveryThread;
   const char *base_ = nullptr, *allocation_ = nullptr, *allocation_end_ = nullptr;
   std::string where_;
+  std::unordered_map<int, std::vector<std::pair<const char*, const char*>>> in_flight_;  // per CTA
   int64_t count_[kKinds] = {};
   std::string first_[kKinds];
 };
@@ -323,6 +375,18 @@ class Checker final : public AccessObserver {
 // it on the GPU (device.cuh's DeviceOps) and telling the checker.
 struct HostOps {
   Checker* check;
+  int64_t cta = 0;  // the CTA that runs (the simulation sets it)
+
+  // Prefetches issued and not yet landed, per CTA: `bytes` from `from` to `to` by thread `who`.
+  struct Copy {
+    const void* from;
+    void* to;
+    int64_t bytes;
+    int who;
+  };
+  std::vector<std::vector<Copy>> pending;
+
+  HostOps(Checker* checker, int64_t ctas) : check(checker), pending(ctas) {}
 
   template <typename S>
   S operand(S x) const {
@@ -339,8 +403,49 @@ struct HostOps {
     check->thread(Checker::kEveryThread);
   }
 
+  // (skip_prefetch_wait: the prefetches land at the end of the phase instead.)
   void sync(Sync point) {
+    if (point == Sync::PhaseEnd) land();
     if (!check->skips(point)) check->sync();
+  }
+
+  // DeviceOps::prefetch_rows's chunks: whole 16-byte vectors where every row segment and the
+  // strides are made of them, else elements; chunk i by thread i % kThreads. Each lands
+  // (is read and written, and told to the checker) by its thread's next prefetched().
+  template <typename T, typename Source>
+  void prefetch_rows(T* dst, int64_t ld, int64_t rows, int64_t segments, int64_t dst_stride, int64_t src_stride,
+                     int64_t length, const Source& source) {
+    if (rows <= 0) return;
+    constexpr int64_t kVector = 16 / sizeof(T);
+    const bool vector =
+        length % kVector == 0 && src_stride % kVector == 0 && ld % kVector == 0 && dst_stride % kVector == 0;
+    const int64_t width = vector ? kVector : 1, chunks = length / width, per_row = segments * chunks;
+    for (int64_t index = 0; index < rows * per_row; ++index) {
+      const int64_t r = index / per_row, g = index % per_row / chunks, j = index % chunks * width;
+      const T* row = source(r);
+      if (row == nullptr) continue;
+      const Copy copy{row + g * src_stride + j, dst + r * ld + g * dst_stride + j,
+                      static_cast<int64_t>(width * sizeof(T)), static_cast<int>(index % kThreads)};
+      check->touch(copy.from, copy.bytes, Access::Read, copy.who);
+      check->in_flight(copy.to, copy.bytes);
+      pending[cta].push_back(copy);
+    }
+  }
+
+  void prefetched() {
+    if (!check->skips_prefetch_wait()) land();
+  }
+
+  // The CTA's pending prefetches land. (Every thread's at once: on the GPU each thread waits
+  // for its own, and the ops.sync after prefetched() orders them for the others.)
+  void land() {
+    check->landed();
+    for (const Copy& copy : pending[cta]) {
+      check->touch(copy.from, copy.bytes, Access::Read, copy.who);
+      check->touch(copy.to, copy.bytes, Access::Write, copy.who);
+      std::memcpy(copy.to, copy.from, static_cast<size_t>(copy.bytes));
+    }
+    pending[cta].clear();
   }
 
   void stamp(Phase) {}
@@ -488,29 +593,39 @@ void simulate(const Params& p, const Tiling& t, bool backward) {
   }
   Checker check(layout, Defects::from_environment(), buffers(p));
   const Observing observing(&check);
-  HostOps ops{&check};
+  HostOps ops(&check, n);
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   std::mt19937 shuffle(12345);
   auto enter = [&](int64_t cta, std::string where) {
+    ops.cta = cta;
     check.enter(cta, bases[cta], smem[cta].get(), smem[cta].get() + layout.bytes + 128, std::move(where));
   };
   bool begun = false;
   for (int64_t i = 0; i < p.T; ++i) {
     const int64_t s = backward ? p.T - 1 - i : i;
     for (int phase = 0; phase < ctas.front().phases(); ++phase) {
+      const std::string where = "walk step " + std::to_string(s) + ", phase " + std::to_string(phase);
+      // No grid barrier where each CTA has all the units of its rows (the GPU then has a CTA
+      // barrier, which entering a CTA stands for here): a CTA that read another's data would
+      // then be caught within the one long interval.
+      const bool barrier = t.unit_tiles > 1 && !check.skips_barrier_after(phase);
+      if (barrier && check.arrives_early()) check.arrive();
       std::shuffle(order.begin(), order.end(), shuffle);
       for (const int64_t cta : order) {
         enter(cta, "begin");
         if (!begun) ctas[cta].begin(ops);
-        check.doing("walk step " + std::to_string(s) + ", phase " + std::to_string(phase));
+        check.doing(where);
         ctas[cta].phase(ops, s, phase);
       }
       begun = true;
-      // No grid barrier where each CTA has all the units of its rows (the GPU then has a CTA
-      // barrier, which entering a CTA stands for here): a CTA that read another's data would
-      // then be caught within the one long interval.
-      if (t.unit_tiles > 1 && !check.skips_barrier_after(phase)) check.grid_barrier();
+      if (barrier && !check.arrives_early()) check.arrive();
+      std::shuffle(order.begin(), order.end(), shuffle);
+      for (const int64_t cta : order) {
+        enter(cta, where + ", after the arrival");
+        ctas[cta].after_arrival(ops, s, phase);
+      }
+      if (barrier) check.wait();
     }
   }
   std::shuffle(order.begin(), order.end(), shuffle);

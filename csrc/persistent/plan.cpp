@@ -2,6 +2,8 @@
 #include "plan.h"
 
 #include <algorithm>
+#include <initializer_list>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -40,22 +42,14 @@ int64_t padded_ld(int64_t k, int64_t elem) {
   return k + 16 / std::min<int64_t>(elem, 16);
 }
 
-// Regions in order, each 128-byte aligned; returns the total.
-int64_t place(Layout& layout, int64_t weights, int64_t operand, int64_t acc, int64_t partials, int64_t state,
-              int64_t state2) {
+// Regions in order (the others stay empty), each 128-byte aligned.
+void place(Layout& layout, std::initializer_list<std::pair<int64_t Layout::*, int64_t>> regions) {
   int64_t offset = 0;
-  auto take = [&](int64_t& where, int64_t bytes) {
-    where = offset;
+  for (const auto& [where, bytes] : regions) {
+    layout.*where = offset;
     offset = round_up(offset + bytes, 128);
-  };
-  take(layout.weights, weights);
-  take(layout.operand, operand);
-  take(layout.acc, acc);
-  take(layout.partials, partials);
-  take(layout.state, state);
-  take(layout.state2, state2);
+  }
   layout.bytes = offset;
-  return offset;
 }
 
 // Warps split K when there are fewer output tiles than warps (e.g. the backward product of
@@ -85,9 +79,13 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
   t.ld_acc_fwd = t.rows_pad + 4;
   t.split_fwd = k_split(t.gate_rows, t.rows_pad, t.k_fwd);
   const int64_t state = rows * units * acc_elem;
-  place(t.fwd, t.gate_rows * t.ld_w_fwd * elem, t.rows_pad * t.ld_w_fwd * elem, t.gate_rows * t.ld_acc_fwd * acc_elem,
-        t.split_fwd > 1 ? t.split_fwd * t.gate_rows * t.ld_acc_fwd * acc_elem : 0,
-        cell == Cell::LSTM ? state : 0, 0);
+  place(t.fwd, {{&Layout::weights, t.gate_rows * t.ld_w_fwd * elem},
+                {&Layout::operand, t.rows_pad * t.ld_w_fwd * elem},
+                {&Layout::acc, t.gate_rows * t.ld_acc_fwd * acc_elem},
+                {&Layout::partials, t.split_fwd > 1 ? t.split_fwd * t.gate_rows * t.ld_acc_fwd * acc_elem : 0},
+                {&Layout::state, cell == Cell::LSTM ? state : 0},
+                {&Layout::inputs, rows * gates * inputs_ld(units) * acc_elem},
+                {&Layout::bias, 2 * gates * units * acc_elem}});
 
   t.unit_rows = round_up(units, kTile);
   t.k_block = round_up(H, kTile);
@@ -97,9 +95,12 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
   for (t.chunk_gates = gates; t.chunk_gates >= 1; --t.chunk_gates) {
     t.ld_dg = padded_ld(t.chunk_gates * t.k_block, elem);
     t.split_bwd = k_split(t.unit_rows, t.rows_pad, t.chunk_gates * t.k_block);
-    place(t.bwd, t.unit_rows * t.ld_w_bwd * elem, t.rows_pad * t.ld_dg * elem, t.unit_rows * t.ld_acc_bwd * acc_elem,
-          t.split_bwd > 1 ? t.split_bwd * t.unit_rows * t.ld_acc_bwd * acc_elem : 0, state,
-          cell == Cell::LSTM ? state : 0);
+    place(t.bwd, {{&Layout::weights, t.unit_rows * t.ld_w_bwd * elem},
+                  {&Layout::operand, t.rows_pad * t.ld_dg * elem},
+                  {&Layout::acc, t.unit_rows * t.ld_acc_bwd * acc_elem},
+                  {&Layout::partials, t.split_bwd > 1 ? t.split_bwd * t.unit_rows * t.ld_acc_bwd * acc_elem : 0},
+                  {&Layout::state, state},
+                  {&Layout::state2, cell == Cell::LSTM ? state : 0}});
     if (t.bwd.bytes <= smem) break;
   }
   return t;
@@ -141,10 +142,11 @@ double mma_ns(int64_t M, int64_t N, int64_t K, int64_t split, int64_t elem, cons
   return ns;
 }
 
-// A pass over the CTA's (row, unit) elements, each thread's in turn. The cell's loads from
-// global memory (gx or the saved gates, biases, dy) wait a load latency per element: the
-// stores of the element before may alias them, so the compiler cannot hoist them. The fold's
-// elements read only shared memory.
+// A pass over the CTA's (row, unit) elements, each thread's in turn. The backward cell's
+// loads from global memory (the saved gates, dy) wait a load latency per element: the stores
+// of the element before may alias them, so the compiler cannot hoist them. The forward cell
+// reads its inputs and biases from shared memory (prefetched a step ahead, loaded at begin),
+// and so do the fold's elements.
 double elements_ns(const Tiling& t, bool global_loads, const CostModel& m) {
   const double per_element = m.element_ns + (global_loads ? m.load_latency_ns : 0);
   return ceil_div(t.rows * t.units, kThreads) * per_element + m.cta_barrier_ns;
@@ -181,9 +183,18 @@ StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool 
       if (rows == 0) continue;
       cost.exchange += exchange_ns(t.rows, H, elem, ctas, m);
       cost.mma += mma_ns(rows, t.rows_pad, t.k_fwd, t.split_fwd, elem, m);
-      cost.cell += elements_ns(t, true, m);
+      cost.cell += elements_ns(t, false, m);
       close_phase(cost, t, m);
     }
+    // Between the arrival and the wait: the saved activations' stores (training: the plan is
+    // the same for inference, which stores none) and the next step's input prefetch (16-byte
+    // copies where the rows are made of them, else element by element), issued, not waited
+    // for. The prefetch lands behind the barrier and the next step's exchange, which the model
+    // takes to be longer than one load.
+    const int64_t elements = t.rows * t.units, per_copy = t.units % 4 == 0 && H % 4 == 0 ? 4 : 1;
+    cost.window = (ceil_div(elements * staged_slots(cell), kThreads) +
+                   ceil_div(t.rows * gates * ceil_div(t.units, per_copy), kThreads)) *
+                  m.issue_ns;
     return cost;
   }
   // The fold of the recurrent gradient gate chunk by gate chunk (GRU_CHO: z and n, then n

@@ -16,6 +16,11 @@
 //             acc  [gate_rows][ld_acc]    A   W h: gate row x batch row
 //             part [split][gate_rows][ld_acc] A  partial sums when warps split K
 //             state [rows][units]         A   LSTM: c
+//             inputs [rows][gates][ld_in] A   x W_ihᵀ of the step's rows, the CTA's units (prefetched
+//                                             a step ahead); ld_in = units rounded up to 4
+//             bias [2][gates][units]      A   b_ih, b_hh of the CTA's units
+//           The cell pass stages the step's saved activations for their stores after the
+//           barrier's arrival in place: gate g's in gate g's acc entries, LSTM's c_t in state.
 //   backward W    [unit_rows][ld_w]      S   Wᵀ: column g*k_block + j is W_hh[g*H + j][u0+u]
 //             dG   [rows_pad][ld_dg]      S   dG of the CTA's rows for chunk_gates gates at a time,
 //                                             gate blocks of k_block columns as in W
@@ -57,8 +62,20 @@ struct DeviceLimits {
 
 // One region of a CTA's shared memory layout, in bytes.
 struct Layout {
-  int64_t weights = 0, operand = 0, acc = 0, partials = 0, state = 0, state2 = 0, bytes = 0;
+  int64_t weights = 0, operand = 0, acc = 0, partials = 0, state = 0, state2 = 0, inputs = 0, bias = 0, bytes = 0;
 };
+
+// The saved activations per element that the forward stages for their stores after the
+// arrival: one per gate (in its acc entry) and LSTM's c_t (in its state); GRU's fourth,
+// W_hn h + b_hn, has no acc entry of its own and is stored in the cell pass.
+RNNF_HD int64_t staged_slots(Cell cell) {
+  return saved_gates_per_unit(cell) == 0 ? 0 : gates_per_unit(cell) + (cell == Cell::LSTM ? 1 : 0);
+}
+
+// Elements between the gate blocks of a row of the forward's inputs region: 16-byte segments.
+RNNF_HD int64_t inputs_ld(int64_t units) {
+  return (units + 3) / 4 * 4;
+}
 
 // The plain-old-data part of a plan: what the kernels read (passed by value to the GPU).
 struct Tiling {
@@ -103,12 +120,13 @@ struct CostModel {
   double mma_flops_per_ns = 3500;   // one SM's dense fp16/bf16 tensor-core rate; TF32 half of it
   double k_step_ns = 20;            // one dependent 16x16x16 WMMA step of a warp (fragment loads and mma)
   double element_ns = 40;           // one thread's cell math for one element, its loads aside
+  double issue_ns = 4;              // one thread issuing a store or an asynchronous copy it does not wait for
 };
 
 // One step's estimate, per phase (timing.h's step phases), in nanoseconds.
 struct StepCost {
-  double exchange = 0, mma = 0, cell = 0, stores = 0, barrier = 0;
-  double total() const { return exchange + mma + cell + stores + barrier; }
+  double exchange = 0, mma = 0, cell = 0, stores = 0, window = 0, barrier = 0;
+  double total() const { return exchange + mma + cell + stores + window + barrier; }
 };
 
 // The cost model's estimate for one forward or backward step of tiling t: the slowest CTA's,

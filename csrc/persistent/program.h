@@ -4,7 +4,13 @@
 // rows) and by the host simulation (host.h: the CTAs of a phase
 // in shuffled order, the end of the phase as the barrier, every memory access checked). Both
 // run exactly this code with the tiling and shared-memory layout of plan.h; only the Ops
-// differ:
+// differ. Each CTA runs begin(), then for every walk step and phase k:
+//   phase(s, k)          everything the other CTAs read after the barrier (h_t, dG, r * h)
+//   (arrival at the barrier)
+//   after_arrival(s, k)  what no CTA waits for: the saved activations' stores, the next
+//                        step's input prefetch
+//   (wait at the barrier)
+// and end(). The Ops:
 //
 //   ops.for_each(rows, cols, f)   f(r, c) for r < rows, c < cols, by all threads of the CTA:
 //                                 element i = r * cols + c by thread i % kThreads
@@ -18,6 +24,12 @@
 //       of kTile), accumulated in A; with split > 1 the K steps are divided among warps whose
 //       partial sums go to partials[part][m][c] (part stride partial_stride) before adding up.
 //       Ends with the CTA synchronised.
+//   ops.prefetch_rows(dst, ld, rows, segments, dst_stride, src_stride, length, source)
+//       copy_rows's copy of data no other CTA writes during the kernel, asynchronous
+//       (cp.async) and not rounded: it lands by the issuing thread's next ops.prefetched(),
+//       and until then neither its source may change nor its destination be touched.
+//   ops.prefetched()              this thread's prefetches have landed (an ops.sync must follow
+//                                 before other threads read them)
 //   ops.stamp(phase)              charges the time since the previous stamp to `phase` (a GPU
 //                                 build with RNNFUSED_PHASE_TIMING; free everywhere else)
 //
@@ -26,9 +38,11 @@
 // The operands of the products are stored already so rounded, once, when they enter
 // shared memory.
 //
-// Between phases a CTA may read what any CTA wrote before the barrier (through
-// load_coherent or ops.copy_rows: L2, never a stale L1 line); within a phase it reads only
-// what it wrote itself or what was there before the kernel started. The cell math is cells.h's.
+// After a barrier a CTA may read what any CTA wrote before its arrival at that barrier
+// (through load_coherent or ops.copy_rows: L2, never a stale L1 line). What a CTA writes
+// after its arrival becomes readable to the others only after the next barrier; otherwise a
+// CTA reads only what it wrote itself or what was there before the kernel started. The cell
+// math is cells.h's.
 //
 // Every memory access of the program, global or shared, goes through read, write or
 // load_coherent (below): on the GPU plain loads and stores (ld.global.cg for load_coherent);
@@ -176,10 +190,13 @@ RNNF_HD void for_each_element(Ops& ops, const Tiling& t, const Walk& walk, const
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward: W tile [gate_rows][ld_w] resident; per walk step the h_{t-1} tile of the CTA's
-// rows, acc = W h, then the cell for the CTA's (row, unit) elements. LSTM keeps c in shared
-// memory. GRU_CHO takes two phases: r (and r * h_{t-1} of every unit, through p.rh) first,
-// then n. The saved activations have stage 1's layout (steps.h).
+// Forward: W tile [gate_rows][ld_w] and the biases resident; per walk step the h_{t-1} tile
+// of the CTA's rows, acc = W h, then the cell for the CTA's (row, unit) elements, which
+// stores h_t and stages the saved activations in shared memory (plan.h's staged_slots: each
+// gate's over the acc entry it was computed from, which only its element reads; LSTM's c_t
+// is its state); after the arrival the staged activations go out (stage 1's layout, steps.h)
+// and the next step's input projection comes in. LSTM keeps c in shared memory. GRU_CHO takes
+// two phases: r (and r * h_{t-1} of every unit, through p.rh) first, then n.
 template <typename S, typename A>
 struct ForwardCta {
   const ForwardParams& p;
@@ -191,6 +208,8 @@ struct ForwardCta {
   A* const acc;
   A* const partials;
   A* const c;
+  A* const inputs;
+  A* const biases;
 
   RNNF_HD ForwardCta(const ForwardParams& params, const Tiling& tiling, const Walk& steps, int64_t cta, char* smem)
       : p(params),
@@ -201,12 +220,15 @@ struct ForwardCta {
         h(region<S>(smem, tiling.fwd.operand)),
         acc(region<A>(smem, tiling.fwd.acc)),
         partials(region<A>(smem, tiling.fwd.partials)),
-        c(region<A>(smem, tiling.fwd.state)) {}
+        c(region<A>(smem, tiling.fwd.state)),
+        inputs(region<A>(smem, tiling.fwd.inputs)),
+        biases(region<A>(smem, tiling.fwd.bias)) {}
 
   RNNF_HD int phases() const { return p.cell == Cell::GRU_CHO ? 2 : 1; }
 
-  // The W tile and (LSTM) the c0 tile into shared memory; the operand tile zeroed once (its
-  // padding columns multiply W's and must be finite; rows are loaded per step).
+  // The W tile, the biases and (LSTM) the c0 tile into shared memory; the operand tile
+  // zeroed once (its padding columns multiply W's and must be finite; rows are loaded per
+  // step); the first step's inputs on their way.
   template <typename Ops>
   RNNF_HD void begin(Ops& ops) {
     const int64_t H = p.H, gates = gates_per_unit(p.cell), stride = t.gate_stride, ld = t.ld_w_fwd;
@@ -220,6 +242,14 @@ struct ForwardCta {
     });
     S* operand_tile = h;
     ops.for_each(t.rows_pad, ld, [=](int64_t r, int64_t k) { write(operand_tile + r * ld + k, store<S>(A(0))); });
+    const S* b_ih = static_cast<const S*>(p.b_ih);
+    const S* b_hh = static_cast<const S*>(p.b_hh);
+    A* bias_tile = biases;
+    ops.for_each(2 * gates, units, [=](int64_t m, int64_t u) {
+      const S* b = m < gates ? b_ih : b_hh;
+      write(bias_tile + m * units + u, u0 + u < H ? load<A>(read(b + m % gates * H + u0 + u)) : A(0));
+    });
+    prefetch_inputs(ops, 0);
     if (p.cell == Cell::LSTM) {
       const A* c0 = static_cast<const A*>(p.c);
       A* state = c;
@@ -255,6 +285,51 @@ struct ForwardCta {
     ops.stamp(Phase::Cell);
   }
 
+  // After the arrival at the barrier that ends phase k of walk step s: the activations the
+  // phase staged go out (GRU_CHO: r after phase 0, z and n after phase 1), and after the
+  // step's last phase the next step's inputs are on their way.
+  template <typename Ops>
+  RNNF_HD void after_arrival(Ops& ops, int64_t s, int k) {
+    if (p.gates) {
+      const bool cho = p.cell == Cell::GRU_CHO;
+      store_staged(ops, s, cho && k == 1 ? 1 : 0, cho && k == 0 ? 1 : staged_slots(p.cell));
+    }
+    if (k == phases() - 1) prefetch_inputs(ops, s + 1);
+  }
+
+  // x W_ihᵀ of the CTA's rows active at walk step s, gate by gate, into the inputs tile.
+  template <typename Ops>
+  RNNF_HD void prefetch_inputs(Ops& ops, int64_t s) {
+    if (s >= walk.T) return;
+    const int64_t r0 = slice.r0, u0 = slice.u0, active = walk.rows(s) - r0, offset = walk.offset(s);
+    const int64_t ld = inputs_ld(t.units), length = p.H - u0 < t.units ? p.H - u0 : t.units;
+    ops.prefetch_rows(inputs, gates_per_unit(p.cell) * ld, active < t.rows ? active : t.rows,
+                      gates_per_unit(p.cell), ld, p.H, length,
+                      [this, offset, r0, u0](int64_t r) { return input_row(offset + r0 + r) + u0; });
+  }
+
+  // The staged activations [first, end) of walk step s (slot g < gates: saved gate g, from
+  // its acc entries; LSTM's slot 4: c_t, from the state) to their rows of p.gates and p.cells.
+  template <typename Ops>
+  RNNF_HD void store_staged(Ops& ops, int64_t s, int64_t first, int64_t end) {
+    const int64_t H = p.H, units = t.units, r0 = slice.r0, u0 = slice.u0, stride = t.gate_stride, ld = t.ld_acc_fwd;
+    const int64_t active = walk.rows(s), offset = walk.offset(s), saved = saved_gates_per_unit(p.cell);
+    const int64_t gates = gates_per_unit(p.cell);
+    A* saved_gates = static_cast<A*>(p.gates);
+    A* cells = static_cast<A*>(p.cells);
+    const A* products = acc;
+    const A* state = c;
+    ops.for_each(t.rows, (end - first) * units, [=](int64_t r, int64_t j) {
+      const int64_t slot = first + j / units, u = j % units, R = r0 + r, U = u0 + u;
+      if (R >= active || U >= H) return;
+      const int64_t row = offset + R;
+      if (slot < gates)
+        write(saved_gates + row * saved * H + slot * H + U, read(products + (slot * stride + u) * ld + r));
+      else
+        write(cells + row * H + U, read(state + r * units + u));
+    });
+  }
+
   // (LSTM) c_n from shared memory.
   template <typename Ops>
   RNNF_HD void end(Ops& ops) {
@@ -285,6 +360,7 @@ struct ForwardCta {
                     const int64_t R = r0 + r;
                     return reset_hidden ? static_cast<const S*>(p.rh) + R * p.H : previous_state(s, R);
                   });
+    ops.prefetched();  // the step's inputs: the Operand barrier orders them too
     ops.sync(Sync::Operand);
     ops.stamp(Phase::Exchange);
   }
@@ -308,20 +384,25 @@ struct ForwardCta {
     return read(acc + (gate * t.gate_stride + e.u) * t.ld_acc_fwd + e.r);
   }
 
-  RNNF_HD const A* gx_row(const Element& e) const {
-    if (p.gates) return static_cast<const A*>(p.gates) + e.row * saved_gates_per_unit(p.cell) * p.H;
-    return static_cast<const A*>(p.gx) + e.row * p.G;
+  // Row `row` of x W_ihᵀ (gate g's units at g * H): in the first G columns of the saved gates
+  // when training, else in gx.
+  RNNF_HD const A* input_row(int64_t row) const {
+    if (p.gates) return static_cast<const A*>(p.gates) + row * saved_gates_per_unit(p.cell) * p.H;
+    return static_cast<const A*>(p.gx) + row * p.G;
+  }
+
+  RNNF_HD A input(int64_t gate, const Element& e) const {
+    return read(inputs + (e.r * gates_per_unit(p.cell) + gate) * inputs_ld(t.units) + e.u);
+  }
+
+  RNNF_HD A b_ih(int64_t gate, const Element& e) const { return read(biases + gate * t.units + e.u); }
+  RNNF_HD A b_hh(int64_t gate, const Element& e) const {
+    return read(biases + (gates_per_unit(p.cell) + gate) * t.units + e.u);
   }
 
   // x W_ihᵀ + h W_hhᵀ + both biases of gate `gate` (the order of steps.h's preact).
   RNNF_HD A preact(int64_t gate, const Element& e) const {
-    const int64_t k = gate * p.H + e.U;
-    return read(gx_row(e) + k) + gate_acc(gate, e) + load<A>(read(static_cast<const S*>(p.b_ih) + k)) +
-           load<A>(read(static_cast<const S*>(p.b_hh) + k));
-  }
-
-  RNNF_HD A bias(const void* b, int64_t gate, const Element& e) const {
-    return load<A>(read(static_cast<const S*>(b) + gate * p.H + e.U));
+    return input(gate, e) + gate_acc(gate, e) + b_ih(gate, e) + b_hh(gate, e);
   }
 
   RNNF_HD A h_prev_from_tile(const Element& e) const { return load<A>(read(h + e.r * t.ld_w_fwd + e.U)); }
@@ -331,8 +412,10 @@ struct ForwardCta {
     if (e.last) write(static_cast<S*>(p.h) + e.R * p.H + e.U, value);
   }
 
-  RNNF_HD A* saved(const Element& e) const {
-    return static_cast<A*>(p.gates) + e.row * saved_gates_per_unit(p.cell) * p.H + e.U;
+  // Saved gate g of the element, staged until after the arrival (store_staged) over gate g's
+  // acc entry of the element, which the element has read.
+  RNNF_HD void stage(int64_t gate, const Element& e, A value) const {
+    write(acc + (gate * t.gate_stride + e.u) * t.ld_acc_fwd + e.r, value);
   }
 
   RNNF_HD void lstm(const Element& e) const {
@@ -342,26 +425,23 @@ struct ForwardCta {
     write(c_state, c_t);
     write_h(e, store<S>(cells::lstm_hidden(a, c_t)));
     if (p.gates) {
-      A* g = saved(e);
-      write(g, a.i);
-      write(g + p.H, a.f);
-      write(g + 2 * p.H, a.g);
-      write(g + 3 * p.H, a.o);
-      write(static_cast<A*>(p.cells) + e.row * p.H + e.U, c_t);
+      stage(0, e, a.i);
+      stage(1, e, a.f);
+      stage(2, e, a.g);
+      stage(3, e, a.o);
     }
   }
 
   RNNF_HD void gru(const Element& e) const {
-    const A hn = gate_acc(2, e) + bias(p.b_hh, 2, e);
-    const A xn = read(gx_row(e) + 2 * p.H + e.U) + bias(p.b_ih, 2, e);
+    const A hn = gate_acc(2, e) + b_hh(2, e);
+    const A xn = input(2, e) + b_ih(2, e);
     const auto a = cells::gru_forward(preact(0, e), preact(1, e), xn, hn);
     write_h(e, store<S>(cells::gru_hidden(a.z, a.n, h_prev_from_tile(e))));
     if (p.gates) {
-      A* g = saved(e);
-      write(g, a.r);
-      write(g + p.H, a.z);
-      write(g + 2 * p.H, a.n);
-      write(g + 3 * p.H, a.hn);
+      stage(0, e, a.r);
+      stage(1, e, a.z);
+      stage(2, e, a.n);
+      write(static_cast<A*>(p.gates) + e.row * saved_gates_per_unit(p.cell) * p.H + 3 * p.H + e.U, a.hn);
     }
   }
 
@@ -369,21 +449,19 @@ struct ForwardCta {
   RNNF_HD void cho_reset(const Element& e) const {
     const A r = cells::sigmoid(preact(0, e));
     write(static_cast<S*>(p.rh) + e.R * p.H + e.U, store<S>(r * h_prev_from_tile(e)));
-    if (p.gates) write(saved(e), r);
+    if (p.gates) stage(0, e, r);
   }
 
   // GRU_CHO phase 2: z (its product is still in acc from phase 1), n and h_t. The operand
   // tile now holds r * h_{t-1}, so h_{t-1} is read again from where phase 1 loaded it.
   RNNF_HD void cho_output(int64_t s, const Element& e) const {
     const A z = cells::sigmoid(preact(1, e));
-    const A n = cells::gru_cho_candidate(read(gx_row(e) + 2 * p.H + e.U) + bias(p.b_ih, 2, e),
-                                         gate_acc(2, e) + bias(p.b_hh, 2, e));
+    const A n = cells::gru_cho_candidate(input(2, e) + b_ih(2, e), gate_acc(2, e) + b_hh(2, e));
     const A h_prev = load<A>(load_coherent(previous_state(s, e.R) + e.U));
     write_h(e, store<S>(cells::gru_hidden(z, n, h_prev)));
     if (p.gates) {
-      A* g = saved(e);
-      write(g + p.H, z);
-      write(g + 2 * p.H, n);
+      stage(1, e, z);
+      stage(2, e, n);
     }
   }
 
@@ -490,6 +568,11 @@ struct BackwardCta {
     ops.sync(Sync::PhaseEnd);
     ops.stamp(Phase::Cell);
   }
+
+  // Nothing yet: the backward's stores are dG, which the other CTAs read after the barrier,
+  // but for GRU's dgx and GRU_CHO's r * h_{t-1}, which stay before the arrival for now.
+  template <typename Ops>
+  RNNF_HD void after_arrival(Ops&, int64_t, int) {}
 
   // The gradients of h0 (and c0): fold in walk step 0's recurrent gradient, write them out.
   template <typename Ops>

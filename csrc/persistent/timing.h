@@ -9,15 +9,17 @@
 namespace rnnfused {
 namespace persistent {
 
-// Where a stamp charges the time since the previous one (thread 0 of each CTA, after a CTA
-// barrier, so a phase ends when its slowest thread does): begin(); the copy of h / dG from
-// the other CTAs ("exchange"); the tensor-core product and its epilogue; the pointwise cell
-// pass; the fence of the grid barrier, which orders this CTA's earlier stores before its
-// arrival ("stores": what it costs to make them visible at GPU scope); the wait for the other
-// CTAs at the grid barrier; end().
-enum class Phase : int { Begin, Exchange, Mma, Cell, Stores, Barrier, End, Count };
+// Where a stamp charges the time since the previous one (thread 0 of each CTA, mostly after
+// a CTA barrier, so that a phase ends when its slowest thread does): begin(); the copy of h /
+// dG from the other CTAs ("exchange"); the tensor-core product and its epilogue; the pointwise
+// cell pass; the fence of the grid barrier's arrival, which orders this CTA's earlier stores
+// before it ("stores": what it costs to make them visible at GPU scope); what the CTA does
+// between its arrival and its wait ("window": the saved activations' stores, the next step's
+// input prefetch; thread 0's share, the rest of the CTA's shows in "barrier"); the wait for
+// the other CTAs; end().
+enum class Phase : int { Begin, Exchange, Mma, Cell, Stores, Window, Barrier, End, Count };
 constexpr int kPhases = static_cast<int>(Phase::Count);
-constexpr const char* kPhaseNames[kPhases] = {"begin", "exchange", "mma", "cell", "stores", "barrier", "end"};
+constexpr const char* kPhaseNames[kPhases] = {"begin", "exchange", "mma", "cell", "stores", "window", "barrier", "end"};
 
 // What thread 0 of one CTA writes at the end of a timed launch: clock64 cycles charged to
 // each phase, and clock64 and %globaltimer (ns) when the CTA started and ended, from which
