@@ -915,13 +915,14 @@ pybind11::dict tiling_dict(const persistent::Tiling& t) {
                                                     {"chunk_gates", t.chunk_gates}, {"ld_dg", t.ld_dg},
                                                     {"ld_acc_bwd", t.ld_acc_bwd}, {"split_bwd", t.split_bwd}})
     out[name] = value;
+  out["prefetch_bwd"] = t.prefetch_bwd;
   for (const auto& [name, layout] :
        std::vector<std::pair<const char*, persistent::Layout>>{{"fwd", t.fwd}, {"bwd", t.bwd}})
     out[name] = py::dict(py::arg("weights") = layout.weights, py::arg("operand") = layout.operand,
                          py::arg("acc") = layout.acc, py::arg("partials") = layout.partials,
                          py::arg("state") = layout.state, py::arg("state2") = layout.state2,
                          py::arg("inputs") = layout.inputs, py::arg("bias") = layout.bias,
-                         py::arg("bytes") = layout.bytes);
+                         py::arg("narrow") = layout.narrow, py::arg("bytes") = layout.bytes);
   return out;
 }
 
@@ -1064,10 +1065,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          int64_t smem_per_block) {
         const persistent::Tiling t =
             persistent::tile_for(cell_of(cell), H, B, dtype_of(dtype), rows, units, smem_per_block);
+        const bool fits = persistent::fits(t, smem_per_block);
         py::dict out = tiling_dict(t);
-        out["fits"] = persistent::fits(t, smem_per_block);
+        out["fits"] = fits;
         out["estimate"] = py::none();
-        if (persistent::fits(t, smem_per_block))
+        if (fits)
           out["estimate"] = estimate_dict(persistent::estimate_step(cell_of(cell), H, dtype_of(dtype), t, false),
                                           persistent::estimate_step(cell_of(cell), H, dtype_of(dtype), t, true));
         return out;

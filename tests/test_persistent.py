@@ -61,7 +61,8 @@ def _check_tiling(plan, H, B, dtype, limits):
     assert plan["ld_dg"] * elem % 16 == 0 and plan["ld_dg"] >= plan["chunk_gates"] * plan["k_block"]
     assert plan["ld_acc_fwd"] % 4 == 0 and plan["ld_acc_bwd"] % 4 == 0
     regions = {"fwd": ("weights", "operand", "acc", "partials", "state", "inputs", "bias"),
-               "bwd": ("weights", "operand", "acc", "partials", "state", "state2")}
+               "bwd": ("weights", "operand", "acc", "partials", "state", "state2")
+               + (("inputs", "narrow") if plan["prefetch_bwd"] else ())}
     for direction, names in regions.items():
         layout = plan[direction]
         assert layout["bytes"] <= limits["smem_per_block"]
@@ -169,12 +170,10 @@ def test_the_cost_model_charges_what_each_tiling_does():
         assert one["mma"] > many["mma"]
         assert one["total"] == pytest.approx(
             sum(one[p] for p in ("exchange", "mma", "cell", "stores", "window", "barrier")))
-    # The forward cell reads its inputs and biases from shared memory (prefetched behind the
-    # barrier); the backward's waits on its saved gates from global memory, element by element.
-    # Only the forward has work after the arrival: the saved activations' stores, the prefetch.
-    forward, backward = one_cta["estimate"]["forward"], one_cta["estimate"]["backward"]
-    assert backward["cell"] > 4 * forward["cell"]
-    assert forward["window"] > 0 and backward["window"] == 0
+    # Both cell passes read their inputs from shared memory, prefetched after the arrival (the
+    # one-CTA LSTM fp16 plan at H128 just fits them: 224 of 227 KB each way).
+    assert one_cta["prefetch_bwd"] and max(one_cta["fwd"]["bytes"], one_cta["bwd"]["bytes"]) <= smem
+    assert one_cta["estimate"]["forward"]["window"] > 0 and one_cta["estimate"]["backward"]["window"] > 0
     # The one measured constant: the grid barrier at 132 CTAs took 1.1 us on an H100.
     full = _C.plan_cost(int(Cell.RNN_TANH), 132, 16, torch.float16, 16, 1, smem)
     assert full["ctas"] == 132 and full["estimate"]["forward"]["barrier"] == pytest.approx(1100, abs=10)
@@ -187,6 +186,28 @@ def test_the_cost_model_charges_what_each_tiling_does():
     cho = _C.plan_cost(int(Cell.GRU_CHO), 128, 16, torch.float16, 16, 16, smem)["estimate"]["forward"]
     gru = _C.plan_cost(int(Cell.GRU), 128, 16, torch.float16, 16, 16, smem)["estimate"]["forward"]
     assert cho["barrier"] == pytest.approx(2 * gru["barrier"])
+
+
+def test_the_backward_prefetches_its_inputs_where_they_fit_beside_the_whole_dg_tile():
+    smem = H100["smem_per_block"]
+    for cell, dtype in [(Cell.LSTM, torch.float16), (Cell.GRU, torch.float32), (Cell.RNN_RELU, torch.bfloat16)]:
+        two = _C.plan_cost(int(cell), 128, 16, dtype, 16, 64, smem)  # half of Wᵀ a CTA: room to spare
+        assert two["fits"] and two["prefetch_bwd"]
+        # dy (and h) in S; the saved gates in A, which an RNN has none of.
+        assert two["bwd"]["bytes"] > two["bwd"]["narrow"] >= two["bwd"]["inputs"] > 0
+        assert (two["bwd"]["narrow"] > two["bwd"]["inputs"]) == (cell != Cell.RNN_RELU)
+        # Its pass reads shared memory (no load latency per element); the prefetch is issued in
+        # the window between arrival and wait.
+        backward = two["estimate"]["backward"]
+        assert backward["window"] > 0 and backward["cell"] < 2 * two["estimate"]["forward"]["cell"]
+    # Where the inputs fit only if the dG tile took fewer gates at a time, they are not
+    # prefetched: the pass then waits on a load per element and nothing follows the arrival.
+    whole = _C.plan_cost(int(Cell.LSTM), 512, 64, torch.float32, 16, 16, smem)
+    tight = _C.plan_cost(int(Cell.LSTM), 512, 64, torch.float32, 16, 16, whole["bwd"]["bytes"] - 1)
+    assert whole["prefetch_bwd"] and not tight["prefetch_bwd"] and tight["chunk_gates"] == whole["chunk_gates"]
+    assert tight["bwd"]["inputs"] == tight["bwd"]["narrow"] == tight["bwd"]["bytes"]  # empty, at the end
+    assert tight["estimate"]["backward"]["window"] == 0
+    assert tight["estimate"]["backward"]["cell"] > whole["estimate"]["backward"]["cell"] + 200
 
 
 def test_spread_keeps_stage_2s_rule_and_a_tiling_can_be_forced():
@@ -252,9 +273,16 @@ def _run(module, steps, batch, dtype, packed, forward=None, seed=3):
     return [v.detach() for v in values] + list(torch.autograd.grad(loss, leaves + list(module.parameters())))
 
 
+def simulation(sms=None, smem_kb=None, spread=False, tiling=None):
+    """The RNNFUSED_* settings (for environment) of the host simulation on a device of `sms`
+    multiprocessors with `smem_kb` of shared memory per block (None: an H100's), planned by
+    stage 2's rule (`spread`), a forced ROWSxUNITS `tiling`, or the cost model."""
+    return dict(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SMS=sms, RNNFUSED_PERSISTENT_SMEM_KB=smem_kb,
+                RNNFUSED_PERSISTENT_SPREAD=1 if spread else None, RNNFUSED_PERSISTENT_TILING=tiling)
+
+
 def _simulated(module, steps, batch, dtype, packed, sms=None, smem_kb=None, spread=False):
-    with environment(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SMS=sms, RNNFUSED_PERSISTENT_SMEM_KB=smem_kb,
-                     RNNFUSED_PERSISTENT_SPREAD=1 if spread else None):
+    with environment(**simulation(sms, smem_kb, spread)):
         probe = torch.zeros(steps, batch, module.input_size, dtype=dtype)
         assert all(c.kernel == "persistent (host simulation)" for c in rnnfused.explain(module, probe))
         return _run(module, steps, batch, dtype, packed)

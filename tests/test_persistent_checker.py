@@ -17,7 +17,7 @@ import torch
 
 from rnnfused import _C
 from conftest import flatten, max_error
-from test_persistent import _cell_of, _exact, _module, _run, environment
+from test_persistent import _cell_of, _exact, _module, _run, environment, simulation
 
 CELLS = [("LSTM", {}), ("GRU", {}), ("GRU", {"reset_after": False}), ("RNN", {}), ("RNN", {"nonlinearity": "relu"})]
 CELL_IDS = ["LSTM", "GRU", "GRU_CHO", "RNN_TANH", "RNN_RELU"]
@@ -37,16 +37,14 @@ PLANS = {
     # another's rows would be caught within the one interval between the kernel's ends
     "one_cta": (4, 20, 3, 64, 8, None, "16x64"),
     # the cost model's choice on an H100: neither one CTA per batch tile nor every SM
-    "model": (4, 20, 3, 96, None, None, None),
+    "model": (4, 20, 3, 128, None, None, None),
 }
 
 
 def _limits(plan):
     """The RNNFUSED_* settings of a PLANS entry, for test_persistent.environment."""
     steps, batch, inputs, hidden, sms, smem_kb, planner = PLANS[plan]
-    return dict(RNNFUSED_KERNEL="simulate", RNNFUSED_PERSISTENT_SMS=sms, RNNFUSED_PERSISTENT_SMEM_KB=smem_kb,
-                RNNFUSED_PERSISTENT_SPREAD=1 if planner == "spread" else None,
-                RNNFUSED_PERSISTENT_TILING=planner if planner not in (None, "spread") else None)
+    return simulation(sms, smem_kb, spread=planner == "spread", tiling=planner if planner != "spread" else None)
 
 
 def _check_plan(name, mode, options):
@@ -85,6 +83,13 @@ def test_the_program_passes_the_checker(mode, options, plan, packed):
     assert max_error(simulated, _exact(module, steps, batch, packed)) <= 1e-10
 
 
+def test_the_plans_cover_both_ways_the_backward_reads_its_inputs():
+    """Prefetched into shared memory behind the barrier where they fit, from global memory in
+    the pass otherwise (here chunked_dg's GRU forms and one_cta's LSTM)."""
+    assert {_check_plan(name, mode, options)["prefetch_bwd"] for name in PLANS for mode, options in CELLS} == {
+        True, False}
+
+
 # (defect, cell, plan, the kernel it is planted in, what the checker must say)
 DEFECTS = [
     ("skip_sync=operand", "LSTM", "split_k", "forward",
@@ -117,6 +122,10 @@ DEFECTS = [
      "shared memory touched while a prefetch into it is in flight"),
     ("skip_prefetch_wait", "GRU_CHO", "element_copy", "forward",
      "shared memory reused before it was consumed: written after another thread read it"),
+    ("skip_prefetch_wait", "GRU", "split_k", "backward", "shared memory touched while a prefetch into it is in flight"),
+    # The first step's prefetched inputs, copied in by chunk, read by element with nothing between.
+    ("skip_sync=begin", "LSTM", "split_k", "backward",
+     "shared memory read after another thread wrote it with no CTA barrier between"),
 ]
 
 

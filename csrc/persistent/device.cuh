@@ -111,30 +111,38 @@ struct DeviceOps {
   }
 
   // Asynchronous copies (cp.async, sm_80) of rows no other CTA writes during the kernel into
-  // shared memory: 16 bytes at a time (cp.async.cg, through L2) where source and destination are
-  // 16-byte aligned, element by element (cp.async.ca) otherwise. They land by prefetched().
+  // shared memory, in chunks of 16 bytes (the last of a row segment shorter), chunk i by
+  // thread i: one 16-byte cp.async.cg (through L2) where source and destination are 16-byte
+  // aligned; else 4-byte cp.async.ca pieces where both are 4-byte aligned (pairs of 2-byte
+  // elements); else element by element (a 2-byte element alone, which cp.async cannot copy,
+  // with a load and a store). They land by prefetched().
   template <typename T, typename Source>
   __device__ void prefetch_rows(T* dst, int64_t ld, int64_t rows, int64_t segments, int64_t dst_stride,
                                 int64_t src_stride, int64_t length, const Source& source) {
-    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "cp.async copies 4, 8 or 16 bytes");
     if (rows <= 0) return;
-    constexpr int kVector = 16 / sizeof(T);
-    const int width = length % kVector == 0 && src_stride % kVector == 0 && ld % kVector == 0 &&
-                              dst_stride % kVector == 0
-                          ? kVector
-                          : 1;
-    const int chunks = static_cast<int>(length) / width, per_row = static_cast<int>(segments) * chunks;
+    constexpr int kVector = 16 / sizeof(T), kWord = sizeof(T) < 4 ? 4 / sizeof(T) : 1;
+    const int chunks = (static_cast<int>(length) + kVector - 1) / kVector, per_row = static_cast<int>(segments) * chunks;
     const int total = static_cast<int>(rows) * per_row;
+    auto aligned = [](const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
     for (int i = threadIdx.x; i < total; i += blockDim.x) {
-      const int r = i / per_row, g = i % per_row / chunks, j = i % chunks * width;
+      const int r = i / per_row, g = i % per_row / chunks, j = i % chunks * kVector;
       const T* row = source(r);
       if (row == nullptr) continue;
       const T* from = row + g * src_stride + j;
       T* to = dst + r * ld + g * dst_stride + j;
-      if (width == kVector && reinterpret_cast<uintptr_t>(from) % 16 == 0 && reinterpret_cast<uintptr_t>(to) % 16 == 0) {
+      const int width = static_cast<int>(length) - j < kVector ? static_cast<int>(length) - j : kVector;
+      if (width == kVector && aligned(from, 16) && aligned(to, 16)) {
         copy_async<16, true>(to, from);
-      } else {
-        for (int e = 0; e < width; ++e) copy_async<sizeof(T), false>(to + e, from + e);
+        continue;
+      }
+      for (int e = 0; e < width;) {
+        if (kWord > 1 && e + kWord <= width && aligned(from + e, 4) && aligned(to + e, 4)) {
+          copy_async<4, false>(to + e, from + e);
+          e += kWord;
+        } else {
+          copy_async<sizeof(T), false>(to + e, from + e);
+          ++e;
+        }
       }
     }
   }
@@ -148,16 +156,20 @@ struct DeviceOps {
   }
 
   // One cp.async of `kBytes` (through L2 only where `kGlobal`: .cg takes 16 bytes only);
-  // before sm_80, a load and a store (the persistent kernels need sm_80; this keeps the
-  // other architectures' builds compiling).
+  // a load and a store for 2 bytes, or before sm_80 (the persistent kernels need sm_80; this
+  // keeps the other architectures' builds compiling).
   template <int kBytes, bool kGlobal, typename T>
   __device__ __forceinline__ void copy_async(T* to, const T* from) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(to));
-    if constexpr (kGlobal)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], %2;" ::"r"(address), "l"(from), "n"(kBytes) : "memory");
-    else
-      asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(address), "l"(from), "n"(kBytes) : "memory");
+    if constexpr (kBytes < 4) {
+      *to = *from;
+    } else {
+      const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(to));
+      if constexpr (kGlobal)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], %2;" ::"r"(address), "l"(from), "n"(kBytes) : "memory");
+      else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(address), "l"(from), "n"(kBytes) : "memory");
+    }
 #else
     for (int e = 0; e < kBytes / static_cast<int>(sizeof(T)); ++e) to[e] = from[e];
 #endif

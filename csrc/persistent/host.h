@@ -338,9 +338,9 @@ class Checker final : public AccessObserver {
       const std::pair<const char*, int64_t> regions[] = {
           {"weights", layout_.weights}, {"operand", layout_.operand}, {"acc", layout_.acc},
           {"partials", layout_.partials}, {"state", layout_.state}, {"state2", layout_.state2},
-          {"inputs", layout_.inputs}, {"bias", layout_.bias}};
+          {"inputs", layout_.inputs}, {"bias", layout_.bias}, {"narrow", layout_.narrow}};
       const auto* region = &regions[0];
-      for (const auto& r : regions)  // the last that starts at or before c (unused regions start at 0)
+      for (const auto& r : regions)  // the last that starts at or before c (unplaced regions are at 0)
         if (r.second <= c - base_ && r.second > 0) region = &r;
       return std::string("shared ") + region->first + "+" + std::to_string(c - base_ - region->second);
     }
@@ -409,23 +409,22 @@ struct HostOps {
     if (!check->skips(point)) check->sync();
   }
 
-  // DeviceOps::prefetch_rows's chunks: whole 16-byte vectors where every row segment and the
-  // strides are made of them, else elements; chunk i by thread i % kThreads. Each lands
-  // (is read and written, and told to the checker) by its thread's next prefetched().
+  // DeviceOps::prefetch_rows's chunks: 16 bytes of a row segment (the last shorter), chunk i
+  // by thread i % kThreads. Each lands (is read and written, and told to the checker) by its
+  // thread's next prefetched().
   template <typename T, typename Source>
   void prefetch_rows(T* dst, int64_t ld, int64_t rows, int64_t segments, int64_t dst_stride, int64_t src_stride,
                      int64_t length, const Source& source) {
     if (rows <= 0) return;
     constexpr int64_t kVector = 16 / sizeof(T);
-    const bool vector =
-        length % kVector == 0 && src_stride % kVector == 0 && ld % kVector == 0 && dst_stride % kVector == 0;
-    const int64_t width = vector ? kVector : 1, chunks = length / width, per_row = segments * chunks;
+    const int64_t chunks = (length + kVector - 1) / kVector, per_row = segments * chunks;
     for (int64_t index = 0; index < rows * per_row; ++index) {
-      const int64_t r = index / per_row, g = index % per_row / chunks, j = index % chunks * width;
+      const int64_t r = index / per_row, g = index % per_row / chunks, j = index % chunks * kVector;
       const T* row = source(r);
       if (row == nullptr) continue;
       const Copy copy{row + g * src_stride + j, dst + r * ld + g * dst_stride + j,
-                      static_cast<int64_t>(width * sizeof(T)), static_cast<int>(index % kThreads)};
+                      static_cast<int64_t>(std::min(kVector, length - j) * sizeof(T)),
+                      static_cast<int>(index % kThreads)};
       check->touch(copy.from, copy.bytes, Access::Read, copy.who);
       check->in_flight(copy.to, copy.bytes);
       pending[cta].push_back(copy);

@@ -92,16 +92,30 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
   t.k_bwd = gates * t.k_block;
   t.ld_w_bwd = padded_ld(t.k_bwd, elem);
   t.ld_acc_bwd = t.rows_pad + 4;
-  for (t.chunk_gates = gates; t.chunk_gates >= 1; --t.chunk_gates) {
-    t.ld_dg = padded_ld(t.chunk_gates * t.k_block, elem);
-    t.split_bwd = k_split(t.unit_rows, t.rows_pad, t.chunk_gates * t.k_block);
+  auto place_backward = [&] {
+    const bool prefetch = t.prefetch_bwd;
     place(t.bwd, {{&Layout::weights, t.unit_rows * t.ld_w_bwd * elem},
                   {&Layout::operand, t.rows_pad * t.ld_dg * elem},
                   {&Layout::acc, t.unit_rows * t.ld_acc_bwd * acc_elem},
                   {&Layout::partials, t.split_bwd > 1 ? t.split_bwd * t.unit_rows * t.ld_acc_bwd * acc_elem : 0},
                   {&Layout::state, state},
-                  {&Layout::state2, cell == Cell::LSTM ? state : 0}});
+                  {&Layout::state2, cell == Cell::LSTM ? state : 0},
+                  {&Layout::inputs, prefetch ? rows * backward_wide_inputs(cell) * inputs_ld(units) * acc_elem : 0},
+                  {&Layout::narrow, prefetch ? rows * backward_narrow_inputs(cell) * narrow_ld(units) * elem : 0}});
+  };
+  for (t.chunk_gates = gates; t.chunk_gates >= 1; --t.chunk_gates) {
+    t.ld_dg = padded_ld(t.chunk_gates * t.k_block, elem);
+    t.split_bwd = k_split(t.unit_rows, t.rows_pad, t.chunk_gates * t.k_block);
+    place_backward();
     if (t.bwd.bytes <= smem) break;
+  }
+  if (t.chunk_gates >= 1) {
+    t.prefetch_bwd = true;
+    place_backward();
+    if (t.bwd.bytes > smem) {
+      t.prefetch_bwd = false;
+      place_backward();
+    }
   }
   return t;
 }
@@ -142,14 +156,26 @@ double mma_ns(int64_t M, int64_t N, int64_t K, int64_t split, int64_t elem, cons
   return ns;
 }
 
-// A pass over the CTA's (row, unit) elements, each thread's in turn. The backward cell's
-// loads from global memory (the saved gates, dy) wait a load latency per element: the stores
-// of the element before may alias them, so the compiler cannot hoist them. The forward cell
-// reads its inputs and biases from shared memory (prefetched a step ahead, loaded at begin),
-// and so do the fold's elements.
+// A pass over the CTA's (row, unit) elements, each thread's in turn. Where the backward cell
+// reads its inputs from global memory (the saved gates, dy; not prefetch_bwd), each element
+// waits a load latency: the stores of the element before may alias them, so the compiler
+// cannot hoist them. Otherwise the cells read shared memory (inputs prefetched a step ahead,
+// biases loaded at begin), and so do the fold's elements.
 double elements_ns(const Tiling& t, bool global_loads, const CostModel& m) {
   const double per_element = m.element_ns + (global_loads ? m.load_latency_ns : 0);
   return ceil_div(t.rows * t.units, kThreads) * per_element + m.cta_barrier_ns;
+}
+
+// Issuing a prefetch (DeviceOps::prefetch_rows) of `segments` row segments of the slice's
+// units, `elem` bytes each, into every row of the tile: 16-byte chunks, each one copy where H
+// and the slice are made of 16-byte vectors, else pieces of 4 bytes (pairs of 2-byte elements,
+// where both are even) or single elements; a 2-byte element alone is a load the thread waits for.
+double prefetch_ns(const Tiling& t, int64_t H, int64_t segments, int64_t elem, const CostModel& m) {
+  const int64_t vector = 16 / elem, chunks = t.rows * segments * ceil_div(t.units, vector);
+  const bool whole = t.units % vector == 0 && H % vector == 0, pairs = elem == 2 && t.units % 2 == 0 && H % 2 == 0;
+  const int64_t pieces = whole ? 1 : pairs ? vector / 2 : vector;
+  const double piece_ns = !whole && !pairs && elem == 2 ? m.load_latency_ns : m.issue_ns;
+  return static_cast<double>(ceil_div(chunks, kThreads) * pieces) * piece_ns;
 }
 
 // The end of a phase: the grid barrier (its fence waits for the phase's stores; every CTA
@@ -174,7 +200,8 @@ Tiling tile_for(Cell cell, int64_t H, int64_t B, DType dtype, int64_t rows, int6
 }
 
 StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool backward, const CostModel& m) {
-  const int64_t elem = storage_bytes(dtype), gates = gates_per_unit(cell), ctas = t.ctas();
+  const int64_t elem = storage_bytes(dtype), acc_elem = dtype == DType::Float64 ? 8 : 4;
+  const int64_t gates = gates_per_unit(cell), ctas = t.ctas();
   StepCost cost;
   if (!backward) {
     // GRU_CHO: the r/z rows, then (with r * h_{t-1} exchanged) the n rows.
@@ -191,10 +218,8 @@ StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool 
     // copies where the rows are made of them, else element by element), issued, not waited
     // for. The prefetch lands behind the barrier and the next step's exchange, which the model
     // takes to be longer than one load.
-    const int64_t elements = t.rows * t.units, per_copy = t.units % 4 == 0 && H % 4 == 0 ? 4 : 1;
-    cost.window = (ceil_div(elements * staged_slots(cell), kThreads) +
-                   ceil_div(t.rows * gates * ceil_div(t.units, per_copy), kThreads)) *
-                  m.issue_ns;
+    cost.window = ceil_div(t.rows * t.units * staged_slots(cell), kThreads) * m.issue_ns +
+                  prefetch_ns(t, H, gates, acc_elem, m);
     return cost;
   }
   // The fold of the recurrent gradient gate chunk by gate chunk (GRU_CHO: z and n, then n
@@ -206,17 +231,23 @@ StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool 
       cost.mma += mma_ns(t.unit_rows, t.rows_pad, width * t.k_block, t.split_bwd, elem, m) + elements_ns(t, false, m);
     }
   };
+  // The cell's inputs: prefetched behind the barrier (issued in the window, as the forward's),
+  // or each element's from global memory in the pass.
+  const bool loads = !t.prefetch_bwd;
   if (cell == Cell::GRU_CHO) {
     fold(0, 2);
-    cost.cell += elements_ns(t, true, m);
+    cost.cell += elements_ns(t, loads, m);
     close_phase(cost, t, m);
     fold(2, 3);
-    cost.cell += elements_ns(t, true, m);
+    cost.cell += elements_ns(t, loads, m);
   } else {
     fold(0, gates);
-    cost.cell += elements_ns(t, true, m);
+    cost.cell += elements_ns(t, loads, m);
   }
   close_phase(cost, t, m);
+  if (t.prefetch_bwd)
+    cost.window = prefetch_ns(t, H, backward_wide_inputs(cell), acc_elem, m) +
+                  prefetch_ns(t, H, backward_narrow_inputs(cell), elem, m);
   return cost;
 }
 

@@ -28,6 +28,10 @@
 //             part [split][unit_rows][ld_acc] A
 //             state [rows][units]         A   the gradient of h carried to the next step
 //             state2 [rows][units]        A   LSTM: the gradient of c
+//             inputs [rows][wide][ld_in]  A   (prefetch_bwd) the step's saved gates (and LSTM's c_t,
+//                                             c_{t-1}), prefetched a step ahead
+//             narrow [rows][narrow][ld_n] S   (prefetch_bwd) dy, and h_{t-1} (GRU) or h_t (RNN);
+//                                             ld_n = units rounded up to 8
 // Padding (rows past the batch, units past H, columns past H) is zero and never stored.
 #pragma once
 
@@ -62,7 +66,8 @@ struct DeviceLimits {
 
 // One region of a CTA's shared memory layout, in bytes.
 struct Layout {
-  int64_t weights = 0, operand = 0, acc = 0, partials = 0, state = 0, state2 = 0, inputs = 0, bias = 0, bytes = 0;
+  int64_t weights = 0, operand = 0, acc = 0, partials = 0, state = 0, state2 = 0, inputs = 0, bias = 0, narrow = 0,
+          bytes = 0;
 };
 
 // The saved activations per element that the forward stages for their stores after the
@@ -72,9 +77,22 @@ RNNF_HD int64_t staged_slots(Cell cell) {
   return saved_gates_per_unit(cell) == 0 ? 0 : gates_per_unit(cell) + (cell == Cell::LSTM ? 1 : 0);
 }
 
-// Elements between the gate blocks of a row of the forward's inputs region: 16-byte segments.
+// Elements between the segments of a row of the inputs region (A) and of the backward's narrow
+// region (S): 16-byte segments.
 RNNF_HD int64_t inputs_ld(int64_t units) {
   return (units + 3) / 4 * 4;
+}
+RNNF_HD int64_t narrow_ld(int64_t units) {
+  return (units + 7) / 8 * 8;
+}
+
+// The backward cell's inputs per element, which prefetch_bwd brings into shared memory a step
+// ahead: in A, the saved gates (and LSTM's c_t, c_{t-1}); in S, dy (and GRU's h_{t-1}, RNN's h_t).
+RNNF_HD int64_t backward_wide_inputs(Cell cell) {
+  return saved_gates_per_unit(cell) + (cell == Cell::LSTM ? 2 : 0);
+}
+RNNF_HD int64_t backward_narrow_inputs(Cell cell) {
+  return cell == Cell::LSTM ? 1 : 2;
 }
 
 // The plain-old-data part of a plan: what the kernels read (passed by value to the GPU).
@@ -96,6 +114,9 @@ struct Tiling {
   int64_t k_bwd = 0;
   int64_t chunk_gates = 0;
   int64_t ld_w_bwd = 0, ld_dg = 0, ld_acc_bwd = 0, split_bwd = 1;
+  // The backward cell's inputs prefetched into shared memory behind the barrier, where they fit
+  // without taking the dG tile fewer gates at a time; else read from global memory in the pass.
+  bool prefetch_bwd = false;
   Layout fwd, bwd;
   bool cpu_threads = false;  // make_cpu_plan's: run on CPU threads (else the GPU kernel or its simulation)
 

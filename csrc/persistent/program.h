@@ -26,8 +26,9 @@
 //       Ends with the CTA synchronised.
 //   ops.prefetch_rows(dst, ld, rows, segments, dst_stride, src_stride, length, source)
 //       copy_rows's copy of data no other CTA writes during the kernel, asynchronous
-//       (cp.async) and not rounded: it lands by the issuing thread's next ops.prefetched(),
-//       and until then neither its source may change nor its destination be touched.
+//       (cp.async; a lone 2-byte element synchronously) and not rounded: it lands by the
+//       issuing thread's next ops.prefetched(), and until then neither its source may change
+//       nor its destination be touched.
 //   ops.prefetched()              this thread's prefetches have landed (an ops.sync must follow
 //                                 before other threads read them)
 //   ops.stamp(phase)              charges the time since the previous stamp to `phase` (a GPU
@@ -114,12 +115,12 @@ RNNF_HD void write(T* p, typename NoDeduce<T>::type value) {
 
 // The CTA barriers of the program, named for what each orders (the host simulation can leave
 // one out, RNNFUSED_SIMULATE_DEFECT in host.h, to show that its checker sees the race).
-// Three of them are redundant in today's program, and the checker accordingly finds no race
-// without them (tests/test_persistent_checker.py): PhaseEnd, because the grid barrier after
-// every phase starts with a CTA barrier of its own; Fold, because the next chunk's copy and
-// its Operand barrier come before its product overwrites acc; and the backward's Begin,
-// because the backward's first phase multiplies nothing. They keep each piece correct on its
-// own should the program around them change.
+// Two of them are redundant in today's program, and the checker accordingly finds no race
+// without them (tests/test_persistent_checker.py): PhaseEnd, because the arrival at the grid
+// barrier after every phase starts with a CTA barrier of its own; and Fold, because the next
+// chunk's copy and its Operand barrier come before its product overwrites acc. They keep each
+// piece correct on its own should the program around them change. (The backward's Begin
+// orders the first step's prefetched inputs before its pass, which folds nothing.)
 enum class Sync {
   Begin,     // begin()'s writes of the tiles and state before the first phase copies and reads
   Operand,   // the operand tile copied in by all threads before the product's warps read it
@@ -142,6 +143,15 @@ struct Walk {
     return batch_sizes ? read(batch_sizes + time(s)) : B;
   }
   RNNF_HD int64_t offset(int64_t s) const { return batch_sizes ? read(offsets + time(s)) : time(s) * B; }
+};
+
+// Row r's segment, from column `first` on, of the [N, width] tensor `tensor` whose rows of
+// interest start at row `offset`: a source of ops.prefetch_rows.
+template <typename T>
+struct RowSegments {
+  const T* tensor;
+  int64_t width, offset, first;
+  RNNF_HD const T* operator()(int64_t r) const { return tensor + (offset + r) * width + first; }
 };
 
 // What the tensor cores multiply: fp32 rounded to TF32 (10 mantissa bits, to nearest, ties
@@ -478,6 +488,9 @@ struct ForwardCta {
 // fold in the recurrent gradient of the step processed before (its dG, from every CTA,
 // times Wᵀ), then the pointwise backward (gate gradients into dgx/dgh, stage 1's layout).
 // GRU_CHO takes two phases: z and n first, then the r gradient needs d(r * h) = dG_n W_hn.
+// With t.prefetch_bwd the pointwise pass reads its per-element inputs (plan.h's
+// backward_wide_inputs, backward_narrow_inputs) from shared memory, prefetched a step ahead
+// after the arrival; else from global memory.
 template <typename S, typename A>
 struct BackwardCta {
   const BackwardParams& p;
@@ -490,6 +503,8 @@ struct BackwardCta {
   A* const partials;
   A* const dh;
   A* const dc;
+  A* const inputs;
+  S* const narrow;
 
   RNNF_HD BackwardCta(const BackwardParams& params, const Tiling& tiling, const Walk& steps, int64_t cta, char* smem)
       : p(params),
@@ -501,11 +516,15 @@ struct BackwardCta {
         acc(region<A>(smem, tiling.bwd.acc)),
         partials(region<A>(smem, tiling.bwd.partials)),
         dh(region<A>(smem, tiling.bwd.state)),
-        dc(region<A>(smem, tiling.bwd.state2)) {}
+        dc(region<A>(smem, tiling.bwd.state2)),
+        inputs(region<A>(smem, tiling.bwd.inputs)),
+        narrow(region<S>(smem, tiling.bwd.narrow)) {}
 
   RNNF_HD int phases() const { return p.cell == Cell::GRU_CHO ? 2 : 1; }
 
-  // The Wᵀ tile and the gradients of h_n (and c_n) into shared memory.
+  // The Wᵀ tile and the gradients of h_n (and c_n) into shared memory; the first step's inputs
+  // (they land before the Begin barrier: the first step folds nothing, so no operand barrier
+  // comes before its pass).
   template <typename Ops>
   RNNF_HD void begin(Ops& ops) {
     const int64_t H = p.H, units = t.units, u0 = slice.u0, r0 = slice.r0, B = walk.B, ld = t.ld_w_bwd;
@@ -530,6 +549,8 @@ struct BackwardCta {
       write(dh_state + r * units + u, valid ? read(dh_n + (r0 + r) * H + u0 + u) : A(0));
       if (lstm) write(dc_state + r * units + u, valid ? read(dc_n + (r0 + r) * H + u0 + u) : A(0));
     });
+    prefetch_inputs(ops, walk.T - 1);
+    ops.prefetched();
     ops.sync(Sync::Begin);
     ops.stamp(Phase::Begin);
   }
@@ -569,10 +590,43 @@ struct BackwardCta {
     ops.stamp(Phase::Cell);
   }
 
-  // Nothing yet: the backward's stores are dG, which the other CTAs read after the barrier,
-  // but for GRU's dgx and GRU_CHO's r * h_{t-1}, which stay before the arrival for now.
+  // After the arrival at the barrier that ends walk step s: the inputs of the step processed
+  // next (s - 1) on their way. (The phases' stores are dG, which the other CTAs read after
+  // the barrier, but for GRU's dgx and GRU_CHO's r * h_{t-1}, which stay before the arrival.)
   template <typename Ops>
-  RNNF_HD void after_arrival(Ops&, int64_t, int) {}
+  RNNF_HD void after_arrival(Ops& ops, int64_t s, int k) {
+    if (k == phases() - 1) prefetch_inputs(ops, s - 1);
+  }
+
+  // The pointwise pass's inputs of the CTA's rows active at walk step s into the inputs tiles
+  // (prefetch_bwd): wide slots 0.. the saved gates, then LSTM's c_t and c_{t-1}; narrow slot 0
+  // dy, 1 GRU's h_{t-1} or RNN's h_t.
+  template <typename Ops>
+  RNNF_HD void prefetch_inputs(Ops& ops, int64_t s) {
+    if (!t.prefetch_bwd || s < 0) return;
+    const int64_t r0 = slice.r0, u0 = slice.u0, offset = walk.offset(s) + r0, H = p.H;
+    const int64_t active = walk.rows(s) - r0 < t.rows ? walk.rows(s) - r0 : t.rows;
+    const int64_t length = H - u0 < t.units ? H - u0 : t.units, saved = saved_gates_per_unit(p.cell);
+    const int64_t ld = inputs_ld(t.units), wide = backward_wide_inputs(p.cell) * ld;
+    const int64_t ld_n = narrow_ld(t.units), narrow_row = backward_narrow_inputs(p.cell) * ld_n;
+    auto wide_rows = [&](const void* tensor, int64_t width) {
+      return RowSegments<A>{static_cast<const A*>(tensor), width, offset, u0};
+    };
+    auto narrow_rows = [&](const void* tensor) { return RowSegments<S>{static_cast<const S*>(tensor), H, offset, u0}; };
+    if (saved > 0) ops.prefetch_rows(inputs, wide, active, saved, ld, H, length, wide_rows(p.gates, saved * H));
+    if (p.cell == Cell::LSTM) {
+      ops.prefetch_rows(inputs + saved * ld, wide, active, int64_t(1), int64_t(0), int64_t(0), length,
+                        wide_rows(p.cells, H));
+      ops.prefetch_rows(inputs + (saved + 1) * ld, wide, active, int64_t(1), int64_t(0), int64_t(0), length,
+                        wide_rows(p.c_prev, H));
+    }
+    ops.prefetch_rows(narrow, narrow_row, active, int64_t(1), int64_t(0), int64_t(0), length, narrow_rows(p.dy));
+    if (p.cell != Cell::LSTM) {
+      const bool rnn = p.cell == Cell::RNN_TANH || p.cell == Cell::RNN_RELU;
+      ops.prefetch_rows(narrow + ld_n, narrow_row, active, int64_t(1), int64_t(0), int64_t(0), length,
+                        narrow_rows(rnn ? p.hidden : p.h_prev));
+    }
+  }
 
   // The gradients of h0 (and c0): fold in walk step 0's recurrent gradient, write them out.
   template <typename Ops>
@@ -601,6 +655,7 @@ struct BackwardCta {
     const S* source = static_cast<const S*>(p.dgh) + g0 * H;
     ops.copy_rows(dg, t.ld_dg, active < t.rows ? active : t.rows, g1 - g0, t.k_block, H, H,
                   [=](int64_t r) { return source + (offset + r0 + r) * G; });
+    ops.prefetched();  // the pass's inputs (prefetch_bwd): the Operand barrier orders them too
     ops.sync(Sync::Operand);
     ops.stamp(Phase::Exchange);
   }
@@ -639,30 +694,37 @@ struct BackwardCta {
     }
   }
 
-  RNNF_HD A dh_total(const Element& e) const {
-    return read(dh + e.r * t.units + e.u) + load<A>(read(static_cast<const S*>(p.dy) + e.row * p.H + e.U));
+  // Wide input `slot` of the element (prefetch_inputs's numbering): saved gate `slot`, then
+  // LSTM's c_t and c_{t-1}.
+  RNNF_HD A wide_input(int64_t slot, const Element& e) const {
+    if (t.prefetch_bwd) return read(inputs + (e.r * backward_wide_inputs(p.cell) + slot) * inputs_ld(t.units) + e.u);
+    const int64_t saved = saved_gates_per_unit(p.cell);
+    if (slot < saved) return read(static_cast<const A*>(p.gates) + e.row * saved * p.H + slot * p.H + e.U);
+    return read(static_cast<const A*>(slot == saved ? p.cells : p.c_prev) + e.row * p.H + e.U);
   }
 
-  RNNF_HD const A* saved(const Element& e) const {
-    return static_cast<const A*>(p.gates) + e.row * saved_gates_per_unit(p.cell) * p.H + e.U;
+  // Narrow input `slot`: dy, then GRU's h_{t-1} or RNN's h_t.
+  RNNF_HD A narrow_input(int64_t slot, const Element& e) const {
+    if (t.prefetch_bwd)
+      return load<A>(read(narrow + (e.r * backward_narrow_inputs(p.cell) + slot) * narrow_ld(t.units) + e.u));
+    const bool rnn = p.cell == Cell::RNN_TANH || p.cell == Cell::RNN_RELU;
+    const void* tensor = slot == 0 ? p.dy : rnn ? p.hidden : p.h_prev;
+    return load<A>(read(static_cast<const S*>(tensor) + e.row * p.H + e.U));
   }
 
-  RNNF_HD A h_prev(const Element& e) const {
-    return load<A>(read(static_cast<const S*>(p.h_prev) + e.row * p.H + e.U));
-  }
+  RNNF_HD A dh_total(const Element& e) const { return read(dh + e.r * t.units + e.u) + narrow_input(0, e); }
+
+  RNNF_HD A h_prev(const Element& e) const { return narrow_input(1, e); }
 
   RNNF_HD void store_dg(S* out, int64_t gate, const Element& e, A value) const {
     write(out + e.row * p.G + gate * p.H + e.U, store<S>(value));
   }
 
   RNNF_HD void lstm(const Element& e) const {
-    const A* g = saved(e);
-    const cells::LstmGates<A> a{read(g), read(g + p.H), read(g + 2 * p.H), read(g + 3 * p.H)};
-    const int64_t i = e.row * p.H + e.U;
+    const cells::LstmGates<A> a{wide_input(0, e), wide_input(1, e), wide_input(2, e), wide_input(3, e)};
     A* const dc_state = dc + e.r * t.units + e.u;
     A dc_prev;
-    const auto d = cells::lstm_backward(a, read(static_cast<const A*>(p.cells) + i),
-                                        read(static_cast<const A*>(p.c_prev) + i), dh_total(e), read(dc_state),
+    const auto d = cells::lstm_backward(a, wide_input(4, e), wide_input(5, e), dh_total(e), read(dc_state),
                                         A(p.cell_clip), A(p.grad_clip), dc_prev);
     write(dc_state, dc_prev);
     S* dgx = static_cast<S*>(p.dgx);
@@ -673,8 +735,7 @@ struct BackwardCta {
   }
 
   RNNF_HD void gru(const Element& e) const {
-    const A* g = saved(e);
-    const cells::GruGates<A> a{read(g), read(g + p.H), read(g + 2 * p.H), read(g + 3 * p.H)};
+    const cells::GruGates<A> a{wide_input(0, e), wide_input(1, e), wide_input(2, e), wide_input(3, e)};
     const auto d = cells::gru_backward(a, h_prev(e), dh_total(e), A(p.grad_clip));
     write(dh + e.r * t.units + e.u, d.dh_prev_direct);
     S* dgx = static_cast<S*>(p.dgx);
@@ -688,7 +749,7 @@ struct BackwardCta {
   }
 
   RNNF_HD void rnn(const Element& e) const {
-    const A h_t = load<A>(read(static_cast<const S*>(p.hidden) + e.row * p.H + e.U));
+    const A h_t = narrow_input(1, e);
     const A grad = dh_total(e), clip = A(p.grad_clip);
     store_dg(static_cast<S*>(p.dgx), 0, e,
              p.cell == Cell::RNN_RELU ? cells::rnn_relu_backward(h_t, grad, clip)
@@ -697,8 +758,7 @@ struct BackwardCta {
 
   // GRU_CHO phase 1: gradients of the z and n pre-activations; dh becomes dh * z.
   RNNF_HD void cho_nz(const Element& e) const {
-    const A* g = saved(e);
-    const auto d = cells::gru_cho_backward_nz(read(g + p.H), read(g + 2 * p.H), h_prev(e), dh_total(e),
+    const auto d = cells::gru_cho_backward_nz(wide_input(1, e), wide_input(2, e), h_prev(e), dh_total(e),
                                               A(p.grad_clip));
     write(dh + e.r * t.units + e.u, d.dh_prev_direct);
     S* dgx = static_cast<S*>(p.dgx);
@@ -709,7 +769,7 @@ struct BackwardCta {
   // GRU_CHO phase 2: acc holds d(r * h_{t-1}); the gradient of the r pre-activation, the
   // part of dh through r * h_{t-1}, and r * h_{t-1} itself (for dW_hn).
   RNNF_HD void cho_r(const Element& e) const {
-    const A r = read(saved(e)), h = h_prev(e);
+    const A r = wide_input(0, e), h = h_prev(e);
     A* const direct = dh + e.r * t.units + e.u;
     A dh_direct = read(direct);
     const A d_r = cells::gru_cho_backward_r(r, h, read(acc + e.u * t.ld_acc_bwd + e.r), A(p.grad_clip), dh_direct);
