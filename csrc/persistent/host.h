@@ -22,8 +22,8 @@
 //   - across CTAs, two CTAs touching the same global bytes, one of them writing, with no
 //     grid barrier ordering the two (the same two kinds, and a write after write). A barrier
 //     orders what one CTA did before its arrival before what another does after its wait:
-//     the phase of step k before the phase of step k+1, but the after_arrival of step k
-//     before nothing until the phase of step k+2;
+//     a phase before the next phase, but an after_arrival before nothing until the phase
+//     after next;
 //   - a plain read (not load_coherent / ops.copy_rows, i.e. not ld.global.cg on the GPU; a
 //     prefetch's too) of global memory another CTA wrote during the kernel;
 //   - shared memory touched while a prefetch into it is in flight;
@@ -107,7 +107,7 @@ struct Defects {
 
 // The race checker of one simulated launch (see the header comment). Shadow state is kept per
 // 2 bytes (the smallest element); a CTA barrier starts a new "epoch", each half of a grid
-// barrier a new "interval" (and epoch): the phase of step k runs in interval 2k, its
+// barrier a new "interval" (and epoch): the phase before barrier k runs in interval 2k, its
 // after_arrival in 2k + 1. Epochs are numbered across all CTAs, so one shadow of the shared
 // memory serves every CTA in turn: entries a CTA left are stale for the next.
 class Checker final : public AccessObserver {
@@ -156,7 +156,7 @@ class Checker final : public AccessObserver {
   // From program.h's read / write / load_coherent, made by the current thread.
   void access(const void* p, int64_t bytes, Access kind) override { touch(p, bytes, kind, who_); }
 
-  // The current CTA's prefetch of [to, to + bytes) is in flight (issued), or has landed.
+  // The current CTA issued a prefetch into [to, to + bytes); all its prefetches landed.
   void in_flight(const void* to, int64_t bytes) {
     auto& ranges = in_flight_[cta_];
     ranges.emplace_back(static_cast<const char*>(to), static_cast<const char*>(to) + bytes);

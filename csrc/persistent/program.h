@@ -313,9 +313,13 @@ struct ForwardCta {
     if (s >= walk.T) return;
     const int64_t r0 = slice.r0, u0 = slice.u0, active = walk.rows(s) - r0, offset = walk.offset(s);
     const int64_t ld = inputs_ld(t.units), length = p.H - u0 < t.units ? p.H - u0 : t.units;
+    // x W_ihᵀ (gate g's units at g * H): in the first G columns of the saved gates when
+    // training, else in gx.
+    const RowSegments<A> rows = p.gates ? RowSegments<A>{static_cast<const A*>(p.gates),
+                                                         saved_gates_per_unit(p.cell) * p.H, offset + r0, u0}
+                                        : RowSegments<A>{static_cast<const A*>(p.gx), p.G, offset + r0, u0};
     ops.prefetch_rows(inputs, gates_per_unit(p.cell) * ld, active < t.rows ? active : t.rows,
-                      gates_per_unit(p.cell), ld, p.H, length,
-                      [this, offset, r0, u0](int64_t r) { return input_row(offset + r0 + r) + u0; });
+                      gates_per_unit(p.cell), ld, p.H, length, rows);
   }
 
   // The staged activations [first, end) of walk step s (slot g < gates: saved gate g, from
@@ -392,13 +396,6 @@ struct ForwardCta {
 
   RNNF_HD A gate_acc(int64_t gate, const Element& e) const {
     return read(acc + (gate * t.gate_stride + e.u) * t.ld_acc_fwd + e.r);
-  }
-
-  // Row `row` of x W_ihᵀ (gate g's units at g * H): in the first G columns of the saved gates
-  // when training, else in gx.
-  RNNF_HD const A* input_row(int64_t row) const {
-    if (p.gates) return static_cast<const A*>(p.gates) + row * saved_gates_per_unit(p.cell) * p.H;
-    return static_cast<const A*>(p.gx) + row * p.G;
   }
 
   RNNF_HD A input(int64_t gate, const Element& e) const {
