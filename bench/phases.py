@@ -4,7 +4,8 @@ Thread 0 of every CTA stamps clock64 right after each CTA barrier of the program
 (csrc/persistent/timing.h) and charges the cycles since its previous stamp to: the copy of
 h (forward) or dG (backward) from the other CTAs ("exchange"), the tensor-core product and its
 epilogue ("mma"), the cell pass ("cell"), the fence of the grid barrier's arrival, which
-orders the CTA's stores of the step before it ("stores"), what the CTA does between its
+orders the CTA's stores of the step before it (in a cluster: the push of its slice into the
+peers' shared memory and the cluster barrier's arrival; "stores"), what the CTA does between its
 arrival and its wait ("window": the saved activations' stores and the next step's input
 prefetch, thread 0's share), and the wait for the other CTAs ("barrier"; on a plan whose CTAs
 each have every unit of their rows, the CTA barrier that replaces the grid barrier, and
@@ -13,8 +14,8 @@ each have every unit of their rows, the CTA barrier that replaces the grid barri
 Printed and written to CSV: microseconds per step of each phase (the mean over CTAs, median
 over --repeats launches), begin/end in microseconds per launch, forward and backward, for
 fastrnns, latency_b1 and small_b16_h128, LSTM and GRU, fp16/bf16/fp32 (TF32); each case under
-every tiling of --tilings (the planner's, stage 2's spread over every SM, one CTA per batch
-tile, or ROWSxUNITS), and beside each measured row ("fwd", "bwd") the planner's cost-model
+every tiling of --tilings (the planner's, the planner's without clusters, stage 2's spread
+over every SM, one CTA per batch tile, or ROWSxUNITS), and beside each measured row ("fwd", "bwd") the planner's cost-model
 estimate of the same phases ("~fwd", "~bwd"; csrc/persistent/plan.h), which these
 measurements are meant to calibrate.
 
@@ -43,22 +44,25 @@ CELLS = ["LSTM", "GRU"]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STEP_PHASES = ["exchange", "mma", "cell", "stores", "window", "barrier"]
 LAUNCH_PHASES = ["begin", "end"]
-TILINGS = ["model", "spread", "one_cta"]
+TILINGS = ["model", "grid", "spread", "one_cta"]
 
 
 def tiling_settings(tiling, config):
     """The RNNFUSED_PERSISTENT_* settings (names without the prefix) of a --tilings entry:
-    the planner's choice ("model"), stage 2's rule ("spread"), one CTA per batch tile of 16
-    rows with every unit ("one_cta"), or ROWSxUNITS."""
+    the planner's choice ("model"), its choice without thread-block clusters ("grid": the
+    grid barrier's plans), stage 2's rule ("spread"), one CTA per batch tile of 16 rows with
+    every unit ("one_cta"), or ROWSxUNITS (a cluster where it fits one)."""
     if tiling == "model":
         return {}
+    if tiling == "grid":
+        return {"persistent_clusters": "0"}
     if tiling == "spread":
         return {"persistent_spread": "1"}
     if tiling == "one_cta":
         return {"persistent_tiling": f"{min(16, config.B)}x{config.H}"}
     rows, _, units = tiling.partition("x")
     if not (rows.isdigit() and units.isdigit()):
-        raise ValueError(f"a tiling is model, spread, one_cta or ROWSxUNITS, not {tiling!r}")
+        raise ValueError(f"a tiling is model, grid, spread, one_cta or ROWSxUNITS, not {tiling!r}")
     return {"persistent_tiling": tiling}
 
 
@@ -134,7 +138,7 @@ def main(argv=None):
     parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated (default %(default)s)")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated (default %(default)s)")
     parser.add_argument("--tilings", default=",".join(TILINGS),
-                        help="comma-separated: model, spread, one_cta or ROWSxUNITS (default %(default)s)")
+                        help="comma-separated: model, grid, spread, one_cta or ROWSxUNITS (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed launches per case (default %(default)s)")
     parser.add_argument("--out", help="folder for phases.csv (default results/phases-<time>)")
     args = parser.parse_args(argv)

@@ -58,8 +58,9 @@ namespace {
 // RNNFUSED_PERSISTENT_SMEM_KB override its multiprocessor count and shared memory per block
 // (to plan for another GPU, e.g. an A100's 108 and 163, or to provoke a refused launch in a
 // test); RNNFUSED_PERSISTENT_SPREAD=1 plans by stage 2's rule, the units spread over the SMs,
-// and RNNFUSED_PERSISTENT_TILING=ROWSxUNITS forces a tiling (plan.h). The CPU's host
-// simulation plans for an H100.
+// RNNFUSED_PERSISTENT_TILING=ROWSxUNITS forces a tiling (plan.h), and
+// RNNFUSED_PERSISTENT_CLUSTERS=0 leaves out the thread-block cluster plans of sm_90 (to
+// compare them with the grid barrier's). The CPU's host simulation plans for an H100.
 persistent::DeviceLimits device_limits(const at::Device& device) {
   persistent::DeviceLimits limits = persistent::h100_limits();
   limits.host_simulation = device.is_cpu();
@@ -70,8 +71,11 @@ persistent::DeviceLimits device_limits(const at::Device& device) {
     limits.smem_per_block = static_cast<int64_t>(properties->sharedMemPerBlockOptin);
     limits.compute_capability = properties->major * 10 + properties->minor;
     limits.cooperative_launch = properties->cooperativeLaunch != 0;
+    limits.max_cluster = limits.compute_capability >= 90 ? 8 : 0;
   }
 #endif
+  if (const char* clusters = std::getenv("RNNFUSED_PERSISTENT_CLUSTERS"); clusters && std::string(clusters) == "0")
+    limits.max_cluster = 0;
   if (const char* sms = std::getenv("RNNFUSED_PERSISTENT_SMS")) limits.sm_count = std::atoll(sms);
   if (const char* kb = std::getenv("RNNFUSED_PERSISTENT_SMEM_KB")) limits.smem_per_block = std::atoll(kb) * 1024;
   if (const char* spread = std::getenv("RNNFUSED_PERSISTENT_SPREAD")) limits.spread_units = std::string(spread) == "1";

@@ -19,8 +19,8 @@ from rnnfused._ops import Cell
 from bench import configs
 from conftest import flatten, max_error, tf32_switch
 
-H100 = dict(sm_count=132, smem_per_block=227 * 1024, compute_capability=90, cooperative_launch=True)
-A100 = dict(sm_count=108, smem_per_block=163 * 1024, compute_capability=80, cooperative_launch=True)
+H100 = dict(sm_count=132, smem_per_block=227 * 1024, compute_capability=90, cooperative_launch=True, max_cluster=8)
+A100 = dict(sm_count=108, smem_per_block=163 * 1024, compute_capability=80, cooperative_launch=True, max_cluster=0)
 ELEMENT = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
 
 
@@ -45,7 +45,8 @@ def environment(**values):
 
 def _plan(cell, H, B, dtype, tf32=True, limits=H100, P=None, host_simulation=False, spread=False):
     return _C.plan(int(cell), H, H if P is None else P, B, dtype, tf32, limits["sm_count"], limits["smem_per_block"],
-                   limits["compute_capability"], limits["cooperative_launch"], host_simulation, spread)
+                   limits["compute_capability"], limits["cooperative_launch"], host_simulation, spread,
+                   limits["max_cluster"])
 
 
 def _check_tiling(plan, H, B, dtype, limits):
@@ -68,6 +69,13 @@ def _check_tiling(plan, H, B, dtype, limits):
         assert layout["bytes"] <= limits["smem_per_block"]
         offsets = [layout[k] for k in names]
         assert offsets == sorted(offsets) and all(o % 128 == 0 for o in offsets)
+    if plan["cluster"]:
+        # One cluster per batch tile, all dG gates at once, two operand tiles each way.
+        assert plan["cluster"] == plan["unit_tiles"] and 1 < plan["cluster"] <= limits["max_cluster"]
+        assert plan["row_tiles"] <= limits["sm_count"] // 16 * (16 // plan["cluster"])  # all resident at once
+        assert plan["chunk_gates"] * plan["k_block"] == plan["k_bwd"]
+        assert plan["fwd"]["acc"] - plan["fwd"]["operand"] >= 2 * plan["rows_pad"] * plan["ld_w_fwd"] * elem
+        assert plan["bwd"]["acc"] - plan["bwd"]["operand"] >= 2 * plan["rows_pad"] * plan["ld_dg"] * elem
 
 
 BENCH_CONFIGS = configs.BASELINES + configs.CPU_DEFAULTS + configs.CELL_LOOPS + configs.CPU_CELL_LOOPS + [
@@ -119,15 +127,22 @@ def _cell_of(mode, options):
 
 def _candidates(cell, H, B, dtype, limits=H100):
     """Every tiling in the planner's space (batch tiles of 16 * 2^k rows or all of B; every
-    unit slice 1..H), enumerated here independently of plan.cpp: {(rows, units): its
-    _C.plan_cost} for those that fit with at most one CTA per SM."""
+    unit slice 1..H; with the grid barrier, and as clusters where 1 < unit tiles <= the
+    device's cluster size and the clusters fit the GPCs at once, floor(16 / unit tiles) in
+    each of sm_count // 16), enumerated here independently of plan.cpp: {(rows, units,
+    cluster): its _C.plan_cost} for those that fit with at most one CTA per SM."""
     rows_choices = [16 * 2 ** k for k in range(12) if 16 * 2 ** k < B] + [B]
     out = {}
     for rows in rows_choices:
         for units in range(1, H + 1):
-            cost = _C.plan_cost(int(cell), H, B, dtype, rows, units, limits["smem_per_block"])
-            if cost["fits"] and cost["ctas"] <= limits["sm_count"]:
-                out[rows, units] = cost
+            unit_tiles = -(-H // units)
+            resident = limits["sm_count"] // 16 * (16 // unit_tiles)
+            clusters = 1 < unit_tiles <= limits["max_cluster"] and -(-B // rows) <= resident
+            for cluster in (False, True) if clusters else (False,):
+                cost = _C.plan_cost(int(cell), H, B, dtype, rows, units, limits["smem_per_block"], cluster)
+                if cost["fits"] and cost["ctas"] <= limits["sm_count"]:
+                    assert (cost["cluster"] > 0) == cluster
+                    out[rows, units, cluster] = cost
     return out
 
 
@@ -141,18 +156,20 @@ def _step_ns(cost):
     (Cell.RNN_RELU, 200, 3, torch.float16)])
 def test_the_planner_takes_the_cheapest_tiling_that_fits(cell, H, B, dtype):
     """No tiling of the planner's space that fits is cheaper, by the cost model, than the one
-    it chose (plan.cpp visits only the smallest slice of each unit-tile count: a larger slice
-    with the same count can only cost more, which this checks too); the plan's estimate is its
-    tiling's, and it counts the candidates it compared."""
+    it chose (plan.cpp visits of each unit-tile count only the smallest slice and the smallest
+    made of 16-byte vectors: another slice with the same count can only cost more, which this
+    checks too); the plan's estimate is its tiling's, and it counts the candidates it compared."""
     plan = _plan(cell, H, B, dtype)
     assert plan["persistent"], plan["reason"]
     _check_tiling(plan, H, B, dtype, H100)
     candidates = _candidates(cell, H, B, dtype)
-    chosen = candidates[plan["rows"], plan["units"]]
+    chosen = candidates[plan["rows"], plan["units"], plan["cluster"] > 0]
     assert plan["estimate"] == chosen["estimate"]
     assert _step_ns(chosen) <= min(_step_ns(c) for c in candidates.values()) * (1 + 1e-12)
     assert f"cheapest of {plan['candidates']} tilings" in plan["reason"]
-    assert plan["candidates"] == len({(rows, c["unit_tiles"]) for (rows, _), c in candidates.items()})
+    # Of each count of unit tiles, the smallest slice, and the smallest of 16-byte vectors.
+    kinds = len({(rows, c["unit_tiles"], cluster) for (rows, _, cluster), c in candidates.items()})
+    assert kinds <= plan["candidates"] <= 2 * kinds
 
 
 def test_the_cost_model_charges_what_each_tiling_does():
@@ -186,6 +203,43 @@ def test_the_cost_model_charges_what_each_tiling_does():
     cho = _C.plan_cost(int(Cell.GRU_CHO), 128, 16, torch.float16, 16, 16, smem)["estimate"]["forward"]
     gru = _C.plan_cost(int(Cell.GRU), 128, 16, torch.float16, 16, 16, smem)["estimate"]["forward"]
     assert cho["barrier"] == pytest.approx(2 * gru["barrier"])
+
+
+def test_clusters_where_the_device_has_them_and_what_the_model_charges_them():
+    smem = H100["smem_per_block"]
+    grid = _C.plan_cost(int(Cell.LSTM), 128, 16, torch.float16, 16, 16, smem)
+    cluster = _C.plan_cost(int(Cell.LSTM), 128, 16, torch.float16, 16, 16, smem, True)
+    assert grid["cluster"] == 0 and cluster["cluster"] == cluster["unit_tiles"] == 8
+    for direction in ("forward", "backward"):
+        g, c = grid["estimate"][direction], cluster["estimate"][direction]
+        # The operand is already in shared memory, pushed by the peers: the exchange is the
+        # Operand barrier; the cluster barrier (0.40 us measured) replaces the grid barrier, and
+        # the push's completion the fence; h_t / dG go to global memory after the arrival.
+        assert c["exchange"] < 50 < g["exchange"]
+        assert c["barrier"] < g["barrier"] and c["stores"] < g["stores"] and c["window"] > g["window"]
+        assert c["mma"] == g["mma"] and c["cell"] == g["cell"]
+    # fp32's tiles hold its operands rounded to TF32: y and dG are stored in the pass (the
+    # arrival waits for them), not from the tile after it.
+    fp32 = _C.plan_cost(int(Cell.LSTM), 128, 16, torch.float32, 16, 16, smem, True)["estimate"]["forward"]
+    assert fp32["stores"] > cluster["estimate"]["forward"]["stores"] + 300
+    assert fp32["window"] < cluster["estimate"]["forward"]["window"]
+    # A cluster takes every gate's dG at once, in two tiles: where they do not fit, the tiling
+    # does not, though the grid barrier's (one tile, fewer gates at a time) does.
+    tight = cluster["bwd"]["inputs"] - 1  # the layout's bytes without the prefetched inputs, less one
+    assert not _C.plan_cost(int(Cell.LSTM), 128, 16, torch.float16, 16, 16, tight, True)["fits"]
+    assert _C.plan_cost(int(Cell.LSTM), 128, 16, torch.float16, 16, 16, tight)["fits"]
+    # The planner: clusters on an H100 where the model finds them cheaper; none on an A100, nor
+    # with none allowed (RNNFUSED_PERSISTENT_CLUSTERS=0); no cooperative launch needed.
+    small = _plan(Cell.LSTM, 128, 16, torch.float16)
+    assert small["cluster"] > 0 and "exchanging through distributed shared memory" in small["reason"]
+    assert _plan(Cell.LSTM, 128, 16, torch.float16, limits=A100)["cluster"] == 0
+    assert _plan(Cell.LSTM, 128, 16, torch.float16, limits=dict(H100, max_cluster=0))["cluster"] == 0
+    assert _plan(Cell.LSTM, 128, 16, torch.float16, limits=dict(H100, cooperative_launch=False))["cluster"] > 0
+    with environment(**simulation(), RNNFUSED_PERSISTENT_CLUSTERS=0):
+        assert _C.layer_plan(int(Cell.LSTM), 10, 128, 16, torch.float16, "cpu")["cluster"] == 0
+    # More unit tiles than a cluster may have (8 here): the grid barrier.
+    wide = _plan(Cell.RNN_TANH, 512, 64, torch.float16)
+    assert wide["unit_tiles"] <= 8 or wide["cluster"] == 0
 
 
 def test_the_backward_prefetches_its_inputs_where_they_fit_beside_the_whole_dg_tile():
@@ -580,3 +634,24 @@ def test_gpu_counter_barrier_runs_on_every_sm_and_again_on_its_stream():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for _ in range(2):
         assert 0 < _C.barrier_microseconds("counter", sms, 1, 200) < 1e4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "GRU_CHO", "RNN"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gpu_cluster_plans_compute_what_the_grid_barriers_do(mode, dtype, packed):
+    """The same tiling as thread-block clusters exchanging through distributed shared memory
+    and with the grid barrier through global memory: the same products of the same operands,
+    so the same results bit for bit (sm_90)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    module = _gpu_module(mode, 24, 64, dtype)
+    results = {}
+    for clusters in (None, 0):
+        with tf32_switch("allow_tf32", dtype == torch.float32), environment(
+                RNNFUSED_KERNEL="persistent", RNNFUSED_PERSISTENT_TILING="16x16", RNNFUSED_PERSISTENT_CLUSTERS=clusters):
+            choices = rnnfused.explain(module, torch.zeros(10, 20, 24, dtype=dtype, device="cuda"))
+            assert all(("distributed shared memory" in c.reason) == (clusters is None) for c in choices), choices
+            results[clusters] = _run_cuda(module, 10, 20, dtype, packed)
+    assert all(torch.equal(a, b) for a, b in zip(results[None], results[0]))

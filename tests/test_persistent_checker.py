@@ -7,7 +7,8 @@ The real program passes it for every cell, padded and packed, forward and backwa
 that split K and take dG a gate at a time; each defect planted through the test-only
 RNNFUSED_SIMULATE_DEFECT (a CTA barrier of program.h left out, ops.copy_rows reading with plain
 loads, a grid barrier left out, the arrival at the grid barrier before the stores the other CTAs
-read, a prefetch not waited for) is reported, forward and backward."""
+read, a prefetch not waited for; in a cluster plan, pushes into a peer's operand tiles before it
+zeroed them or into the tile it still multiplies) is reported, forward and backward."""
 
 import re
 from pathlib import Path
@@ -38,6 +39,10 @@ PLANS = {
     "one_cta": (4, 20, 3, 64, 8, None, "16x64"),
     # the cost model's choice on an H100: neither one CTA per batch tile nor every SM
     "model": (4, 20, 3, 128, None, None, None),
+    # two clusters of 4 CTAs (16-byte pushes), and one of 3 CTAs with odd slices (the last
+    # one short; element by element)
+    "cluster": (4, 20, 3, 64, None, None, "16x16"),
+    "cluster_odd": (3, 7, 2, 13, None, None, "7x5"),
 }
 
 
@@ -64,6 +69,9 @@ def _check_plan(name, mode, options):
         assert plan["unit_tiles"] == 1 and plan["row_tiles"] > 1, plan
     elif name == "model":
         assert 1 < plan["unit_tiles"] and plan["ctas"] < 132 // plan["row_tiles"] and "cost model" in plan["reason"]
+    elif name.startswith("cluster"):
+        assert plan["cluster"] == plan["unit_tiles"] > 1 and "distributed shared memory" in plan["reason"], plan
+        assert plan["row_tiles"] == (2 if name == "cluster" else 1), plan
     else:
         assert hidden % 2 == 1 and plan["ctas"] > 1, plan
     return plan
@@ -90,6 +98,31 @@ def test_the_plans_cover_both_ways_the_backward_reads_its_inputs():
         True, False}
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode,options", CELLS, ids=CELL_IDS)
+def test_a_cluster_computes_what_the_grid_barrier_does(mode, options, dtype):
+    """The "cluster" plan's tiling with the grid barrier instead (RNNFUSED_PERSISTENT_CLUSTERS=0):
+    the same products of the same operands (fp32 rounded to TF32 alike), so the same results
+    bit for bit, packed and bidirectional."""
+    steps, batch, inputs, hidden, *_ = PLANS["cluster"]
+    module = _module(mode, options, inputs, hidden, dtype, bidirectional=True)
+    results = {}
+    for clusters in (None, 0):
+        with environment(**_limits("cluster"), RNNFUSED_PERSISTENT_CLUSTERS=clusters):
+            plan = _C.layer_plan(_cell_of(mode, options), steps, hidden, batch, dtype, "cpu")
+            assert (plan["cluster"] > 0) == (clusters is None) and plan["unit_tiles"] == 4, plan["reason"]
+            results[clusters] = _run(module, steps, batch, dtype, True)
+    assert all(torch.equal(a, b) for a, b in zip(results[None], results[0]))
+
+
+# What the checker says of the hazards the defects below plant across CTAs.
+CROSS_READ = ("global memory or a cluster's operand tile read by one CTA and written by another with no barrier "
+              "ordering the two")
+REUSED = "global buffer or operand tile reused before it was consumed: written by one CTA after another CTA read it"
+TWO_WRITERS = "global memory or a cluster's operand tile written by two CTAs with no barrier ordering the two"
+THREAD_RACE = ("global memory or an operand tile of a cluster plan touched by two threads of one CTA, one writing, "
+               "with no CTA barrier between")
+
 # (defect, cell, plan, the kernel it is planted in, what the checker must say)
 DEFECTS = [
     ("skip_sync=operand", "LSTM", "split_k", "forward",
@@ -106,17 +139,17 @@ DEFECTS = [
     ("plain_copy", "RNN_RELU", "element_copy", "backward",
      "plain load of global memory another CTA wrote during the kernel"),
     ("skip_barrier=0", "LSTM", "element_copy", "forward",
-     "global memory read by one CTA and written by another with no grid barrier ordering the two"),
+     CROSS_READ),
     ("skip_barrier=0", "GRU_CHO", "split_k", "backward",
-     "global memory read by one CTA and written by another with no grid barrier ordering the two"),
+     CROSS_READ),
     ("skip_barrier=1", "GRU_CHO", "split_k", "forward",
-     "global buffer reused before it was consumed: written by one CTA after another CTA read it"),
+     REUSED),
     # h_t (forward) and dG (backward) stored after the arrival: ordered only before the phase
     # after next, so the next step's readers race with them.
     ("early_arrive", "LSTM", "element_copy", "forward",
-     "global memory read by one CTA and written by another with no grid barrier ordering the two"),
+     CROSS_READ),
     ("early_arrive", "GRU", "split_k", "backward",
-     "global memory read by one CTA and written by another with no grid barrier ordering the two"),
+     CROSS_READ),
     # The inputs prefetched for a step land while its cell pass reads them.
     ("skip_prefetch_wait", "LSTM", "split_k", "forward",
      "shared memory touched while a prefetch into it is in flight"),
@@ -126,6 +159,24 @@ DEFECTS = [
     # The first step's prefetched inputs, copied in by chunk, read by element with nothing between.
     ("skip_sync=begin", "LSTM", "split_k", "backward",
      "shared memory read after another thread wrote it with no CTA barrier between"),
+    # Clusters: a peer pushes into operand tiles its CTA has not zeroed yet; one operand tile
+    # for every step, which peers overwrite while their CTA still multiplies it (both ways
+    # round, whatever the order of the CTAs); the push reading the cell pass's h_t or dG with
+    # no barrier between.
+    ("skip_barrier=begin", "LSTM", "cluster", "forward",
+     TWO_WRITERS),
+    ("skip_barrier=begin", "GRU_CHO", "cluster_odd", "backward",
+     TWO_WRITERS),
+    ("one_buffer", "GRU", "cluster", "forward",
+     REUSED),
+    ("one_buffer", "RNN_TANH", "cluster_odd", "forward",
+     CROSS_READ),
+    ("one_buffer", "LSTM", "cluster", "backward",
+     REUSED),
+    ("skip_sync=phase_end", "GRU_CHO", "cluster", "forward",
+     THREAD_RACE),
+    ("skip_sync=phase_end", "LSTM", "cluster_odd", "backward",
+     THREAD_RACE),
 ]
 
 
@@ -161,7 +212,8 @@ def test_the_checker_reports_a_planted_defect(defect, cell, plan, kernel, messag
                                               ("skip_sync=fold", "GRU", "chunked_dg")])
 def test_a_redundant_barrier_left_out_is_not_a_defect(defect, cell, plan):
     """No false alarm. The CTA barrier at the end of a phase is followed on the GPU by the
-    grid barrier, which starts with one of its own; the one after a dG chunk's fold is
+    grid barrier, which starts with one of its own (but in a cluster plan, where the push
+    between them reads what the phase wrote); the one after a dG chunk's fold is
     followed by the next chunk's copy and the barrier before its product: without either the
     program has no race, the checker says nothing, and the results stay the same."""
     module, x, limits = _case(cell, plan)

@@ -2,8 +2,10 @@
 // fp16 and bf16 16x16x16, fp32 as TF32 16x16x8, fp32 accumulation), tiles copied in with
 // 16-byte loads through L2, one cooperative launch per layer direction with a grid-wide
 // barrier after every phase (grid_barrier.cuh: bounded, it traps instead of hanging; a CTA
-// barrier where each CTA has every unit of its rows), and the launch that says when the GPU
-// refuses it (the caller then runs stage 1). Included by
+// barrier where each CTA has every unit of its rows), or a launch of thread-block clusters
+// (sm_90) whose CTAs push their slices into each other's shared memory and step with the
+// cluster barrier, and the launch that says when the GPU refuses it (the caller then runs
+// stage 1). Included by
 // csrc/cuda/backend.cuh; instantiated per dtype in rnn_<dtype>.cu.
 //
 // Built with RNNFUSED_PHASE_TIMING (setup.py), thread 0 of every CTA also times the phases of
@@ -11,6 +13,7 @@
 // otherwise ops.stamp is empty and the kernels are as without it.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -88,12 +91,18 @@ struct DeviceOps {
 #endif
 
   // The barrier after every phase, in two halves (program.h): the grid barrier's
-  // (grid_barrier.cuh; target = k * CTAs at the k-th), or where each CTA owns all the units of
-  // its rows (unit_tiles 1) a CTA barrier for each half: what a phase writes, only its own
-  // CTA reads, and a CTA barrier orders its threads' global as well as shared memory.
+  // (grid_barrier.cuh; target = k * CTAs at the k-th), the cluster barrier's in a cluster plan,
+  // or where each CTA owns all the units of its rows (unit_tiles 1) a CTA barrier for each
+  // half: what a phase writes, only its own CTA reads, and a CTA barrier orders its threads'
+  // global as well as shared memory.
   __device__ __forceinline__ void arrive(const Tiling& t, unsigned long long* arrivals, unsigned long long& target) {
     if (t.unit_tiles == 1) {
       __syncthreads();
+      return;
+    }
+    if (t.cluster > 0) {
+      cluster_arrive();
+      stamp(Phase::Stores);
       return;
     }
     target += gridDim.x;
@@ -105,9 +114,50 @@ struct DeviceOps {
     stamp(Phase::Window);
     if (t.unit_tiles == 1)
       __syncthreads();
+    else if (t.cluster > 0)
+      cluster_wait();
     else
       grid_wait(arrivals, target, message);
     stamp(Phase::Barrier);
+  }
+
+  // A cluster's CTAs may push into each other's shared memory once all have begun (zeroed
+  // their operand tiles): a cluster barrier between begin() and the first phase.
+  __device__ __forceinline__ void begun(const Tiling& t) {
+    if (t.cluster == 0) return;
+    cluster_arrive();
+    cluster_wait();
+  }
+
+  __device__ __forceinline__ int64_t buffer(int64_t s) const { return s & 1; }
+
+  // program.h's push: 16-byte stores into the peer's shared memory (cooperative groups'
+  // map_shared_rank: the same offset in the peer's window) where a chunk is whole and 16-byte
+  // aligned, else element by element; store i by thread i, peers in rank order.
+  template <typename T>
+  __device__ void push_rows(T* tile, int64_t ld, int64_t rows, int64_t segments, int64_t stride, int64_t first,
+                            int64_t length, int64_t cluster, int64_t rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (rows <= 0) return;
+    cooperative_groups::cluster_group group = cooperative_groups::this_cluster();
+    constexpr int kVector = 16 / sizeof(T);
+    const int chunks = (static_cast<int>(length) + kVector - 1) / kVector, width = static_cast<int>(segments) * chunks;
+    const int per_peer = static_cast<int>(rows) * width, total = static_cast<int>(cluster - 1) * per_peer;
+    for (int index = threadIdx.x; index < total; index += blockDim.x) {
+      const int q = index / per_peer, i = index % per_peer, peer = q < rank ? q : q + 1;
+      const int r = i / width, g = i % width / chunks, j = i % chunks * kVector;
+      T* from = tile + r * ld + g * stride + first + j;
+      T* to = group.map_shared_rank(from, peer);
+      const int count = static_cast<int>(length) - j < kVector ? static_cast<int>(length) - j : kVector;
+      if (count == kVector && reinterpret_cast<uintptr_t>(from) % 16 == 0 && reinterpret_cast<uintptr_t>(to) % 16 == 0) {
+        *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
+      } else {
+        for (int e = 0; e < count; ++e) to[e] = from[e];
+      }
+    }
+#else
+    __trap();
+#endif
   }
 
   // Asynchronous copies (cp.async, sm_80) of rows no other CTA writes during the kernel into
@@ -281,7 +331,9 @@ struct DeviceOps {
 // Every CTA runs begin, the phases of every walk step, end; the grid barrier separates the
 // phases (none between begin and the first phase: begin writes only this CTA's shared
 // memory), or a CTA barrier where each CTA has all the units of its rows (its phases read
-// only what it wrote). Between its arrival at the barrier and its wait a CTA does what no
+// only what it wrote), or in a cluster plan the cluster barrier (also after begin: the peers
+// push into the operand tiles begin zeroes; blockIdx.x % unit_tiles is the rank, the batch
+// tile's CTAs one cluster). Between its arrival at the barrier and its wait a CTA does what no
 // other CTA waits for (after_arrival). All CTAs reach every barrier: the trip counts depend
 // only on T and the cell.
 // `arrivals`: the barrier's counter, zero at the start; `times`: the phase records of a
@@ -295,6 +347,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   ForwardCta<S, float> cta(p, t, walk, blockIdx.x, smem);
   unsigned long long target = 0;
   cta.begin(ops);
+  ops.begun(t);
   for (int64_t s = 0; s < walk.T; ++s)
     for (int k = 0; k < cta.phases(); ++k) {
       cta.phase(ops, s, k);
@@ -315,6 +368,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   BackwardCta<S, float> cta(p, t, walk, blockIdx.x, smem);
   unsigned long long target = 0;
   cta.begin(ops);
+  ops.begun(t);
   for (int64_t s = walk.T - 1; s >= 0; --s)
     for (int k = 0; k < cta.phases(); ++k) {
       cta.phase(ops, s, k);
@@ -347,22 +401,48 @@ inline int prepare_kernel(const void* kernel, int device) {
 
 // Launches `kernel` with `bytes` of shared memory per CTA: cooperatively where the plan has a
 // grid barrier (the cooperative launch guarantees that all CTAs are resident at once, which
-// the barrier needs), as a plain launch where each CTA has every unit of its rows (its CTAs
-// never wait for each other). Returns the reason when the GPU cannot run a grid-barrier plan at
-// once (not enough co-resident CTAs, a refused cooperative launch under MPS, MIG or green
-// contexts): nothing was launched and the caller runs stage 1. Any other error throws.
+// the barrier needs), in clusters of t.cluster CTAs in a cluster plan (the hardware
+// co-schedules a cluster's CTAs; clusters never wait for each other), as a plain launch where
+// each CTA has every unit of its rows (its CTAs never wait for each other). Returns the reason
+// when the GPU cannot run the plan (not enough co-resident CTAs, a refused cooperative launch
+// under MPS, MIG or green contexts, no room for one cluster, a kernel without sm_90 code):
+// nothing was launched and the caller runs stage 1. Any other error throws.
 template <typename Kernel, typename Params>
 const char* launch_persistent(Kernel kernel, const Params& p, const Tiling& t, int64_t bytes, bool backward,
                               cudaStream_t stream) {
   const Walk walk{p.T, p.B, p.reverse, p.kernel_batch_sizes, p.kernel_offsets};
-  const bool grid_barrier = t.unit_tiles > 1;
+  const bool cluster = t.cluster > 0, grid_barrier = t.unit_tiles > 1 && !cluster;
   int device = 0, per_sm = 0;
   RNNF_CUDA_CHECK(cudaGetDevice(&device));
   const int sms = prepare_kernel(reinterpret_cast<const void*>(kernel), device);
   RNNF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(bytes)));
   if (grid_barrier && static_cast<int64_t>(per_sm) * sms < t.ctas()) return "fewer co-resident CTAs than the plan needs";
-  // The barrier's counter, cleared on the stream; the lock held until the launch is enqueued.
-  cuda::BarrierLaunch barrier = cuda::prepare_barrier(device, stream);
+  const dim3 grid(static_cast<unsigned>(t.ctas())), block(kThreads);
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute attribute{};
+  if (cluster) {
+    cudaFuncAttributes attributes{};
+    RNNF_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    // ptxVersion is the __CUDA_ARCH__ the kernel was compiled for (binaryVersion is the device's
+    // where the driver compiled PTX for it).
+    if (attributes.ptxVersion < 90 || attributes.binaryVersion < 90)
+      return "this build's kernel has no sm_90 code, which clusters need";
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = static_cast<size_t>(bytes);
+    config.stream = stream;
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = static_cast<unsigned>(t.cluster);
+    attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    int clusters = 0;
+    RNNF_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+    if (clusters < 1) return "the GPU cannot co-schedule one cluster of the plan";
+  }
+  // The grid barrier's counter, cleared on the stream; the lock held until the launch is enqueued.
+  cuda::BarrierLaunch barrier{{}, nullptr};
+  if (grid_barrier) barrier = cuda::prepare_barrier(device, stream);
   PhaseRecord* times = nullptr;
 #if defined(RNNFUSED_PHASE_TIMING)
   times = cuda::phase_records(device, backward, t.ctas());
@@ -371,11 +451,13 @@ const char* launch_persistent(Kernel kernel, const Params& p, const Tiling& t, i
 #endif
   void* args[] = {const_cast<Params*>(&p), const_cast<Tiling*>(&t), const_cast<Walk*>(&walk), &barrier.arrivals,
                   &times};
-  const dim3 grid(static_cast<unsigned>(t.ctas())), block(kThreads);
-  const cudaError_t err =
-      grid_barrier
-          ? cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), grid, block, args, static_cast<size_t>(bytes), stream)
-          : cudaLaunchKernel(reinterpret_cast<void*>(kernel), grid, block, args, static_cast<size_t>(bytes), stream);
+  cudaError_t err;
+  if (cluster)
+    err = cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(kernel), args);
+  else if (grid_barrier)
+    err = cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), grid, block, args, static_cast<size_t>(bytes), stream);
+  else
+    err = cudaLaunchKernel(reinterpret_cast<void*>(kernel), grid, block, args, static_cast<size_t>(bytes), stream);
   if (grid_barrier &&
       (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported || err == cudaErrorNotPermitted)) {
     cudaGetLastError();

@@ -95,6 +95,27 @@ __device__ __forceinline__ void grid_wait(const unsigned long long* arrivals, un
   __syncthreads();
 }
 
+// The hardware barrier of a thread-block cluster (sm_90) in the same two halves: every thread
+// of every CTA of the cluster arrives with release and waits with acquire semantics at cluster
+// scope, which orders what a CTA wrote before its arrival (global memory, and its peers'
+// shared memory) before what the others do after their wait. The CTA barriers around it order
+// this CTA's threads' work between the halves, as grid_arrive's and grid_wait's do.
+__device__ __forceinline__ void cluster_arrive() {
+  __syncthreads();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#else
+  __trap();  // cluster plans are made only for sm_90 (the launch checks the kernel's binary)
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+  __syncthreads();
+}
+
 // Both halves at once: returns once all gridDim.x CTAs have made their k-th call.
 template <typename AfterFence>
 __device__ __forceinline__ void grid_barrier(unsigned long long* arrivals, unsigned long long target,

@@ -23,7 +23,9 @@
 //     grid barrier ordering the two (the same two kinds, and a write after write). A barrier
 //     orders what one CTA did before its arrival before what another does after its wait:
 //     a phase before the next phase, but an after_arrival before nothing until the phase
-//     after next;
+//     after next. In a cluster plan a barrier orders only the CTAs of one cluster, and the
+//     operand tiles, which the peers push into (distributed shared memory), are checked as
+//     global memory is (a plain read of them is what the GPU does);
 //   - a plain read (not load_coherent / ops.copy_rows, i.e. not ld.global.cg on the GPU; a
 //     prefetch's too) of global memory another CTA wrote during the kernel;
 //   - shared memory touched while a prefetch into it is in flight;
@@ -36,8 +38,11 @@
 // of program.h, plain_copy makes ops.copy_rows read with plain loads,
 // skip_barrier=<phase> leaves out the grid barrier after that phase of every step,
 // early_arrive arrives at every grid barrier before the phase instead of after it (the
-// phase's stores then follow the arrival), and skip_prefetch_wait leaves out
-// ops.prefetched(), so that the prefetches land at the end of the phase. (The one
+// phase's stores then follow the arrival), skip_prefetch_wait leaves out
+// ops.prefetched(), so that the prefetches land at the end of the phase, and in a cluster
+// plan skip_barrier=begin leaves out the cluster barrier between begin() and the first phase
+// and one_buffer gives every step the same operand tile (ops.buffer), as if it were not
+// double-buffered. (The one
 // load_coherent of the program, GRU_CHO's h_{t-1} in cho_output, reads the CTA's own units, so
 // a plain load there would be no defect, and the checker rightly says nothing.)
 //
@@ -71,7 +76,7 @@ struct Defects {
   bool skip_sync[4] = {false, false, false, false};  // indexed by Sync
   bool plain_copy = false;
   int skip_barrier = -1;  // the phase after which no grid barrier runs; -1: none
-  bool early_arrive = false, skip_prefetch_wait = false;
+  bool early_arrive = false, skip_prefetch_wait = false, skip_begin_barrier = false, one_buffer = false;
   std::string text;
 
   static Defects from_environment() {
@@ -86,10 +91,13 @@ struct Defects {
       const std::string item = d.text.substr(start, comma - start);
       start = comma + 1;
       if (item.empty()) continue;
-      bool known = item == "plain_copy" || item == "early_arrive" || item == "skip_prefetch_wait";
+      bool known = item == "plain_copy" || item == "early_arrive" || item == "skip_prefetch_wait" ||
+                   item == "skip_barrier=begin" || item == "one_buffer";
       d.plain_copy |= item == "plain_copy";
       d.early_arrive |= item == "early_arrive";
       d.skip_prefetch_wait |= item == "skip_prefetch_wait";
+      d.skip_begin_barrier |= item == "skip_barrier=begin";
+      d.one_buffer |= item == "one_buffer";
       for (int i = 0; i < 4; ++i)
         if (item == std::string("skip_sync=") + syncs[i]) known = d.skip_sync[i] = true;
       if (item == "skip_barrier=0" || item == "skip_barrier=1") {
@@ -98,8 +106,8 @@ struct Defects {
       }
       if (!known)
         throw std::invalid_argument("rnnfused: RNNFUSED_SIMULATE_DEFECT: unknown defect '" + item +
-                                    "' (skip_sync=begin|operand|fold|phase_end, plain_copy, skip_barrier=0|1, early_arrive, "
-                                    "skip_prefetch_wait)");
+                                    "' (skip_sync=begin|operand|fold|phase_end, plain_copy, skip_barrier=0|1|begin, "
+                                    "early_arrive, skip_prefetch_wait, one_buffer)");
     }
     return d;
   }
@@ -121,6 +129,12 @@ class Checker final : public AccessObserver {
       : layout_(layout), defects_(std::move(defects)), buffers_(std::move(buffers)), shared_(layout.bytes / 2) {
     std::sort(buffers_.begin(), buffers_.end(),
               [](const auto& a, const auto& b) { return a.second < b.second; });
+  }
+
+  // A cluster plan: `size` CTAs a cluster, `bases` every CTA's shared memory.
+  void clusters(int64_t size, std::vector<const char*> bases) {
+    cluster_ = size;
+    bases_ = std::move(bases);
   }
 
   // The CTA that runs from now on, its shared memory ([base, base + layout.bytes) in an
@@ -150,6 +164,8 @@ class Checker final : public AccessObserver {
   bool skips_barrier_after(int phase) const { return defects_.skip_barrier == phase; }
   bool arrives_early() const { return defects_.early_arrive; }
   bool skips_prefetch_wait() const { return defects_.skip_prefetch_wait; }
+  bool skips_begin_barrier() const { return defects_.skip_begin_barrier; }
+  bool one_buffer() const { return defects_.one_buffer; }
   // How ops.copy_rows reads its source rows (ld.global.cg on the GPU, unless planted).
   Access copy_access() const { return defects_.plain_copy ? Access::Read : Access::Coherent; }
 
@@ -173,6 +189,10 @@ class Checker final : public AccessObserver {
           if (c < to && c + bytes > from) found(kInFlight, describe(who, kind, p));
       if (c + bytes > base_ + layout_.bytes) found(kOutsideLayout, describe(who, kind, p) + " runs past the layout");
       if (kind == Access::Coherent) found(kCoherentShared, describe(who, kind, p));
+      if (exchanged(c - base_)) {
+        check_global(p, bytes, kind, who, true);
+        return;
+      }
       for (int64_t i = (c - base_) / 2; i < std::min<int64_t>((c - base_ + bytes + 1) / 2, shared_.size()); ++i)
         check(shared_[i], false, kind, who, p);
       return;
@@ -181,8 +201,13 @@ class Checker final : public AccessObserver {
       found(kOutsideLayout, describe(who, kind, p));
       return;
     }
-    const uintptr_t address = reinterpret_cast<uintptr_t>(p);
-    for (uintptr_t g = address / 2; g < (address + bytes + 1) / 2; ++g) check(global(g), true, kind, who, p);
+    if (const char* peer = peer_base(c)) {
+      if (!exchanged(c - peer) || c + bytes > peer + layout_.operand + operand_bytes())
+        found(kPeerOutsideOperand, describe(who, kind, p));
+      check_global(p, bytes, kind, who, true);
+      return;
+    }
+    check_global(p, bytes, kind, who, false);
   }
 
   // Throws what was found, if anything.
@@ -227,6 +252,42 @@ class Checker final : public AccessObserver {
     return earlier < 0 || later - earlier >= 3 || (later - earlier == 2 && earlier % 2 == 0);
   }
 
+  // Whether what CTA `other` (-1: several) did in interval `earlier` is ordered before what
+  // the current CTA does now: a cluster's barrier orders only its own CTAs.
+  bool ordered_now(int32_t earlier, int32_t other) const {
+    if (earlier < 0) return true;
+    if (cluster_ > 0 && (other < 0 || other / cluster_ != cta_ / cluster_)) return false;
+    return ordered(earlier, interval_);
+  }
+
+  // A cluster plan's operand tiles, which the peers push into (offset in a CTA's shared memory).
+  int64_t operand_bytes() const {
+    const int64_t after[] = {layout_.acc, layout_.partials, layout_.state, layout_.state2, layout_.inputs,
+                             layout_.bias, layout_.narrow, layout_.bytes};
+    int64_t end = layout_.bytes;
+    for (const int64_t offset : after)
+      if (offset > layout_.operand) end = std::min(end, offset);
+    return end - layout_.operand;
+  }
+  bool exchanged(int64_t offset) const {
+    return cluster_ > 0 && offset >= layout_.operand && offset < layout_.operand + operand_bytes();
+  }
+
+  // The shared memory of the current CTA's cluster peer that `c` lies in, or null.
+  const char* peer_base(const char* c) const {
+    if (cluster_ == 0) return nullptr;
+    for (int64_t i = cta_ / cluster_ * cluster_; i < (cta_ / cluster_ + 1) * cluster_; ++i)
+      if (i != cta_ && c >= bases_[i] && c < bases_[i] + layout_.bytes) return bases_[i];
+    return nullptr;
+  }
+
+  // Bytes checked as global memory are (global memory itself, or the operand tiles of a
+  // cluster plan: `pushed`, which a CTA reads with plain loads).
+  void check_global(const void* p, int64_t bytes, Access kind, int who, bool pushed) {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+    for (uintptr_t g = address / 2; g < (address + bytes + 1) / 2; ++g) check(global(g), true, kind, who, p, pushed);
+  }
+
   enum Kind {
     kSharedReadAfterWrite,
     kSharedWriteAfterRead,
@@ -240,6 +301,7 @@ class Checker final : public AccessObserver {
     kOutsideLayout,
     kCoherentShared,
     kInFlight,
+    kPeerOutsideOperand,
     kKinds
   };
   static constexpr const char* kDescriptions[kKinds] = {
@@ -247,17 +309,20 @@ class Checker final : public AccessObserver {
       "shared memory reused before it was consumed: written after another thread read it with no CTA barrier "
       "between",
       "shared memory written by two threads with no CTA barrier between",
-      "global memory touched by two threads of one CTA, one writing, with no CTA barrier between",
-      "global memory read by one CTA and written by another with no grid barrier ordering the two",
-      "global buffer reused before it was consumed: written by one CTA after another CTA read it, with no grid "
-      "barrier ordering the two",
-      "global memory written by two CTAs with no grid barrier ordering the two",
+      "global memory or an operand tile of a cluster plan touched by two threads of one CTA, one writing, with no "
+      "CTA barrier between",
+      "global memory or a cluster's operand tile read by one CTA and written by another with no barrier ordering the "
+      "two",
+      "global buffer or operand tile reused before it was consumed: written by one CTA after another CTA read it, "
+      "with no barrier ordering the two",
+      "global memory or a cluster's operand tile written by two CTAs with no barrier ordering the two",
       "plain load of global memory another CTA wrote during the kernel (use load_coherent or ops.copy_rows: "
       "ld.global.cg on the GPU)",
       "a write outside ops.for_each, which every thread of the CTA would make",
       "shared memory outside the plan's layout",
       "load_coherent of shared memory",
       "shared memory touched while a prefetch into it is in flight (before its thread's ops.prefetched())",
+      "a peer's shared memory touched outside its operand tiles",
   };
 
   Shadow& global(uintptr_t granule) {
@@ -270,15 +335,15 @@ class Checker final : public AccessObserver {
     return last_shadow_[granule % kPage];
   }
 
-  void check(Shadow& s, bool global, Access kind, int who, const void* p) {
+  void check(Shadow& s, bool global, Access kind, int who, const void* p, bool pushed = false) {
     const int32_t cta = cta_;
     const int16_t me = static_cast<int16_t>(who);
     if (kind != Access::Write) {
       if (s.write_epoch == epoch_ && s.writer != me)
         found(global ? kGlobalThreadRace : kSharedReadAfterWrite, describe(who, kind, p) + ", written by " + name(s.writer));
-      if (global && !ordered(s.write_interval, interval_) && s.writer_cta != cta)
+      if (global && s.writer_cta != cta && !ordered_now(s.write_interval, s.writer_cta))
         found(kCrossReadAfterWrite, describe(who, kind, p) + ", written by CTA " + std::to_string(s.writer_cta));
-      if (global && kind == Access::Read && s.writer_cta >= 0 && s.writer_cta != cta)
+      if (global && !pushed && kind == Access::Read && s.writer_cta >= 0 && s.writer_cta != cta)
         found(kPlainLoad, describe(who, kind, p) + ", written by CTA " + std::to_string(s.writer_cta));
       if (s.read_epoch == epoch_) {
         s.many_readers |= s.reader != me;
@@ -304,10 +369,10 @@ class Checker final : public AccessObserver {
     if (s.read_epoch == epoch_ && (s.many_readers || s.reader != me))
       found(global ? kGlobalThreadRace : kSharedWriteAfterRead,
             describe(who, kind, p) + ", read by " + (s.reader != me ? name(s.reader) : "other threads"));
-    if (global && !ordered(s.write_interval, interval_) && s.writer_cta != cta)
+    if (global && s.writer_cta != cta && !ordered_now(s.write_interval, s.writer_cta))
       found(kCrossWriteAfterWrite, describe(who, kind, p) + ", written by CTA " + std::to_string(s.writer_cta));
     for (const Reads& r : s.reads)
-      if (global && !ordered(r.interval, interval_) && (r.many || r.cta != cta))
+      if (global && (r.many || r.cta != cta) && !ordered_now(r.interval, r.many ? -1 : r.cta))
         found(kCrossWriteAfterRead, describe(who, kind, p) + ", read by " +
                                         (r.cta != cta ? "CTA " + std::to_string(r.cta) : std::string("other CTAs")));
     s.write_epoch = epoch_;
@@ -345,6 +410,9 @@ class Checker final : public AccessObserver {
       return std::string("shared ") + region->first + "+" + std::to_string(c - base_ - region->second);
     }
     if (c >= allocation_ && c < allocation_end_) return "shared memory at byte " + std::to_string(c - base_);
+    if (const char* peer = peer_base(c))
+      return "a peer's shared memory at byte " + std::to_string(c - peer) + " (operand+" +
+             std::to_string(c - peer - layout_.operand) + ")";
     const std::pair<const char*, const void*>* buffer = nullptr;
     for (const auto& b : buffers_)
       if (b.second != nullptr && b.second <= p) buffer = &b;
@@ -367,6 +435,8 @@ class Checker final : public AccessObserver {
   const char *base_ = nullptr, *allocation_ = nullptr, *allocation_end_ = nullptr;
   std::string where_;
   std::unordered_map<int, std::vector<std::pair<const char*, const char*>>> in_flight_;  // per CTA
+  int64_t cluster_ = 0;                 // CTAs a cluster (0: not a cluster plan)
+  std::vector<const char*> bases_;      // every CTA's shared memory (a cluster plan)
   int64_t count_[kKinds] = {};
   std::string first_[kKinds];
 };
@@ -376,6 +446,7 @@ class Checker final : public AccessObserver {
 struct HostOps {
   Checker* check;
   int64_t cta = 0;  // the CTA that runs (the simulation sets it)
+  std::vector<char*> bases;  // every CTA's shared memory (a cluster's peers push into theirs)
 
   // Prefetches issued and not yet landed, per CTA: `bytes` from `from` to `to` by thread `who`.
   struct Copy {
@@ -448,6 +519,30 @@ struct HostOps {
   }
 
   void stamp(Phase) {}
+
+  int64_t buffer(int64_t s) const { return check->one_buffer() ? 0 : s % 2; }
+
+  // DeviceOps::push_rows's stores: 16 bytes of a row segment (the last shorter) to one peer,
+  // store i by thread i % kThreads, peers in rank order.
+  template <typename T>
+  void push_rows(T* tile, int64_t ld, int64_t rows, int64_t segments, int64_t stride, int64_t first, int64_t length,
+                 int64_t cluster, int64_t rank) {
+    if (rows <= 0) return;
+    constexpr int64_t kVector = 16 / sizeof(T);
+    const int64_t chunks = (length + kVector - 1) / kVector, per_peer = rows * segments * chunks;
+    const char* own = bases[cta];
+    for (int64_t index = 0; index < (cluster - 1) * per_peer; ++index) {
+      const int64_t q = index / per_peer, peer = q < rank ? q : q + 1, i = index % per_peer;
+      const int64_t r = i / (segments * chunks), g = i / chunks % segments, j = i % chunks * kVector;
+      const T* from = tile + r * ld + g * stride + first + j;
+      T* to = reinterpret_cast<T*>(bases[cta - rank + peer] + (reinterpret_cast<const char*>(from) - own));
+      const int64_t bytes = std::min(kVector, length - j) * static_cast<int64_t>(sizeof(T));
+      const int who = static_cast<int>(index % kThreads);
+      check->touch(from, bytes, Access::Read, who);
+      check->touch(to, bytes, Access::Write, who);
+      std::memcpy(to, from, static_cast<size_t>(bytes));
+    }
+  }
 
   // DeviceOps::copy_rows's two paths: whole 16-byte vectors, one per thread and chunk index,
   // where every row segment is made of them; element by element (element i by thread i)
@@ -591,8 +686,10 @@ void simulate(const Params& p, const Tiling& t, bool backward) {
     ctas.emplace_back(p, t, steps.walk, i, bases.back());
   }
   Checker check(layout, Defects::from_environment(), buffers(p));
+  if (t.cluster > 0) check.clusters(t.cluster, std::vector<const char*>(bases.begin(), bases.end()));
   const Observing observing(&check);
   HostOps ops(&check, n);
+  ops.bases = bases;
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   std::mt19937 shuffle(12345);
@@ -601,6 +698,20 @@ void simulate(const Params& p, const Tiling& t, bool backward) {
     check.enter(cta, bases[cta], smem[cta].get(), smem[cta].get() + layout.bytes + 128, std::move(where));
   };
   bool begun = false;
+  if (t.cluster > 0) {
+    // A CTA pushes into its peers' shared memory only once they have all begun (and zeroed
+    // their operand tiles): a cluster barrier, the GPU's too.
+    std::shuffle(order.begin(), order.end(), shuffle);
+    for (const int64_t cta : order) {
+      enter(cta, "begin");
+      ctas[cta].begin(ops);
+    }
+    begun = true;
+    if (!check.skips_begin_barrier()) {
+      check.arrive();
+      check.wait();
+    }
+  }
   for (int64_t i = 0; i < p.T; ++i) {
     const int64_t s = backward ? p.T - 1 - i : i;
     for (int phase = 0; phase < ctas.front().phases(); ++phase) {

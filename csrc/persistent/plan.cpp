@@ -52,6 +52,14 @@ void place(Layout& layout, std::initializer_list<std::pair<int64_t Layout::*, in
   layout.bytes = offset;
 }
 
+// An sm_90 GPC offers a cluster at least this many SMs (an H100's hold 16 to 18): with one CTA
+// per SM, clusters of c CTAs are co-resident floor(16 / c) to a GPC. A cluster plan with more
+// batch tiles than that over all the GPCs would run its last clusters after the first.
+constexpr int64_t kGpcSms = 16;
+int64_t resident_clusters(int64_t sm_count, int64_t cluster) {
+  return sm_count / kGpcSms * (kGpcSms / cluster);
+}
+
 // Warps split K when there are fewer output tiles than warps (e.g. the backward product of
 // a small unit slice), at most so that every warp keeps at least two K steps.
 int64_t k_split(int64_t m, int64_t n, int64_t k) {
@@ -63,13 +71,15 @@ int64_t k_split(int64_t m, int64_t n, int64_t k) {
 // The tiling and layouts for `rows` batch rows and `units` hidden units per CTA; the backward
 // dG tile takes the most gates at a time that fit in `smem` bytes.
 Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_t elem, int64_t acc_elem,
-            int64_t smem) {
+            int64_t smem, bool cluster) {
   const int64_t gates = gates_per_unit(cell);
   Tiling t;
   t.units = units;
   t.rows = rows;
   t.unit_tiles = ceil_div(H, units);
   t.row_tiles = ceil_div(B, rows);
+  t.cluster = cluster && t.unit_tiles > 1 ? t.unit_tiles : 0;
+  const bool clustered = t.cluster > 0;
   t.rows_pad = round_up(rows, kTile);
   // GRU_CHO multiplies its r/z rows and its n rows in two products: each starts a tile.
   t.gate_stride = cell == Cell::GRU_CHO ? round_up(units, kTile) : units;
@@ -80,7 +90,7 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
   t.split_fwd = k_split(t.gate_rows, t.rows_pad, t.k_fwd);
   const int64_t state = rows * units * acc_elem;
   place(t.fwd, {{&Layout::weights, t.gate_rows * t.ld_w_fwd * elem},
-                {&Layout::operand, t.rows_pad * t.ld_w_fwd * elem},
+                {&Layout::operand, operand_buffers(cell, false, clustered) * t.rows_pad * t.ld_w_fwd * elem},
                 {&Layout::acc, t.gate_rows * t.ld_acc_fwd * acc_elem},
                 {&Layout::partials, t.split_fwd > 1 ? t.split_fwd * t.gate_rows * t.ld_acc_fwd * acc_elem : 0},
                 {&Layout::state, cell == Cell::LSTM ? state : 0},
@@ -95,7 +105,7 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
   auto place_backward = [&] {
     const bool prefetch = t.prefetch_bwd;
     place(t.bwd, {{&Layout::weights, t.unit_rows * t.ld_w_bwd * elem},
-                  {&Layout::operand, t.rows_pad * t.ld_dg * elem},
+                  {&Layout::operand, operand_buffers(cell, true, clustered) * t.rows_pad * t.ld_dg * elem},
                   {&Layout::acc, t.unit_rows * t.ld_acc_bwd * acc_elem},
                   {&Layout::partials, t.split_bwd > 1 ? t.split_bwd * t.unit_rows * t.ld_acc_bwd * acc_elem : 0},
                   {&Layout::state, state},
@@ -103,12 +113,14 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
                   {&Layout::inputs, prefetch ? rows * backward_wide_inputs(cell) * inputs_ld(units) * acc_elem : 0},
                   {&Layout::narrow, prefetch ? rows * backward_narrow_inputs(cell) * narrow_ld(units) * elem : 0}});
   };
-  for (t.chunk_gates = gates; t.chunk_gates >= 1; --t.chunk_gates) {
+  // A cluster's peers push every gate's dG as they compute it: its tile takes all the gates.
+  for (t.chunk_gates = gates; t.chunk_gates >= (clustered ? gates : 1); --t.chunk_gates) {
     t.ld_dg = padded_ld(t.chunk_gates * t.k_block, elem);
     t.split_bwd = k_split(t.unit_rows, t.rows_pad, t.chunk_gates * t.k_block);
     place_backward();
     if (t.bwd.bytes <= smem) break;
   }
+  if (clustered && t.chunk_gates < gates) t.chunk_gates = 0;
   if (t.chunk_gates >= 1) {
     t.prefetch_bwd = true;
     place_backward();
@@ -124,7 +136,8 @@ std::string describe(const Tiling& t) {
   return "persistent: " + num(t.ctas()) + " CTAs = " + num(t.unit_tiles) + " x " + num(t.units) + " units, " +
          num(t.row_tiles) + " x " + num(t.rows) + " rows; shared memory " + num(t.fwd.bytes / 1024) + " KB forward, " +
          num(t.bwd.bytes / 1024) + " KB backward (dG " + num(t.chunk_gates) + " gate" + (t.chunk_gates > 1 ? "s" : "") +
-         " at a time)" + (t.unit_tiles == 1 ? "; each CTA has all the units of its rows: no grid barrier" : "");
+         " at a time)" + (t.unit_tiles == 1 ? "; each CTA has all the units of its rows: no grid barrier" : "") +
+         (t.cluster > 0 ? "; clusters of " + num(t.cluster) + " CTAs exchanging through distributed shared memory" : "");
 }
 
 // Below: the cost model's pieces, one per phase of a step (timing.h), each what device.cuh
@@ -179,14 +192,26 @@ double prefetch_ns(const Tiling& t, int64_t H, int64_t segments, int64_t elem, c
 }
 
 // The end of a phase: the grid barrier (its fence waits for the phase's stores; every CTA
-// arrives), or a CTA barrier where each CTA has all the units of its rows.
-void close_phase(StepCost& cost, const Tiling& t, const CostModel& m) {
+// arrives), a CTA barrier where each CTA has all the units of its rows, or in a cluster the
+// push of `segments` row segments of the slice's units into each peer's shared memory (16-byte
+// stores where the slices are made of them, else element by element) and the cluster barrier,
+// whose release waits for the pushes, and for `global_stores` (a phase that still stores to
+// global memory before the arrival) those too.
+void close_phase(StepCost& cost, const Tiling& t, int64_t elem, int64_t segments, bool global_stores,
+                 const CostModel& m) {
   if (t.unit_tiles == 1) {
     cost.barrier += m.cta_barrier_ns;
     return;
   }
-  cost.stores += m.fence_ns;
-  cost.barrier += m.grid_barrier_ns + m.arrival_ns * t.ctas();
+  if (t.cluster == 0) {
+    cost.stores += m.fence_ns;
+    cost.barrier += m.grid_barrier_ns + m.arrival_ns * t.ctas();
+    return;
+  }
+  const int64_t vector = 16 / elem, pieces = t.units % vector == 0 ? 1 : vector;
+  const int64_t stores = (t.cluster - 1) * t.rows * segments * ceil_div(t.units, vector) * pieces;
+  cost.stores += ceil_div(stores, kThreads) * m.issue_ns + m.dsmem_ns + (global_stores ? m.fence_ns : 0);
+  cost.barrier += m.cluster_barrier_ns + m.cta_barrier_ns;
 }
 
 }  // namespace
@@ -195,30 +220,45 @@ bool fits(const Tiling& t, int64_t smem_per_block) {
   return t.chunk_gates >= 1 && t.fwd.bytes <= smem_per_block && t.bwd.bytes <= smem_per_block;
 }
 
-Tiling tile_for(Cell cell, int64_t H, int64_t B, DType dtype, int64_t rows, int64_t units, int64_t smem_per_block) {
-  return tile(cell, H, B, rows, units, storage_bytes(dtype), dtype == DType::Float64 ? 8 : 4, smem_per_block);
+Tiling tile_for(Cell cell, int64_t H, int64_t B, DType dtype, int64_t rows, int64_t units, int64_t smem_per_block,
+                bool cluster) {
+  return tile(cell, H, B, rows, units, storage_bytes(dtype), dtype == DType::Float64 ? 8 : 4, smem_per_block, cluster);
 }
 
 StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool backward, const CostModel& m) {
   const int64_t elem = storage_bytes(dtype), acc_elem = dtype == DType::Float64 ? 8 : 4;
   const int64_t gates = gates_per_unit(cell), ctas = t.ctas();
+  const bool cluster = t.cluster > 0;
+  // In a cluster the step's operand is already in shared memory (pushed by the peers): the
+  // exchange is the Operand barrier alone.
+  auto exchange = [&](int64_t elements) {
+    return cluster ? m.cta_barrier_ns : exchange_ns(t.rows, elements, elem, ctas, m);
+  };
+  // What a cluster stores to global memory after the arrival instead of in the cell pass: h_t
+  // (forward), dG (backward), from the tile it was pushed from; but fp32, whose tile holds them
+  // rounded to TF32, stores them in the pass.
+  const bool rounded = dtype == DType::Float32;
+  const int64_t exchanged = cluster && !rounded ? t.rows * t.units * (backward ? gates : 1) : 0;
   StepCost cost;
   if (!backward) {
     // GRU_CHO: the r/z rows, then (with r * h_{t-1} exchanged) the n rows.
     const int64_t first_rows = cell == Cell::GRU_CHO ? 2 * t.gate_stride : t.gate_rows;
     for (const int64_t rows : {first_rows, t.gate_rows - first_rows}) {
       if (rows == 0) continue;
-      cost.exchange += exchange_ns(t.rows, H, elem, ctas, m);
+      cost.exchange += exchange(H);
       cost.mma += mma_ns(rows, t.rows_pad, t.k_fwd, t.split_fwd, elem, m);
-      cost.cell += elements_ns(t, false, m);
-      close_phase(cost, t, m);
+      // The GRU forms read h_{t-1} for their own math from global memory where the operand
+      // tile holds it rounded (and GRU_CHO's second phase without a cluster).
+      const bool gru = cell == Cell::GRU || cell == Cell::GRU_CHO;
+      cost.cell += elements_ns(t, gru && (rounded || (!cluster && rows != first_rows)), m);
+      close_phase(cost, t, elem, 1, cell == Cell::GRU || rounded, m);  // GRU stores W_hn h + b_hn in the pass
     }
     // Between the arrival and the wait: the saved activations' stores (training: the plan is
     // the same for inference, which stores none) and the next step's input prefetch (16-byte
     // copies where the rows are made of them, else element by element), issued, not waited
     // for. The prefetch lands behind the barrier and the next step's exchange, which the model
     // takes to be longer than one load.
-    cost.window = ceil_div(t.rows * t.units * staged_slots(cell), kThreads) * m.issue_ns +
+    cost.window = ceil_div(t.rows * t.units * staged_slots(cell) + exchanged, kThreads) * m.issue_ns +
                   prefetch_ns(t, H, gates, acc_elem, m);
     return cost;
   }
@@ -227,27 +267,31 @@ StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool 
   auto fold = [&](int64_t g0, int64_t g1) {
     for (int64_t chunk = g0; chunk < g1; chunk += t.chunk_gates) {
       const int64_t width = std::min(t.chunk_gates, g1 - chunk);
-      cost.exchange += exchange_ns(t.rows, width * H, elem, ctas, m);
+      cost.exchange += exchange(width * H);
       cost.mma += mma_ns(t.unit_rows, t.rows_pad, width * t.k_block, t.split_bwd, elem, m) + elements_ns(t, false, m);
     }
   };
   // The cell's inputs: prefetched behind the barrier (issued in the window, as the forward's),
   // or each element's from global memory in the pass.
   const bool loads = !t.prefetch_bwd;
+  // The gradients each phase pushes (GRU_CHO: z and n, then r); what stays a global store
+  // before the arrival: GRU's dgx of the n gate, GRU_CHO's r * h_{t-1}, fp32's dG.
   if (cell == Cell::GRU_CHO) {
     fold(0, 2);
     cost.cell += elements_ns(t, loads, m);
-    close_phase(cost, t, m);
+    close_phase(cost, t, elem, 2, rounded, m);
     fold(2, 3);
     cost.cell += elements_ns(t, loads, m);
+    close_phase(cost, t, elem, 1, true, m);
   } else {
     fold(0, gates);
     cost.cell += elements_ns(t, loads, m);
+    close_phase(cost, t, elem, gates, cell == Cell::GRU || rounded, m);
   }
-  close_phase(cost, t, m);
+  cost.window = ceil_div(exchanged, kThreads) * m.issue_ns;
   if (t.prefetch_bwd)
-    cost.window = prefetch_ns(t, H, backward_wide_inputs(cell), acc_elem, m) +
-                  prefetch_ns(t, H, backward_narrow_inputs(cell), elem, m);
+    cost.window += prefetch_ns(t, H, backward_wide_inputs(cell), acc_elem, m) +
+                   prefetch_ns(t, H, backward_narrow_inputs(cell), elem, m);
   return cost;
 }
 
@@ -282,6 +326,7 @@ DeviceLimits h100_limits() {
   limits.smem_per_block = 227 * 1024;
   limits.compute_capability = 90;
   limits.cooperative_launch = true;
+  limits.max_cluster = 8;
   return limits;
 }
 
@@ -301,7 +346,8 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
     if (limits.compute_capability < 80) return stepwise("needs compute capability 8.0 or newer");
   }
   // The grid barrier needs every CTA resident at once: a cooperative launch. Plans whose CTAs
-  // never wait for each other (unit_tiles 1) launch without one (MPS, MIG).
+  // never wait for each other (unit_tiles 1) or wait only within their cluster launch without
+  // one (MPS, MIG).
   const bool cooperative = limits.host_simulation || limits.cooperative_launch;
   if (limits.sm_count <= 0) return stepwise("no multiprocessors");
 
@@ -320,10 +366,16 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
   const int64_t smem = limits.smem_per_block;
   if (limits.forced_rows > 0 && limits.forced_units > 0) {
     const std::string forced = "RNNFUSED_PERSISTENT_TILING=" + num(limits.forced_rows) + "x" + num(limits.forced_units);
-    const Tiling t = tile_for(cell, H, B, dtype, std::min(limits.forced_rows, B), std::min(limits.forced_units, H), smem);
+    // As a cluster where the device has them and it fits, else with the grid barrier.
+    const int64_t rows = std::min(limits.forced_rows, B), units = std::min(limits.forced_units, H);
+    const bool cluster = ceil_div(H, units) <= limits.max_cluster &&
+                         ceil_div(B, rows) <= resident_clusters(limits.sm_count, ceil_div(H, units));
+    Tiling t = tile_for(cell, H, B, dtype, rows, units, smem, cluster);
+    if (!fits(t, smem)) t = tile_for(cell, H, B, dtype, rows, units, smem);
     if (t.ctas() > limits.sm_count) return stepwise(forced + " needs " + num(t.ctas()) + " CTAs, more than the SMs");
     if (!fits(t, smem)) return stepwise(forced + " does not fit in " + num(smem / 1024) + " KB of shared memory");
-    if (!cooperative && t.unit_tiles > 1) return stepwise(forced + " needs a grid barrier: a cooperative launch");
+    if (!cooperative && t.unit_tiles > 1 && t.cluster == 0)
+      return stepwise(forced + " needs a grid barrier: a cooperative launch");
     return chosen(t, "; forced by " + forced);
   }
   if (limits.spread_units) {
@@ -347,17 +399,29 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
       if (row_tiles > limits.sm_count) continue;
       int64_t previous_units = 0;
       for (int64_t n = 1; n <= std::min(H, limits.sm_count / row_tiles); ++n) {
-        const int64_t units = ceil_div(H, n);
-        if (units == previous_units) continue;
-        previous_units = units;
-        const Tiling t = tile_for(cell, H, B, dtype, rows, units, smem);
-        if (!fits(t, smem) || (!cooperative && t.unit_tiles > 1)) continue;
-        ++plan.candidates;
-        const double ns =
-            estimate_step(cell, H, dtype, t, false).total() + estimate_step(cell, H, dtype, t, true).total();
-        if (plan.candidates == 1 || ns < best_ns) {
-          best = t;
-          best_ns = ns;
+        const int64_t smallest = ceil_div(H, n), aligned = round_up(smallest, 16 / elem);
+        if (smallest == previous_units) continue;
+        previous_units = smallest;
+        // The smallest slice of this many unit tiles, and the smallest made of 16-byte vectors
+        // (whole 16-byte copies and pushes) where that is as many.
+        const int64_t slices[] = {smallest, aligned};
+        for (int i = 0; i < (aligned != smallest && ceil_div(H, aligned) == ceil_div(H, smallest) ? 2 : 1); ++i) {
+          const int64_t units = slices[i];
+          for (const bool cluster : {false, true}) {
+            const int64_t unit_tiles = ceil_div(H, units);
+            if (cluster && (unit_tiles == 1 || unit_tiles > limits.max_cluster ||
+                            row_tiles > resident_clusters(limits.sm_count, unit_tiles)))
+              continue;
+            const Tiling t = tile_for(cell, H, B, dtype, rows, units, smem, cluster);
+            if (!fits(t, smem) || (!cooperative && t.unit_tiles > 1 && !cluster)) continue;
+            ++plan.candidates;
+            const double ns =
+                estimate_step(cell, H, dtype, t, false).total() + estimate_step(cell, H, dtype, t, true).total();
+            if (plan.candidates == 1 || ns < best_ns) {
+              best = t;
+              best_ns = ns;
+            }
+          }
         }
       }
     }
@@ -367,7 +431,8 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
   }
   if (!cooperative)
     return stepwise("the device does not support cooperative launch, which the grid barrier needs where W_hh (" +
-                    num(gates_per_unit(cell) * H * H * elem / 1024) + " KB) does not fit one CTA");
+                    num(gates_per_unit(cell) * H * H * elem / 1024) + " KB) does not fit one CTA" +
+                    (limits.max_cluster > 1 ? " or one cluster" : ""));
   return stepwise("W_hh (" + num(gates_per_unit(cell) * H * H * elem / 1024) + " KB) and the state of " + num(B) +
                   " rows do not fit in the shared memory of " + num(limits.sm_count) + " multiprocessors (" +
                   num(limits.smem_per_block / 1024) + " KB each) at any batch tile");

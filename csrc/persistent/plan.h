@@ -8,11 +8,16 @@
 // memory for the whole sequence; backward, the W_hh columns of its units. Each step it
 // multiplies the state of its rows by that slice on tensor cores (fp32 accumulation), applies
 // the cell (cells.h) and exchanges the new state with the other CTAs through global memory
-// and a grid-wide barrier.
+// and a grid-wide barrier, or (sm_90, Tiling::cluster) the CTAs of a batch tile form one
+// thread-block cluster: each pushes its slice of the new state into every peer's shared memory
+// (distributed shared memory) and the cluster's hardware barrier closes the step.
 //
 // Shared memory of one CTA (regions 128-byte aligned; leading dimensions in elements):
 //   forward   W    [gate_rows][ld_w]      S   row g*gate_stride + u: gate g of unit u0+u, K = H
-//             h    [rows_pad][ld_w]       S   h_{t-1} of the CTA's rows (GRU_CHO also r*h_{t-1})
+//             h    [buffers][rows_pad][ld_w] S h_{t-1} of the CTA's rows (GRU_CHO also r*h_{t-1});
+//                                             cluster: buffer s % 2 holds step s's h_{t-1}, which the
+//                                             cluster's CTAs push in during step s - 1, and
+//                                             GRU_CHO's buffer 2 r*h_{t-1} (operand_buffers)
 //             acc  [gate_rows][ld_acc]    A   W h: gate row x batch row
 //             part [split][gate_rows][ld_acc] A  partial sums when warps split K
 //             state [rows][units]         A   LSTM: c
@@ -22,8 +27,10 @@
 //           The cell pass stages the step's saved activations for their stores after the
 //           barrier's arrival in place: gate g's in gate g's acc entries, LSTM's c_t in state.
 //   backward W    [unit_rows][ld_w]      S   Wᵀ: column g*k_block + j is W_hh[g*H + j][u0+u]
-//             dG   [rows_pad][ld_dg]      S   dG of the CTA's rows for chunk_gates gates at a time,
-//                                             gate blocks of k_block columns as in W
+//             dG   [buffers][rows_pad][ld_dg] S dG of the CTA's rows for chunk_gates gates at a time,
+//                                             gate blocks of k_block columns as in W; cluster: all
+//                                             gates, buffer s % 2 walk step s's, pushed in by the
+//                                             cluster's CTAs as they compute it
 //             acc  [unit_rows][ld_acc]    A   Wᵀ dGᵀ: unit x batch row
 //             part [split][unit_rows][ld_acc] A
 //             state [rows][units]         A   the gradient of h carried to the next step
@@ -62,6 +69,9 @@ struct DeviceLimits {
   // A tiling instead of the planner's choice, to test or time one: batch rows and hidden
   // units per CTA (RNNFUSED_PERSISTENT_TILING=ROWSxUNITS); 0: the planner's.
   int64_t forced_rows = 0, forced_units = 0;
+  // The most CTAs of a thread-block cluster the plans may use (sm_90: 8, the portable size;
+  // 0: no clusters, as before sm_90 or with RNNFUSED_PERSISTENT_CLUSTERS=0).
+  int64_t max_cluster = 0;
 };
 
 // One region of a CTA's shared memory layout, in bytes.
@@ -95,12 +105,27 @@ RNNF_HD int64_t backward_narrow_inputs(Cell cell) {
   return cell == Cell::LSTM ? 1 : 2;
 }
 
+// The operand tiles of the layout's operand region: one where the CTAs exchange through global
+// memory (each step copies its operand in); in a cluster, two that alternate by step parity
+// (peers push step s + 1's operand while this CTA still multiplies step s's), and for the
+// GRU_CHO forward a third for r * h_{t-1}, which its second phase multiplies while h_{t-1} is
+// still needed.
+RNNF_HD int64_t operand_buffers(Cell cell, bool backward, bool cluster) {
+  if (!cluster) return 1;
+  return !backward && cell == Cell::GRU_CHO ? 3 : 2;
+}
+
 // The plain-old-data part of a plan: what the kernels read (passed by value to the GPU).
 struct Tiling {
   int64_t units = 0;        // hidden units per CTA
   int64_t rows = 0;         // batch rows per CTA
   int64_t unit_tiles = 0;   // CTAs along the hidden units
   int64_t row_tiles = 0;    // CTAs along the batch; grid = unit_tiles * row_tiles
+  // Where > 0 (= unit_tiles, at most DeviceLimits::max_cluster): the unit_tiles CTAs of a batch
+  // tile are one thread-block cluster; they exchange h_t / dG through distributed shared memory
+  // and close a phase with the cluster barrier, and the backward takes all gates at once.
+  // 0: global memory and the grid barrier (none where unit_tiles is 1).
+  int64_t cluster = 0;
   int64_t rows_pad = 0;     // rows rounded up to kTile (N of both products)
   // Forward: M = gate_rows, K = k_fwd.
   int64_t gate_stride = 0;  // rows between the gate blocks of the W tile
@@ -124,8 +149,8 @@ struct Tiling {
 };
 
 // The planner's cost model: what the phases of one step (timing.h's, which bench.phases
-// measures) cost the slowest CTA of a tiling, in nanoseconds, on an H100. Only the grid
-// barrier is measured (an empty persistent kernel, 2026-11-26: 1.1 us at 132 CTAs); the rest
+// measures) cost the slowest CTA of a tiling, in nanoseconds, on an H100. Only the barriers
+// are measured (empty kernels, 2026-11-26: the grid barrier 1.1 us at 132 CTAs); the rest
 // are estimates from the latency review of the stage-2 kernel (shared/STAGE3.md section 4),
 // for python -m bench.phases, which prints them beside what it measures, to replace.
 struct CostModel {
@@ -142,6 +167,8 @@ struct CostModel {
   double k_step_ns = 20;            // one dependent 16x16x16 WMMA step of a warp (fragment loads and mma)
   double element_ns = 40;           // one thread's cell math for one element, its loads aside
   double issue_ns = 4;              // one thread issuing a store or an asynchronous copy it does not wait for
+  double cluster_barrier_ns = 400;  // the cluster barrier (measured: 0.40 us, bench.barrier, H100 2026-11-26)
+  double dsmem_ns = 200;            // the arrival's release waiting for its pushes into the peers' shared memory
 };
 
 // One step's estimate, per phase (timing.h's step phases), in nanoseconds.
@@ -164,16 +191,18 @@ struct Plan {
 };
 
 // The tiling of `rows` batch rows and `units` hidden units per CTA (the backward's dG tile
-// takes the most gates at a time that fit in smem_per_block), and whether both its passes fit.
-Tiling tile_for(Cell cell, int64_t H, int64_t B, DType dtype, int64_t rows, int64_t units, int64_t smem_per_block);
+// takes the most gates at a time that fit in smem_per_block), its CTAs of a batch tile one
+// cluster if `cluster` (and more than one), and whether both its passes fit.
+Tiling tile_for(Cell cell, int64_t H, int64_t B, DType dtype, int64_t rows, int64_t units, int64_t smem_per_block,
+                bool cluster = false);
 bool fits(const Tiling& t, int64_t smem_per_block);
 
 // The plan for one layer direction: cell, hidden size H, output width P (= H unless
 // projecting), batch B, storage dtype, whether fp32 products may use TF32, and the device.
 // Of the tilings that fit (every batch tile of 16 x 2^k rows or all B, every unit slice from
-// all of H, one CTA per batch tile with no grid barrier, to one unit tile per SM), the one
-// whose forward plus backward step the cost model estimates cheapest; ties go to fewer
-// CTAs. With limits.spread_units, the stage-2 rule instead: the smallest batch tile that
+// all of H, one CTA per batch tile with no grid barrier, to one unit tile per SM; where the
+// unit tiles fit a cluster, also as a cluster), the one whose forward plus backward step the
+// cost model estimates cheapest; ties go to fewer CTAs, then to the grid barrier. With limits.spread_units, the stage-2 rule instead: the smallest batch tile that
 // fits, its units spread over every SM.
 Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf32, const DeviceLimits& limits);
 

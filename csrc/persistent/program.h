@@ -1,7 +1,7 @@
 // The program of one CTA of the persistent recurrence, forward and backward, written once
 // and run two ways: by the CUDA kernel (device.cuh: the CTAs of a cooperative launch, a
-// grid-wide barrier after every phase, or a CTA barrier where each CTA has every unit of its
-// rows) and by the host simulation (host.h: the CTAs of a phase
+// grid-wide barrier after every phase, a CTA barrier where each CTA has every unit of its
+// rows, or in a cluster the cluster barrier) and by the host simulation (host.h: the CTAs of a phase
 // in shuffled order, the end of the phase as the barrier, every memory access checked). Both
 // run exactly this code with the tiling and shared-memory layout of plan.h; only the Ops
 // differ. Each CTA runs begin(), then for every walk step and phase k:
@@ -31,6 +31,12 @@
 //       nor its destination be touched.
 //   ops.prefetched()              this thread's prefetches have landed (an ops.sync must follow
 //                                 before other threads read them)
+//   ops.push_rows(tile, ld, rows, segments, stride, first, length, cluster, rank)
+//       (a cluster) for every peer CTA of the cluster (rank q != rank, q < cluster), r < rows,
+//       g < segments, j < length: the peer's tile[r*ld + g*stride + first + j] (the same offset
+//       in its shared memory) = this CTA's. Not synchronised; the cluster barrier's arrival
+//       orders the pushes before what the peers do after its wait.
+//   ops.buffer(s)                 the operand buffer of walk step s in a cluster: s % 2
 //   ops.stamp(phase)              charges the time since the previous stamp to `phase` (a GPU
 //                                 build with RNNFUSED_PHASE_TIMING; free everywhere else)
 //
@@ -39,8 +45,9 @@
 // The operands of the products are stored already so rounded, once, when they enter
 // shared memory.
 //
-// After a barrier a CTA may read what any CTA wrote before its arrival at that barrier
-// (through load_coherent or ops.copy_rows: L2, never a stale L1 line). What a CTA writes
+// After a barrier a CTA may read what any CTA (of its cluster, in a cluster) wrote before its
+// arrival at that barrier (through load_coherent or ops.copy_rows: L2, never a stale L1 line;
+// what a peer pushed into its shared memory, with plain reads). What a CTA writes
 // after its arrival becomes readable to the others only after the next barrier; otherwise a
 // CTA reads only what it wrote itself or what was there before the kernel started. The cell
 // math is cells.h's.
@@ -117,7 +124,8 @@ RNNF_HD void write(T* p, typename NoDeduce<T>::type value) {
 // one out, RNNFUSED_SIMULATE_DEFECT in host.h, to show that its checker sees the race).
 // Two of them are redundant in today's program, and the checker accordingly finds no race
 // without them (tests/test_persistent_checker.py): PhaseEnd, because the arrival at the grid
-// barrier after every phase starts with a CTA barrier of its own; and Fold, because the next
+// barrier after every phase starts with a CTA barrier of its own (but in a cluster, whose push
+// reads what the pass wrote); and Fold, because the next
 // chunk's copy and its Operand barrier come before its product overwrites acc. They keep each
 // piece correct on its own should the program around them change. (The backward's Begin
 // orders the first step's prefetched inputs before its pass, which folds nothing.)
@@ -181,6 +189,7 @@ struct CtaSlice {
 
 // What a pointwise pass needs to know about its element (row R of the batch, hidden unit U).
 struct Element {
+  int64_t s;     // walk step
   int64_t row;   // row of the step in the [N, *] tensors
   int64_t R, U;  // batch row, hidden unit
   int64_t r, u;  // the CTA's local row and unit
@@ -195,7 +204,7 @@ RNNF_HD void for_each_element(Ops& ops, const Tiling& t, const Walk& walk, const
   const int64_t r0 = slice.r0, u0 = slice.u0;
   ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
     const int64_t R = r0 + r, U = u0 + u;
-    if (R < rows && U < H) f(Element{offset + R, R, U, r, u, R >= next_rows});
+    if (R < rows && U < H) f(Element{s, offset + R, R, U, r, u, R >= next_rows});
   });
 }
 
@@ -207,6 +216,10 @@ RNNF_HD void for_each_element(Ops& ops, const Tiling& t, const Walk& walk, const
 // is its state); after the arrival the staged activations go out (stage 1's layout, steps.h)
 // and the next step's input projection comes in. LSTM keeps c in shared memory. GRU_CHO takes
 // two phases: r (and r * h_{t-1} of every unit, through p.rh) first, then n.
+// In a cluster (t.cluster) the cell pass writes h_t (GRU_CHO's r * h_{t-1}) into its own
+// operand buffer of the next step, pushes the CTA's slice of it into every peer's, and stores
+// h_t to y after the arrival (fp32: in the pass, as the tile holds it rounded to TF32): nothing
+// in the exchange goes through global memory.
 template <typename S, typename A>
 struct ForwardCta {
   const ForwardParams& p;
@@ -236,9 +249,22 @@ struct ForwardCta {
 
   RNNF_HD int phases() const { return p.cell == Cell::GRU_CHO ? 2 : 1; }
 
-  // The W tile, the biases and (LSTM) the c0 tile into shared memory; the operand tile
-  // zeroed once (its padding columns multiply W's and must be finite; rows are loaded per
-  // step); the first step's inputs on their way.
+  RNNF_HD bool clustered() const { return t.cluster > 0; }
+  // Whether an operand tile holds a value rounded (fp32: to TF32), not as stored: a cluster
+  // then stores h_t to y in the cell pass, and the cells read h_{t-1} from y.
+  static constexpr bool kRoundedOperand = std::is_same_v<S, float>;
+  RNNF_HD S* operand_buffer(int64_t buffer) const { return h + buffer * t.rows_pad * t.ld_w_fwd; }
+  // The operand tile of walk step s: h_{t-1}, and GRU_CHO's r * h_{t-1} (one tile, reloaded,
+  // unless in a cluster).
+  template <typename Ops>
+  RNNF_HD S* state_tile(Ops& ops, int64_t s) const {
+    return clustered() ? operand_buffer(ops.buffer(s)) : h;
+  }
+  RNNF_HD S* reset_tile() const { return clustered() ? operand_buffer(2) : h; }
+
+  // The W tile, the biases and (LSTM) the c0 tile into shared memory; the operand tiles
+  // zeroed once (their padding columns multiply W's and must be finite; rows are loaded or
+  // pushed per step); the first step's inputs on their way.
   template <typename Ops>
   RNNF_HD void begin(Ops& ops) {
     const int64_t H = p.H, gates = gates_per_unit(p.cell), stride = t.gate_stride, ld = t.ld_w_fwd;
@@ -251,7 +277,8 @@ struct ForwardCta {
       write(tile + m * ld + k, valid ? ops.operand(read(w_hh + (gate * H + u0 + u) * H + k)) : store<S>(A(0)));
     });
     S* operand_tile = h;
-    ops.for_each(t.rows_pad, ld, [=](int64_t r, int64_t k) { write(operand_tile + r * ld + k, store<S>(A(0))); });
+    ops.for_each(operand_buffers(p.cell, false, clustered()) * t.rows_pad, ld,
+                 [=](int64_t r, int64_t k) { write(operand_tile + r * ld + k, store<S>(A(0))); });
     const S* b_ih = static_cast<const S*>(p.b_ih);
     const S* b_hh = static_cast<const S*>(p.b_hh);
     A* bias_tile = biases;
@@ -273,38 +300,74 @@ struct ForwardCta {
 
   template <typename Ops>
   RNNF_HD void phase(Ops& ops, int64_t s, int k) {
+    // h_{t-1}'s tile, and the tile h_t goes to: the next step's in a cluster, else none (y).
+    S* const now = state_tile(ops, s);
+    S* const next = clustered() ? state_tile(ops, s + 1) : nullptr;
     switch (p.cell) {
-      case Cell::LSTM: step(ops, s, [this](const Element& e) { lstm(e); }); break;
-      case Cell::GRU: step(ops, s, [this](const Element& e) { gru(e); }); break;
+      case Cell::LSTM: step(ops, s, [this, next](const Element& e) { lstm(next, e); }); break;
+      case Cell::GRU: step(ops, s, [this, now, next](const Element& e) { gru(now, next, e); }); break;
       case Cell::RNN_TANH:
-      case Cell::RNN_RELU: step(ops, s, [this](const Element& e) { rnn(e); }); break;
+      case Cell::RNN_RELU: step(ops, s, [this, next](const Element& e) { rnn(next, e); }); break;
       case Cell::GRU_CHO:
         if (k == 0) {
           load_operand(ops, s, false);
-          multiply(ops, 0, 2 * t.gate_stride);
-          for_each_element(ops, t, walk, slice, p.H, s, [this](const Element& e) { cho_reset(e); });
+          multiply(ops, 0, 2 * t.gate_stride, now);
+          for_each_element(ops, t, walk, slice, p.H, s, [this, now](const Element& e) { cho_reset(now, e); });
         } else {
           load_operand(ops, s, true);
-          multiply(ops, 2 * t.gate_stride, t.gate_rows);
-          for_each_element(ops, t, walk, slice, p.H, s, [this, s](const Element& e) { cho_output(s, e); });
+          multiply(ops, 2 * t.gate_stride, t.gate_rows, reset_tile());
+          for_each_element(ops, t, walk, slice, p.H, s,
+                           [this, now, next](const Element& e) { cho_output(now, next, e); });
         }
         break;
       default: invalid_cell(p.cell);
     }
     ops.sync(Sync::PhaseEnd);
     ops.stamp(Phase::Cell);
+    // (The last step's h_t is the peers' operand of no step.)
+    const bool reset = p.cell == Cell::GRU_CHO && k == 0;
+    if (clustered() && (reset || s + 1 < walk.T)) push(ops, s, reset ? reset_tile() : next);
+  }
+
+  // (A cluster) the CTA's slice of the operand it wrote in this phase, the rows active at walk
+  // step s, into every peer's tile.
+  template <typename Ops>
+  RNNF_HD void push(Ops& ops, int64_t s, S* tile) {
+    const int64_t active = walk.rows(s) - slice.r0, length = p.H - slice.u0 < t.units ? p.H - slice.u0 : t.units;
+    ops.push_rows(tile, t.ld_w_fwd, active < t.rows ? active : t.rows, int64_t(1), int64_t(0), slice.u0, length,
+                  t.cluster, slice.u0 / t.units);
   }
 
   // After the arrival at the barrier that ends phase k of walk step s: the activations the
-  // phase staged go out (GRU_CHO: r after phase 0, z and n after phase 1), and after the
-  // step's last phase the next step's inputs are on their way.
+  // phase staged go out (GRU_CHO: r after phase 0, z and n after phase 1), in a cluster h_t
+  // too, and after the step's last phase the next step's inputs are on their way.
   template <typename Ops>
   RNNF_HD void after_arrival(Ops& ops, int64_t s, int k) {
     if (p.gates) {
       const bool cho = p.cell == Cell::GRU_CHO;
       store_staged(ops, s, cho && k == 1 ? 1 : 0, cho && k == 0 ? 1 : staged_slots(p.cell));
     }
-    if (k == phases() - 1) prefetch_inputs(ops, s + 1);
+    if (k < phases() - 1) return;
+    if (clustered() && !kRoundedOperand) store_outputs(ops, s);
+    prefetch_inputs(ops, s + 1);
+  }
+
+  // (A cluster) h_t of walk step s, from the next step's operand tile, to y, and to h_n for
+  // the rows whose last step it is.
+  template <typename Ops>
+  RNNF_HD void store_outputs(Ops& ops, int64_t s) {
+    const int64_t H = p.H, r0 = slice.r0, u0 = slice.u0, ld = t.ld_w_fwd;
+    const int64_t active = walk.rows(s), next_rows = walk.rows(s + 1), offset = walk.offset(s);
+    const S* tile = state_tile(ops, s + 1);
+    S* y = static_cast<S*>(p.y);
+    S* h_n = static_cast<S*>(p.h);
+    ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
+      const int64_t R = r0 + r, U = u0 + u;
+      if (R >= active || U >= H) return;
+      const S value = read(tile + r * ld + U);
+      write(y + (offset + R) * H + U, value);
+      if (R >= next_rows) write(h_n + R * H + U, value);
+    });
   }
 
   // x W_ihᵀ of the CTA's rows active at walk step s, gate by gate, into the inputs tile.
@@ -360,20 +423,29 @@ struct ForwardCta {
   template <typename Ops, typename F>
   RNNF_HD void step(Ops& ops, int64_t s, const F& cell) {
     load_operand(ops, s, false);
-    multiply(ops, 0, t.gate_rows);
+    multiply(ops, 0, t.gate_rows, state_tile(ops, s));
     for_each_element(ops, t, walk, slice, p.H, s, cell);
   }
 
   // The operand tile: h_{t-1} of the CTA's rows active at step s, or (GRU_CHO phase 2)
-  // r * h_{t-1}. Inactive rows keep stale values: their products are never read.
+  // r * h_{t-1}. Inactive rows keep stale values: their products are never read. In a cluster
+  // the peers pushed both in, but for the rows not active the step before, whose h_{t-1} is
+  // h0 (s = 0; packed input in the reverse direction).
   template <typename Ops>
   RNNF_HD void load_operand(Ops& ops, int64_t s, bool reset_hidden) {
-    const int64_t r0 = slice.r0, active = walk.rows(s) - r0;
-    ops.copy_rows(h, t.ld_w_fwd, active < t.rows ? active : t.rows, int64_t(1), int64_t(0), int64_t(0), p.H,
-                  [this, s, r0, reset_hidden](int64_t r) {
-                    const int64_t R = r0 + r;
-                    return reset_hidden ? static_cast<const S*>(p.rh) + R * p.H : previous_state(s, R);
-                  });
+    const int64_t r0 = slice.r0, active = walk.rows(s) - r0, rows = active < t.rows ? active : t.rows;
+    if (!clustered())
+      ops.copy_rows(h, t.ld_w_fwd, rows, int64_t(1), int64_t(0), int64_t(0), p.H,
+                    [this, s, r0, reset_hidden](int64_t r) {
+                      const int64_t R = r0 + r;
+                      return reset_hidden ? static_cast<const S*>(p.rh) + R * p.H : previous_state(s, R);
+                    });
+    else if (!reset_hidden)
+      ops.copy_rows(state_tile(ops, s), t.ld_w_fwd, rows, int64_t(1), int64_t(0), int64_t(0), p.H,
+                    [this, s, r0](int64_t r) -> const S* {
+                      const int64_t R = r0 + r;
+                      return R < walk.rows(s - 1) ? nullptr : static_cast<const S*>(p.h0) + R * p.H;
+                    });
     ops.prefetched();  // the step's inputs: the Operand barrier orders them too
     ops.sync(Sync::Operand);
     ops.stamp(Phase::Exchange);
@@ -381,9 +453,9 @@ struct ForwardCta {
 
   // acc rows [m0, m1) = W tile rows [m0, m1) times the operand tile.
   template <typename Ops>
-  RNNF_HD void multiply(Ops& ops, int64_t m0, int64_t m1) {
-    ops.gemm(acc, t.ld_acc_fwd, partials, t.gate_rows * t.ld_acc_fwd, static_cast<const S*>(w), t.ld_w_fwd,
-             static_cast<const S*>(h), t.ld_w_fwd, m0, m1, t.rows_pad, int64_t(0), t.k_fwd, t.split_fwd);
+  RNNF_HD void multiply(Ops& ops, int64_t m0, int64_t m1, const S* operand) {
+    ops.gemm(acc, t.ld_acc_fwd, partials, t.gate_rows * t.ld_acc_fwd, static_cast<const S*>(w), t.ld_w_fwd, operand,
+             t.ld_w_fwd, m0, m1, t.rows_pad, int64_t(0), t.k_fwd, t.split_fwd);
     ops.stamp(Phase::Mma);
   }
 
@@ -412,9 +484,19 @@ struct ForwardCta {
     return input(gate, e) + gate_acc(gate, e) + b_ih(gate, e) + b_hh(gate, e);
   }
 
-  RNNF_HD A h_prev_from_tile(const Element& e) const { return load<A>(read(h + e.r * t.ld_w_fwd + e.U)); }
+  // h_{t-1} of the element for the cell's own math (GRU's): from the operand tile `tile`, or
+  // where that holds it rounded (fp32), or holds r * h_{t-1} (GRU_CHO's second phase without a
+  // cluster), from y (or h0), where this CTA wrote it.
+  RNNF_HD A h_prev(const S* tile, const Element& e) const {
+    if (tile == nullptr || kRoundedOperand) return load<A>(load_coherent(previous_state(e.s, e.R) + e.U));
+    return load<A>(read(tile + e.r * t.ld_w_fwd + e.U));
+  }
 
-  RNNF_HD void write_h(const Element& e, S value) const {
+  // h_t: to y (and h_n at the row's last step), or in a cluster to the next step's operand
+  // tile (as the product takes it), from which store_outputs takes it on to y unless rounded.
+  RNNF_HD void write_h(S* next, const Element& e, S value) const {
+    if (next != nullptr) write(next + e.r * t.ld_w_fwd + e.U, tensor_core_operand(value));
+    if (next != nullptr && !kRoundedOperand) return;
     write(static_cast<S*>(p.y) + e.row * p.H + e.U, value);
     if (e.last) write(static_cast<S*>(p.h) + e.R * p.H + e.U, value);
   }
@@ -425,12 +507,12 @@ struct ForwardCta {
     write(acc + (gate * t.gate_stride + e.u) * t.ld_acc_fwd + e.r, value);
   }
 
-  RNNF_HD void lstm(const Element& e) const {
+  RNNF_HD void lstm(S* next, const Element& e) const {
     const auto a = cells::lstm_activate(preact(0, e), preact(1, e), preact(2, e), preact(3, e));
     A* const c_state = c + e.r * t.units + e.u;
     const A c_t = cells::lstm_cell(a, read(c_state), A(p.cell_clip));
     write(c_state, c_t);
-    write_h(e, store<S>(cells::lstm_hidden(a, c_t)));
+    write_h(next, e, store<S>(cells::lstm_hidden(a, c_t)));
     if (p.gates) {
       stage(0, e, a.i);
       stage(1, e, a.f);
@@ -439,11 +521,11 @@ struct ForwardCta {
     }
   }
 
-  RNNF_HD void gru(const Element& e) const {
+  RNNF_HD void gru(const S* now, S* next, const Element& e) const {
     const A hn = gate_acc(2, e) + b_hh(2, e);
     const A xn = input(2, e) + b_ih(2, e);
     const auto a = cells::gru_forward(preact(0, e), preact(1, e), xn, hn);
-    write_h(e, store<S>(cells::gru_hidden(a.z, a.n, h_prev_from_tile(e))));
+    write_h(next, e, store<S>(cells::gru_hidden(a.z, a.n, h_prev(now, e))));
     if (p.gates) {
       stage(0, e, a.r);
       stage(1, e, a.z);
@@ -452,29 +534,34 @@ struct ForwardCta {
     }
   }
 
-  // GRU_CHO phase 1: r, and r * h_{t-1} into the exchange buffer p.rh [B, H].
-  RNNF_HD void cho_reset(const Element& e) const {
+  // GRU_CHO phase 1: r, and r * h_{t-1} into the exchange buffer p.rh [B, H] (a cluster: its
+  // own reset tile, which it pushes).
+  RNNF_HD void cho_reset(const S* now, const Element& e) const {
     const A r = cells::sigmoid(preact(0, e));
-    write(static_cast<S*>(p.rh) + e.R * p.H + e.U, store<S>(r * h_prev_from_tile(e)));
+    const S value = store<S>(r * h_prev(now, e));
+    if (clustered())
+      write(reset_tile() + e.r * t.ld_w_fwd + e.U, tensor_core_operand(value));
+    else
+      write(static_cast<S*>(p.rh) + e.R * p.H + e.U, value);
     if (p.gates) stage(0, e, r);
   }
 
   // GRU_CHO phase 2: z (its product is still in acc from phase 1), n and h_t. The operand
-  // tile now holds r * h_{t-1}, so h_{t-1} is read again from where phase 1 loaded it.
-  RNNF_HD void cho_output(int64_t s, const Element& e) const {
+  // tile now holds r * h_{t-1}, so h_{t-1} is read again from where phase 1 loaded it (a
+  // cluster keeps it in its own tile).
+  RNNF_HD void cho_output(const S* now, S* next, const Element& e) const {
     const A z = cells::sigmoid(preact(1, e));
     const A n = cells::gru_cho_candidate(input(2, e) + b_ih(2, e), gate_acc(2, e) + b_hh(2, e));
-    const A h_prev = load<A>(load_coherent(previous_state(s, e.R) + e.U));
-    write_h(e, store<S>(cells::gru_hidden(z, n, h_prev)));
+    write_h(next, e, store<S>(cells::gru_hidden(z, n, h_prev(clustered() ? now : nullptr, e))));
     if (p.gates) {
       stage(1, e, z);
       stage(2, e, n);
     }
   }
 
-  RNNF_HD void rnn(const Element& e) const {
+  RNNF_HD void rnn(S* next, const Element& e) const {
     const A pre = preact(0, e);
-    write_h(e, store<S>(p.cell == Cell::RNN_RELU ? cells::rnn_relu_forward(pre) : cells::rnn_tanh_forward(pre)));
+    write_h(next, e, store<S>(p.cell == Cell::RNN_RELU ? cells::rnn_relu_forward(pre) : cells::rnn_tanh_forward(pre)));
   }
 };
 
@@ -488,6 +575,9 @@ struct ForwardCta {
 // With t.prefetch_bwd the pointwise pass reads its per-element inputs (plan.h's
 // backward_wide_inputs, backward_narrow_inputs) from shared memory, prefetched a step ahead
 // after the arrival; else from global memory.
+// In a cluster the pass writes the gate gradients the recurrence needs (dgh's) into its own dG
+// tile of the step (all gates; two tiles by step parity), pushes the CTA's slice into every
+// peer's, and stores them to dgh (and GRU's dgx) after the arrival (fp32: in the pass).
 template <typename S, typename A>
 struct BackwardCta {
   const BackwardParams& p;
@@ -519,6 +609,22 @@ struct BackwardCta {
 
   RNNF_HD int phases() const { return p.cell == Cell::GRU_CHO ? 2 : 1; }
 
+  RNNF_HD bool clustered() const { return t.cluster > 0; }
+  // Whether an operand tile holds a value rounded (fp32: to TF32): a cluster then stores dG
+  // to global memory in the cell pass.
+  static constexpr bool kRoundedOperand = std::is_same_v<S, float>;
+  // The dG tile that walk step s's gradients are multiplied from: in a cluster the step's own
+  // (pushed in while computed), else the one tile, reloaded per chunk.
+  template <typename Ops>
+  RNNF_HD S* dg_tile(Ops& ops, int64_t s) const {
+    return clustered() ? dg + ops.buffer(s) * t.rows_pad * t.ld_dg : dg;
+  }
+  // The gates each phase's pass computes dG of: GRU_CHO z and n, then r; the others all.
+  RNNF_HD int64_t first_gate(int k) const { return p.cell == Cell::GRU_CHO ? (k == 0 ? 1 : 0) : 0; }
+  RNNF_HD int64_t end_gate(int k) const {
+    return p.cell == Cell::GRU_CHO ? (k == 0 ? 3 : 1) : gates_per_unit(p.cell);
+  }
+
   // The Wᵀ tile and the gradients of h_n (and c_n) into shared memory; the first step's inputs
   // (they land before the Begin barrier: the first step folds nothing, so no operand barrier
   // comes before its pass).
@@ -535,7 +641,8 @@ struct BackwardCta {
     });
     S* operand_tile = dg;
     const int64_t ld_dg = t.ld_dg;
-    ops.for_each(t.rows_pad, ld_dg, [=](int64_t r, int64_t k) { write(operand_tile + r * ld_dg + k, store<S>(A(0))); });
+    ops.for_each(operand_buffers(p.cell, true, clustered()) * t.rows_pad, ld_dg,
+                 [=](int64_t r, int64_t k) { write(operand_tile + r * ld_dg + k, store<S>(A(0))); });
     const A* dh_n = static_cast<const A*>(p.dh);
     const A* dc_n = static_cast<const A*>(p.dc);
     A* dh_state = dh;
@@ -557,42 +664,69 @@ struct BackwardCta {
   RNNF_HD void phase(Ops& ops, int64_t s, int k) {
     const int64_t H = p.H;
     const bool first = s == walk.T - 1;
+    S* const out = clustered() ? dg_tile(ops, s) : nullptr;  // the step's dG tile in a cluster
     switch (p.cell) {
       case Cell::LSTM:
         if (!first) fold(ops, s + 1, 0, gates_per_unit(p.cell), false);
-        for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { lstm(e); });
+        for_each_element(ops, t, walk, slice, H, s, [this, out](const Element& e) { lstm(out, e); });
         break;
       case Cell::GRU:
         if (!first) fold(ops, s + 1, 0, gates_per_unit(p.cell), true);
-        for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { gru(e); });
+        for_each_element(ops, t, walk, slice, H, s, [this, out](const Element& e) { gru(out, e); });
         break;
       case Cell::RNN_TANH:
       case Cell::RNN_RELU:
         if (!first) fold(ops, s + 1, 0, gates_per_unit(p.cell), false);
-        for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { rnn(e); });
+        for_each_element(ops, t, walk, slice, H, s, [this, out](const Element& e) { rnn(out, e); });
         break;
       case Cell::GRU_CHO:
         if (k == 0) {
           if (!first) fold(ops, s + 1, 0, 2, true);
-          for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { cho_nz(e); });
+          for_each_element(ops, t, walk, slice, H, s, [this, out](const Element& e) { cho_nz(out, e); });
         } else {  // d(r * h_{t-1}) from the n gate alone: one chunk
           load_gradients(ops, s, 2, 3);
-          multiply(ops, 2, 3);
-          for_each_element(ops, t, walk, slice, H, s, [this](const Element& e) { cho_r(e); });
+          multiply(ops, s, 2, 3);
+          for_each_element(ops, t, walk, slice, H, s, [this, out](const Element& e) { cho_r(out, e); });
         }
         break;
       default: invalid_cell(p.cell);
     }
     ops.sync(Sync::PhaseEnd);
     ops.stamp(Phase::Cell);
+    if (clustered()) {
+      const int64_t active = walk.rows(s) - slice.r0, length = H - slice.u0 < t.units ? H - slice.u0 : t.units;
+      ops.push_rows(out + first_gate(k) * t.k_block, t.ld_dg, active < t.rows ? active : t.rows,
+                    end_gate(k) - first_gate(k), t.k_block, slice.u0, length, t.cluster, slice.u0 / t.units);
+    }
   }
 
-  // After the arrival at the barrier that ends walk step s: the inputs of the step processed
-  // next (s - 1) on their way. (The phases' stores are dG, which the other CTAs read after
-  // the barrier, but for GRU's dgx and GRU_CHO's r * h_{t-1}, which stay before the arrival.)
+  // After the arrival at the barrier that ends walk step s: in a cluster the phase's dG to
+  // global memory, and the inputs of the step processed next (s - 1) on their way. (Without a
+  // cluster the phases' stores are dG, which the other CTAs read after the barrier; GRU's dgx of
+  // the n gate and GRU_CHO's r * h_{t-1} stay before the arrival either way.)
   template <typename Ops>
   RNNF_HD void after_arrival(Ops& ops, int64_t s, int k) {
+    if (clustered() && !kRoundedOperand) store_gradients(ops, s, k);
     if (k == phases() - 1) prefetch_inputs(ops, s - 1);
+  }
+
+  // (A cluster) the dG that phase k of walk step s computed, from its tile, to dgh (and GRU's
+  // dgx of r and z, which dgh does not alias).
+  template <typename Ops>
+  RNNF_HD void store_gradients(Ops& ops, int64_t s, int k) {
+    const int64_t H = p.H, G = p.G, r0 = slice.r0, u0 = slice.u0, units = t.units, ld = t.ld_dg, block = t.k_block;
+    const int64_t active = walk.rows(s), offset = walk.offset(s), g0 = first_gate(k);
+    const bool gru = p.cell == Cell::GRU;
+    const S* tile = dg_tile(ops, s);
+    S* dgh = static_cast<S*>(p.dgh);
+    S* dgx = static_cast<S*>(p.dgx);
+    ops.for_each(t.rows, (end_gate(k) - g0) * units, [=](int64_t r, int64_t j) {
+      const int64_t gate = g0 + j / units, R = r0 + r, U = u0 + j % units;
+      if (R >= active || U >= H) return;
+      const S value = read(tile + r * ld + gate * block + U);
+      write(dgh + (offset + R) * G + gate * H + U, value);
+      if (gru && gate < 2) write(dgx + (offset + R) * G + gate * H + U, value);
+    });
   }
 
   // The pointwise pass's inputs of the CTA's rows active at walk step s into the inputs tiles
@@ -645,25 +779,26 @@ struct BackwardCta {
 
   // The dG tile of walk step s for gates [g0, g1): gate g's column j in tile column
   // (g - g0) * k_block + j, from dgh (which dgx aliases except for GRU). Rows of the CTA
-  // active at s; the others keep stale values, never read.
+  // active at s; the others keep stale values, never read. (A cluster's peers pushed it in.)
   template <typename Ops>
   RNNF_HD void load_gradients(Ops& ops, int64_t s, int64_t g0, int64_t g1) {
     const int64_t r0 = slice.r0, active = walk.rows(s) - r0, offset = walk.offset(s), H = p.H, G = p.G;
     const S* source = static_cast<const S*>(p.dgh) + g0 * H;
-    ops.copy_rows(dg, t.ld_dg, active < t.rows ? active : t.rows, g1 - g0, t.k_block, H, H,
-                  [=](int64_t r) { return source + (offset + r0 + r) * G; });
+    if (!clustered())
+      ops.copy_rows(dg, t.ld_dg, active < t.rows ? active : t.rows, g1 - g0, t.k_block, H, H,
+                    [=](int64_t r) { return source + (offset + r0 + r) * G; });
     ops.prefetched();  // the pass's inputs (prefetch_bwd): the Operand barrier orders them too
     ops.sync(Sync::Operand);
     ops.stamp(Phase::Exchange);
   }
 
-  // acc = Wᵀ columns of gates [g0, g1) times the dG tile: (part of) d(h_{t-1}) of the CTA's
-  // units, or for GRU_CHO's n gate d(r * h_{t-1}).
+  // acc = Wᵀ columns of gates [g0, g1) times walk step s's dG tile: (part of) d(h_{t-1}) of
+  // the CTA's units, or for GRU_CHO's n gate d(r * h_{t-1}).
   template <typename Ops>
-  RNNF_HD void multiply(Ops& ops, int64_t g0, int64_t g1) {
-    ops.gemm(acc, t.ld_acc_bwd, partials, t.unit_rows * t.ld_acc_bwd, static_cast<const S*>(w), t.ld_w_bwd,
-             static_cast<const S*>(dg), t.ld_dg, int64_t(0), t.unit_rows, t.rows_pad, g0 * t.k_block,
-             g1 * t.k_block, t.split_bwd);
+  RNNF_HD void multiply(Ops& ops, int64_t s, int64_t g0, int64_t g1) {
+    const S* tile = clustered() ? dg_tile(ops, s) + g0 * t.k_block : dg;
+    ops.gemm(acc, t.ld_acc_bwd, partials, t.unit_rows * t.ld_acc_bwd, static_cast<const S*>(w), t.ld_w_bwd, tile,
+             t.ld_dg, int64_t(0), t.unit_rows, t.rows_pad, g0 * t.k_block, g1 * t.k_block, t.split_bwd);
     ops.stamp(Phase::Mma);
   }
 
@@ -679,7 +814,7 @@ struct BackwardCta {
     for (int64_t chunk = g0; chunk < g1; chunk += t.chunk_gates) {
       const int64_t end = chunk + t.chunk_gates < g1 ? chunk + t.chunk_gates : g1;
       load_gradients(ops, s, chunk, end);
-      multiply(ops, chunk, end);
+      multiply(ops, s, chunk, end);
       const bool keep = add || chunk > g0;
       ops.for_each(t.rows, t.units, [=](int64_t r, int64_t u) {
         if (r0 + r >= active || u0 + u >= H) return;
@@ -717,61 +852,65 @@ struct BackwardCta {
     write(out + e.row * p.G + gate * p.H + e.U, store<S>(value));
   }
 
-  RNNF_HD void lstm(const Element& e) const {
+  // A gate gradient the recurrence multiplies (dgh's): into the step's dG tile in a cluster
+  // (`tile`; as the product takes it), from which store_gradients takes it on unless rounded;
+  // else to dgh, and to dgx where GRU's is separate (r and z).
+  RNNF_HD void exchange_dg(S* tile, int64_t gate, const Element& e, A value) const {
+    if (tile != nullptr) write(tile + e.r * t.ld_dg + gate * t.k_block + e.U, tensor_core_operand(store<S>(value)));
+    if (tile != nullptr && !kRoundedOperand) return;
+    store_dg(static_cast<S*>(p.dgh), gate, e, value);
+    if (p.cell == Cell::GRU && gate < 2) store_dg(static_cast<S*>(p.dgx), gate, e, value);
+  }
+
+  RNNF_HD void lstm(S* tile, const Element& e) const {
     const cells::LstmGates<A> a{wide_input(0, e), wide_input(1, e), wide_input(2, e), wide_input(3, e)};
     A* const dc_state = dc + e.r * t.units + e.u;
     A dc_prev;
     const auto d = cells::lstm_backward(a, wide_input(4, e), wide_input(5, e), dh_total(e), read(dc_state),
                                         A(p.cell_clip), A(p.grad_clip), dc_prev);
     write(dc_state, dc_prev);
-    S* dgx = static_cast<S*>(p.dgx);
-    store_dg(dgx, 0, e, d.i);
-    store_dg(dgx, 1, e, d.f);
-    store_dg(dgx, 2, e, d.g);
-    store_dg(dgx, 3, e, d.o);
+    exchange_dg(tile, 0, e, d.i);
+    exchange_dg(tile, 1, e, d.f);
+    exchange_dg(tile, 2, e, d.g);
+    exchange_dg(tile, 3, e, d.o);
   }
 
-  RNNF_HD void gru(const Element& e) const {
+  RNNF_HD void gru(S* tile, const Element& e) const {
     const cells::GruGates<A> a{wide_input(0, e), wide_input(1, e), wide_input(2, e), wide_input(3, e)};
     const auto d = cells::gru_backward(a, h_prev(e), dh_total(e), A(p.grad_clip));
     write(dh + e.r * t.units + e.u, d.dh_prev_direct);
-    S* dgx = static_cast<S*>(p.dgx);
-    S* dgh = static_cast<S*>(p.dgh);
-    store_dg(dgx, 0, e, d.d_r);
-    store_dg(dgh, 0, e, d.d_r);
-    store_dg(dgx, 1, e, d.d_z);
-    store_dg(dgh, 1, e, d.d_z);
-    store_dg(dgx, 2, e, d.d_xn);
-    store_dg(dgh, 2, e, d.d_hn);
+    exchange_dg(tile, 0, e, d.d_r);
+    exchange_dg(tile, 1, e, d.d_z);
+    exchange_dg(tile, 2, e, d.d_hn);
+    store_dg(static_cast<S*>(p.dgx), 2, e, d.d_xn);
   }
 
-  RNNF_HD void rnn(const Element& e) const {
+  RNNF_HD void rnn(S* tile, const Element& e) const {
     const A h_t = narrow_input(1, e);
     const A grad = dh_total(e), clip = A(p.grad_clip);
-    store_dg(static_cast<S*>(p.dgx), 0, e,
-             p.cell == Cell::RNN_RELU ? cells::rnn_relu_backward(h_t, grad, clip)
-                                      : cells::rnn_tanh_backward(h_t, grad, clip));
+    exchange_dg(tile, 0, e,
+                p.cell == Cell::RNN_RELU ? cells::rnn_relu_backward(h_t, grad, clip)
+                                         : cells::rnn_tanh_backward(h_t, grad, clip));
   }
 
   // GRU_CHO phase 1: gradients of the z and n pre-activations; dh becomes dh * z.
-  RNNF_HD void cho_nz(const Element& e) const {
+  RNNF_HD void cho_nz(S* tile, const Element& e) const {
     const auto d = cells::gru_cho_backward_nz(wide_input(1, e), wide_input(2, e), h_prev(e), dh_total(e),
                                               A(p.grad_clip));
     write(dh + e.r * t.units + e.u, d.dh_prev_direct);
-    S* dgx = static_cast<S*>(p.dgx);
-    store_dg(dgx, 1, e, d.d_z);
-    store_dg(dgx, 2, e, d.d_xn);
+    exchange_dg(tile, 1, e, d.d_z);
+    exchange_dg(tile, 2, e, d.d_xn);  // = the gradient of W_hn (r * h_{t-1}) + b_hn
   }
 
   // GRU_CHO phase 2: acc holds d(r * h_{t-1}); the gradient of the r pre-activation, the
   // part of dh through r * h_{t-1}, and r * h_{t-1} itself (for dW_hn).
-  RNNF_HD void cho_r(const Element& e) const {
+  RNNF_HD void cho_r(S* tile, const Element& e) const {
     const A r = wide_input(0, e), h = h_prev(e);
     A* const direct = dh + e.r * t.units + e.u;
     A dh_direct = read(direct);
     const A d_r = cells::gru_cho_backward_r(r, h, read(acc + e.u * t.ld_acc_bwd + e.r), A(p.grad_clip), dh_direct);
     write(direct, dh_direct);
-    store_dg(static_cast<S*>(p.dgx), 0, e, d_r);
+    exchange_dg(tile, 0, e, d_r);
     write(static_cast<S*>(p.rh) + e.row * p.H + e.U, store<S>(r * h));
   }
 };
