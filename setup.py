@@ -175,7 +175,8 @@ def relative(paths):
 
 def extension():
     sources = relative([os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "kernel_choice.cpp"),
-                        os.path.join(CSRC, "cpu", "rnn_cpu.cpp"), os.path.join(CSRC, "persistent", "plan.cpp")])
+                        os.path.join(CSRC, "persistent", "plan.cpp")]
+                       + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp"))))
     include_dirs = [CSRC]
     # What the CPU element loops need to vectorise: -fno-trapping-math to select between
     # computed values (torch builds with it too), and -fno-wrapv to undo Python's -fwrapv,

@@ -9,6 +9,13 @@ namespace cpu {
 void run(const ForwardParams& p, DType dtype);
 void run(const BackwardParams& p, DType dtype);
 
+// The same for storage dtype S (float, double, c10::Half, c10::BFloat16): typed.h,
+// instantiated in rnn_cpu_<dtype>.cpp.
+template <typename S>
+void run_typed(const ForwardParams& p);
+template <typename S>
+void run_typed(const BackwardParams& p);
+
 // The instruction set the element loops run with on this CPU: "avx2+fma" or "baseline".
 const char* element_loop_isa();
 
