@@ -106,10 +106,14 @@ def test_planner_decisions():
     assert "TF32 off" in _plan(Cell.LSTM, 64, 8, torch.float32, tf32=False)["reason"]
     assert "projection" in _plan(Cell.LSTM, 64, 8, torch.float16, P=32)["reason"]
     assert "8.0" in _plan(Cell.LSTM, 64, 8, torch.float16, limits=dict(H100, compute_capability=75))["reason"]
-    # Without cooperative launch (MPS, MIG) only plans without a grid barrier run.
+    # Without cooperative launch (MPS, MIG) only plans without a grid barrier run: one CTA per
+    # batch tile, or clusters.
     no_cooperative = dict(H100, cooperative_launch=False)
-    assert "cooperative" in _plan(Cell.LSTM, 512, 8, torch.float16, limits=no_cooperative)["reason"]
-    one_cta = _plan(Cell.GRU, 64, 8, torch.float16, limits=no_cooperative)
+    assert "cooperative launch, which the grid barrier needs where W_hh (2048 KB) does not fit one CTA or one " \
+           "cluster" in _plan(Cell.LSTM, 512, 8, torch.float16, limits=no_cooperative)["reason"]
+    without = _plan(Cell.GRU, 64, 8, torch.float16, limits=no_cooperative)
+    assert without["persistent"] and without["cluster"] == without["unit_tiles"] > 1
+    one_cta = _plan(Cell.GRU, 64, 8, torch.float16, limits=dict(no_cooperative, max_cluster=0))
     assert one_cta["persistent"] and one_cta["unit_tiles"] == 1
     assert not _plan(Cell.GRU, 64, 8, torch.float16, limits=no_cooperative, spread=True)["persistent"]
     # The host simulation plans every dtype.

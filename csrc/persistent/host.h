@@ -8,8 +8,9 @@
 // Each barrier comes in two halves, as on the GPU: every CTA's phase, the arrival, every
 // CTA's after_arrival, the wait. A prefetch (ops.prefetch_rows) lands when its thread calls
 // ops.prefetched(), not when it is issued; until then the copy may read its source and write
-// its destination at any time, so the checker sees it read the source both at the issue and
-// at the landing, and flags any touch of its destination in between.
+// its destination at any time, so the checker sees it read the source and write the
+// destination both at the issue and at the landing, and flags any touch of its destination in
+// between.
 //
 // It runs the CTA's threads one after the other, so a missing ops.sync or a plain load of
 // another CTA's data would still give the right numbers here. The checker below sees those
@@ -34,7 +35,7 @@
 // simulation: each CTA runs begin() just before its first phase.
 //
 // RNNFUSED_SIMULATE_DEFECT (test only; tests/test_persistent.py) plants a defect to show that
-// the checker finds it: skip_sync=<begin|operand|fold|phase_end> leaves out that CTA barrier
+// the checker finds it: skip_sync=<begin|operand|fold|phase_end|staged> leaves out that CTA barrier
 // of program.h, plain_copy makes ops.copy_rows read with plain loads,
 // skip_barrier=<phase> leaves out the grid barrier after that phase of every step,
 // early_arrive arrives at every grid barrier before the phase instead of after it (the
@@ -73,7 +74,7 @@ constexpr int kWarps = kThreads / 32;
 
 // The defects RNNFUSED_SIMULATE_DEFECT can plant (see the header comment).
 struct Defects {
-  bool skip_sync[4] = {false, false, false, false};  // indexed by Sync
+  bool skip_sync[5] = {false, false, false, false, false};  // indexed by Sync
   bool plain_copy = false;
   int skip_barrier = -1;  // the phase after which no grid barrier runs; -1: none
   bool early_arrive = false, skip_prefetch_wait = false, skip_begin_barrier = false, one_buffer = false;
@@ -84,7 +85,7 @@ struct Defects {
     const char* value = std::getenv("RNNFUSED_SIMULATE_DEFECT");
     if (value == nullptr) return d;
     d.text = value;
-    const char* syncs[] = {"begin", "operand", "fold", "phase_end"};
+    const char* syncs[] = {"begin", "operand", "fold", "phase_end", "staged"};
     size_t start = 0;
     while (start <= d.text.size()) {
       const size_t comma = std::min(d.text.find(',', start), d.text.size());
@@ -98,7 +99,7 @@ struct Defects {
       d.skip_prefetch_wait |= item == "skip_prefetch_wait";
       d.skip_begin_barrier |= item == "skip_barrier=begin";
       d.one_buffer |= item == "one_buffer";
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < 5; ++i)
         if (item == std::string("skip_sync=") + syncs[i]) known = d.skip_sync[i] = true;
       if (item == "skip_barrier=0" || item == "skip_barrier=1") {
         d.skip_barrier = item.back() - '0';
@@ -106,7 +107,7 @@ struct Defects {
       }
       if (!known)
         throw std::invalid_argument("rnnfused: RNNFUSED_SIMULATE_DEFECT: unknown defect '" + item +
-                                    "' (skip_sync=begin|operand|fold|phase_end, plain_copy, skip_barrier=0|1|begin, "
+                                    "' (skip_sync=begin|operand|fold|phase_end|staged, plain_copy, skip_barrier=0|1|begin, "
                                     "early_arrive, skip_prefetch_wait, one_buffer)");
     }
     return d;
@@ -496,7 +497,10 @@ struct HostOps {
       const Copy copy{row + g * src_stride + j, dst + r * ld + g * dst_stride + j,
                       static_cast<int64_t>(std::min(kVector, length - j) * sizeof(T)),
                       static_cast<int>(index % kThreads)};
+      // The copy may write as soon as it is issued: what other threads read there must be
+      // ordered before the issue.
       check->touch(copy.from, copy.bytes, Access::Read, copy.who);
+      check->touch(copy.to, copy.bytes, Access::Write, copy.who);
       check->in_flight(copy.to, copy.bytes);
       pending[cta].push_back(copy);
     }

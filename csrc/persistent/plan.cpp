@@ -251,15 +251,16 @@ StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool 
       // tile holds it rounded (and GRU_CHO's second phase without a cluster).
       const bool gru = cell == Cell::GRU || cell == Cell::GRU_CHO;
       cost.cell += elements_ns(t, gru && (rounded || (!cluster && rows != first_rows)), m);
-      close_phase(cost, t, elem, 1, cell == Cell::GRU || rounded, m);  // GRU stores W_hn h + b_hn in the pass
+      close_phase(cost, t, elem, 1, rounded, m);
     }
     // Between the arrival and the wait: the saved activations' stores (training: the plan is
     // the same for inference, which stores none) and the next step's input prefetch (16-byte
     // copies where the rows are made of them, else element by element), issued, not waited
-    // for. The prefetch lands behind the barrier and the next step's exchange, which the model
-    // takes to be longer than one load.
+    // for, after a CTA barrier where GRU staged a value in the inputs tile. The prefetch lands
+    // behind the barrier and the next step's exchange, which the model takes to be longer than
+    // one load.
     cost.window = ceil_div(t.rows * t.units * staged_slots(cell) + exchanged, kThreads) * m.issue_ns +
-                  prefetch_ns(t, H, gates, acc_elem, m);
+                  prefetch_ns(t, H, gates, acc_elem, m) + (cell == Cell::GRU ? m.cta_barrier_ns : 0);
     return cost;
   }
   // The fold of the recurrent gradient gate chunk by gate chunk (GRU_CHO: z and n, then n

@@ -25,7 +25,8 @@
 //                                             a step ahead); ld_in = units rounded up to 4
 //             bias [2][gates][units]      A   b_ih, b_hh of the CTA's units
 //           The cell pass stages the step's saved activations for their stores after the
-//           barrier's arrival in place: gate g's in gate g's acc entries, LSTM's c_t in state.
+//           barrier's arrival in place: gate g's in gate g's acc entries, LSTM's c_t in state,
+//           GRU's W_hn h + b_hn in its n gate's inputs entry.
 //   backward W    [unit_rows][ld_w]      S   Wᵀ: column g*k_block + j is W_hh[g*H + j][u0+u]
 //             dG   [buffers][rows_pad][ld_dg] S dG of the CTA's rows for chunk_gates gates at a time,
 //                                             gate blocks of k_block columns as in W; cluster: all
@@ -81,10 +82,10 @@ struct Layout {
 };
 
 // The saved activations per element that the forward stages for their stores after the
-// arrival: one per gate (in its acc entry) and LSTM's c_t (in its state); GRU's fourth,
-// W_hn h + b_hn, has no acc entry of its own and is stored in the cell pass.
+// arrival: one per gate (in its acc entry), LSTM's c_t (in its state) and GRU's fourth,
+// W_hn h + b_hn (in the element's input slot of the n gate, which it has read).
 RNNF_HD int64_t staged_slots(Cell cell) {
-  return saved_gates_per_unit(cell) == 0 ? 0 : gates_per_unit(cell) + (cell == Cell::LSTM ? 1 : 0);
+  return saved_gates_per_unit(cell) == 0 ? 0 : gates_per_unit(cell) + (cell == Cell::GRU_CHO ? 0 : 1);
 }
 
 // Elements between the segments of a row of the inputs region (A) and of the backward's narrow

@@ -134,6 +134,7 @@ enum class Sync {
   Operand,   // the operand tile copied in by all threads before the product's warps read it
   Fold,      // one dG chunk's product read before the next chunk's product overwrites acc
   PhaseEnd,  // the phase's reads of its tiles before the next phase writes them
+  Staged,    // (GRU) the staged W_hn h + b_hn read from the inputs tile before the prefetch refills it
 };
 
 // The steps of one layer direction in the order the forward pass visits them ("walk step"
@@ -213,7 +214,7 @@ RNNF_HD void for_each_element(Ops& ops, const Tiling& t, const Walk& walk, const
 // of the CTA's rows, acc = W h, then the cell for the CTA's (row, unit) elements, which
 // stores h_t and stages the saved activations in shared memory (plan.h's staged_slots: each
 // gate's over the acc entry it was computed from, which only its element reads; LSTM's c_t
-// is its state); after the arrival the staged activations go out (stage 1's layout, steps.h)
+// is its state; GRU's W_hn h + b_hn goes over its n gate's input); after the arrival the staged activations go out (stage 1's layout, steps.h)
 // and the next step's input projection comes in. LSTM keeps c in shared memory. GRU_CHO takes
 // two phases: r (and r * h_{t-1} of every unit, through p.rh) first, then n.
 // In a cluster (t.cluster) the cell pass writes h_t (GRU_CHO's r * h_{t-1}) into its own
@@ -349,6 +350,7 @@ struct ForwardCta {
     }
     if (k < phases() - 1) return;
     if (clustered() && !kRoundedOperand) store_outputs(ops, s);
+    if (p.cell == Cell::GRU && p.gates) ops.sync(Sync::Staged);
     prefetch_inputs(ops, s + 1);
   }
 
@@ -386,7 +388,8 @@ struct ForwardCta {
   }
 
   // The staged activations [first, end) of walk step s (slot g < gates: saved gate g, from
-  // its acc entries; LSTM's slot 4: c_t, from the state) to their rows of p.gates and p.cells.
+  // its acc entries; LSTM's slot 4: c_t, from the state; GRU's slot 3: W_hn h + b_hn, from its
+  // input slot of the n gate) to their rows of p.gates and p.cells.
   template <typename Ops>
   RNNF_HD void store_staged(Ops& ops, int64_t s, int64_t first, int64_t end) {
     const int64_t H = p.H, units = t.units, r0 = slice.r0, u0 = slice.u0, stride = t.gate_stride, ld = t.ld_acc_fwd;
@@ -396,14 +399,19 @@ struct ForwardCta {
     A* cells = static_cast<A*>(p.cells);
     const A* products = acc;
     const A* state = c;
+    const A* staged_inputs = inputs;
+    const int64_t ld_in = inputs_ld(units);
+    const bool lstm = p.cell == Cell::LSTM;
     ops.for_each(t.rows, (end - first) * units, [=](int64_t r, int64_t j) {
       const int64_t slot = first + j / units, u = j % units, R = r0 + r, U = u0 + u;
       if (R >= active || U >= H) return;
       const int64_t row = offset + R;
       if (slot < gates)
         write(saved_gates + row * saved * H + slot * H + U, read(products + (slot * stride + u) * ld + r));
-      else
+      else if (lstm)
         write(cells + row * H + U, read(state + r * units + u));
+      else
+        write(saved_gates + row * saved * H + slot * H + U, read(staged_inputs + (r * gates + 2) * ld_in + u));
     });
   }
 
@@ -530,7 +538,7 @@ struct ForwardCta {
       stage(0, e, a.r);
       stage(1, e, a.z);
       stage(2, e, a.n);
-      write(static_cast<A*>(p.gates) + e.row * saved_gates_per_unit(p.cell) * p.H + 3 * p.H + e.U, a.hn);
+      write(inputs + (e.r * gates_per_unit(p.cell) + 2) * inputs_ld(t.units) + e.u, a.hn);  // input(2, e) is read
     }
   }
 
