@@ -156,8 +156,13 @@ DEFECTS = [
     ("skip_prefetch_wait", "GRU_CHO", "element_copy", "forward",
      "shared memory reused before it was consumed: written after another thread read it"),
     ("skip_prefetch_wait", "GRU", "split_k", "backward", "shared memory touched while a prefetch into it is in flight"),
-    # GRU's staged W_hn h + b_hn, read from the inputs tile as the next step's prefetch refills it.
+    # GRU's staged W_hn h + b_hn (in a cluster, its backward's dgx of n), read from the inputs tile
+    # as the next step's prefetch refills it.
     ("skip_sync=staged", "GRU", "split_k", "forward",
+     "shared memory reused before it was consumed: written after another thread read it"),
+    ("skip_sync=staged", "GRU", "cluster", "backward",
+     "shared memory reused before it was consumed: written after another thread read it"),
+    ("skip_sync=staged", "GRU_CHO", "cluster", "backward",
      "shared memory reused before it was consumed: written after another thread read it"),
     # The first step's prefetched inputs, copied in by chunk, read by element with nothing between.
     ("skip_sync=begin", "LSTM", "split_k", "backward",

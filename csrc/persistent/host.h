@@ -282,8 +282,8 @@ class Checker final : public AccessObserver {
     return nullptr;
   }
 
-  // Bytes checked as global memory are (global memory itself, or the operand tiles of a
-  // cluster plan: `pushed`, which a CTA reads with plain loads).
+  // Checks bytes as global memory: global memory itself, or (`pushed`) a cluster plan's operand
+  // tiles, which a CTA reads with plain loads.
   void check_global(const void* p, int64_t bytes, Access kind, int who, bool pushed) {
     const uintptr_t address = reinterpret_cast<uintptr_t>(p);
     for (uintptr_t g = address / 2; g < (address + bytes + 1) / 2; ++g) check(global(g), true, kind, who, p, pushed);

@@ -276,20 +276,25 @@ StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool 
   // or each element's from global memory in the pass.
   const bool loads = !t.prefetch_bwd;
   // The gradients each phase pushes (GRU_CHO: z and n, then r); what stays a global store
-  // before the arrival: GRU's dgx of the n gate, GRU_CHO's r * h_{t-1}, fp32's dG.
+  // before the arrival: fp32's dG, GRU's dgx of the n gate and GRU_CHO's r * h_{t-1} (but in
+  // a cluster that prefetches its inputs, where these are staged in them and stored after the
+  // arrival, behind a CTA barrier).
+  const bool gru = cell == Cell::GRU || cell == Cell::GRU_CHO;
+  const bool stages = gru && cluster && !rounded && t.prefetch_bwd;
   if (cell == Cell::GRU_CHO) {
     fold(0, 2);
     cost.cell += elements_ns(t, loads, m);
     close_phase(cost, t, elem, 2, rounded, m);
     fold(2, 3);
     cost.cell += elements_ns(t, loads, m);
-    close_phase(cost, t, elem, 1, true, m);
+    close_phase(cost, t, elem, 1, !stages || rounded, m);
   } else {
     fold(0, gates);
     cost.cell += elements_ns(t, loads, m);
-    close_phase(cost, t, elem, gates, cell == Cell::GRU || rounded, m);
+    close_phase(cost, t, elem, gates, (cell == Cell::GRU && !stages) || rounded, m);
   }
-  cost.window = ceil_div(exchanged, kThreads) * m.issue_ns;
+  cost.window = ceil_div(exchanged + (stages ? t.rows * t.units : 0), kThreads) * m.issue_ns +
+                (stages ? m.cta_barrier_ns : 0);
   if (t.prefetch_bwd)
     cost.window += prefetch_ns(t, H, backward_wide_inputs(cell), acc_elem, m) +
                    prefetch_ns(t, H, backward_narrow_inputs(cell), elem, m);

@@ -134,7 +134,8 @@ enum class Sync {
   Operand,   // the operand tile copied in by all threads before the product's warps read it
   Fold,      // one dG chunk's product read before the next chunk's product overwrites acc
   PhaseEnd,  // the phase's reads of its tiles before the next phase writes them
-  Staged,    // (GRU) the staged W_hn h + b_hn read from the inputs tile before the prefetch refills it
+  Staged,    // (GRU) a value staged in the inputs tile (forward: W_hn h + b_hn; backward, in a
+             // cluster: the n gate's dgx) read after the arrival before the prefetch refills it
 };
 
 // The steps of one layer direction in the order the forward pass visits them ("walk step"
@@ -627,6 +628,17 @@ struct BackwardCta {
   RNNF_HD S* dg_tile(Ops& ops, int64_t s) const {
     return clustered() ? dg + ops.buffer(s) * t.rows_pad * t.ld_dg : dg;
   }
+  // (The GRU forms in a cluster whose inputs are prefetched, not fp32) the one value phase k's
+  // pass stores besides the exchanged dG: GRU's dgx of n (not dgh's), GRU_CHO's r * h_{t-1}
+  // (phase 1). It is staged in the element's wide input slot 0 (its r, read) and stored after
+  // the arrival with the dG.
+  RNNF_HD bool stages(int k) const {
+    const bool form = p.cell == Cell::GRU || (p.cell == Cell::GRU_CHO && k == 1);
+    return form && clustered() && !kRoundedOperand && t.prefetch_bwd;
+  }
+  RNNF_HD A* staged_slot(const Element& e) const {
+    return inputs + e.r * backward_wide_inputs(p.cell) * inputs_ld(t.units) + e.u;
+  }
   // The gates each phase's pass computes dG of: GRU_CHO z and n, then r; the others all.
   RNNF_HD int64_t first_gate(int k) const { return p.cell == Cell::GRU_CHO ? (k == 0 ? 1 : 0) : 0; }
   RNNF_HD int64_t end_gate(int k) const {
@@ -715,22 +727,32 @@ struct BackwardCta {
   template <typename Ops>
   RNNF_HD void after_arrival(Ops& ops, int64_t s, int k) {
     if (clustered() && !kRoundedOperand) store_gradients(ops, s, k);
-    if (k == phases() - 1) prefetch_inputs(ops, s - 1);
+    if (k < phases() - 1) return;
+    if (stages(k)) ops.sync(Sync::Staged);
+    prefetch_inputs(ops, s - 1);
   }
 
   // (A cluster) the dG that phase k of walk step s computed, from its tile, to dgh (and GRU's
-  // dgx of r and z, which dgh does not alias).
+  // dgx of r and z, which dgh does not alias), and the value the phase staged.
   template <typename Ops>
   RNNF_HD void store_gradients(Ops& ops, int64_t s, int k) {
     const int64_t H = p.H, G = p.G, r0 = slice.r0, u0 = slice.u0, units = t.units, ld = t.ld_dg, block = t.k_block;
-    const int64_t active = walk.rows(s), offset = walk.offset(s), g0 = first_gate(k);
+    const int64_t active = walk.rows(s), offset = walk.offset(s), g0 = first_gate(k), g1 = end_gate(k);
+    const int64_t ld_in = inputs_ld(units), wide = backward_wide_inputs(p.cell);
     const bool gru = p.cell == Cell::GRU;
     const S* tile = dg_tile(ops, s);
+    const A* staged = inputs;
     S* dgh = static_cast<S*>(p.dgh);
     S* dgx = static_cast<S*>(p.dgx);
-    ops.for_each(t.rows, (end_gate(k) - g0) * units, [=](int64_t r, int64_t j) {
-      const int64_t gate = g0 + j / units, R = r0 + r, U = u0 + j % units;
+    S* rh = static_cast<S*>(p.rh);
+    ops.for_each(t.rows, (g1 - g0 + (stages(k) ? 1 : 0)) * units, [=](int64_t r, int64_t j) {
+      const int64_t gate = g0 + j / units, u = j % units, R = r0 + r, U = u0 + u;
       if (R >= active || U >= H) return;
+      if (gate == g1) {  // the staged value: GRU's dgx of n, GRU_CHO's r * h_{t-1}
+        const S value = store<S>(read(staged + r * wide * ld_in + u));
+        write(gru ? dgx + (offset + R) * G + 2 * H + U : rh + (offset + R) * H + U, value);
+        return;
+      }
       const S value = read(tile + r * ld + gate * block + U);
       write(dgh + (offset + R) * G + gate * H + U, value);
       if (gru && gate < 2) write(dgx + (offset + R) * G + gate * H + U, value);
@@ -890,7 +912,10 @@ struct BackwardCta {
     exchange_dg(tile, 0, e, d.d_r);
     exchange_dg(tile, 1, e, d.d_z);
     exchange_dg(tile, 2, e, d.d_hn);
-    store_dg(static_cast<S*>(p.dgx), 2, e, d.d_xn);
+    if (stages(0))
+      write(staged_slot(e), d.d_xn);  // over wide_input(0, e), read
+    else
+      store_dg(static_cast<S*>(p.dgx), 2, e, d.d_xn);
   }
 
   RNNF_HD void rnn(S* tile, const Element& e) const {
@@ -919,7 +944,10 @@ struct BackwardCta {
     const A d_r = cells::gru_cho_backward_r(r, h, read(acc + e.u * t.ld_acc_bwd + e.r), A(p.grad_clip), dh_direct);
     write(direct, dh_direct);
     exchange_dg(tile, 0, e, d_r);
-    write(static_cast<S*>(p.rh) + e.row * p.H + e.U, store<S>(r * h));
+    if (stages(1))
+      write(staged_slot(e), r * h);  // over wide_input(0, e), read
+    else
+      write(static_cast<S*>(p.rh) + e.row * p.H + e.U, store<S>(r * h));
   }
 };
 
