@@ -134,8 +134,9 @@ enum class Sync {
   Operand,   // the operand tile copied in by all threads before the product's warps read it
   Fold,      // one dG chunk's product read before the next chunk's product overwrites acc
   PhaseEnd,  // the phase's reads of its tiles before the next phase writes them
-  Staged,    // (GRU) a value staged in the inputs tile (forward: W_hn h + b_hn; backward, in a
-             // cluster: the n gate's dgx) read after the arrival before the prefetch refills it
+  Staged,    // (GRU forms) a value staged in the inputs tile (forward: W_hn h + b_hn; backward, in
+             // a cluster: GRU's dgx of n, GRU_CHO's r * h) read after the arrival before the
+             // prefetch refills it
 };
 
 // The steps of one layer direction in the order the forward pass visits them ("walk step"
@@ -720,10 +721,10 @@ struct BackwardCta {
     }
   }
 
-  // After the arrival at the barrier that ends walk step s: in a cluster the phase's dG to
-  // global memory, and the inputs of the step processed next (s - 1) on their way. (Without a
-  // cluster the phases' stores are dG, which the other CTAs read after the barrier; GRU's dgx of
-  // the n gate and GRU_CHO's r * h_{t-1} stay before the arrival either way.)
+  // After the arrival at the barrier that ends walk step s: in a cluster the phase's dG (and
+  // what it staged) to global memory, and the inputs of the step processed next (s - 1) on
+  // their way. (Without a cluster the phases' stores are dG, which the other CTAs read after
+  // the barrier, and GRU's dgx of n and GRU_CHO's r * h_{t-1} go with them.)
   template <typename Ops>
   RNNF_HD void after_arrival(Ops& ops, int64_t s, int k) {
     if (clustered() && !kRoundedOperand) store_gradients(ops, s, k);
