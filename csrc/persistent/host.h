@@ -136,6 +136,11 @@ class Checker final : public AccessObserver {
   void clusters(int64_t size, std::vector<const char*> bases) {
     cluster_ = size;
     bases_ = std::move(bases);
+    const int64_t after[] = {layout_.acc, layout_.partials, layout_.state, layout_.state2, layout_.inputs,
+                             layout_.bias, layout_.narrow, layout_.bytes};
+    operand_end_ = layout_.bytes;
+    for (const int64_t offset : after)
+      if (offset > layout_.operand) operand_end_ = std::min(operand_end_, offset);
   }
 
   // The CTA that runs from now on, its shared memory ([base, base + layout.bytes) in an
@@ -203,7 +208,7 @@ class Checker final : public AccessObserver {
       return;
     }
     if (const char* peer = peer_base(c)) {
-      if (!exchanged(c - peer) || c + bytes > peer + layout_.operand + operand_bytes())
+      if (!exchanged(c - peer) || c + bytes > peer + operand_end_)
         found(kPeerOutsideOperand, describe(who, kind, p));
       check_global(p, bytes, kind, who, true);
       return;
@@ -261,17 +266,10 @@ class Checker final : public AccessObserver {
     return ordered(earlier, interval_);
   }
 
-  // A cluster plan's operand tiles, which the peers push into (offset in a CTA's shared memory).
-  int64_t operand_bytes() const {
-    const int64_t after[] = {layout_.acc, layout_.partials, layout_.state, layout_.state2, layout_.inputs,
-                             layout_.bias, layout_.narrow, layout_.bytes};
-    int64_t end = layout_.bytes;
-    for (const int64_t offset : after)
-      if (offset > layout_.operand) end = std::min(end, offset);
-    return end - layout_.operand;
-  }
+  // Whether an offset in a CTA's shared memory lies in a cluster plan's operand tiles, which
+  // the peers push into.
   bool exchanged(int64_t offset) const {
-    return cluster_ > 0 && offset >= layout_.operand && offset < layout_.operand + operand_bytes();
+    return cluster_ > 0 && offset >= layout_.operand && offset < operand_end_;
   }
 
   // The shared memory of the current CTA's cluster peer that `c` lies in, or null.
@@ -437,6 +435,7 @@ class Checker final : public AccessObserver {
   std::string where_;
   std::unordered_map<int, std::vector<std::pair<const char*, const char*>>> in_flight_;  // per CTA
   int64_t cluster_ = 0;                 // CTAs a cluster (0: not a cluster plan)
+  int64_t operand_end_ = 0;             // where a cluster plan's operand tiles end (the next region)
   std::vector<const char*> bases_;      // every CTA's shared memory (a cluster plan)
   int64_t count_[kKinds] = {};
   std::string first_[kKinds];

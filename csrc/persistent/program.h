@@ -179,6 +179,12 @@ RNNF_HD S tensor_core_operand(S x) {
   return x;
 }
 
+// Whether an operand tile holds a value of storage dtype S rounded (fp32: to TF32), not as
+// stored: a cluster then stores h_t / dG to global memory in the cell pass instead of from the
+// tile, and the GRU forms read h_{t-1} for their cell math from y.
+template <typename S>
+constexpr bool kRoundedOperand = std::is_same_v<S, float>;
+
 template <typename T>
 RNNF_HD T* region(char* smem, int64_t offset) {
   return reinterpret_cast<T*>(smem + offset);
@@ -253,9 +259,6 @@ struct ForwardCta {
   RNNF_HD int phases() const { return p.cell == Cell::GRU_CHO ? 2 : 1; }
 
   RNNF_HD bool clustered() const { return t.cluster > 0; }
-  // Whether an operand tile holds a value rounded (fp32: to TF32), not as stored: a cluster
-  // then stores h_t to y in the cell pass, and the cells read h_{t-1} from y.
-  static constexpr bool kRoundedOperand = std::is_same_v<S, float>;
   RNNF_HD S* operand_buffer(int64_t buffer) const { return h + buffer * t.rows_pad * t.ld_w_fwd; }
   // The operand tile of walk step s: h_{t-1}, and GRU_CHO's r * h_{t-1} (one tile, reloaded,
   // unless in a cluster).
@@ -351,7 +354,7 @@ struct ForwardCta {
       store_staged(ops, s, cho && k == 1 ? 1 : 0, cho && k == 0 ? 1 : staged_slots(p.cell));
     }
     if (k < phases() - 1) return;
-    if (clustered() && !kRoundedOperand) store_outputs(ops, s);
+    if (clustered() && !kRoundedOperand<S>) store_outputs(ops, s);
     if (p.cell == Cell::GRU && p.gates) ops.sync(Sync::Staged);
     prefetch_inputs(ops, s + 1);
   }
@@ -498,7 +501,7 @@ struct ForwardCta {
   // where that holds it rounded (fp32), or holds r * h_{t-1} (GRU_CHO's second phase without a
   // cluster), from y (or h0), where this CTA wrote it.
   RNNF_HD A h_prev(const S* tile, const Element& e) const {
-    if (tile == nullptr || kRoundedOperand) return load<A>(load_coherent(previous_state(e.s, e.R) + e.U));
+    if (tile == nullptr || kRoundedOperand<S>) return load<A>(load_coherent(previous_state(e.s, e.R) + e.U));
     return load<A>(read(tile + e.r * t.ld_w_fwd + e.U));
   }
 
@@ -506,7 +509,7 @@ struct ForwardCta {
   // tile (as the product takes it), from which store_outputs takes it on to y unless rounded.
   RNNF_HD void write_h(S* next, const Element& e, S value) const {
     if (next != nullptr) write(next + e.r * t.ld_w_fwd + e.U, tensor_core_operand(value));
-    if (next != nullptr && !kRoundedOperand) return;
+    if (next != nullptr && !kRoundedOperand<S>) return;
     write(static_cast<S*>(p.y) + e.row * p.H + e.U, value);
     if (e.last) write(static_cast<S*>(p.h) + e.R * p.H + e.U, value);
   }
@@ -620,9 +623,6 @@ struct BackwardCta {
   RNNF_HD int phases() const { return p.cell == Cell::GRU_CHO ? 2 : 1; }
 
   RNNF_HD bool clustered() const { return t.cluster > 0; }
-  // Whether an operand tile holds a value rounded (fp32: to TF32): a cluster then stores dG
-  // to global memory in the cell pass.
-  static constexpr bool kRoundedOperand = std::is_same_v<S, float>;
   // The dG tile that walk step s's gradients are multiplied from: in a cluster the step's own
   // (pushed in while computed), else the one tile, reloaded per chunk.
   template <typename Ops>
@@ -635,7 +635,7 @@ struct BackwardCta {
   // the arrival with the dG.
   RNNF_HD bool stages(int k) const {
     const bool form = p.cell == Cell::GRU || (p.cell == Cell::GRU_CHO && k == 1);
-    return form && clustered() && !kRoundedOperand && t.prefetch_bwd;
+    return form && clustered() && !kRoundedOperand<S> && t.prefetch_bwd;
   }
   RNNF_HD A* staged_slot(const Element& e) const {
     return inputs + e.r * backward_wide_inputs(p.cell) * inputs_ld(t.units) + e.u;
@@ -727,7 +727,7 @@ struct BackwardCta {
   // the barrier, and GRU's dgx of n and GRU_CHO's r * h_{t-1} go with them.)
   template <typename Ops>
   RNNF_HD void after_arrival(Ops& ops, int64_t s, int k) {
-    if (clustered() && !kRoundedOperand) store_gradients(ops, s, k);
+    if (clustered() && !kRoundedOperand<S>) store_gradients(ops, s, k);
     if (k < phases() - 1) return;
     if (stages(k)) ops.sync(Sync::Staged);
     prefetch_inputs(ops, s - 1);
@@ -888,7 +888,7 @@ struct BackwardCta {
   // else to dgh, and to dgx where GRU's is separate (r and z).
   RNNF_HD void exchange_dg(S* tile, int64_t gate, const Element& e, A value) const {
     if (tile != nullptr) write(tile + e.r * t.ld_dg + gate * t.k_block + e.U, tensor_core_operand(store<S>(value)));
-    if (tile != nullptr && !kRoundedOperand) return;
+    if (tile != nullptr && !kRoundedOperand<S>) return;
     store_dg(static_cast<S*>(p.dgh), gate, e, value);
     if (p.cell == Cell::GRU && gate < 2) store_dg(static_cast<S*>(p.dgx), gate, e, value);
   }
