@@ -1,8 +1,10 @@
 """python -m bench.barrier: what one step's barrier costs on this GPU: cooperative groups'
 grid.sync(), the persistent kernel's own bounded grid barrier on a counter
-(csrc/persistent/grid_barrier.cuh, what the kernel uses), both in a cooperative launch, and
-the hardware barrier of a thread-block cluster (sm_90), as microseconds per barrier (median of
-runs of many barriers, the launch included and spread over them)."""
+(csrc/persistent/grid_barrier.cuh, what the kernel uses), both in a cooperative launch, the
+hardware barrier of a thread-block cluster (sm_90), and the cluster plans' exchange (each CTA
+pushes 16 bytes into every peer and waits on its mbarrier for theirs: the CostModel's
+dsmem_ns), as microseconds per barrier (median of runs of many barriers, the launch included
+and spread over them)."""
 
 import argparse
 import statistics
@@ -32,9 +34,11 @@ def main(argv=None):
     print(f"{'grid':<10}{sms:>6}{'-':>9}{measure('grid', sms, 1, args.iterations, args.runs):>9.3f}")
     print(f"{'counter':<10}{sms:>6}{'-':>9}{measure('counter', sms, 1, args.iterations, args.runs):>9.3f}")
     if (properties.major, properties.minor) >= (9, 0):
-        for cluster in (2, 4, 8):
-            ctas = sms // cluster * cluster
-            print(f"{'cluster':<10}{ctas:>6}{cluster:>9}{measure('cluster', ctas, cluster, args.iterations, args.runs):>9.3f}")
+        for kind in ("cluster", "exchange"):
+            for cluster in (2, 4, 8):
+                ctas = sms // cluster * cluster
+                us = measure(kind, ctas, cluster, args.iterations, args.runs)
+                print(f"{kind:<10}{ctas:>6}{cluster:>9}{us:>9.3f}")
     else:
         print("cluster barriers need compute capability 9.0")
     return 0

@@ -5,9 +5,10 @@ Thread 0 of every CTA stamps clock64 right after each CTA barrier of the program
 h (forward) or dG (backward) from the other CTAs ("exchange"), the tensor-core product and its
 epilogue ("mma"), the cell pass ("cell"), the fence of the grid barrier's arrival, which
 orders the CTA's stores of the step before it (in a cluster: the push of its slice into the
-peers' shared memory and the cluster barrier's arrival; "stores"), what the CTA does between its
+peers' shared memory; "stores"), what the CTA does between its
 arrival and its wait ("window": the saved activations' stores and the next step's input
-prefetch, thread 0's share), and the wait for the other CTAs ("barrier"; on a plan whose CTAs
+prefetch, thread 0's share), and the wait for the other CTAs ("barrier"; in a cluster the wait
+for the peers' pushes on the CTA's mbarrier; on a plan whose CTAs
 each have every unit of their rows, the CTA barrier that replaces the grid barrier, and
 "stores" stays zero); begin() and end() once per launch. Each CTA's %globaltimer at its start and end converts its cycles to time.
 

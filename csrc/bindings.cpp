@@ -923,7 +923,8 @@ pybind11::dict tiling_dict(const persistent::Tiling& t) {
                          py::arg("acc") = layout.acc, py::arg("partials") = layout.partials,
                          py::arg("state") = layout.state, py::arg("state2") = layout.state2,
                          py::arg("inputs") = layout.inputs, py::arg("bias") = layout.bias,
-                         py::arg("narrow") = layout.narrow, py::arg("bytes") = layout.bytes);
+                         py::arg("narrow") = layout.narrow, py::arg("signals") = layout.signals,
+                         py::arg("bytes") = layout.bytes);
   return out;
 }
 

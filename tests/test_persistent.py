@@ -61,9 +61,10 @@ def _check_tiling(plan, H, B, dtype, limits):
         assert plan[key] * elem % 16 == 0 and plan[key] >= plan["k_" + key[-3:]]
     assert plan["ld_dg"] * elem % 16 == 0 and plan["ld_dg"] >= plan["chunk_gates"] * plan["k_block"]
     assert plan["ld_acc_fwd"] % 4 == 0 and plan["ld_acc_bwd"] % 4 == 0
-    regions = {"fwd": ("weights", "operand", "acc", "partials", "state", "inputs", "bias"),
+    signals = ("signals",) if plan["cluster"] else ()
+    regions = {"fwd": ("weights", "operand", "acc", "partials", "state", "inputs", "bias") + signals,
                "bwd": ("weights", "operand", "acc", "partials", "state", "state2")
-               + (("inputs", "narrow") if plan["prefetch_bwd"] else ())}
+               + (("inputs", "narrow") if plan["prefetch_bwd"] else ()) + signals}
     for direction, names in regions.items():
         layout = plan[direction]
         assert layout["bytes"] <= limits["smem_per_block"]
@@ -76,6 +77,9 @@ def _check_tiling(plan, H, B, dtype, limits):
         assert plan["chunk_gates"] * plan["k_block"] == plan["k_bwd"]
         assert plan["fwd"]["acc"] - plan["fwd"]["operand"] >= 2 * plan["rows_pad"] * plan["ld_w_fwd"] * elem
         assert plan["bwd"]["acc"] - plan["bwd"]["operand"] >= 2 * plan["rows_pad"] * plan["ld_dg"] * elem
+        # Every push is made of whole 4-byte words; the two mbarriers come last.
+        assert plan["units"] * elem % 4 == 0
+        assert all(plan[d]["bytes"] >= plan[d]["signals"] + 16 > 16 for d in ("fwd", "bwd"))
 
 
 BENCH_CONFIGS = configs.BASELINES + configs.CPU_DEFAULTS + configs.CELL_LOOPS + configs.CPU_CELL_LOOPS + [
@@ -132,16 +136,18 @@ def _cell_of(mode, options):
 def _candidates(cell, H, B, dtype, limits=H100):
     """Every tiling in the planner's space (batch tiles of 16 * 2^k rows or all of B; every
     unit slice 1..H; with the grid barrier, and as clusters where 1 < unit tiles <= the
-    device's cluster size and the clusters fit the GPCs at once, floor(16 / unit tiles) in
-    each of sm_count // 16), enumerated here independently of plan.cpp: {(rows, units,
-    cluster): its _C.plan_cost} for those that fit with at most one CTA per SM."""
+    device's cluster size, the clusters fit the GPCs at once, floor(16 / unit tiles) in each of
+    sm_count // 16, and the slice is whole 4-byte words), enumerated here independently of
+    plan.cpp: {(rows, units, cluster): its _C.plan_cost} for those that fit with at most one CTA
+    per SM."""
     rows_choices = [16 * 2 ** k for k in range(12) if 16 * 2 ** k < B] + [B]
     out = {}
     for rows in rows_choices:
         for units in range(1, H + 1):
             unit_tiles = -(-H // units)
             resident = limits["sm_count"] // 16 * (16 // unit_tiles)
-            clusters = 1 < unit_tiles <= limits["max_cluster"] and -(-B // rows) <= resident
+            clusters = (1 < unit_tiles <= limits["max_cluster"] and -(-B // rows) <= resident
+                        and units * ELEMENT[dtype] % 4 == 0)
             for cluster in (False, True) if clusters else (False,):
                 cost = _C.plan_cost(int(cell), H, B, dtype, rows, units, limits["smem_per_block"], cluster)
                 if cost["fits"] and cost["ctas"] <= limits["sm_count"]:
@@ -217,13 +223,13 @@ def test_clusters_where_the_device_has_them_and_what_the_model_charges_them():
     for direction in ("forward", "backward"):
         g, c = grid["estimate"][direction], cluster["estimate"][direction]
         # The operand is already in shared memory, pushed by the peers: the exchange is the
-        # Operand barrier; the cluster barrier (0.40 us measured) replaces the grid barrier, and
-        # the push's completion the fence; h_t / dG go to global memory after the arrival.
+        # Operand barrier; the wait for the peers' pushes replaces the grid barrier and its
+        # fence; h_t / dG go to global memory after the push.
         assert c["exchange"] < 50 < g["exchange"]
         assert c["barrier"] < g["barrier"] and c["stores"] < g["stores"] and c["window"] > g["window"]
         assert c["mma"] == g["mma"] and c["cell"] == g["cell"]
-    # fp32's tiles hold its operands rounded to TF32: y and dG are stored in the pass (the
-    # arrival waits for them), not from the tile after it.
+    # fp32's tiles hold its operands rounded to TF32: y and dG are stored in the pass (each
+    # push's completion releases them, so waits for them), not from the tile after it.
     fp32 = _C.plan_cost(int(Cell.LSTM), 128, 16, torch.float32, 16, 16, smem, True)["estimate"]["forward"]
     assert fp32["stores"] > cluster["estimate"]["forward"]["stores"] + 300
     assert fp32["window"] < cluster["estimate"]["forward"]["window"]
@@ -241,6 +247,11 @@ def test_clusters_where_the_device_has_them_and_what_the_model_charges_them():
     assert _plan(Cell.LSTM, 128, 16, torch.float16, limits=dict(H100, cooperative_launch=False))["cluster"] > 0
     with environment(**simulation(), RNNFUSED_PERSISTENT_CLUSTERS=0):
         assert _C.layer_plan(int(Cell.LSTM), 10, 128, 16, torch.float16, "cpu")["cluster"] == 0
+    # A cluster's pushes are whole 4-byte words (st.async): 2-byte elements need an even slice;
+    # the last slice of an odd H takes its padding column along.
+    assert _C.plan_cost(int(Cell.GRU), 13, 7, torch.float16, 7, 5, smem, True)["cluster"] == 0
+    assert _C.plan_cost(int(Cell.GRU), 13, 7, torch.float16, 7, 6, smem, True)["cluster"] == 3
+    assert _C.plan_cost(int(Cell.GRU), 13, 7, torch.float32, 7, 5, smem, True)["cluster"] == 3
     # More unit tiles than a cluster may have (8 here): the grid barrier.
     wide = _plan(Cell.RNN_TANH, 512, 64, torch.float16)
     assert wide["unit_tiles"] <= 8 or wide["cluster"] == 0
@@ -638,6 +649,20 @@ def test_gpu_counter_barrier_runs_on_every_sm_and_again_on_its_stream():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for _ in range(2):
         assert 0 < _C.barrier_microseconds("counter", sms, 1, 200) < 1e4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["cluster", "exchange"])
+def test_gpu_cluster_barrier_and_exchange_run_in_every_cluster(kind):
+    """The cluster barrier, and the cluster plans' exchange (st.async into every peer, each CTA
+    waiting on its own mbarrier for the bytes it expects; grid_barrier.cuh), in clusters of 2
+    to 8 over the SMs: a byte count or mbarrier phase gone wrong would hang, trap after 10 s
+    and raise here (sm_90)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for cluster in (2, 4, 8):
+        assert 0 < _C.barrier_microseconds(kind, sms // cluster * cluster, cluster, 201) < 1e4
 
 
 @pytest.mark.cuda

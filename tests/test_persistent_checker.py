@@ -8,7 +8,8 @@ that split K and take dG a gate at a time; each defect planted through the test-
 RNNFUSED_SIMULATE_DEFECT (a CTA barrier of program.h left out, ops.copy_rows reading with plain
 loads, a grid barrier left out, the arrival at the grid barrier before the stores the other CTAs
 read, a prefetch not waited for; in a cluster plan, pushes into a peer's operand tiles before it
-zeroed them or into the tile it still multiplies) is reported, forward and backward."""
+zeroed them or into the tile it still multiplies, a wait for other than the bytes the peers push)
+is reported, forward and backward."""
 
 import re
 from pathlib import Path
@@ -39,10 +40,11 @@ PLANS = {
     "one_cta": (4, 20, 3, 64, 8, None, "16x64"),
     # the cost model's choice on an H100: neither one CTA per batch tile nor every SM
     "model": (4, 20, 3, 128, None, None, None),
-    # two clusters of 4 CTAs (16-byte pushes), and one of 3 CTAs with odd slices (the last
-    # one short; element by element)
+    # two clusters of 4 CTAs (16-byte pushes), and one of 3 CTAs with slices that are not whole
+    # 16-byte vectors (the last one a single unit: 2-byte elements push it with the padding
+    # column H, in one 4-byte word)
     "cluster": (4, 20, 3, 64, None, None, "16x16"),
-    "cluster_odd": (3, 7, 2, 13, None, None, "7x5"),
+    "cluster_odd": (3, 7, 2, 13, None, None, "7x6"),
 }
 
 
@@ -98,20 +100,24 @@ def test_the_plans_cover_both_ways_the_backward_reads_its_inputs():
         True, False}
 
 
+@pytest.mark.parametrize("plan", ["cluster", "cluster_odd"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode,options", CELLS, ids=CELL_IDS)
-def test_a_cluster_computes_what_the_grid_barrier_does(mode, options, dtype):
-    """The "cluster" plan's tiling with the grid barrier instead (RNNFUSED_PERSISTENT_CLUSTERS=0):
+def test_a_cluster_computes_what_the_grid_barrier_does(mode, options, dtype, plan):
+    """A cluster plan's tiling with the grid barrier instead (RNNFUSED_PERSISTENT_CLUSTERS=0):
     the same products of the same operands (fp32 rounded to TF32 alike), so the same results
-    bit for bit, packed and bidirectional."""
-    steps, batch, inputs, hidden, *_ = PLANS["cluster"]
+    bit for bit, packed and bidirectional; the checker runs on both (its byte count of every
+    exchange included, the padded 2-byte pushes of cluster_odd too)."""
+    steps, batch, inputs, hidden, *_ = PLANS[plan]
     module = _module(mode, options, inputs, hidden, dtype, bidirectional=True)
-    results = {}
+    results, unit_tiles = {}, set()
     for clusters in (None, 0):
-        with environment(**_limits("cluster"), RNNFUSED_PERSISTENT_CLUSTERS=clusters):
-            plan = _C.layer_plan(_cell_of(mode, options), steps, hidden, batch, dtype, "cpu")
-            assert (plan["cluster"] > 0) == (clusters is None) and plan["unit_tiles"] == 4, plan["reason"]
+        with environment(**_limits(plan), RNNFUSED_PERSISTENT_CLUSTERS=clusters):
+            layer = _C.layer_plan(_cell_of(mode, options), steps, hidden, batch, dtype, "cpu")
+            assert (layer["cluster"] > 0) == (clusters is None), layer["reason"]
+            unit_tiles.add(layer["unit_tiles"])
             results[clusters] = _run(module, steps, batch, dtype, True)
+    assert len(unit_tiles) == 1 and unit_tiles.pop() > 1
     assert all(torch.equal(a, b) for a, b in zip(results[None], results[0]))
 
 
@@ -120,6 +126,7 @@ CROSS_READ = ("global memory or a cluster's operand tile read by one CTA and wri
               "ordering the two")
 REUSED = "global buffer or operand tile reused before it was consumed: written by one CTA after another CTA read it"
 TWO_WRITERS = "global memory or a cluster's operand tile written by two CTAs with no barrier ordering the two"
+EXCHANGE = "a CTA of a cluster expects other than what its peers push into it in a phase"
 THREAD_RACE = ("global memory or an operand tile of a cluster plan touched by two threads of one CTA, one writing, "
                "with no CTA barrier between")
 
@@ -185,6 +192,12 @@ DEFECTS = [
      THREAD_RACE),
     ("skip_sync=phase_end", "LSTM", "cluster_odd", "backward",
      THREAD_RACE),
+    # Every CTA expecting a word fewer than its peers push: on the GPU a wait that could return
+    # before the last word landed.
+    ("miscount", "GRU", "cluster", "forward", EXCHANGE),
+    ("miscount", "RNN_RELU", "cluster_odd", "backward", EXCHANGE),
+    # No wait after the exchange of the first phase: what the peers pushed is read unordered.
+    ("skip_barrier=0", "LSTM", "cluster", "forward", CROSS_READ),
 ]
 
 

@@ -1,8 +1,10 @@
 // A microbenchmark of the barriers a persistent recurrence can step with (for
 // python -m bench.barrier and make gpu-check): cooperative groups' grid-wide barrier, the
 // persistent kernels' own bounded grid barrier on a counter (persistent/grid_barrier.cuh,
-// what csrc/persistent uses), both in a cooperative launch, and the hardware barrier of a
-// thread-block cluster (sm_90; the alternative exchange policy of ../shared/PERSISTENT.md).
+// what csrc/persistent uses), both in a cooperative launch, the hardware barrier of a
+// thread-block cluster (sm_90; the alternative exchange policy of ../shared/PERSISTENT.md), and
+// the exchange of the cluster plans (grid_barrier.cuh): every CTA pushes 16 bytes into each
+// peer and waits for its peers' on its own mbarrier.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -36,11 +38,33 @@ __global__ void cluster_barriers(int iterations) {
 #endif
 }
 
+__global__ void cluster_exchanges(int iterations) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ unsigned long long signals[2];
+  __shared__ uint4 slots[32];  // one per source rank (a cluster has at most 16 CTAs)
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  const unsigned rank = cluster.block_rank(), size = cluster.num_blocks();
+  if (threadIdx.x == 0) persistent::exchange_init(signals);
+  if (threadIdx.x < 32) slots[threadIdx.x] = make_uint4(rank, 0, 0, 0);
+  cluster.sync();
+  for (int i = 0; i < iterations; ++i) {
+    unsigned long long* signal = signals + i % 2;
+    if (threadIdx.x == 0) persistent::exchange_expect(signal, 16 * (size - 1));
+    if (threadIdx.x < size && threadIdx.x != rank)
+      persistent::exchange_store<16>(&slots[rank], persistent::peer_address(&slots[rank], threadIdx.x),
+                                     persistent::peer_address(signal, threadIdx.x));
+    persistent::exchange_wait(signal, i / 2 % 2, RNNF_BARRIER_TIMEOUT_MESSAGE("barrier microbenchmark"));
+    __syncthreads();
+  }
+  cluster.sync();
+#endif
+}
+
 }  // namespace
 
 double barrier_microseconds(const std::string& kind, int ctas, int cluster, int iterations, cudaStream_t stream) {
-  if (kind != "grid" && kind != "counter" && kind != "cluster")
-    throw std::invalid_argument("rnnfused: barrier kind must be grid, counter or cluster");
+  if (kind != "grid" && kind != "counter" && kind != "cluster" && kind != "exchange")
+    throw std::invalid_argument("rnnfused: barrier kind must be grid, counter, cluster or exchange");
   BarrierLaunch barrier{{}, nullptr};
   if (kind == "counter") {  // cleared before the timed region, as before a persistent launch
     int device = 0;
@@ -71,7 +95,7 @@ double barrier_microseconds(const std::string& kind, int ctas, int cluster, int 
     attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
     config.attrs = &attribute;
     config.numAttrs = 1;
-    RNNF_CUDA_CHECK(cudaLaunchKernelEx(&config, cluster_barriers, iterations));
+    RNNF_CUDA_CHECK(cudaLaunchKernelEx(&config, kind == "cluster" ? cluster_barriers : cluster_exchanges, iterations));
   }
   RNNF_CUDA_CHECK(cudaGetLastError());
   if (barrier.lock.owns_lock()) barrier.lock.unlock();  // enqueued: other launches may follow

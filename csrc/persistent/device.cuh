@@ -3,9 +3,9 @@
 // 16-byte loads through L2, one cooperative launch per layer direction with a grid-wide
 // barrier after every phase (grid_barrier.cuh: bounded, it traps instead of hanging; a CTA
 // barrier where each CTA has every unit of its rows), or a launch of thread-block clusters
-// (sm_90) whose CTAs push their slices into each other's shared memory and step with the
-// cluster barrier, and the launch that says when the GPU refuses it (the caller then runs
-// stage 1). Included by
+// (sm_90) whose CTAs push their slices into each other's shared memory, each waiting for the
+// bytes it expects (grid_barrier.cuh's exchange), and the launch that says when the GPU
+// refuses it (the caller then runs stage 1). Included by
 // csrc/cuda/backend.cuh; instantiated per dtype in rnn_<dtype>.cu.
 //
 // Built with RNNFUSED_PHASE_TIMING (setup.py), thread 0 of every CTA also times the phases of
@@ -13,7 +13,6 @@
 // otherwise ops.stamp is empty and the kernels are as without it.
 #pragma once
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -51,13 +50,19 @@ struct MmaShape<float> {
 };
 
 struct DeviceOps {
+  // (A cluster plan) the CTA's two mbarriers (Layout::signals), the exchanges it has waited
+  // for, and whether the current phase pushed (so that its wait waits for the peers' pushes).
+  unsigned long long* signals;
+  unsigned exchanges = 0;
+  bool pushed = false;
 #if defined(RNNFUSED_PHASE_TIMING)
   PhaseRecord* record;  // this CTA's
   long long last = 0, clock_begin = 0;
   unsigned long long ns_begin = 0;
   unsigned long long cycles[kPhases] = {};
 
-  __device__ explicit DeviceOps(PhaseRecord* records) : record(records + blockIdx.x) {
+  __device__ DeviceOps(PhaseRecord* records, char* smem, const Layout& layout)
+      : signals(region<unsigned long long>(smem, layout.signals)), record(records + blockIdx.x) {
     if (threadIdx.x == 0) {
       ns_begin = global_nanoseconds();
       last = clock_begin = clock64();
@@ -85,23 +90,25 @@ struct DeviceOps {
     record->ns_end = global_nanoseconds();
   }
 #else
-  __device__ explicit DeviceOps(PhaseRecord*) {}
+  __device__ DeviceOps(PhaseRecord*, char* smem, const Layout& layout)
+      : signals(region<unsigned long long>(smem, layout.signals)) {}
   __device__ __forceinline__ void stamp(Phase) {}
   __device__ __forceinline__ void finish() {}
 #endif
 
   // The barrier after every phase, in two halves (program.h): the grid barrier's
-  // (grid_barrier.cuh; target = k * CTAs at the k-th), the cluster barrier's in a cluster plan,
-  // or where each CTA owns all the units of its rows (unit_tiles 1) a CTA barrier for each
-  // half: what a phase writes, only its own CTA reads, and a CTA barrier orders its threads'
-  // global as well as shared memory.
+  // (grid_barrier.cuh; target = k * CTAs at the k-th); in a cluster plan a CTA barrier (the
+  // push, made in the phase, is the arrival) and the wait for the peers' pushes where the
+  // phase pushed; where each CTA owns all the units of its rows (unit_tiles 1) a CTA barrier
+  // for each half: what a phase writes, only its own CTA reads, and a CTA barrier orders its
+  // threads' global as well as shared memory.
   __device__ __forceinline__ void arrive(const Tiling& t, unsigned long long* arrivals, unsigned long long& target) {
     if (t.unit_tiles == 1) {
       __syncthreads();
       return;
     }
     if (t.cluster > 0) {
-      cluster_arrive();
+      __syncthreads();
       stamp(Phase::Stores);
       return;
     }
@@ -112,47 +119,59 @@ struct DeviceOps {
   __device__ __forceinline__ void wait(const Tiling& t, const unsigned long long* arrivals, unsigned long long target,
                                        const char* message) {
     stamp(Phase::Window);
-    if (t.unit_tiles == 1)
+    if (t.cluster > 0 && pushed) {
+      exchange_wait(signals + exchanges % 2, exchanges / 2 % 2, message);
+      ++exchanges;
+      pushed = false;
+    }
+    if (t.unit_tiles == 1 || t.cluster > 0)
       __syncthreads();
-    else if (t.cluster > 0)
-      cluster_wait();
     else
       grid_wait(arrivals, target, message);
     stamp(Phase::Barrier);
   }
 
   // A cluster's CTAs may push into each other's shared memory once all have begun (zeroed
-  // their operand tiles): a cluster barrier between begin() and the first phase.
+  // their operand tiles, made their signals): a cluster barrier between begin() and the first
+  // phase.
   __device__ __forceinline__ void begun(const Tiling& t) {
     if (t.cluster == 0) return;
+    if (threadIdx.x == 0) exchange_init(signals);
     cluster_arrive();
     cluster_wait();
   }
 
   __device__ __forceinline__ int64_t buffer(int64_t s) const { return s & 1; }
 
-  // program.h's push: 16-byte stores into the peer's shared memory (cooperative groups'
-  // map_shared_rank: the same offset in the peer's window) where a chunk is whole and 16-byte
-  // aligned, else element by element; store i by thread i, peers in rank order.
+  // program.h's push: st.async into the peer's shared memory (the same offset in its window),
+  // completing on the peer's signal of this exchange: 16 bytes where a chunk is whole and
+  // 16-byte aligned at both ends, else 4-byte words (pushed_units makes every slice whole
+  // words; the planner, every slice start a word); store i by thread i, peers in rank order.
+  // Thread 0 first arrives at this CTA's signal, expecting the peers' bytes.
   template <typename T>
-  __device__ void push_rows(T* tile, int64_t ld, int64_t rows, int64_t segments, int64_t stride, int64_t first,
-                            int64_t length, int64_t cluster, int64_t rank) {
+  __device__ void push_rows(T* tile, int64_t ld, int64_t rows, int64_t segments, int64_t stride, int64_t H,
+                            int64_t units, int64_t cluster, int64_t rank) {
+    static_assert(sizeof(T) <= 4, "a push is made of 4-byte words (the kernels store fp32, fp16 and bf16)");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (rows <= 0) return;
-    cooperative_groups::cluster_group group = cooperative_groups::this_cluster();
-    constexpr int kVector = 16 / sizeof(T);
-    const int chunks = (static_cast<int>(length) + kVector - 1) / kVector, width = static_cast<int>(segments) * chunks;
+    unsigned long long* signal = signals + exchanges % 2;
+    if (threadIdx.x == 0)
+      exchange_expect(signal, static_cast<unsigned>(incoming_bytes(H, units, cluster, rank, rows, segments, sizeof(T))));
+    pushed = true;
+    constexpr int kVector = 16 / sizeof(T), kWord = sizeof(T) < 4 ? 4 / sizeof(T) : 1;
+    const int length = static_cast<int>(pushed_units(H, units, rank, sizeof(T))), first = static_cast<int>(rank * units);
+    const int chunks = (length + kVector - 1) / kVector, width = static_cast<int>(segments) * chunks;
     const int per_peer = static_cast<int>(rows) * width, total = static_cast<int>(cluster - 1) * per_peer;
     for (int index = threadIdx.x; index < total; index += blockDim.x) {
-      const int q = index / per_peer, i = index % per_peer, peer = q < rank ? q : q + 1;
+      const int q = index / per_peer, i = index % per_peer;
+      const unsigned peer = static_cast<unsigned>(q < rank ? q : q + 1);
       const int r = i / width, g = i % width / chunks, j = i % chunks * kVector;
-      T* from = tile + r * ld + g * stride + first + j;
-      T* to = group.map_shared_rank(from, peer);
-      const int count = static_cast<int>(length) - j < kVector ? static_cast<int>(length) - j : kVector;
-      if (count == kVector && reinterpret_cast<uintptr_t>(from) % 16 == 0 && reinterpret_cast<uintptr_t>(to) % 16 == 0) {
-        *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
+      const T* from = tile + r * ld + g * stride + first + j;
+      const unsigned to = peer_address(from, peer), at = peer_address(signal, peer);
+      const int count = length - j < kVector ? length - j : kVector;
+      if (count == kVector && reinterpret_cast<uintptr_t>(from) % 16 == 0 && to % 16 == 0) {
+        exchange_store<16>(from, to, at);
       } else {
-        for (int e = 0; e < count; ++e) to[e] = from[e];
+        for (int e = 0; e < count; e += kWord) exchange_store<4>(from + e, to + e * sizeof(T), at);
       }
     }
 #else
@@ -331,9 +350,9 @@ struct DeviceOps {
 // Every CTA runs begin, the phases of every walk step, end; the grid barrier separates the
 // phases (none between begin and the first phase: begin writes only this CTA's shared
 // memory), or a CTA barrier where each CTA has all the units of its rows (its phases read
-// only what it wrote), or in a cluster plan the cluster barrier (also after begin: the peers
-// push into the operand tiles begin zeroes; blockIdx.x % unit_tiles is the rank, the batch
-// tile's CTAs one cluster). Between its arrival at the barrier and its wait a CTA does what no
+// only what it wrote), or in a cluster plan the exchange (and once the cluster barrier, after
+// begin: the peers push into the operand tiles begin zeroes; blockIdx.x % unit_tiles is the
+// rank, the batch tile's CTAs one cluster). Between its arrival at the barrier and its wait a CTA does what no
 // other CTA waits for (after_arrival). All CTAs reach every barrier: the trip counts depend
 // only on T and the cell.
 // `arrivals`: the barrier's counter, zero at the start; `times`: the phase records of a
@@ -343,7 +362,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const __grid_constant__ ForwardParams p, const __grid_constant__ Tiling t,
                    const __grid_constant__ Walk walk, unsigned long long* arrivals, PhaseRecord* times) {
   extern __shared__ __align__(128) char smem[];
-  DeviceOps ops(times);
+  DeviceOps ops(times, smem, t.fwd);
   ForwardCta<S, float> cta(p, t, walk, blockIdx.x, smem);
   unsigned long long target = 0;
   cta.begin(ops);
@@ -364,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     backward_kernel(const __grid_constant__ BackwardParams p, const __grid_constant__ Tiling t,
                     const __grid_constant__ Walk walk, unsigned long long* arrivals, PhaseRecord* times) {
   extern __shared__ __align__(128) char smem[];
-  DeviceOps ops(times);
+  DeviceOps ops(times, smem, t.bwd);
   BackwardCta<S, float> cta(p, t, walk, blockIdx.x, smem);
   unsigned long long target = 0;
   cta.begin(ops);

@@ -44,7 +44,7 @@
 // What a timed-out barrier prints; `kernel` is a string literal.
 #define RNNF_BARRIER_TIMEOUT_MESSAGE(kernel)                                                                   \
   "rnnfused: a CTA of the " kernel " waited more than " RNNF_STRINGIFY(RNNFUSED_BARRIER_TIMEOUT_S) " s at a " \
-  "grid barrier (another CTA faulted or never ran); trapping\n"
+  "grid barrier or exchange (another CTA faulted or never ran); trapping\n"
 
 namespace rnnfused {
 namespace persistent {
@@ -99,7 +99,8 @@ __device__ __forceinline__ void grid_wait(const unsigned long long* arrivals, un
 // of every CTA of the cluster arrives with release and waits with acquire semantics at cluster
 // scope, which orders what a CTA wrote before its arrival (global memory, and its peers'
 // shared memory) before what the others do after their wait. The CTA barriers around it order
-// this CTA's threads' work between the halves, as grid_arrive's and grid_wait's do.
+// this CTA's threads' work between the halves, as grid_arrive's and grid_wait's do. (The
+// persistent kernels use it once, after begin(); bench.barrier times it.)
 __device__ __forceinline__ void cluster_arrive() {
   __syncthreads();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -114,6 +115,100 @@ __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
 #endif
   __syncthreads();
+}
+
+// The exchange of a cluster plan (sm_90), in place of a barrier after each phase: a CTA's pushes
+// into its peers' shared memory (st.async) each complete their bytes on the receiving CTA's
+// mbarrier, which also waits for one arrival, that CTA's own, with the bytes it expects
+// (arrive.expect_tx). So a CTA waits for its own data alone: no barrier round, no fence, and
+// a push is not held up by the peers' arrivals.
+//  - Two mbarriers per CTA ("signals"); the k-th exchange (k = 0, 1, ...) uses signal k % 2 in
+//    its phase k / 2. A peer pushes exchange k + 2 only after its wait of exchange k + 1, which
+//    needs this CTA's exchange k + 1 pushes, made after this CTA's wait of exchange k: so every
+//    byte of exchange k + 2 meets signal k % 2 in its next phase. (An exchange without bytes
+//    would break the chain: every phase pushes at least one row.)
+//  - Ordering: st.async is a weak store whose complete-tx has release semantics at cluster
+//    scope, and the wait acquires at cluster scope: what the pushing CTA did before its push
+//    (after a CTA barrier, its other threads' work too) happens before what the waiting CTA
+//    does after its wait, in particular its reads of the tile a later push overwrites.
+//  - The bytes of a phase may land before their CTA's own arrival (the tx-count goes below
+//    zero until then); the phase cannot complete without that arrival.
+// Both halves of the once-per-launch setup (exchange_init before, the cluster barrier after:
+// no peer pushes before a CTA's signals exist) are in device.cuh.
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// The address of `local` (this CTA's shared memory) in CTA `rank`'s shared memory window.
+__device__ __forceinline__ unsigned peer_address(const void* local, unsigned rank) {
+  unsigned address = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(address) : "r"(shared_address(local)), "r"(rank));
+#endif
+  return address;
+}
+
+// Thread 0: both signals, one arrival a phase.
+__device__ __forceinline__ void exchange_init(unsigned long long* signals) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  for (int i = 0; i < 2; ++i)
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(signals + i)) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+// One thread: this CTA's arrival at `signal`, expecting `bytes` of its peers' pushes.
+__device__ __forceinline__ void exchange_expect(unsigned long long* signal, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(signal)),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+
+// kBytes (16 or 4) at `local` to the peer address `to` (peer_address; aligned to kBytes),
+// completing on the peer's mbarrier at `at` (peer_address of the signal).
+template <int kBytes>
+__device__ __forceinline__ void exchange_store(const void* local, unsigned to, unsigned at) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (kBytes == 16) {
+    const uint4 v = *static_cast<const uint4*>(local);
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(to),
+                 "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(at)
+                 : "memory");
+  } else {
+    static_assert(kBytes == 4, "st.async stores 4, 8 or 16 bytes; the pushes use 16 and 4");
+    const unsigned v = *static_cast<const unsigned*>(local);
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(to), "r"(v), "r"(at)
+                 : "memory");
+  }
+#endif
+}
+
+// Every thread: returns once `signal` completed the phase of parity `parity` (its CTA arrived
+// and every byte it expected landed), with acquire semantics at cluster scope. Thread 0 traps
+// with `message` after RNNFUSED_BARRIER_TIMEOUT_S seconds (which ends every thread's wait).
+__device__ __forceinline__ void exchange_wait(unsigned long long* signal, unsigned parity, const char* message) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned address = shared_address(signal);
+  auto done = [&] {
+    unsigned complete;
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+        : "=r"(complete)
+        : "r"(address), "r"(parity)
+        : "memory");
+    return complete != 0;
+  };
+  if (done()) return;
+  const unsigned long long start = global_nanoseconds();
+  while (!done()) {
+    if (threadIdx.x == 0 && global_nanoseconds() - start > RNNFUSED_BARRIER_TIMEOUT_S * 1000000000ull) {
+      printf(message);
+      __trap();
+    }
+  }
+#endif
 }
 
 // Both halves at once: returns once all gridDim.x CTAs have made their k-th call.

@@ -24,9 +24,13 @@
 //     grid barrier ordering the two (the same two kinds, and a write after write). A barrier
 //     orders what one CTA did before its arrival before what another does after its wait:
 //     a phase before the next phase, but an after_arrival before nothing until the phase
-//     after next. In a cluster plan a barrier orders only the CTAs of one cluster, and the
-//     operand tiles, which the peers push into (distributed shared memory), are checked as
-//     global memory is (a plain read of them is what the GPU does);
+//     after next. In a cluster plan the exchange of a phase (each CTA's push, then its wait
+//     for its peers') is its barrier, it orders only the CTAs of one cluster, and a phase that
+//     pushes nothing has none; the operand tiles, which the peers push into (distributed
+//     shared memory), are checked as global memory is (a plain read of them is what the GPU
+//     does);
+//   - in a cluster plan, a phase in which a CTA expects other than the bytes its peers push
+//     into it (ops.push_rows), or expects none while they push;
 //   - a plain read (not load_coherent / ops.copy_rows, i.e. not ld.global.cg on the GPU; a
 //     prefetch's too) of global memory another CTA wrote during the kernel;
 //   - shared memory touched while a prefetch into it is in flight;
@@ -37,13 +41,13 @@
 // RNNFUSED_SIMULATE_DEFECT (test only; tests/test_persistent.py) plants a defect to show that
 // the checker finds it: skip_sync=<begin|operand|fold|phase_end|staged> leaves out that CTA barrier
 // of program.h, plain_copy makes ops.copy_rows read with plain loads,
-// skip_barrier=<phase> leaves out the grid barrier after that phase of every step,
-// early_arrive arrives at every grid barrier before the phase instead of after it (the
+// skip_barrier=<phase> leaves out the grid barrier (in a cluster, the exchange's wait) after
+// that phase of every step, early_arrive arrives at every grid barrier before the phase instead of after it (the
 // phase's stores then follow the arrival), skip_prefetch_wait leaves out
 // ops.prefetched(), so that the prefetches land at the end of the phase, and in a cluster
 // plan skip_barrier=begin leaves out the cluster barrier between begin() and the first phase
 // and one_buffer gives every step the same operand tile (ops.buffer), as if it were not
-// double-buffered. (The one
+// double-buffered, and miscount makes every CTA expect 4 bytes fewer than its peers push. (The one
 // load_coherent of the program, GRU_CHO's h_{t-1} in cho_output, reads the CTA's own units, so
 // a plain load there would be no defect, and the checker rightly says nothing.)
 //
@@ -78,6 +82,7 @@ struct Defects {
   bool plain_copy = false;
   int skip_barrier = -1;  // the phase after which no grid barrier runs; -1: none
   bool early_arrive = false, skip_prefetch_wait = false, skip_begin_barrier = false, one_buffer = false;
+  bool miscount = false;
   std::string text;
 
   static Defects from_environment() {
@@ -93,12 +98,13 @@ struct Defects {
       start = comma + 1;
       if (item.empty()) continue;
       bool known = item == "plain_copy" || item == "early_arrive" || item == "skip_prefetch_wait" ||
-                   item == "skip_barrier=begin" || item == "one_buffer";
+                   item == "skip_barrier=begin" || item == "one_buffer" || item == "miscount";
       d.plain_copy |= item == "plain_copy";
       d.early_arrive |= item == "early_arrive";
       d.skip_prefetch_wait |= item == "skip_prefetch_wait";
       d.skip_begin_barrier |= item == "skip_barrier=begin";
       d.one_buffer |= item == "one_buffer";
+      d.miscount |= item == "miscount";
       for (int i = 0; i < 5; ++i)
         if (item == std::string("skip_sync=") + syncs[i]) known = d.skip_sync[i] = true;
       if (item == "skip_barrier=0" || item == "skip_barrier=1") {
@@ -108,7 +114,7 @@ struct Defects {
       if (!known)
         throw std::invalid_argument("rnnfused: RNNFUSED_SIMULATE_DEFECT: unknown defect '" + item +
                                     "' (skip_sync=begin|operand|fold|phase_end|staged, plain_copy, skip_barrier=0|1|begin, "
-                                    "early_arrive, skip_prefetch_wait, one_buffer)");
+                                    "early_arrive, skip_prefetch_wait, one_buffer, miscount)");
     }
     return d;
   }
@@ -172,6 +178,7 @@ class Checker final : public AccessObserver {
   bool skips_prefetch_wait() const { return defects_.skip_prefetch_wait; }
   bool skips_begin_barrier() const { return defects_.skip_begin_barrier; }
   bool one_buffer() const { return defects_.one_buffer; }
+  bool miscounts() const { return defects_.miscount; }
   // How ops.copy_rows reads its source rows (ld.global.cg on the GPU, unless planted).
   Access copy_access() const { return defects_.plain_copy ? Access::Read : Access::Coherent; }
 
@@ -214,6 +221,12 @@ class Checker final : public AccessObserver {
       return;
     }
     check_global(p, bytes, kind, who, false);
+  }
+
+  // (A cluster plan) CTA `cta` expected `expected` bytes of pushes in a phase and got `received`.
+  void exchange_mismatch(int64_t cta, int64_t expected, int64_t received) {
+    found(kExchangeBytes, "CTA " + std::to_string(cta) + " (" + where_ + "): expected " + std::to_string(expected) +
+                              " bytes, its peers pushed " + std::to_string(received));
   }
 
   // Throws what was found, if anything.
@@ -259,7 +272,7 @@ class Checker final : public AccessObserver {
   }
 
   // Whether what CTA `other` (-1: several) did in interval `earlier` is ordered before what
-  // the current CTA does now: a cluster's barrier orders only its own CTAs.
+  // the current CTA does now: a cluster's exchange orders only its own CTAs.
   bool ordered_now(int32_t earlier, int32_t other) const {
     if (earlier < 0) return true;
     if (cluster_ > 0 && (other < 0 || other / cluster_ != cta_ / cluster_)) return false;
@@ -301,6 +314,7 @@ class Checker final : public AccessObserver {
     kCoherentShared,
     kInFlight,
     kPeerOutsideOperand,
+    kExchangeBytes,
     kKinds
   };
   static constexpr const char* kDescriptions[kKinds] = {
@@ -322,6 +336,8 @@ class Checker final : public AccessObserver {
       "load_coherent of shared memory",
       "shared memory touched while a prefetch into it is in flight (before its thread's ops.prefetched())",
       "a peer's shared memory touched outside its operand tiles",
+      "a CTA of a cluster expects other than what its peers push into it in a phase, or nothing (on the GPU its "
+      "wait would never return, or return before the data has landed)",
   };
 
   Shadow& global(uintptr_t granule) {
@@ -456,8 +472,12 @@ struct HostOps {
     int who;
   };
   std::vector<std::vector<Copy>> pending;
+  // (A cluster) the bytes each CTA expects its peers to push in the current phase, and those
+  // they pushed; whether any CTA pushed.
+  std::vector<int64_t> expected, received;
+  bool exchanged = false;
 
-  HostOps(Checker* checker, int64_t ctas) : check(checker), pending(ctas) {}
+  HostOps(Checker* checker, int64_t ctas) : check(checker), pending(ctas), expected(ctas), received(ctas) {}
 
   template <typename S>
   S operand(S x) const {
@@ -526,12 +546,13 @@ struct HostOps {
   int64_t buffer(int64_t s) const { return check->one_buffer() ? 0 : s % 2; }
 
   // DeviceOps::push_rows's stores: 16 bytes of a row segment (the last shorter) to one peer,
-  // store i by thread i % kThreads, peers in rank order.
+  // store i by thread i % kThreads, peers in rank order. Each peer counts the bytes it receives,
+  // this CTA the bytes it expects (the simulation compares the two at the phase's end).
   template <typename T>
-  void push_rows(T* tile, int64_t ld, int64_t rows, int64_t segments, int64_t stride, int64_t first, int64_t length,
+  void push_rows(T* tile, int64_t ld, int64_t rows, int64_t segments, int64_t stride, int64_t H, int64_t units,
                  int64_t cluster, int64_t rank) {
-    if (rows <= 0) return;
-    constexpr int64_t kVector = 16 / sizeof(T);
+    constexpr int64_t kVector = 16 / sizeof(T), kElement = sizeof(T);
+    const int64_t length = pushed_units(H, units, rank, kElement), first = rank * units;
     const int64_t chunks = (length + kVector - 1) / kVector, per_peer = rows * segments * chunks;
     const char* own = bases[cta];
     for (int64_t index = 0; index < (cluster - 1) * per_peer; ++index) {
@@ -539,12 +560,26 @@ struct HostOps {
       const int64_t r = i / (segments * chunks), g = i / chunks % segments, j = i % chunks * kVector;
       const T* from = tile + r * ld + g * stride + first + j;
       T* to = reinterpret_cast<T*>(bases[cta - rank + peer] + (reinterpret_cast<const char*>(from) - own));
-      const int64_t bytes = std::min(kVector, length - j) * static_cast<int64_t>(sizeof(T));
+      const int64_t bytes = std::min(kVector, length - j) * kElement;
       const int who = static_cast<int>(index % kThreads);
       check->touch(from, bytes, Access::Read, who);
       check->touch(to, bytes, Access::Write, who);
       std::memcpy(to, from, static_cast<size_t>(bytes));
+      received[cta - rank + peer] += bytes;
     }
+    expected[cta] = incoming_bytes(H, units, cluster, rank, rows, segments, kElement) - (check->miscounts() ? 4 : 0);
+    exchanged = true;
+  }
+
+  // The end of a phase of a cluster plan: whether it exchanged, and what each CTA got against what
+  // it expected (told to the checker).
+  bool exchange_done() {
+    for (size_t i = 0; i < expected.size(); ++i)
+      if (expected[i] != received[i] || (exchanged && expected[i] <= 0))
+        check->exchange_mismatch(static_cast<int64_t>(i), expected[i], received[i]);
+    std::fill(expected.begin(), expected.end(), 0);
+    std::fill(received.begin(), received.end(), 0);
+    return std::exchange(exchanged, false);
   }
 
   // DeviceOps::copy_rows's two paths: whole 16-byte vectors, one per thread and chunk index,
@@ -721,9 +756,10 @@ void simulate(const Params& p, const Tiling& t, bool backward) {
       const std::string where = "walk step " + std::to_string(s) + ", phase " + std::to_string(phase);
       // No grid barrier where each CTA has all the units of its rows (the GPU then has a CTA
       // barrier, which entering a CTA stands for here): a CTA that read another's data would
-      // then be caught within the one long interval.
-      const bool barrier = t.unit_tiles > 1 && !check.skips_barrier_after(phase);
-      if (barrier && check.arrives_early()) check.arrive();
+      // then be caught within the one long interval. In a cluster the exchange is the
+      // barrier: none in a phase that pushes nothing (the forward's last step).
+      const bool grid = t.unit_tiles > 1 && t.cluster == 0 && !check.skips_barrier_after(phase);
+      if (grid && check.arrives_early()) check.arrive();
       std::shuffle(order.begin(), order.end(), shuffle);
       for (const int64_t cta : order) {
         enter(cta, "begin");
@@ -732,13 +768,14 @@ void simulate(const Params& p, const Tiling& t, bool backward) {
         ctas[cta].phase(ops, s, phase);
       }
       begun = true;
-      if (barrier && !check.arrives_early()) check.arrive();
+      const bool exchange = t.cluster > 0 && ops.exchange_done() && !check.skips_barrier_after(phase);
+      if (exchange || (grid && !check.arrives_early())) check.arrive();
       std::shuffle(order.begin(), order.end(), shuffle);
       for (const int64_t cta : order) {
         enter(cta, where + ", after the arrival");
         ctas[cta].after_arrival(ops, s, phase);
       }
-      if (barrier) check.wait();
+      if (grid || exchange) check.wait();
     }
   }
   std::shuffle(order.begin(), order.end(), shuffle);

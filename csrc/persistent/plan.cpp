@@ -60,6 +60,9 @@ int64_t resident_clusters(int64_t sm_count, int64_t cluster) {
   return sm_count / kGpcSms * (kGpcSms / cluster);
 }
 
+// A cluster plan's two mbarriers (8 bytes each).
+constexpr int64_t kSignalBytes = 16;
+
 // Warps split K when there are fewer output tiles than warps (e.g. the backward product of
 // a small unit slice), at most so that every warp keeps at least two K steps.
 int64_t k_split(int64_t m, int64_t n, int64_t k) {
@@ -78,7 +81,8 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
   t.rows = rows;
   t.unit_tiles = ceil_div(H, units);
   t.row_tiles = ceil_div(B, rows);
-  t.cluster = cluster && t.unit_tiles > 1 ? t.unit_tiles : 0;
+  // (2-byte elements: an even slice, whole 4-byte words, pushed_units)
+  t.cluster = cluster && t.unit_tiles > 1 && units * elem % 4 == 0 ? t.unit_tiles : 0;
   const bool clustered = t.cluster > 0;
   t.rows_pad = round_up(rows, kTile);
   // GRU_CHO multiplies its r/z rows and its n rows in two products: each starts a tile.
@@ -95,7 +99,8 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
                 {&Layout::partials, t.split_fwd > 1 ? t.split_fwd * t.gate_rows * t.ld_acc_fwd * acc_elem : 0},
                 {&Layout::state, cell == Cell::LSTM ? state : 0},
                 {&Layout::inputs, rows * gates * inputs_ld(units) * acc_elem},
-                {&Layout::bias, 2 * gates * units * acc_elem}});
+                {&Layout::bias, 2 * gates * units * acc_elem},
+                {&Layout::signals, clustered ? kSignalBytes : 0}});
 
   t.unit_rows = round_up(units, kTile);
   t.k_block = round_up(H, kTile);
@@ -111,7 +116,8 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
                   {&Layout::state, state},
                   {&Layout::state2, cell == Cell::LSTM ? state : 0},
                   {&Layout::inputs, prefetch ? rows * backward_wide_inputs(cell) * inputs_ld(units) * acc_elem : 0},
-                  {&Layout::narrow, prefetch ? rows * backward_narrow_inputs(cell) * narrow_ld(units) * elem : 0}});
+                  {&Layout::narrow, prefetch ? rows * backward_narrow_inputs(cell) * narrow_ld(units) * elem : 0},
+                  {&Layout::signals, clustered ? kSignalBytes : 0}});
   };
   // A cluster's peers push every gate's dG as they compute it: its tile takes all the gates.
   for (t.chunk_gates = gates; t.chunk_gates >= (clustered ? gates : 1); --t.chunk_gates) {
@@ -194,9 +200,9 @@ double prefetch_ns(const Tiling& t, int64_t H, int64_t segments, int64_t elem, c
 // The end of a phase: the grid barrier (its fence waits for the phase's stores; every CTA
 // arrives), a CTA barrier where each CTA has all the units of its rows, or in a cluster the
 // push of `segments` row segments of the slice's units into each peer's shared memory (16-byte
-// stores where the slices are made of them, else element by element) and the cluster barrier,
-// whose release waits for the pushes, and for `global_stores` (a phase that still stores to
-// global memory before the arrival) those too.
+// stores where the slices are made of them, else 4-byte words) and the wait for the peers'
+// pushes; with `global_stores` (a phase that still stores to global memory before its push)
+// the fence too, as each push's completion releases what its CTA wrote before it.
 void close_phase(StepCost& cost, const Tiling& t, int64_t elem, int64_t segments, bool global_stores,
                  const CostModel& m) {
   if (t.unit_tiles == 1) {
@@ -208,10 +214,10 @@ void close_phase(StepCost& cost, const Tiling& t, int64_t elem, int64_t segments
     cost.barrier += m.grid_barrier_ns + m.arrival_ns * t.ctas();
     return;
   }
-  const int64_t vector = 16 / elem, pieces = t.units % vector == 0 ? 1 : vector;
+  const int64_t vector = 16 / elem, pieces = t.units % vector == 0 ? 1 : ceil_div(16, std::max<int64_t>(elem, 4));
   const int64_t stores = (t.cluster - 1) * t.rows * segments * ceil_div(t.units, vector) * pieces;
-  cost.stores += ceil_div(stores, kThreads) * m.issue_ns + m.dsmem_ns + (global_stores ? m.fence_ns : 0);
-  cost.barrier += m.cluster_barrier_ns + m.cta_barrier_ns;
+  cost.stores += ceil_div(stores, kThreads) * m.issue_ns + (global_stores ? m.fence_ns : 0);
+  cost.barrier += m.dsmem_ns + 2 * m.cta_barrier_ns;
 }
 
 }  // namespace
@@ -415,7 +421,7 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
           const int64_t units = slices[i];
           for (const bool cluster : {false, true}) {
             const int64_t unit_tiles = ceil_div(H, units);
-            if (cluster && (unit_tiles == 1 || unit_tiles > limits.max_cluster ||
+            if (cluster && (unit_tiles == 1 || unit_tiles > limits.max_cluster || units * elem % 4 != 0 ||
                             row_tiles > resident_clusters(limits.sm_count, unit_tiles)))
               continue;
             const Tiling t = tile_for(cell, H, B, dtype, rows, units, smem, cluster);

@@ -10,7 +10,8 @@
 // the cell (cells.h) and exchanges the new state with the other CTAs through global memory
 // and a grid-wide barrier, or (sm_90, Tiling::cluster) the CTAs of a batch tile form one
 // thread-block cluster: each pushes its slice of the new state into every peer's shared memory
-// (distributed shared memory) and the cluster's hardware barrier closes the step.
+// (distributed shared memory), and each waits on its own mbarrier until the bytes it expects
+// from its peers have landed.
 //
 // Shared memory of one CTA (regions 128-byte aligned; leading dimensions in elements):
 //   forward   W    [gate_rows][ld_w]      S   row g*gate_stride + u: gate g of unit u0+u, K = H
@@ -40,6 +41,8 @@
 //                                             c_{t-1}), prefetched a step ahead
 //             narrow [rows][narrow][ld_n] S   (prefetch_bwd) dy, and h_{t-1} (GRU) or h_t (RNN);
 //                                             ld_n = units rounded up to 8
+//   both     signals [2] mbarrier           (cluster) what the exchanges of even and odd phases
+//                                             wait on (DeviceOps; the host simulation has none)
 // Padding (rows past the batch, units past H, columns past H) is zero and never stored.
 #pragma once
 
@@ -78,7 +81,7 @@ struct DeviceLimits {
 // One region of a CTA's shared memory layout, in bytes.
 struct Layout {
   int64_t weights = 0, operand = 0, acc = 0, partials = 0, state = 0, state2 = 0, inputs = 0, bias = 0, narrow = 0,
-          bytes = 0;
+          signals = 0, bytes = 0;
 };
 
 // The saved activations per element that the forward stages for their stores after the
@@ -116,6 +119,26 @@ RNNF_HD int64_t operand_buffers(Cell cell, bool backward, bool cluster) {
   return !backward && cell == Cell::GRU_CHO ? 3 : 2;
 }
 
+// (A cluster) the elements of the slice of CTA `rank` (of unit tiles of `units` over H) that its
+// push moves into each peer, `elem` bytes each: its units, rounded up to whole 4-byte words,
+// the smallest store that signals an mbarrier (st.async). The planner gives 2-byte elements an
+// even slice, so only the last slice of an odd H rounds up: it takes the tile's padding column
+// H along, which is zero in every CTA and no one else writes.
+RNNF_HD int64_t pushed_units(int64_t H, int64_t units, int64_t rank, int64_t elem) {
+  const int64_t length = H - rank * units < units ? H - rank * units : units, word = elem < 4 ? 4 / elem : 1;
+  return (length + word - 1) / word * word;
+}
+
+// (A cluster) the bytes that one phase's pushes bring into CTA `rank`'s operand tiles: `rows`
+// rows of `segments` row segments of every peer's slice.
+RNNF_HD int64_t incoming_bytes(int64_t H, int64_t units, int64_t cluster, int64_t rank, int64_t rows,
+                               int64_t segments, int64_t elem) {
+  int64_t elements = 0;
+  for (int64_t q = 0; q < cluster; ++q)
+    if (q != rank) elements += pushed_units(H, units, q, elem);
+  return rows * segments * elements * elem;
+}
+
 // The plain-old-data part of a plan: what the kernels read (passed by value to the GPU).
 struct Tiling {
   int64_t units = 0;        // hidden units per CTA
@@ -124,7 +147,8 @@ struct Tiling {
   int64_t row_tiles = 0;    // CTAs along the batch; grid = unit_tiles * row_tiles
   // Where > 0 (= unit_tiles, at most DeviceLimits::max_cluster): the unit_tiles CTAs of a batch
   // tile are one thread-block cluster; they exchange h_t / dG through distributed shared memory
-  // and close a phase with the cluster barrier, and the backward takes all gates at once.
+  // (each CTA waiting for the bytes its peers push), and the backward takes all gates at once.
+  // Slices of 2-byte elements are then even (pushed_units).
   // 0: global memory and the grid barrier (none where unit_tiles is 1).
   int64_t cluster = 0;
   int64_t rows_pad = 0;     // rows rounded up to kTile (N of both products)
@@ -168,8 +192,8 @@ struct CostModel {
   double k_step_ns = 20;            // one dependent 16x16x16 WMMA step of a warp (fragment loads and mma)
   double element_ns = 40;           // one thread's cell math for one element, its loads aside
   double issue_ns = 4;              // one thread issuing a store or an asynchronous copy it does not wait for
-  double cluster_barrier_ns = 400;  // the cluster barrier (measured: 0.40 us, bench.barrier, H100 2026-11-26)
-  double dsmem_ns = 200;            // the arrival's release waiting for its pushes into the peers' shared memory
+  double dsmem_ns = 300;            // a cluster's exchange: the last push's flight into a peer's shared memory,
+                                    // its mbarrier's completion and the peers' skew (shared/STAGE3.md's 0.3 us)
 };
 
 // One step's estimate, per phase (timing.h's step phases), in nanoseconds.

@@ -1,7 +1,7 @@
 // The program of one CTA of the persistent recurrence, forward and backward, written once
 // and run two ways: by the CUDA kernel (device.cuh: the CTAs of a cooperative launch, a
 // grid-wide barrier after every phase, a CTA barrier where each CTA has every unit of its
-// rows, or in a cluster the cluster barrier) and by the host simulation (host.h: the CTAs of a phase
+// rows, or in a cluster the wait for the peers' pushes) and by the host simulation (host.h: the CTAs of a phase
 // in shuffled order, the end of the phase as the barrier, every memory access checked). Both
 // run exactly this code with the tiling and shared-memory layout of plan.h; only the Ops
 // differ. Each CTA runs begin(), then for every walk step and phase k:
@@ -31,11 +31,15 @@
 //       nor its destination be touched.
 //   ops.prefetched()              this thread's prefetches have landed (an ops.sync must follow
 //                                 before other threads read them)
-//   ops.push_rows(tile, ld, rows, segments, stride, first, length, cluster, rank)
+//   ops.push_rows(tile, ld, rows, segments, stride, H, units, cluster, rank)
 //       (a cluster) for every peer CTA of the cluster (rank q != rank, q < cluster), r < rows,
-//       g < segments, j < length: the peer's tile[r*ld + g*stride + first + j] (the same offset
-//       in its shared memory) = this CTA's. Not synchronised; the cluster barrier's arrival
-//       orders the pushes before what the peers do after its wait.
+//       g < segments, j < pushed_units(H, units, rank): the peer's tile[r*ld + g*stride +
+//       rank*units + j] (the same offset in its shared memory) = this CTA's; and this CTA
+//       expects its peers' pushes of the phase, incoming_bytes(H, units, cluster, rank, rows,
+//       segments) in all (plan.h). Not synchronised otherwise: the wait that ends the phase
+//       returns once the pushes into this CTA have landed, which orders what each peer did
+//       before its push (its reads of the tile being overwritten included) before what this
+//       CTA does after. Every CTA of the cluster pushes in the same phases, the same rows.
 //   ops.buffer(s)                 the operand buffer of walk step s in a cluster: s % 2
 //   ops.stamp(phase)              charges the time since the previous stamp to `phase` (a GPU
 //                                 build with RNNFUSED_PHASE_TIMING; free everywhere else)
@@ -45,9 +49,10 @@
 // The operands of the products are stored already so rounded, once, when they enter
 // shared memory.
 //
-// After a barrier a CTA may read what any CTA (of its cluster, in a cluster) wrote before its
-// arrival at that barrier (through load_coherent or ops.copy_rows: L2, never a stale L1 line;
-// what a peer pushed into its shared memory, with plain reads). What a CTA writes
+// After a barrier a CTA may read what any CTA wrote before its arrival at that barrier
+// (through load_coherent or ops.copy_rows: L2, never a stale L1 line). In a cluster the
+// exchange is the barrier: after it a CTA reads, with plain loads, what its peers pushed into
+// its shared memory in that phase. What a CTA writes
 // after its arrival becomes readable to the others only after the next barrier; otherwise a
 // CTA reads only what it wrote itself or what was there before the kernel started. The cell
 // math is cells.h's.
@@ -205,6 +210,15 @@ struct Element {
   bool last;     // forward: the row's last step, so h_t is its h_n
 };
 
+// (A cluster) the rows of the tile a push at walk step s moves: the batch tile's rows active at
+// s, but at least one, so that no phase of a cluster exchanges nothing (its wait would then
+// return at once and let a CTA run ahead into its peers' next exchange). The rows past the
+// active ones carry stale values into rows no product result is read from.
+RNNF_HD int64_t pushed_rows(const Tiling& t, const Walk& walk, const CtaSlice& slice, int64_t s) {
+  const int64_t active = walk.rows(s) - slice.r0;
+  return active < 1 ? 1 : active < t.rows ? active : t.rows;
+}
+
 // Calls f(Element) for the CTA's elements active at walk step s.
 template <typename Ops, typename F>
 RNNF_HD void for_each_element(Ops& ops, const Tiling& t, const Walk& walk, const CtaSlice& slice, int64_t H,
@@ -335,13 +349,11 @@ struct ForwardCta {
     if (clustered() && (reset || s + 1 < walk.T)) push(ops, s, reset ? reset_tile() : next);
   }
 
-  // (A cluster) the CTA's slice of the operand it wrote in this phase, the rows active at walk
-  // step s, into every peer's tile.
+  // (A cluster) the CTA's slice of the operand it wrote in this phase into every peer's tile.
   template <typename Ops>
   RNNF_HD void push(Ops& ops, int64_t s, S* tile) {
-    const int64_t active = walk.rows(s) - slice.r0, length = p.H - slice.u0 < t.units ? p.H - slice.u0 : t.units;
-    ops.push_rows(tile, t.ld_w_fwd, active < t.rows ? active : t.rows, int64_t(1), int64_t(0), slice.u0, length,
-                  t.cluster, slice.u0 / t.units);
+    ops.push_rows(tile, t.ld_w_fwd, pushed_rows(t, walk, slice, s), int64_t(1), int64_t(0), p.H, t.units, t.cluster,
+                  slice.u0 / t.units);
   }
 
   // After the arrival at the barrier that ends phase k of walk step s: the activations the
@@ -714,11 +726,9 @@ struct BackwardCta {
     }
     ops.sync(Sync::PhaseEnd);
     ops.stamp(Phase::Cell);
-    if (clustered()) {
-      const int64_t active = walk.rows(s) - slice.r0, length = H - slice.u0 < t.units ? H - slice.u0 : t.units;
-      ops.push_rows(out + first_gate(k) * t.k_block, t.ld_dg, active < t.rows ? active : t.rows,
-                    end_gate(k) - first_gate(k), t.k_block, slice.u0, length, t.cluster, slice.u0 / t.units);
-    }
+    if (clustered())
+      ops.push_rows(out + first_gate(k) * t.k_block, t.ld_dg, pushed_rows(t, walk, slice, s), end_gate(k) - first_gate(k),
+                    t.k_block, H, t.units, t.cluster, slice.u0 / t.units);
   }
 
   // After the arrival at the barrier that ends walk step s: in a cluster the phase's dG (and
