@@ -464,12 +464,15 @@ struct HostOps {
   int64_t cta = 0;  // the CTA that runs (the simulation sets it)
   std::vector<char*> bases;  // every CTA's shared memory (a cluster's peers push into theirs)
 
-  // Prefetches issued and not yet landed, per CTA: `bytes` from `from` to `to` by thread `who`.
+  // Asynchronous copies issued and not yet landed, per CTA: `bytes` from `from` to `to` by
+  // thread `who`, reading their source as `read` does (a prefetch's: plain; copy_rows's:
+  // coherent).
   struct Copy {
     const void* from;
     void* to;
     int64_t bytes;
     int who;
+    Access read = Access::Read;
   };
   std::vector<std::vector<Copy>> pending;
   // (A cluster) the bytes each CTA expects its peers to push in the current phase, and those
@@ -516,13 +519,17 @@ struct HostOps {
       const Copy copy{row + g * src_stride + j, dst + r * ld + g * dst_stride + j,
                       static_cast<int64_t>(std::min(kVector, length - j) * sizeof(T)),
                       static_cast<int>(index % kThreads)};
-      // The copy may write as soon as it is issued: what other threads read there must be
-      // ordered before the issue.
-      check->touch(copy.from, copy.bytes, Access::Read, copy.who);
-      check->touch(copy.to, copy.bytes, Access::Write, copy.who);
-      check->in_flight(copy.to, copy.bytes);
-      pending[cta].push_back(copy);
+      issue(copy);
     }
+  }
+
+  // An asynchronous copy: it may write as soon as it is issued (what other threads read there
+  // must be ordered before the issue) and lands by its thread's next prefetched().
+  void issue(const Copy& copy) {
+    check->touch(copy.from, copy.bytes, copy.read, copy.who);
+    check->touch(copy.to, copy.bytes, Access::Write, copy.who);
+    check->in_flight(copy.to, copy.bytes);
+    pending[cta].push_back(copy);
   }
 
   void prefetched() {
@@ -534,7 +541,7 @@ struct HostOps {
   void land() {
     check->landed();
     for (const Copy& copy : pending[cta]) {
-      check->touch(copy.from, copy.bytes, Access::Read, copy.who);
+      check->touch(copy.from, copy.bytes, copy.read, copy.who);
       check->touch(copy.to, copy.bytes, Access::Write, copy.who);
       std::memcpy(copy.to, copy.from, static_cast<size_t>(copy.bytes));
     }
@@ -582,9 +589,10 @@ struct HostOps {
     return std::exchange(exchanged, false);
   }
 
-  // DeviceOps::copy_rows's two paths: whole 16-byte vectors, one per thread and chunk index,
-  // where every row segment is made of them; element by element (element i by thread i)
-  // otherwise.
+  // DeviceOps::copy_rows's paths: whole 16-byte vectors, one per thread and chunk index,
+  // where every row segment is made of them (asynchronous where the operand is stored as is,
+  // landing by prefetched(), unless its source starts off 16 bytes); element by element
+  // (element i by thread i) otherwise.
   template <typename S, typename Source>
   void copy_rows(S* dst, int64_t ld, int64_t rows, int64_t segments, int64_t dst_stride, int64_t src_stride,
                  int64_t length, const Source& source) {
@@ -599,6 +607,11 @@ struct HostOps {
       const int64_t r = index / per_row, g = index % per_row / chunks, j0 = index % chunks * width;
       const S* row = source(r);
       if (row == nullptr) continue;
+      const S* from = row + g * src_stride + j0;
+      if (!kRoundedOperand<S> && width == kVector && reinterpret_cast<uintptr_t>(from) % 16 == 0) {
+        issue(Copy{from, dst + r * ld + g * dst_stride + j0, kVector * static_cast<int64_t>(sizeof(S)), who, load});
+        continue;
+      }
       for (int64_t j = j0; j < j0 + width; ++j) {
         const S* from = row + g * src_stride + j;
         S* to = dst + r * ld + g * dst_stride + j;

@@ -149,14 +149,19 @@ std::string describe(const Tiling& t) {
 // Below: the cost model's pieces, one per phase of a step (timing.h), each what device.cuh
 // and program.h do for one CTA with a full slice.
 
-// copy_rows: `rows` rows of `elements` elements from L2 into shared memory, 16-byte loads four
-// in flight per thread where rows are 16-byte multiples (else element by element), then the
-// Operand barrier. Every CTA pulls its copy at once, so the whole GPU's L2 bandwidth can bind.
+// copy_rows: `rows` rows of `elements` elements from L2 into shared memory, then the Operand
+// barrier. Where rows are 16-byte multiples: an operand stored as is (fp16, bf16) with every
+// 16-byte cp.async issued at once, one load latency; fp32 (rounded on the way) with 16-byte
+// loads four in flight per thread, in rounds. Else element by element, in rounds of one
+// element a thread. Every CTA pulls its copy at once, so the whole GPU's L2 bandwidth can bind.
 double exchange_ns(int64_t rows, int64_t elements, int64_t elem, int64_t ctas, const CostModel& m) {
   const int64_t bytes = rows * elements * elem;
   const bool vector = elements % (16 / std::min<int64_t>(elem, 16)) == 0;
-  const int64_t per_round = vector ? kThreads * 4 * 16 : kThreads * elem;
   const double bandwidth_ns = std::max(bytes / m.sm_l2_bytes_per_ns, ctas * bytes / m.l2_bytes_per_ns);
+  if (vector && elem != 4)
+    return static_cast<double>(ceil_div(bytes, kThreads * 16)) * m.issue_ns + m.load_latency_ns + bandwidth_ns +
+           m.cta_barrier_ns;
+  const int64_t per_round = vector ? kThreads * 4 * 16 : kThreads * elem;
   return ceil_div(bytes, per_round) * m.copy_round_ns + bandwidth_ns + m.cta_barrier_ns;
 }
 

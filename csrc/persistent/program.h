@@ -18,7 +18,10 @@
 //   ops.copy_rows(dst, ld, rows, segments, dst_stride, src_stride, length, source)
 //       for every r < rows with a source row (source(r) not null) and g < segments:
 //       dst[r*ld + g*dst_stride + j] = ops.operand(load_coherent(source(r) + g*src_stride + j)),
-//       j < length; other rows and columns are left as they are. Not synchronised.
+//       j < length; other rows and columns are left as they are. Not synchronised, and possibly
+//       asynchronous (on the GPU where the operand is stored as is: cp.async.cg): it lands by
+//       the issuing thread's next ops.prefetched(), and until then its destination must not
+//       be touched.
 //   ops.gemm(acc, ld_acc, partials, partial_stride, a, lda, b, ldb, m0, m1, n, k0, k1, split)
 //       acc[m][c] = Σ_{k0 <= k < k1} a[m][k] b[c][k - k0] for m0 <= m < m1, c < n (all multiples
 //       of kTile), accumulated in A; with split > 1 the K steps are divided among warps whose
