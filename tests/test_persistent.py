@@ -228,11 +228,10 @@ def test_clusters_where_the_device_has_them_and_what_the_model_charges_them():
         assert c["exchange"] < 50 < g["exchange"]
         assert c["barrier"] < g["barrier"] and c["stores"] < g["stores"] and c["window"] > g["window"]
         assert c["mma"] == g["mma"] and c["cell"] == g["cell"]
-    # fp32's tiles hold its operands rounded to TF32: y and dG are stored in the pass (each
-    # push's completion releases them, so waits for them), not from the tile after it.
+    # fp32 too: its tiles hold h_t and dG exactly (the product rounds them to TF32 as it loads
+    # them), so they go to global memory after the push, and nothing waits for a fence.
     fp32 = _C.plan_cost(int(Cell.LSTM), 128, 16, torch.float32, 16, 16, smem, True)["estimate"]["forward"]
-    assert fp32["stores"] > cluster["estimate"]["forward"]["stores"] + 300
-    assert fp32["window"] < cluster["estimate"]["forward"]["window"]
+    assert fp32["stores"] < 50 and fp32["window"] >= cluster["estimate"]["forward"]["window"]
     # A cluster takes every gate's dG at once, in two tiles: where they do not fit, the tiling
     # does not, though the grid barrier's (one tile, fewer gates at a time) does.
     tight = cluster["bwd"]["inputs"] - 1  # the layout's bytes without the prefetched inputs, less one

@@ -258,12 +258,10 @@ struct DeviceOps {
 
   __device__ __forceinline__ void sync(Sync) { __syncthreads(); }
 
-  // Where a row segment is made of 16-byte vectors: an operand stored as is (fp16, bf16) with
-  // one cp.async.cg (through L2) per vector straight into shared memory, all in flight at once
-  // and landing by prefetched(); fp32, which is rounded to TF32 on the way, with 16-byte loads
-  // through L2 (ld.global.cg), four in flight per thread. A vector whose source starts off 16
-  // bytes, and every element where the rows are not made of vectors (H not a multiple of 8 /
-  // 4), element by element.
+  // Where a row segment is made of 16-byte vectors: one cp.async.cg (through L2) per vector
+  // straight into shared memory, all in flight at once, landing by prefetched() (a vector
+  // whose source starts off 16 bytes: loaded and stored by its thread). Where the rows are not
+  // made of vectors (H not a multiple of 8 / 4), element by element.
   template <typename S, typename Source>
   __device__ void copy_rows(S* dst, int64_t ld, int64_t rows, int64_t segments, int64_t dst_stride,
                             int64_t src_stride, int64_t length, const Source& source) {
@@ -274,57 +272,29 @@ struct DeviceOps {
       for (int i = threadIdx.x; i < total; i += blockDim.x) {
         const int r = i / per_row, g = i % per_row / static_cast<int>(length), j = i % static_cast<int>(length);
         const S* row = source(r);
-        if (row != nullptr) dst[r * ld + g * dst_stride + j] = tensor_core_operand(load_coherent(row + g * src_stride + j));
+        if (row != nullptr) dst[r * ld + g * dst_stride + j] = load_coherent(row + g * src_stride + j);
       }
       return;
     }
     const int chunks = static_cast<int>(length / kVector), per_row = static_cast<int>(segments) * chunks;
     const int total = static_cast<int>(rows) * per_row;
-    if constexpr (!kRoundedOperand<S>) {
-      for (int i = threadIdx.x; i < total; i += blockDim.x) {
-        const int r = i / per_row, g = i % per_row / chunks, chunk = i % chunks;
-        const S* row = source(r);
-        if (row == nullptr) continue;
-        const S* from = row + g * src_stride + chunk * kVector;
-        S* to = dst + r * ld + g * dst_stride + chunk * kVector;
-        if (reinterpret_cast<uintptr_t>(from) % 16 == 0) {
-          copy_async<16, true>(to, from);
-        } else {
-          for (int j = 0; j < kVector; ++j) to[j] = load_coherent(from + j);
-        }
-      }
-    } else {
-      for (int base = threadIdx.x; base < total; base += 4 * blockDim.x) {
-        uint4 values[4];
-        const S* from[4];
-        S* to[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int index = base + i * blockDim.x;
-          from[i] = nullptr;
-          if (index >= total) continue;
-          const int r = index / per_row, g = index % per_row / chunks, chunk = index % chunks;
-          const S* row = source(r);
-          if (row == nullptr) continue;
-          from[i] = row + g * src_stride + chunk * kVector;
-          to[i] = dst + r * ld + g * dst_stride + chunk * kVector;
-          if (reinterpret_cast<uintptr_t>(from[i]) % 16 == 0) values[i] = __ldcg(reinterpret_cast<const uint4*>(from[i]));
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          if (from[i] == nullptr) continue;
-          const bool vector = reinterpret_cast<uintptr_t>(from[i]) % 16 == 0;
-          const S* in = reinterpret_cast<const S*>(&values[i]);
-#pragma unroll
-          for (int j = 0; j < kVector; ++j) to[i][j] = tensor_core_operand(vector ? in[j] : load_coherent(from[i] + j));
-        }
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+      const int r = i / per_row, g = i % per_row / chunks, chunk = i % chunks;
+      const S* row = source(r);
+      if (row == nullptr) continue;
+      const S* from = row + g * src_stride + chunk * kVector;
+      S* to = dst + r * ld + g * dst_stride + chunk * kVector;
+      if (reinterpret_cast<uintptr_t>(from) % 16 == 0) {
+        copy_async<16, true>(to, from);
+      } else {
+        for (int j = 0; j < kVector; ++j) to[j] = load_coherent(from + j);
       }
     }
   }
 
   // Warp `job % warps`: output tile `job % tiles`, K part `job / tiles` (program.h's contract;
-  // host.h's HostOps::gemm takes the same parts and adds them up in the same order). The
-  // operands are already TF32-rounded where fp32 (operand()).
+  // host.h's HostOps::gemm takes the same parts and adds them up in the same order). fp32: A
+  // (the W tile) is stored TF32-rounded (operand()); B's fragment is rounded as it is loaded.
   template <typename S>
   __device__ void gemm(float* acc, int64_t ld_acc, float* partials, int64_t partial_stride, const S* a, int64_t lda,
                        const S* b, int64_t ldb, int64_t m0, int64_t m1, int64_t n, int64_t k0, int64_t k1,
@@ -346,6 +316,8 @@ struct DeviceOps {
         wmma::fragment<wmma::matrix_b, 16, 16, kK, Element, wmma::col_major> fb;
         wmma::load_matrix_sync(fa, a + m * lda + k0 + k, static_cast<unsigned>(lda));
         wmma::load_matrix_sync(fb, b + c * ldb + k, static_cast<unsigned>(ldb));
+        if constexpr (std::is_same_v<S, float>)
+          for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = tensor_core_operand(fb.x[i]);
         wmma::mma_sync(sum, fa, fb, sum);
       }
       float* out = split > 1 ? partials + part * partial_stride : acc;

@@ -590,9 +590,8 @@ struct HostOps {
   }
 
   // DeviceOps::copy_rows's paths: whole 16-byte vectors, one per thread and chunk index,
-  // where every row segment is made of them (asynchronous where the operand is stored as is,
-  // landing by prefetched(), unless its source starts off 16 bytes); element by element
-  // (element i by thread i) otherwise.
+  // where every row segment is made of them (asynchronous, landing by prefetched(), unless its
+  // source starts off 16 bytes); element by element (element i by thread i) otherwise.
   template <typename S, typename Source>
   void copy_rows(S* dst, int64_t ld, int64_t rows, int64_t segments, int64_t dst_stride, int64_t src_stride,
                  int64_t length, const Source& source) {
@@ -608,7 +607,7 @@ struct HostOps {
       const S* row = source(r);
       if (row == nullptr) continue;
       const S* from = row + g * src_stride + j0;
-      if (!kRoundedOperand<S> && width == kVector && reinterpret_cast<uintptr_t>(from) % 16 == 0) {
+      if (width == kVector && reinterpret_cast<uintptr_t>(from) % 16 == 0) {
         issue(Copy{from, dst + r * ld + g * dst_stride + j0, kVector * static_cast<int64_t>(sizeof(S)), who, load});
         continue;
       }
@@ -617,7 +616,7 @@ struct HostOps {
         S* to = dst + r * ld + g * dst_stride + j;
         check->touch(from, sizeof(S), load, who);
         check->touch(to, sizeof(S), Access::Write, who);
-        *to = tensor_core_operand(*from);
+        *to = *from;
       }
     }
     check->thread(Checker::kEveryThread);
@@ -626,7 +625,8 @@ struct HostOps {
   // DeviceOps::gemm's jobs: warp job % kWarps computes output tile job % tiles over K part
   // job / tiles (K steps [part * steps / split, (part + 1) * steps / split)) into acc, or into
   // its partials slot when split > 1; a CTA barrier; then the partial sums added up in part
-  // order, element i by thread i; a CTA barrier.
+  // order, element i by thread i; a CTA barrier. B as the tensor cores take it (fp32 rounded
+  // to TF32, as DeviceOps::gemm rounds its fragments).
   template <typename S, typename Acc>
   void gemm(Acc* acc, int64_t ld_acc, Acc* partials, int64_t partial_stride, const S* a, int64_t lda, const S* b,
             int64_t ldb, int64_t m0, int64_t m1, int64_t n, int64_t k0, int64_t k1, int64_t split) {
@@ -645,7 +645,7 @@ struct HostOps {
         for (int64_t j = 0; j < kTile; ++j) {
           Acc sum = 0;
           for (int64_t k = begin; k < end; ++k)
-            sum += static_cast<Acc>(a[(m + i) * lda + k0 + k]) * static_cast<Acc>(b[(c + j) * ldb + k]);
+            sum += static_cast<Acc>(a[(m + i) * lda + k0 + k]) * static_cast<Acc>(tensor_core_operand(b[(c + j) * ldb + k]));
           out[(m + i) * ld_acc + c + j] = sum;
         }
         check->touch(out + (m + i) * ld_acc + c, kTile * sizeof(Acc), Access::Write, warp);

@@ -150,19 +150,16 @@ std::string describe(const Tiling& t) {
 // and program.h do for one CTA with a full slice.
 
 // copy_rows: `rows` rows of `elements` elements from L2 into shared memory, then the Operand
-// barrier. Where rows are 16-byte multiples: an operand stored as is (fp16, bf16) with every
-// 16-byte cp.async issued at once, one load latency; fp32 (rounded on the way) with 16-byte
-// loads four in flight per thread, in rounds. Else element by element, in rounds of one
-// element a thread. Every CTA pulls its copy at once, so the whole GPU's L2 bandwidth can bind.
+// barrier: where rows are 16-byte multiples, every 16-byte cp.async issued at once, one load
+// latency; else element by element, in rounds of one element a thread. Every CTA pulls its
+// copy at once, so the whole GPU's L2 bandwidth can bind.
 double exchange_ns(int64_t rows, int64_t elements, int64_t elem, int64_t ctas, const CostModel& m) {
   const int64_t bytes = rows * elements * elem;
   const bool vector = elements % (16 / std::min<int64_t>(elem, 16)) == 0;
   const double bandwidth_ns = std::max(bytes / m.sm_l2_bytes_per_ns, ctas * bytes / m.l2_bytes_per_ns);
-  if (vector && elem != 4)
-    return static_cast<double>(ceil_div(bytes, kThreads * 16)) * m.issue_ns + m.load_latency_ns + bandwidth_ns +
-           m.cta_barrier_ns;
-  const int64_t per_round = vector ? kThreads * 4 * 16 : kThreads * elem;
-  return ceil_div(bytes, per_round) * m.copy_round_ns + bandwidth_ns + m.cta_barrier_ns;
+  if (!vector) return ceil_div(bytes, kThreads * elem) * m.copy_round_ns + bandwidth_ns + m.cta_barrier_ns;
+  return static_cast<double>(ceil_div(bytes, kThreads * 16)) * m.issue_ns + m.load_latency_ns + bandwidth_ns +
+         m.cta_barrier_ns;
 }
 
 // gemm: an M x N output over K; warp w takes jobs w, w + 8, ... (a job: one 16 x 16 output tile
@@ -245,11 +242,9 @@ StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool 
   auto exchange = [&](int64_t elements) {
     return cluster ? m.cta_barrier_ns : exchange_ns(t.rows, elements, elem, ctas, m);
   };
-  // What a cluster stores to global memory after the arrival instead of in the cell pass: h_t
-  // (forward), dG (backward), from the tile it was pushed from; but fp32, whose tile holds them
-  // rounded to TF32, stores them in the pass.
-  const bool rounded = dtype == DType::Float32;
-  const int64_t exchanged = cluster && !rounded ? t.rows * t.units * (backward ? gates : 1) : 0;
+  // What a cluster stores to global memory after its push instead of in the cell pass: h_t
+  // (forward), dG (backward), from the tile it was pushed from.
+  const int64_t exchanged = cluster ? t.rows * t.units * (backward ? gates : 1) : 0;
   StepCost cost;
   if (!backward) {
     // GRU_CHO: the r/z rows, then (with r * h_{t-1} exchanged) the n rows.
@@ -258,11 +253,10 @@ StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool 
       if (rows == 0) continue;
       cost.exchange += exchange(H);
       cost.mma += mma_ns(rows, t.rows_pad, t.k_fwd, t.split_fwd, elem, m);
-      // The GRU forms read h_{t-1} for their own math from global memory where the operand
-      // tile holds it rounded (and GRU_CHO's second phase without a cluster).
-      const bool gru = cell == Cell::GRU || cell == Cell::GRU_CHO;
-      cost.cell += elements_ns(t, gru && (rounded || (!cluster && rows != first_rows)), m);
-      close_phase(cost, t, elem, 1, rounded, m);
+      // GRU_CHO's second phase without a cluster reads h_{t-1} for its own math from global
+      // memory (its operand tile holds r * h_{t-1}).
+      cost.cell += elements_ns(t, cell == Cell::GRU_CHO && !cluster && rows != first_rows, m);
+      close_phase(cost, t, elem, 1, false, m);
     }
     // Between the arrival and the wait: the saved activations' stores (training: the plan is
     // the same for inference, which stores none) and the next step's input prefetch (16-byte
@@ -287,22 +281,22 @@ StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool 
   // or each element's from global memory in the pass.
   const bool loads = !t.prefetch_bwd;
   // The gradients each phase pushes (GRU_CHO: z and n, then r); what stays a global store
-  // before the arrival: fp32's dG, GRU's dgx of the n gate and GRU_CHO's r * h_{t-1} (but in
-  // a cluster that prefetches its inputs, where these are staged in them and stored after the
-  // arrival, behind a CTA barrier).
+  // before the push: GRU's dgx of the n gate and GRU_CHO's r * h_{t-1} (but in a cluster that
+  // prefetches its inputs, where these are staged in them and stored after the push, behind a
+  // CTA barrier).
   const bool gru = cell == Cell::GRU || cell == Cell::GRU_CHO;
-  const bool stages = gru && cluster && !rounded && t.prefetch_bwd;
+  const bool stages = gru && cluster && t.prefetch_bwd;
   if (cell == Cell::GRU_CHO) {
     fold(0, 2);
     cost.cell += elements_ns(t, loads, m);
-    close_phase(cost, t, elem, 2, rounded, m);
+    close_phase(cost, t, elem, 2, false, m);
     fold(2, 3);
     cost.cell += elements_ns(t, loads, m);
-    close_phase(cost, t, elem, 1, !stages || rounded, m);
+    close_phase(cost, t, elem, 1, !stages, m);
   } else {
     fold(0, gates);
     cost.cell += elements_ns(t, loads, m);
-    close_phase(cost, t, elem, gates, (cell == Cell::GRU && !stages) || rounded, m);
+    close_phase(cost, t, elem, gates, cell == Cell::GRU && !stages, m);
   }
   cost.window = ceil_div(exchanged + (stages ? t.rows * t.units : 0), kThreads) * m.issue_ns +
                 (stages ? m.cta_barrier_ns : 0);

@@ -183,7 +183,7 @@ struct CostModel {
   double arrival_ns = 3;            // per CTA at the grid barrier: its atomic add and the skew of arrivals
   double cta_barrier_ns = 25;       // __syncthreads of 8 warps
   double fence_ns = 400;            // the grid barrier's fence, waiting for the step's global stores
-  double copy_round_ns = 600;       // one round of copy_rows staged through registers (fp32: 16 KB a CTA from L2)
+  double copy_round_ns = 600;       // one round of copy_rows element by element (rows not made of 16-byte vectors)
   double load_latency_ns = 300;     // one global load that hits L2, from issue to use
   double sm_l2_bytes_per_ns = 110;  // one SM's L2 read bandwidth (64 B/clock)
   double l2_bytes_per_ns = 5500;    // the whole GPU's L2 read bandwidth

@@ -17,19 +17,19 @@
 //   ops.sync(point)               barrier of the CTA's threads (Sync names what it orders)
 //   ops.copy_rows(dst, ld, rows, segments, dst_stride, src_stride, length, source)
 //       for every r < rows with a source row (source(r) not null) and g < segments:
-//       dst[r*ld + g*dst_stride + j] = ops.operand(load_coherent(source(r) + g*src_stride + j)),
-//       j < length; other rows and columns are left as they are. Not synchronised, and possibly
-//       asynchronous (on the GPU where the operand is stored as is: cp.async.cg): it lands by
-//       the issuing thread's next ops.prefetched(), and until then its destination must not
-//       be touched.
+//       dst[r*ld + g*dst_stride + j] = load_coherent(source(r) + g*src_stride + j), j < length;
+//       other rows and columns are left as they are. Not synchronised, and possibly
+//       asynchronous (on the GPU: cp.async.cg): it lands by the issuing thread's next
+//       ops.prefetched(), and until then its destination must not be touched.
 //   ops.gemm(acc, ld_acc, partials, partial_stride, a, lda, b, ldb, m0, m1, n, k0, k1, split)
-//       acc[m][c] = Σ_{k0 <= k < k1} a[m][k] b[c][k - k0] for m0 <= m < m1, c < n (all multiples
-//       of kTile), accumulated in A; with split > 1 the K steps are divided among warps whose
-//       partial sums go to partials[part][m][c] (part stride partial_stride) before adding up.
+//       acc[m][c] = Σ_{k0 <= k < k1} a[m][k] ops.operand(b[c][k - k0]) for m0 <= m < m1,
+//       c < n (all multiples of kTile; a is stored so rounded), accumulated in A; with
+//       split > 1 the K steps are divided among warps whose partial sums go to
+//       partials[part][m][c] (part stride partial_stride) before adding up.
 //       Ends with the CTA synchronised.
 //   ops.prefetch_rows(dst, ld, rows, segments, dst_stride, src_stride, length, source)
 //       copy_rows's copy of data no other CTA writes during the kernel, asynchronous
-//       (cp.async; a lone 2-byte element synchronously) and not rounded: it lands by the
+//       (cp.async; a lone 2-byte element synchronously): it lands by the
 //       issuing thread's next ops.prefetched(), and until then neither its source may change
 //       nor its destination be touched.
 //   ops.prefetched()              this thread's prefetches have landed (an ops.sync must follow
@@ -49,8 +49,8 @@
 //
 //   ops.operand(x)                an operand as the products take it: on the GPU (and in its
 //                                 host simulation) fp32 rounded to TF32; exact on the CPU.
-// The operands of the products are stored already so rounded, once, when they enter
-// shared memory.
+// The W tiles are stored so rounded, once, at begin(); the products round the other operand
+// (h, dG) as they load it, so that its tiles hold h_t and dG exactly.
 //
 // After a barrier a CTA may read what any CTA wrote before its arrival at that barrier
 // (through load_coherent or ops.copy_rows: L2, never a stale L1 line). In a cluster the
@@ -174,7 +174,7 @@ struct RowSegments {
 };
 
 // What the tensor cores multiply: fp32 rounded to TF32 (10 mantissa bits, to nearest, ties
-// away from zero: cvt.rna.tf32.f32); fp16, bf16 and (host simulation) fp64 as they are.
+// away from zero, as cvt.rna.tf32.f32); fp16, bf16 and (host simulation) fp64 as they are.
 // The GPU's Ops and the host simulation take their operands so; the CPU's exactly.
 template <typename S>
 RNNF_HD S tensor_core_operand(S x) {
@@ -186,12 +186,6 @@ RNNF_HD S tensor_core_operand(S x) {
   }
   return x;
 }
-
-// Whether an operand tile holds a value of storage dtype S rounded (fp32: to TF32), not as
-// stored: a cluster then stores h_t / dG to global memory in the cell pass instead of from the
-// tile, and the GRU forms read h_{t-1} for their cell math from y.
-template <typename S>
-constexpr bool kRoundedOperand = std::is_same_v<S, float>;
 
 template <typename T>
 RNNF_HD T* region(char* smem, int64_t offset) {
@@ -244,8 +238,7 @@ RNNF_HD void for_each_element(Ops& ops, const Tiling& t, const Walk& walk, const
 // two phases: r (and r * h_{t-1} of every unit, through p.rh) first, then n.
 // In a cluster (t.cluster) the cell pass writes h_t (GRU_CHO's r * h_{t-1}) into its own
 // operand buffer of the next step, pushes the CTA's slice of it into every peer's, and stores
-// h_t to y after the arrival (fp32: in the pass, as the tile holds it rounded to TF32): nothing
-// in the exchange goes through global memory.
+// h_t to y from it after the push: nothing in the exchange goes through global memory.
 template <typename S, typename A>
 struct ForwardCta {
   const ForwardParams& p;
@@ -369,7 +362,7 @@ struct ForwardCta {
       store_staged(ops, s, cho && k == 1 ? 1 : 0, cho && k == 0 ? 1 : staged_slots(p.cell));
     }
     if (k < phases() - 1) return;
-    if (clustered() && !kRoundedOperand<S>) store_outputs(ops, s);
+    if (clustered()) store_outputs(ops, s);
     if (p.cell == Cell::GRU && p.gates) ops.sync(Sync::Staged);
     prefetch_inputs(ops, s + 1);
   }
@@ -513,18 +506,20 @@ struct ForwardCta {
   }
 
   // h_{t-1} of the element for the cell's own math (GRU's): from the operand tile `tile`, or
-  // where that holds it rounded (fp32), or holds r * h_{t-1} (GRU_CHO's second phase without a
-  // cluster), from y (or h0), where this CTA wrote it.
+  // where that holds r * h_{t-1} (GRU_CHO's second phase without a cluster; tile null), from
+  // y (or h0), where this CTA wrote it.
   RNNF_HD A h_prev(const S* tile, const Element& e) const {
-    if (tile == nullptr || kRoundedOperand<S>) return load<A>(load_coherent(previous_state(e.s, e.R) + e.U));
+    if (tile == nullptr) return load<A>(load_coherent(previous_state(e.s, e.R) + e.U));
     return load<A>(read(tile + e.r * t.ld_w_fwd + e.U));
   }
 
   // h_t: to y (and h_n at the row's last step), or in a cluster to the next step's operand
-  // tile (as the product takes it), from which store_outputs takes it on to y unless rounded.
+  // tile, from which store_outputs takes it on to y after the push.
   RNNF_HD void write_h(S* next, const Element& e, S value) const {
-    if (next != nullptr) write(next + e.r * t.ld_w_fwd + e.U, tensor_core_operand(value));
-    if (next != nullptr && !kRoundedOperand<S>) return;
+    if (next != nullptr) {
+      write(next + e.r * t.ld_w_fwd + e.U, value);
+      return;
+    }
     write(static_cast<S*>(p.y) + e.row * p.H + e.U, value);
     if (e.last) write(static_cast<S*>(p.h) + e.R * p.H + e.U, value);
   }
@@ -568,7 +563,7 @@ struct ForwardCta {
     const A r = cells::sigmoid(preact(0, e));
     const S value = store<S>(r * h_prev(now, e));
     if (clustered())
-      write(reset_tile() + e.r * t.ld_w_fwd + e.U, tensor_core_operand(value));
+      write(reset_tile() + e.r * t.ld_w_fwd + e.U, value);
     else
       write(static_cast<S*>(p.rh) + e.R * p.H + e.U, value);
     if (p.gates) stage(0, e, r);
@@ -605,7 +600,7 @@ struct ForwardCta {
 // after the arrival; else from global memory.
 // In a cluster the pass writes the gate gradients the recurrence needs (dgh's) into its own dG
 // tile of the step (all gates; two tiles by step parity), pushes the CTA's slice into every
-// peer's, and stores them to dgh (and GRU's dgx) after the arrival (fp32: in the pass).
+// peer's, and stores them to dgh (and GRU's dgx) after the push.
 template <typename S, typename A>
 struct BackwardCta {
   const BackwardParams& p;
@@ -644,13 +639,13 @@ struct BackwardCta {
   RNNF_HD S* dg_tile(Ops& ops, int64_t s) const {
     return clustered() ? dg + ops.buffer(s) * t.rows_pad * t.ld_dg : dg;
   }
-  // (The GRU forms in a cluster whose inputs are prefetched, not fp32) the one value phase k's
+  // (The GRU forms in a cluster whose inputs are prefetched) the one value phase k's
   // pass stores besides the exchanged dG: GRU's dgx of n (not dgh's), GRU_CHO's r * h_{t-1}
   // (phase 1). It is staged in the element's wide input slot 0 (its r, read) and stored after
   // the arrival with the dG.
   RNNF_HD bool stages(int k) const {
     const bool form = p.cell == Cell::GRU || (p.cell == Cell::GRU_CHO && k == 1);
-    return form && clustered() && !kRoundedOperand<S> && t.prefetch_bwd;
+    return form && clustered() && t.prefetch_bwd;
   }
   RNNF_HD A* staged_slot(const Element& e) const {
     return inputs + e.r * backward_wide_inputs(p.cell) * inputs_ld(t.units) + e.u;
@@ -740,7 +735,7 @@ struct BackwardCta {
   // the barrier, and GRU's dgx of n and GRU_CHO's r * h_{t-1} go with them.)
   template <typename Ops>
   RNNF_HD void after_arrival(Ops& ops, int64_t s, int k) {
-    if (clustered() && !kRoundedOperand<S>) store_gradients(ops, s, k);
+    if (clustered()) store_gradients(ops, s, k);
     if (k < phases() - 1) return;
     if (stages(k)) ops.sync(Sync::Staged);
     prefetch_inputs(ops, s - 1);
@@ -897,11 +892,13 @@ struct BackwardCta {
   }
 
   // A gate gradient the recurrence multiplies (dgh's): into the step's dG tile in a cluster
-  // (`tile`; as the product takes it), from which store_gradients takes it on unless rounded;
-  // else to dgh, and to dgx where GRU's is separate (r and z).
+  // (`tile`), from which store_gradients takes it on after the push; else to dgh, and to dgx
+  // where GRU's is separate (r and z).
   RNNF_HD void exchange_dg(S* tile, int64_t gate, const Element& e, A value) const {
-    if (tile != nullptr) write(tile + e.r * t.ld_dg + gate * t.k_block + e.U, tensor_core_operand(store<S>(value)));
-    if (tile != nullptr && !kRoundedOperand<S>) return;
+    if (tile != nullptr) {
+      write(tile + e.r * t.ld_dg + gate * t.k_block + e.U, store<S>(value));
+      return;
+    }
     store_dg(static_cast<S*>(p.dgh), gate, e, value);
     if (p.cell == Cell::GRU && gate < 2) store_dg(static_cast<S*>(p.dgx), gate, e, value);
   }
