@@ -13,6 +13,8 @@ Environment:
   RNNFUSED_PHASE_TIMING=1       time the phases of the persistent kernel on the GPU (a -D define;
                                 python -m bench.phases reads the times). Off: no timing code at all
   MAX_JOBS                      parallel compile jobs (default: from cores and free memory)
+  RNNFUSED_CXX_OPT=0            the C++ sources' optimisation level (0 to 3; default 3). 0 builds in
+                                a fraction of the time and runs slowly: for checking packaging
 """
 
 import glob
@@ -57,6 +59,14 @@ DEFAULT_CUDA_ARCHS = "80;90+PTX"
 
 def env_flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cxx_opt_level():
+    """-O<n> for the C++ sources: RNNFUSED_CXX_OPT (0 to 3), else -O3."""
+    text = os.environ.get("RNNFUSED_CXX_OPT", "").strip() or "3"
+    if text not in ("0", "1", "2", "3"):
+        raise SystemExit(f"rnnfused: RNNFUSED_CXX_OPT={text!r}: write 0, 1, 2 or 3")
+    return f"-O{text}"
 
 
 def why_no_cuda():
@@ -183,7 +193,7 @@ def extension():
     # under which the vectoriser cannot prove that row * width + j steps affinely.
     # -fopenmp: at::parallel_for is inline and runs serially in code built without OpenMP;
     # the library it links (libgomp.so.1) is the one torch has already loaded.
-    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fno-wrapv",
+    cxx_flags = [cxx_opt_level(), "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fno-wrapv",
                  f"-DRNNFUSED_DEVICE_SOURCE_HASH=\"{device_source_hash()}\""]
     no_cuda = why_no_cuda()
     if no_cuda is not None and env_flag("RNNFUSED_REQUIRE_CUDA_BUILD"):

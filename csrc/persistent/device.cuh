@@ -1,6 +1,6 @@
 // The GPU side of the persistent recurrence: the Ops of program.h on tensor cores (WMMA:
 // fp16 and bf16 16x16x16, fp32 as TF32 16x16x8, fp32 accumulation), tiles copied in with
-// 16-byte loads through L2, one cooperative launch per layer direction with a grid-wide
+// 16-byte cp.async through L2, one cooperative launch per layer direction with a grid-wide
 // barrier after every phase (grid_barrier.cuh: bounded, it traps instead of hanging; a CTA
 // barrier where each CTA has every unit of its rows), or a launch of thread-block clusters
 // (sm_90) whose CTAs push their slices into each other's shared memory, each waiting for the
@@ -260,7 +260,7 @@ struct DeviceOps {
 
   // Where a row segment is made of 16-byte vectors: one cp.async.cg (through L2) per vector
   // straight into shared memory, all in flight at once, landing by prefetched() (a vector
-  // whose source starts off 16 bytes: loaded and stored by its thread). Where the rows are not
+  // whose source or destination starts off 16 bytes: loaded and stored by its thread). Where the rows are not
   // made of vectors (H not a multiple of 8 / 4), element by element.
   template <typename S, typename Source>
   __device__ void copy_rows(S* dst, int64_t ld, int64_t rows, int64_t segments, int64_t dst_stride,
@@ -284,7 +284,7 @@ struct DeviceOps {
       if (row == nullptr) continue;
       const S* from = row + g * src_stride + chunk * kVector;
       S* to = dst + r * ld + g * dst_stride + chunk * kVector;
-      if (reinterpret_cast<uintptr_t>(from) % 16 == 0) {
+      if (reinterpret_cast<uintptr_t>(from) % 16 == 0 && reinterpret_cast<uintptr_t>(to) % 16 == 0) {
         copy_async<16, true>(to, from);
       } else {
         for (int j = 0; j < kVector; ++j) to[j] = load_coherent(from + j);

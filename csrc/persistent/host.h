@@ -31,8 +31,8 @@
 //     does);
 //   - in a cluster plan, a phase in which a CTA expects other than the bytes its peers push
 //     into it (ops.push_rows), or expects none while they push;
-//   - a plain read (not load_coherent / ops.copy_rows, i.e. not ld.global.cg on the GPU; a
-//     prefetch's too) of global memory another CTA wrote during the kernel;
+//   - a plain read (not load_coherent / ops.copy_rows, i.e. not ld.global.cg or cp.async.cg on
+//     the GPU; a prefetch's too) of global memory another CTA wrote during the kernel;
 //   - shared memory touched while a prefetch into it is in flight;
 //   - shared memory outside the plan's layout.
 // The GPU kernel has no grid barrier between begin() and the first phase, nor does the
@@ -179,7 +179,7 @@ class Checker final : public AccessObserver {
   bool skips_begin_barrier() const { return defects_.skip_begin_barrier; }
   bool one_buffer() const { return defects_.one_buffer; }
   bool miscounts() const { return defects_.miscount; }
-  // How ops.copy_rows reads its source rows (ld.global.cg on the GPU, unless planted).
+  // How ops.copy_rows reads its source rows (through L2 on the GPU, unless planted).
   Access copy_access() const { return defects_.plain_copy ? Access::Read : Access::Coherent; }
 
   // From program.h's read / write / load_coherent, made by the current thread.
@@ -330,7 +330,7 @@ class Checker final : public AccessObserver {
       "with no barrier ordering the two",
       "global memory or a cluster's operand tile written by two CTAs with no barrier ordering the two",
       "plain load of global memory another CTA wrote during the kernel (use load_coherent or ops.copy_rows: "
-      "ld.global.cg on the GPU)",
+      "through L2 on the GPU)",
       "a write outside ops.for_each, which every thread of the CTA would make",
       "shared memory outside the plan's layout",
       "load_coherent of shared memory",
@@ -591,7 +591,8 @@ struct HostOps {
 
   // DeviceOps::copy_rows's paths: whole 16-byte vectors, one per thread and chunk index,
   // where every row segment is made of them (asynchronous, landing by prefetched(), unless its
-  // source starts off 16 bytes); element by element (element i by thread i) otherwise.
+  // source or destination starts off 16 bytes); element by element (element i by thread i)
+  // otherwise.
   template <typename S, typename Source>
   void copy_rows(S* dst, int64_t ld, int64_t rows, int64_t segments, int64_t dst_stride, int64_t src_stride,
                  int64_t length, const Source& source) {
@@ -607,16 +608,15 @@ struct HostOps {
       const S* row = source(r);
       if (row == nullptr) continue;
       const S* from = row + g * src_stride + j0;
-      if (width == kVector && reinterpret_cast<uintptr_t>(from) % 16 == 0) {
-        issue(Copy{from, dst + r * ld + g * dst_stride + j0, kVector * static_cast<int64_t>(sizeof(S)), who, load});
+      S* to = dst + r * ld + g * dst_stride + j0;
+      if (width == kVector && reinterpret_cast<uintptr_t>(from) % 16 == 0 && reinterpret_cast<uintptr_t>(to) % 16 == 0) {
+        issue(Copy{from, to, kVector * static_cast<int64_t>(sizeof(S)), who, load});
         continue;
       }
-      for (int64_t j = j0; j < j0 + width; ++j) {
-        const S* from = row + g * src_stride + j;
-        S* to = dst + r * ld + g * dst_stride + j;
-        check->touch(from, sizeof(S), load, who);
-        check->touch(to, sizeof(S), Access::Write, who);
-        *to = *from;
+      for (int64_t j = 0; j < width; ++j) {
+        check->touch(from + j, sizeof(S), load, who);
+        check->touch(to + j, sizeof(S), Access::Write, who);
+        to[j] = from[j];
       }
     }
     check->thread(Checker::kEveryThread);
