@@ -154,11 +154,14 @@ struct DeviceOps {
     static_assert(sizeof(T) <= 4, "a push is made of 4-byte words (the kernels store fp32, fp16 and bf16)");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     unsigned long long* signal = signals + exchanges % 2;
-    if (threadIdx.x == 0)
-      exchange_expect(signal, static_cast<unsigned>(incoming_bytes(H, units, cluster, rank, rows, segments, sizeof(T))));
+    if (threadIdx.x == 0) {
+      const int64_t incoming = incoming_bytes(H, units, cluster, rank, rows, segments, sizeof(T));
+      exchange_expect(signal, static_cast<unsigned>(incoming));
+    }
     pushed = true;
     constexpr int kVector = 16 / sizeof(T), kWord = sizeof(T) < 4 ? 4 / sizeof(T) : 1;
-    const int length = static_cast<int>(pushed_units(H, units, rank, sizeof(T))), first = static_cast<int>(rank * units);
+    const int length = static_cast<int>(pushed_units(H, units, rank, sizeof(T)));
+    const int first = static_cast<int>(rank * units);
     const int chunks = (length + kVector - 1) / kVector, width = static_cast<int>(segments) * chunks;
     const int per_peer = static_cast<int>(rows) * width, total = static_cast<int>(cluster - 1) * per_peer;
     for (int index = threadIdx.x; index < total; index += blockDim.x) {

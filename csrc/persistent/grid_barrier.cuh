@@ -27,8 +27,9 @@
 //     it: the writes before every CTA's barrier happen before what follows the acquire.
 //  4. __syncthreads: thread 0's acquire is ordered before every thread's later accesses.
 // The readers still load other CTAs' data through L2 (load_coherent: ld.global.cg; copy_rows:
-// cp.async.cg, a weak read in the generic proxy like a load) and never through the non-coherent path (ld.global.nc, const __restrict__), to which the
-// memory model does not apply. What the fence in 2 costs (making the CTA's earlier stores
+// cp.async.cg, a weak read in the generic proxy like a load) and never through the
+// non-coherent path (ld.global.nc, const __restrict__), to which the memory model does not
+// apply. What the fence in 2 costs (making the CTA's earlier stores
 // visible at GPU scope before its arrival) is what the phase timer charges to "stores".
 #pragma once
 

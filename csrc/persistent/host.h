@@ -39,17 +39,21 @@
 // simulation: each CTA runs begin() just before its first phase.
 //
 // RNNFUSED_SIMULATE_DEFECT (test only; tests/test_persistent.py) plants a defect to show that
-// the checker finds it: skip_sync=<begin|operand|fold|phase_end|staged> leaves out that CTA barrier
-// of program.h, plain_copy makes ops.copy_rows read with plain loads,
-// skip_barrier=<phase> leaves out the grid barrier (in a cluster, the exchange's wait) after
-// that phase of every step, early_arrive arrives at every grid barrier before the phase instead of after it (the
-// phase's stores then follow the arrival), skip_prefetch_wait leaves out
-// ops.prefetched(), so that the prefetches land at the end of the phase, and in a cluster
-// plan skip_barrier=begin leaves out the cluster barrier between begin() and the first phase
-// and one_buffer gives every step the same operand tile (ops.buffer), as if it were not
-// double-buffered, and miscount makes every CTA expect 4 bytes fewer than its peers push. (The one
-// load_coherent of the program, GRU_CHO's h_{t-1} in cho_output, reads the CTA's own units, so
-// a plain load there would be no defect, and the checker rightly says nothing.)
+// the checker finds it:
+//   - skip_sync=<begin|operand|fold|phase_end|staged> leaves out that CTA barrier of program.h;
+//   - plain_copy makes ops.copy_rows read with plain loads;
+//   - skip_barrier=<phase> leaves out the grid barrier (in a cluster, the exchange's wait) after
+//     that phase of every step;
+//   - early_arrive arrives at every grid barrier before the phase instead of after it (the
+//     phase's stores then follow the arrival);
+//   - skip_prefetch_wait leaves out ops.prefetched(), so that the asynchronous copies land at
+//     the end of the phase;
+//   - in a cluster plan: skip_barrier=begin leaves out the cluster barrier between begin() and
+//     the first phase; one_buffer gives every step the same operand tile (ops.buffer), as if it
+//     were not double-buffered; miscount makes every CTA expect 4 bytes fewer than its peers
+//     push.
+// (The one load_coherent of the program, GRU_CHO's h_{t-1} in cho_output, reads the CTA's own
+// units, so a plain load there would be no defect, and the checker rightly says nothing.)
 //
 // Not a user-facing backend (RNNFUSED_KERNEL=simulate on the CPU runs it): slow, and its
 // point is that the CPU tests execute the kernel's logic.
@@ -609,7 +613,8 @@ struct HostOps {
       if (row == nullptr) continue;
       const S* from = row + g * src_stride + j0;
       S* to = dst + r * ld + g * dst_stride + j0;
-      if (width == kVector && reinterpret_cast<uintptr_t>(from) % 16 == 0 && reinterpret_cast<uintptr_t>(to) % 16 == 0) {
+      const bool aligned = reinterpret_cast<uintptr_t>(from) % 16 == 0 && reinterpret_cast<uintptr_t>(to) % 16 == 0;
+      if (width == kVector && aligned) {
         issue(Copy{from, to, kVector * static_cast<int64_t>(sizeof(S)), who, load});
         continue;
       }
@@ -645,7 +650,8 @@ struct HostOps {
         for (int64_t j = 0; j < kTile; ++j) {
           Acc sum = 0;
           for (int64_t k = begin; k < end; ++k)
-            sum += static_cast<Acc>(a[(m + i) * lda + k0 + k]) * static_cast<Acc>(tensor_core_operand(b[(c + j) * ldb + k]));
+            sum += static_cast<Acc>(a[(m + i) * lda + k0 + k]) *
+                   static_cast<Acc>(tensor_core_operand(b[(c + j) * ldb + k]));
           out[(m + i) * ld_acc + c + j] = sum;
         }
         check->touch(out + (m + i) * ld_acc + c, kTile * sizeof(Acc), Access::Write, warp);

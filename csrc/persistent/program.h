@@ -1,10 +1,10 @@
 // The program of one CTA of the persistent recurrence, forward and backward, written once
 // and run two ways: by the CUDA kernel (device.cuh: the CTAs of a cooperative launch, a
 // grid-wide barrier after every phase, a CTA barrier where each CTA has every unit of its
-// rows, or in a cluster the wait for the peers' pushes) and by the host simulation (host.h: the CTAs of a phase
-// in shuffled order, the end of the phase as the barrier, every memory access checked). Both
-// run exactly this code with the tiling and shared-memory layout of plan.h; only the Ops
-// differ. Each CTA runs begin(), then for every walk step and phase k:
+// rows, or in a cluster the wait for the peers' pushes) and by the host simulation (host.h:
+// the CTAs of a phase in shuffled order, the end of the phase as the barrier, every memory
+// access checked). Both run exactly this code with the tiling and shared-memory layout of
+// plan.h; only the Ops differ. Each CTA runs begin(), then for every walk step and phase k:
 //   phase(s, k)          everything the other CTAs read after the barrier (h_t, dG, r * h)
 //   (arrival at the barrier)
 //   after_arrival(s, k)  what no CTA waits for: the saved activations' stores, the next
@@ -725,8 +725,8 @@ struct BackwardCta {
     ops.sync(Sync::PhaseEnd);
     ops.stamp(Phase::Cell);
     if (clustered())
-      ops.push_rows(out + first_gate(k) * t.k_block, t.ld_dg, pushed_rows(t, walk, slice, s), end_gate(k) - first_gate(k),
-                    t.k_block, H, t.units, t.cluster, slice.u0 / t.units);
+      ops.push_rows(out + first_gate(k) * t.k_block, t.ld_dg, pushed_rows(t, walk, slice, s),
+                    end_gate(k) - first_gate(k), t.k_block, H, t.units, t.cluster, slice.u0 / t.units);
   }
 
   // After the arrival at the barrier that ends walk step s: in a cluster the phase's dG (and
