@@ -420,10 +420,11 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
           const int64_t units = slices[i];
           for (const bool cluster : {false, true}) {
             const int64_t unit_tiles = ceil_div(H, units);
-            if (cluster && (unit_tiles == 1 || unit_tiles > limits.max_cluster || units * elem % 4 != 0 ||
-                            row_tiles > resident_clusters(limits.sm_count, unit_tiles)))
-              continue;
+            const bool resident = row_tiles <= resident_clusters(limits.sm_count, unit_tiles);
+            if (cluster && (unit_tiles > limits.max_cluster || !resident)) continue;
             const Tiling t = tile_for(cell, H, B, dtype, rows, units, smem, cluster);
+            // (tile() makes no cluster of one unit tile, nor of slices that are not whole 4-byte words.)
+            if (cluster && t.cluster == 0) continue;
             if (!fits(t, smem) || (!cooperative && t.unit_tiles > 1 && !cluster)) continue;
             ++plan.candidates;
             const double ns =
