@@ -914,7 +914,8 @@ pybind11::dict tiling_dict(const persistent::Tiling& t) {
                                                     {"k_bwd", t.k_bwd}, {"ld_w_bwd", t.ld_w_bwd},
                                                     {"chunk_gates", t.chunk_gates}, {"ld_dg", t.ld_dg},
                                                     {"ld_acc_bwd", t.ld_acc_bwd}, {"split_bwd", t.split_bwd},
-                                                    {"cluster", t.cluster}})
+                                                    {"cluster", t.cluster}, {"held_fwd", t.held_fwd},
+                                                    {"held_bwd", t.held_bwd}})
     out[name] = value;
   out["prefetch_bwd"] = t.prefetch_bwd;
   for (const auto& [name, layout] :
@@ -1042,9 +1043,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "plan",
       [](int64_t cell, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, bool tf32, int64_t sm_count,
          int64_t smem_per_block, int compute_capability, bool cooperative_launch, bool host_simulation,
-         bool spread_units, int64_t max_cluster) {
+         bool spread_units, int64_t max_cluster, bool hold_weights) {
         persistent::DeviceLimits limits;
         limits.max_cluster = max_cluster;
+        limits.hold_weights = hold_weights;
         limits.sm_count = sm_count;
         limits.smem_per_block = smem_per_block;
         limits.compute_capability = compute_capability;
@@ -1062,16 +1064,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("cell"), py::arg("H"), py::arg("P"), py::arg("B"), py::arg("dtype"), py::arg("tf32"),
       py::arg("sm_count"), py::arg("smem_per_block"), py::arg("compute_capability"), py::arg("cooperative_launch"),
-      py::arg("host_simulation"), py::arg("spread_units"), py::arg("max_cluster") = 0,
+      py::arg("host_simulation"), py::arg("spread_units"), py::arg("max_cluster") = 0, py::arg("hold_weights") = true,
       "The persistent kernel's plan for a layer direction on a described device (for tests and tuning; max_cluster: "
-      "the most CTAs a thread-block cluster may have, 0 for none), with the cost model's estimate of a step's phases "
-      "in nanoseconds (not a measurement)");
+      "the most CTAs a thread-block cluster may have, 0 for none; hold_weights: whether W may be kept in registers), "
+      "with the cost model's estimate of a step's phases in nanoseconds (not a measurement)");
   m.def(
       "plan_cost",
       [](int64_t cell, int64_t H, int64_t B, at::ScalarType dtype, int64_t rows, int64_t units,
-         int64_t smem_per_block, bool cluster) {
-        const persistent::Tiling t =
-            persistent::tile_for(cell_of(cell), H, B, dtype_of(dtype), rows, units, smem_per_block, cluster);
+         int64_t smem_per_block, bool cluster, bool hold_weights) {
+        const persistent::Tiling t = persistent::tile_for(cell_of(cell), H, B, dtype_of(dtype), rows, units,
+                                                          smem_per_block, cluster, hold_weights);
         const bool fits = persistent::fits(t, smem_per_block);
         py::dict out = tiling_dict(t);
         out["fits"] = fits;
@@ -1082,10 +1084,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return out;
       },
       py::arg("cell"), py::arg("H"), py::arg("B"), py::arg("dtype"), py::arg("rows"), py::arg("units"),
-      py::arg("smem_per_block"), py::arg("cluster") = false,
+      py::arg("smem_per_block"), py::arg("cluster") = false, py::arg("hold_weights") = true,
       "Any tiling of `rows` batch rows and `units` hidden units per CTA (the CTAs of a batch tile one cluster if "
-      "`cluster`): its layout, whether it fits, and (if it does) the cost model's estimate of a step (the planner's "
-      "candidates; for tests)");
+      "`cluster`; W in registers where it can be and `hold_weights`): its layout, whether it fits, and (if it "
+      "does) the cost model's estimate of a step (the planner's candidates; for tests)");
 #ifdef RNNFUSED_WITH_CUDA
   m.def(
       "persistent_kernel_info",

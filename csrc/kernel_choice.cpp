@@ -60,7 +60,8 @@ namespace {
 // test); RNNFUSED_PERSISTENT_SPREAD=1 plans by stage 2's rule, the units spread over the SMs,
 // RNNFUSED_PERSISTENT_TILING=ROWSxUNITS forces a tiling (plan.h), and
 // RNNFUSED_PERSISTENT_CLUSTERS=0 leaves out the thread-block cluster plans of sm_90 (to
-// compare them with the grid barrier's). The CPU's host simulation plans for an H100.
+// compare them with the grid barrier's), RNNFUSED_PERSISTENT_HELD_W=0 keeps W in shared memory
+// only (to compare with W in registers). The CPU's host simulation plans for an H100.
 persistent::DeviceLimits device_limits(const at::Device& device) {
   persistent::DeviceLimits limits = persistent::h100_limits();
   limits.host_simulation = device.is_cpu();
@@ -76,6 +77,8 @@ persistent::DeviceLimits device_limits(const at::Device& device) {
 #endif
   if (const char* clusters = std::getenv("RNNFUSED_PERSISTENT_CLUSTERS"); clusters && std::string(clusters) == "0")
     limits.max_cluster = 0;
+  if (const char* held = std::getenv("RNNFUSED_PERSISTENT_HELD_W"); held && std::string(held) == "0")
+    limits.hold_weights = false;
   if (const char* sms = std::getenv("RNNFUSED_PERSISTENT_SMS")) limits.sm_count = std::atoll(sms);
   if (const char* kb = std::getenv("RNNFUSED_PERSISTENT_SMEM_KB")) limits.smem_per_block = std::atoll(kb) * 1024;
   if (const char* spread = std::getenv("RNNFUSED_PERSISTENT_SPREAD")) limits.spread_units = std::string(spread) == "1";

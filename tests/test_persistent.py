@@ -43,10 +43,38 @@ def environment(**values):
                 os.environ[k] = v
 
 
-def _plan(cell, H, B, dtype, tf32=True, limits=H100, P=None, host_simulation=False, spread=False):
+def _plan(cell, H, B, dtype, tf32=True, limits=H100, P=None, host_simulation=False, spread=False, hold=True):
     return _C.plan(int(cell), H, H if P is None else P, B, dtype, tf32, limits["sm_count"], limits["smem_per_block"],
                    limits["compute_capability"], limits["cooperative_launch"], host_simulation, spread,
-                   limits["max_cluster"])
+                   limits["max_cluster"], hold)
+
+
+def _held_by_busiest_warp(M, N, K, split, mma_k):
+    """Enumerated here, independently of plan.h: the MMAs of the jobs of each of the 8 warps
+    (job j by warp j % 8: output tile j % tiles over K part j // tiles), the most any warp
+    has, or 0 where K's parts are unequal or a warp would hold more than 16 fragments."""
+    steps, tiles = K // 16, (M // 16) * (N // 16)
+    parts = [(p + 1) * steps // split - p * steps // split for p in range(split)]
+    if len(set(parts)) > 1:
+        return 0
+    per_warp = [0] * 8
+    for job in range(tiles * split):
+        per_warp[job % 8] += parts[job // tiles] * 16 // mma_k
+    return max(per_warp) if max(per_warp) <= 16 else 0
+
+
+def _check_held(plan, cell, dtype):
+    """W in registers where every product of a pass is the whole W tile (not GRU_CHO's; a
+    backward that takes all gates' dG at once) and each warp holds at most 16 fragments."""
+    mma_k = 8 if dtype == torch.float32 else 16
+    forward = backward = 0
+    if cell != Cell.GRU_CHO:
+        forward = _held_by_busiest_warp(plan["gate_rows"], plan["rows_pad"], plan["k_fwd"], plan["split_fwd"], mma_k)
+        if plan["chunk_gates"] * plan["k_block"] == plan["k_bwd"]:
+            backward = _held_by_busiest_warp(plan["unit_rows"], plan["rows_pad"], plan["k_bwd"], plan["split_bwd"],
+                                             mma_k)
+    assert (plan["held_fwd"], plan["held_bwd"]) == (forward, backward), plan
+    assert ("W in registers" in plan["reason"]) == (forward + backward > 0), plan["reason"]
 
 
 def _check_tiling(plan, H, B, dtype, limits):
@@ -93,6 +121,7 @@ def test_every_bench_config_gets_a_valid_plan_or_a_stated_reason(config, limits)
         plan = _plan(cell, config.H, config.B, dtype, tf32, limits)
         if plan["persistent"]:
             _check_tiling(plan, config.H, config.B, dtype, limits)
+            _check_held(plan, cell, dtype)
             assert plan["reason"].startswith("persistent: ")
         else:
             assert plan["reason"].startswith("stepwise: ") and len(plan["reason"]) > 12
@@ -254,6 +283,35 @@ def test_clusters_where_the_device_has_them_and_what_the_model_charges_them():
     # More unit tiles than a cluster may have (8 here): the grid barrier.
     wide = _plan(Cell.RNN_TANH, 512, 64, torch.float16)
     assert wide["unit_tiles"] <= 8 or wide["cluster"] == 0
+
+
+def test_w_in_registers_where_each_warp_holds_few_fragments():
+    smem = H100["smem_per_block"]
+    small = _plan(Cell.LSTM, 128, 16, torch.float16)
+    assert (small["held_fwd"], small["held_bwd"]) == (4, 4) and "W in registers both ways" in small["reason"]
+    assert _plan(Cell.LSTM, 128, 16, torch.float32)["held_fwd"] == 8  # TF32 MMAs are half as deep
+    # fastrnns: 32 units a CTA would be 32 fragments a warp, too many; 16 units are 16.
+    wide = _C.plan_cost(int(Cell.LSTM), 512, 64, torch.float16, 16, 32, smem)
+    narrow = _C.plan_cost(int(Cell.LSTM), 512, 64, torch.float16, 16, 16, smem)
+    assert wide["held_fwd"] == wide["held_bwd"] == 0 and (narrow["held_fwd"], narrow["held_bwd"]) == (16, 16)
+    cho = _plan(Cell.GRU_CHO, 128, 16, torch.float16)  # two products of parts of W a phase
+    assert cho["held_fwd"] == cho["held_bwd"] == 0
+    for plan in (small, cho):
+        _check_held(plan, Cell.LSTM if plan is small else Cell.GRU_CHO, torch.float16)
+    off = _plan(Cell.LSTM, 128, 16, torch.float16, hold=False)
+    assert off["held_fwd"] == off["held_bwd"] == 0 and "registers" not in off["reason"]
+    for setting, held in ((None, True), ("0", False)):
+        with environment(**simulation(), RNNFUSED_PERSISTENT_HELD_W=setting):
+            assert (_C.layer_plan(int(Cell.LSTM), 10, 128, 16, torch.float16, "cpu")["held_fwd"] > 0) == held
+    # The model: the products no longer read W's fragments from shared memory, only the
+    # operand's; nothing else changes.
+    held = _C.plan_cost(int(Cell.LSTM), 128, 16, torch.float16, 16, 16, smem, True)
+    shared = _C.plan_cost(int(Cell.LSTM), 128, 16, torch.float16, 16, 16, smem, True, hold_weights=False)
+    assert held["held_fwd"] > 0 and shared["held_fwd"] == 0
+    for direction in ("forward", "backward"):
+        h, s = held["estimate"][direction], shared["estimate"][direction]
+        assert h["mma"] < s["mma"]
+        assert all(h[p] == s[p] for p in ("exchange", "cell", "stores", "window", "barrier"))
 
 
 def test_the_backward_prefetches_its_inputs_where_they_fit_beside_the_whole_dg_tile():
@@ -682,4 +740,28 @@ def test_gpu_cluster_plans_compute_what_the_grid_barriers_do(mode, dtype, packed
             choices = rnnfused.explain(module, torch.zeros(10, 20, 24, dtype=dtype, device="cuda"))
             assert all(("distributed shared memory" in c.reason) == (clusters is None) for c in choices), choices
             results[clusters] = _run_cuda(module, 10, 20, dtype, packed)
+    assert all(torch.equal(a, b) for a, b in zip(results[None], results[0]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("clusters", [None, 0], ids=["cluster", "grid"])
+@pytest.mark.parametrize("hidden,tiling", [(64, "16x16"), (128, "16x32")])
+def test_gpu_w_in_registers_computes_what_shared_memory_does(mode, dtype, clusters, hidden, tiling):
+    """The same plan with W's fragments held in registers and read from shared memory by every
+    product (RNNFUSED_PERSISTENT_HELD_W=0): the same MMAs into the same two chains a job, so
+    the same results bit for bit, forward and backward, packed. (2 to 4 fragments a warp at
+    H64, 8 to 16 at H128: LSTM fp32 holds the most a warp can.)"""
+    if clusters is None and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    module = _gpu_module(mode, 24, hidden, dtype)
+    results = {}
+    for held in (None, 0):
+        with tf32_switch("allow_tf32", dtype == torch.float32), environment(
+                RNNFUSED_KERNEL="persistent", RNNFUSED_PERSISTENT_TILING=tiling, RNNFUSED_PERSISTENT_CLUSTERS=clusters,
+                RNNFUSED_PERSISTENT_HELD_W=held):
+            choices = rnnfused.explain(module, torch.zeros(10, 20, 24, dtype=dtype, device="cuda"))
+            assert all(("W in registers both ways" in c.reason) == (held is None) for c in choices), choices
+            results[held] = _run_cuda(module, 10, 20, dtype, True)
     assert all(torch.equal(a, b) for a, b in zip(results[None], results[0]))

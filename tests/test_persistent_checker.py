@@ -8,8 +8,8 @@ that split K and take dG a gate at a time; each defect planted through the test-
 RNNFUSED_SIMULATE_DEFECT (a CTA barrier of program.h left out, ops.copy_rows reading with plain
 loads, a grid barrier left out, the arrival at the grid barrier before the stores the other CTAs
 read, a prefetch not waited for; in a cluster plan, pushes into a peer's operand tiles before it
-zeroed them or into the tile it still multiplies, a wait for other than the bytes the peers push)
-is reported, forward and backward."""
+zeroed them or into the tile it still multiplies, a wait for other than the bytes the peers push;
+W held in registers for products other than the program's) is reported, forward and backward."""
 
 import re
 from pathlib import Path
@@ -121,12 +121,37 @@ def test_a_cluster_computes_what_the_grid_barrier_does(mode, options, dtype, pla
     assert all(torch.equal(a, b) for a, b in zip(results[None], results[0]))
 
 
+@pytest.mark.parametrize("plan", ["cluster", "split_k"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("mode,options", CELLS, ids=CELL_IDS)
+def test_w_in_registers_computes_what_shared_memory_does(mode, options, dtype, plan):
+    """The same plan with W read from shared memory by every product
+    (RNNFUSED_PERSISTENT_HELD_W=0): the host simulation multiplies a held W from the copy its
+    hold took, equal to the W each product would read since nothing writes W after begin, so
+    the results agree bit for bit, packed and bidirectional; the checker sees the hold's reads
+    of W and that every product of it has the hold's arguments. GRU_CHO holds nothing (its
+    products take parts of W)."""
+    steps, batch, inputs, hidden, *_ = PLANS[plan]
+    module = _module(mode, options, inputs, hidden, dtype, bidirectional=True)
+    results, held = {}, {}
+    for setting in (None, 0):
+        with environment(**_limits(plan), RNNFUSED_PERSISTENT_HELD_W=setting):
+            layer = _C.layer_plan(_cell_of(mode, options), steps, hidden, batch, dtype, "cpu")
+            held[setting] = (layer["held_fwd"], layer["held_bwd"])
+            results[setting] = _run(module, steps, batch, dtype, True)
+    assert held[0] == (0, 0)
+    cho = mode == "GRU" and options.get("reset_after") is False
+    assert (held[None] == (0, 0)) == cho, held
+    assert all(torch.equal(a, b) for a, b in zip(results[None], results[0]))
+
+
 # What the checker says of the hazards the defects below plant across CTAs.
 CROSS_READ = ("global memory or a cluster's operand tile read by one CTA and written by another with no barrier "
               "ordering the two")
 REUSED = "global buffer or operand tile reused before it was consumed: written by one CTA after another CTA read it"
 TWO_WRITERS = "global memory or a cluster's operand tile written by two CTAs with no barrier ordering the two"
 EXCHANGE = "a CTA of a cluster expects other than what its peers push into it in a phase"
+HELD = "a product of a W tile held in registers (ops.hold) with other arguments than the hold's"
 THREAD_RACE = ("global memory or an operand tile of a cluster plan touched by two threads of one CTA, one writing, "
                "with no CTA barrier between")
 
@@ -201,6 +226,10 @@ DEFECTS = [
     ("miscount", "RNN_RELU", "cluster_odd", "backward", EXCHANGE),
     # No wait after the exchange of the first phase: what the peers pushed is read unordered.
     ("skip_barrier=0", "LSTM", "cluster", "forward", CROSS_READ),
+    # W held in registers for products split one way more than the program's: on the GPU the
+    # warps' registers would hold other fragments than their jobs multiply.
+    ("misheld", "LSTM", "cluster", "forward", HELD),
+    ("misheld", "RNN_TANH", "split_k", "backward", HELD),
 ]
 
 

@@ -49,12 +49,26 @@ struct MmaShape<float> {
   static constexpr int kK = 8;
 };
 
+// Storage: the kernel's element type (S of program.h), the type of the W fragments it holds.
+template <typename Storage>
 struct DeviceOps {
+  using Element = typename MmaShape<Storage>::Element;
+  static constexpr int kK = MmaShape<Storage>::kK;
+  using FragmentA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, kK, Element, nvcuda::wmma::row_major>;
+  using FragmentB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, kK, Element, nvcuda::wmma::col_major>;
+  using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kK, float>;
+
   // (A cluster plan) the CTA's two mbarriers (Layout::signals), the exchanges it has waited
   // for, and whether the current phase pushed (so that its wait waits for the peers' pushes).
   unsigned long long* signals;
   unsigned exchanges = 0;
   bool pushed = false;
+  // (program.h's hold) the W tile whose products this warp multiplies from registers, and its
+  // fragments: fragment f is MMA f % held_per_job of the warp's job f / held_per_job (gemm's
+  // jobs). Indexed only by unrolled loops, so that the array stays in registers.
+  const Storage* held = nullptr;
+  int held_count = 0, held_per_job = 1;
+  FragmentA fragments[kHeldFragments];
 #if defined(RNNFUSED_PHASE_TIMING)
   PhaseRecord* record;  // this CTA's
   long long last = 0, clock_begin = 0;
@@ -236,7 +250,7 @@ struct DeviceOps {
     if constexpr (kBytes < 4) {
       *to = *from;
     } else {
-      const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(to));
+      const unsigned address = shared_address(to);
       if constexpr (kGlobal)
         asm volatile("cp.async.cg.shared.global [%0], [%1], %2;" ::"r"(address), "l"(from), "n"(kBytes) : "memory");
       else
@@ -296,35 +310,61 @@ struct DeviceOps {
   }
 
   // Warp `job % warps`: output tile `job % tiles`, K part `job / tiles` (program.h's contract;
-  // host.h's HostOps::gemm takes the same parts and adds them up in the same order). fp32: A
-  // (the W tile) is stored TF32-rounded (operand()); B's fragment is rounded as it is loaded.
+  // host.h's HostOps::gemm takes the same parts and adds them up in the same order). A job's
+  // MMAs alternate between two accumulators (even MMAs, odd MMAs), added up at its end: two
+  // dependent chains of half the length, the same whether W is held or not. fp32: A (the W
+  // tile) is stored TF32-rounded (operand()); B's fragment is rounded as it is loaded. The
+  // products of a held W take its A fragments from registers (hold).
   template <typename S>
-  __device__ void gemm(float* acc, int64_t ld_acc, float* partials, int64_t partial_stride, const S* a, int64_t lda,
-                       const S* b, int64_t ldb, int64_t m0, int64_t m1, int64_t n, int64_t k0, int64_t k1,
-                       int64_t split) {
+  __device__ __forceinline__ void gemm(float* acc, int64_t ld_acc, float* partials, int64_t partial_stride,
+                                       const S* a, int64_t lda, const S* b, int64_t ldb, int64_t m0, int64_t m1,
+                                       int64_t n, int64_t k0, int64_t k1, int64_t split) {
+    static_assert(std::is_same_v<S, Storage>, "the products multiply the kernel's storage type");
     namespace wmma = nvcuda::wmma;
-    using Element = typename MmaShape<S>::Element;
-    constexpr int kK = MmaShape<S>::kK;
     const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const int n_tiles = static_cast<int>(n / kTile), tiles = static_cast<int>((m1 - m0) / kTile) * n_tiles;
     const int steps = static_cast<int>((k1 - k0) / kTile), parts = static_cast<int>(split);
-    for (int job = warp; job < tiles * parts; job += warps) {
-      const int tile = job % tiles, part = job / tiles;
-      const int64_t m = m0 + tile / n_tiles * kTile, c = tile % n_tiles * kTile;
-      const int64_t begin = part * steps / parts * kTile, end = (part + 1) * steps / parts * kTile;
-      wmma::fragment<wmma::accumulator, 16, 16, kK, float> sum;
-      wmma::fill_fragment(sum, 0.f);
-      for (int64_t k = begin; k < end; k += kK) {
-        wmma::fragment<wmma::matrix_a, 16, 16, kK, Element, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, kK, Element, wmma::col_major> fb;
-        wmma::load_matrix_sync(fa, a + m * lda + k0 + k, static_cast<unsigned>(lda));
-        wmma::load_matrix_sync(fb, b + c * ldb + k, static_cast<unsigned>(ldb));
-        if constexpr (std::is_same_v<S, float>)
-          for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = tensor_core_operand(fb.x[i]);
-        wmma::mma_sync(sum, fa, fb, sum);
+    auto output = [&](int part, int64_t m, int64_t c) {
+      return (split > 1 ? partials + part * partial_stride : acc) + m * ld_acc + c;
+    };
+    if (a == held) {
+      Accumulator sum[2];
+#pragma unroll
+      for (int f = 0; f < kHeldFragments; ++f) {
+        if (f >= held_count) break;
+        const int q = f % held_per_job, job = warp + f / held_per_job * warps, tile = job % tiles;
+        const int64_t m = m0 + tile / n_tiles * kTile, c = tile % n_tiles * kTile;
+        const Storage* operand = b + c * ldb + (job / tiles * held_per_job + q) * kK;
+        if (q == 0) start(sum);
+        // The chain of the job's MMA q, as the path below takes it (an index the unrolled loop
+        // knows, so that sum stays in registers).
+        if (q % 2 == 0)
+          multiply(sum[0], fragments[f], operand, ldb);
+        else
+          multiply(sum[1], fragments[f], operand, ldb);
+        if (q == held_per_job - 1) finish(sum, output(job / tiles, m, c), ld_acc);
       }
-      float* out = split > 1 ? partials + part * partial_stride : acc;
-      wmma::store_matrix_sync(out + m * ld_acc + c, sum, static_cast<unsigned>(ld_acc), wmma::mem_row_major);
+    } else {
+      for (int job = warp; job < tiles * parts; job += warps) {
+        const int tile = job % tiles, part = job / tiles;
+        const int64_t m = m0 + tile / n_tiles * kTile, c = tile % n_tiles * kTile;
+        const int64_t begin = part * steps / parts * kTile, end = (part + 1) * steps / parts * kTile;
+        const S* row = a + m * lda + k0;
+        auto step = [&](Accumulator& sum, int64_t k) {
+          FragmentA fa;
+          wmma::load_matrix_sync(fa, row + k, static_cast<unsigned>(lda));
+          multiply(sum, fa, b + c * ldb + k, ldb);
+        };
+        Accumulator sum[2];
+        start(sum);
+        int64_t k = begin;
+        for (; k + kK < end; k += 2 * kK) {
+          step(sum[0], k);
+          step(sum[1], k + kK);
+        }
+        if (k < end) step(sum[0], k);
+        finish(sum, output(part, m, c), ld_acc);
+      }
     }
     __syncthreads();
     if (split > 1) {
@@ -337,6 +377,50 @@ struct DeviceOps {
       }
       __syncthreads();
     }
+  }
+
+  // program.h's hold: each warp loads the A fragments of its jobs of the products of `a` (the
+  // shape of gemm's arguments; K's parts equal) into registers. The planner's held_fragments
+  // keeps their count within kHeldFragments; a plan beyond it traps rather than multiply wrong.
+  template <typename S>
+  __device__ __forceinline__ void hold(const S* a, int64_t lda, int64_t m0, int64_t m1, int64_t n, int64_t k0,
+                                       int64_t k1, int64_t split) {
+    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int n_tiles = static_cast<int>(n / kTile), tiles = static_cast<int>((m1 - m0) / kTile) * n_tiles;
+    const int jobs = tiles * static_cast<int>(split);
+    held_per_job = static_cast<int>((k1 - k0) / split / kK);
+    held_count = (jobs > warp ? (jobs - warp + warps - 1) / warps : 0) * held_per_job;
+    held = a;
+    if (held_count > kHeldFragments || (k1 - k0) % (split * kTile) != 0) __trap();
+#pragma unroll
+    for (int f = 0; f < kHeldFragments; ++f) {
+      if (f >= held_count) break;
+      const int q = f % held_per_job, job = warp + f / held_per_job * warps, tile = job % tiles;
+      const int64_t m = m0 + tile / n_tiles * kTile, k = k0 + (job / tiles * held_per_job + q) * kK;
+      nvcuda::wmma::load_matrix_sync(fragments[f], a + m * lda + k, static_cast<unsigned>(lda));
+    }
+  }
+
+ private:
+  __device__ __forceinline__ static void start(Accumulator (&sum)[2]) {
+    nvcuda::wmma::fill_fragment(sum[0], 0.f);
+    nvcuda::wmma::fill_fragment(sum[1], 0.f);
+  }
+
+  // sum += a times the B fragment at b (fp32: rounded to TF32 as the tensor cores take it).
+  __device__ __forceinline__ static void multiply(Accumulator& sum, const FragmentA& a, const Storage* b,
+                                                  int64_t ldb) {
+    FragmentB fb;
+    nvcuda::wmma::load_matrix_sync(fb, b, static_cast<unsigned>(ldb));
+    if constexpr (std::is_same_v<Storage, float>)
+      for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = tensor_core_operand(fb.x[i]);
+    nvcuda::wmma::mma_sync(sum, a, fb, sum);
+  }
+
+  // A job's two chains added up (both accumulators have the same layout), stored.
+  __device__ __forceinline__ static void finish(Accumulator (&sum)[2], float* out, int64_t ld) {
+    for (int i = 0; i < sum[0].num_elements; ++i) sum[0].x[i] += sum[1].x[i];
+    nvcuda::wmma::store_matrix_sync(out, sum[0], static_cast<unsigned>(ld), nvcuda::wmma::mem_row_major);
   }
 };
 
@@ -355,7 +439,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     forward_kernel(const __grid_constant__ ForwardParams p, const __grid_constant__ Tiling t,
                    const __grid_constant__ Walk walk, unsigned long long* arrivals, PhaseRecord* times) {
   extern __shared__ __align__(128) char smem[];
-  DeviceOps ops(times, smem, t.fwd);
+  DeviceOps<S> ops(times, smem, t.fwd);
   ForwardCta<S, float> cta(p, t, walk, blockIdx.x, smem);
   unsigned long long target = 0;
   cta.begin(ops);
@@ -376,7 +460,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     backward_kernel(const __grid_constant__ BackwardParams p, const __grid_constant__ Tiling t,
                     const __grid_constant__ Walk walk, unsigned long long* arrivals, PhaseRecord* times) {
   extern __shared__ __align__(128) char smem[];
-  DeviceOps ops(times, smem, t.bwd);
+  DeviceOps<S> ops(times, smem, t.bwd);
   BackwardCta<S, float> cta(p, t, walk, blockIdx.x, smem);
   unsigned long long target = 0;
   cta.begin(ops);

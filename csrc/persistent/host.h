@@ -31,6 +31,8 @@
 //     does);
 //   - in a cluster plan, a phase in which a CTA expects other than the bytes its peers push
 //     into it (ops.push_rows), or expects none while they push;
+//   - a product of a W tile held in registers (ops.hold) with other arguments than the hold's
+//     (on the GPU the warps' registers would hold other fragments);
 //   - a plain read (not load_coherent / ops.copy_rows, i.e. not ld.global.cg or cp.async.cg on
 //     the GPU; a prefetch's too) of global memory another CTA wrote during the kernel;
 //   - shared memory touched while a prefetch into it is in flight;
@@ -51,7 +53,9 @@
 //   - in a cluster plan: skip_barrier=begin leaves out the cluster barrier between begin() and
 //     the first phase; one_buffer gives every step the same operand tile (ops.buffer), as if it
 //     were not double-buffered; miscount makes every CTA expect 4 bytes fewer than its peers
-//     push.
+//     push;
+//   - in a plan with W in registers: misheld makes every CTA hold W for products split one way
+//     more than its products are.
 // (The one load_coherent of the program, GRU_CHO's h_{t-1} in cho_output, reads the CTA's own
 // units, so a plain load there would be no defect, and the checker rightly says nothing.)
 //
@@ -86,7 +90,7 @@ struct Defects {
   bool plain_copy = false;
   int skip_barrier = -1;  // the phase after which no grid barrier runs; -1: none
   bool early_arrive = false, skip_prefetch_wait = false, skip_begin_barrier = false, one_buffer = false;
-  bool miscount = false;
+  bool miscount = false, misheld = false;
   std::string text;
 
   static Defects from_environment() {
@@ -102,13 +106,14 @@ struct Defects {
       start = comma + 1;
       if (item.empty()) continue;
       bool known = item == "plain_copy" || item == "early_arrive" || item == "skip_prefetch_wait" ||
-                   item == "skip_barrier=begin" || item == "one_buffer" || item == "miscount";
+                   item == "skip_barrier=begin" || item == "one_buffer" || item == "miscount" || item == "misheld";
       d.plain_copy |= item == "plain_copy";
       d.early_arrive |= item == "early_arrive";
       d.skip_prefetch_wait |= item == "skip_prefetch_wait";
       d.skip_begin_barrier |= item == "skip_barrier=begin";
       d.one_buffer |= item == "one_buffer";
       d.miscount |= item == "miscount";
+      d.misheld |= item == "misheld";
       for (int i = 0; i < 5; ++i)
         if (item == std::string("skip_sync=") + syncs[i]) known = d.skip_sync[i] = true;
       if (item == "skip_barrier=0" || item == "skip_barrier=1") {
@@ -118,7 +123,7 @@ struct Defects {
       if (!known)
         throw std::invalid_argument("rnnfused: RNNFUSED_SIMULATE_DEFECT: unknown defect '" + item +
                                     "' (skip_sync=begin|operand|fold|phase_end|staged, plain_copy, skip_barrier=0|1|begin, "
-                                    "early_arrive, skip_prefetch_wait, one_buffer, miscount)");
+                                    "early_arrive, skip_prefetch_wait, one_buffer, miscount, misheld)");
     }
     return d;
   }
@@ -183,6 +188,7 @@ class Checker final : public AccessObserver {
   bool skips_begin_barrier() const { return defects_.skip_begin_barrier; }
   bool one_buffer() const { return defects_.one_buffer; }
   bool miscounts() const { return defects_.miscount; }
+  bool misholds() const { return defects_.misheld; }
   // How ops.copy_rows reads its source rows (through L2 on the GPU, unless planted).
   Access copy_access() const { return defects_.plain_copy ? Access::Read : Access::Coherent; }
 
@@ -231,6 +237,11 @@ class Checker final : public AccessObserver {
   void exchange_mismatch(int64_t cta, int64_t expected, int64_t received) {
     found(kExchangeBytes, "CTA " + std::to_string(cta) + " (" + where_ + "): expected " + std::to_string(expected) +
                               " bytes, its peers pushed " + std::to_string(received));
+  }
+
+  // A product of the W tile the current CTA holds in registers, with other arguments.
+  void held_mismatch(const std::string& what) {
+    found(kHeldProduct, "CTA " + std::to_string(cta_) + " (" + where_ + "): " + what);
   }
 
   // Throws what was found, if anything.
@@ -319,6 +330,7 @@ class Checker final : public AccessObserver {
     kInFlight,
     kPeerOutsideOperand,
     kExchangeBytes,
+    kHeldProduct,
     kKinds
   };
   static constexpr const char* kDescriptions[kKinds] = {
@@ -342,6 +354,8 @@ class Checker final : public AccessObserver {
       "a peer's shared memory touched outside its operand tiles",
       "a CTA of a cluster expects other than what its peers push into it in a phase, or nothing (on the GPU its "
       "wait would never return, or return before the data has landed)",
+      "a product of a W tile held in registers (ops.hold) with other arguments than the hold's (on the GPU the "
+      "warps' registers would hold other fragments)",
   };
 
   Shadow& global(uintptr_t granule) {
@@ -483,8 +497,17 @@ struct HostOps {
   // they pushed; whether any CTA pushed.
   std::vector<int64_t> expected, received;
   bool exchanged = false;
+  // (ops.hold) per CTA: the W tile held in registers, its products' arguments, and the copy of
+  // its rows [m0, m1) taken at the hold, which they multiply (the GPU's registers).
+  struct Held {
+    const void* a = nullptr;
+    int64_t lda = 0, m0 = 0, m1 = 0, n = 0, k0 = 0, k1 = 0, split = 0;
+    std::vector<char> rows;
+  };
+  std::vector<Held> held;
 
-  HostOps(Checker* checker, int64_t ctas) : check(checker), pending(ctas), expected(ctas), received(ctas) {}
+  HostOps(Checker* checker, int64_t ctas)
+      : check(checker), pending(ctas), expected(ctas), received(ctas), held(ctas) {}
 
   template <typename S>
   S operand(S x) const {
@@ -631,10 +654,24 @@ struct HostOps {
   // job / tiles (K steps [part * steps / split, (part + 1) * steps / split)) into acc, or into
   // its partials slot when split > 1; a CTA barrier; then the partial sums added up in part
   // order, element i by thread i; a CTA barrier. B as the tensor cores take it (fp32 rounded
-  // to TF32, as DeviceOps::gemm rounds its fragments).
+  // to TF32, as DeviceOps::gemm rounds its fragments); A from the copy a hold took, if a is
+  // held (no shared-memory reads then). (The GPU adds a job's products in two chains, and in
+  // the tensor cores' order: equal to these sums within fp32 rounding, not bit for bit.)
   template <typename S, typename Acc>
   void gemm(Acc* acc, int64_t ld_acc, Acc* partials, int64_t partial_stride, const S* a, int64_t lda, const S* b,
             int64_t ldb, int64_t m0, int64_t m1, int64_t n, int64_t k0, int64_t k1, int64_t split) {
+    const Held& h = held[cta];
+    const bool from_registers = h.a == a;
+    if (from_registers && (h.lda != lda || h.m0 != m0 || h.m1 != m1 || h.n != n || h.k0 != k0 || h.k1 != k1 ||
+                           h.split != split))
+      check->held_mismatch("rows [" + std::to_string(m0) + ", " + std::to_string(m1) + ") x K [" +
+                           std::to_string(k0) + ", " + std::to_string(k1) + ") split " + std::to_string(split) +
+                           ", held as rows [" + std::to_string(h.m0) + ", " + std::to_string(h.m1) + ") x K [" +
+                           std::to_string(h.k0) + ", " + std::to_string(h.k1) + ") split " + std::to_string(h.split));
+    // (A mismatched product reads a itself: the report above is what counts.)
+    const bool copy = from_registers && h.m0 <= m0 && m1 <= h.m1 && h.lda == lda;
+    const S* held_rows = reinterpret_cast<const S*>(h.rows.data());
+    auto weight = [&](int64_t row, int64_t k) { return copy ? held_rows[(row - h.m0) * lda + k] : a[row * lda + k]; };
     const int64_t steps = (k1 - k0) / kTile, n_tiles = n / kTile, tiles = (m1 - m0) / kTile * n_tiles;
     for (int64_t job = 0; job < tiles * split; ++job) {
       const int64_t tile = job % tiles, part = job / tiles;
@@ -642,7 +679,8 @@ struct HostOps {
       const int64_t begin = part * steps / split * kTile, end = (part + 1) * steps / split * kTile;
       const int warp = Checker::kWarpBase + static_cast<int>(job % kWarps);
       for (int64_t i = 0; i < kTile; ++i) {
-        check->touch(a + (m + i) * lda + k0 + begin, (end - begin) * sizeof(S), Access::Read, warp);
+        if (!from_registers)
+          check->touch(a + (m + i) * lda + k0 + begin, (end - begin) * sizeof(S), Access::Read, warp);
         check->touch(b + (c + i) * ldb + begin, (end - begin) * sizeof(S), Access::Read, warp);
       }
       Acc* out = split > 1 ? partials + part * partial_stride : acc;
@@ -650,7 +688,7 @@ struct HostOps {
         for (int64_t j = 0; j < kTile; ++j) {
           Acc sum = 0;
           for (int64_t k = begin; k < end; ++k)
-            sum += static_cast<Acc>(a[(m + i) * lda + k0 + k]) *
+            sum += static_cast<Acc>(weight(m + i, k0 + k)) *
                    static_cast<Acc>(tensor_core_operand(b[(c + j) * ldb + k]));
           out[(m + i) * ld_acc + c + j] = sum;
         }
@@ -674,6 +712,25 @@ struct HostOps {
       }
       check->sync();
     }
+  }
+
+  // DeviceOps::hold: each warp reads the A fragments of its jobs of gemm's (the same mapping) once;
+  // the products multiply a copy of a's rows [m0, m1) taken now. (misheld: held as split one way
+  // more.)
+  template <typename S>
+  void hold(const S* a, int64_t lda, int64_t m0, int64_t m1, int64_t n, int64_t k0, int64_t k1, int64_t split) {
+    const int64_t steps = (k1 - k0) / kTile, n_tiles = n / kTile, tiles = (m1 - m0) / kTile * n_tiles;
+    for (int64_t job = 0; job < tiles * split; ++job) {
+      const int64_t tile = job % tiles, part = job / tiles, m = m0 + tile / n_tiles * kTile;
+      const int64_t begin = part * steps / split * kTile, end = (part + 1) * steps / split * kTile;
+      for (int64_t i = 0; i < kTile; ++i)
+        check->touch(a + (m + i) * lda + k0 + begin, (end - begin) * sizeof(S), Access::Read,
+                     Checker::kWarpBase + static_cast<int>(job % kWarps));
+    }
+    Held& h = held[cta];
+    h = Held{a, lda, m0, m1, n, k0, k1, split + (check->misholds() ? 1 : 0), {}};
+    const char* first = reinterpret_cast<const char*>(a + m0 * lda);
+    h.rows.assign(first, first + (m1 - m0) * lda * sizeof(S));
   }
 };
 

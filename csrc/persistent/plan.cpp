@@ -74,7 +74,7 @@ int64_t k_split(int64_t m, int64_t n, int64_t k) {
 // The tiling and layouts for `rows` batch rows and `units` hidden units per CTA; the backward
 // dG tile takes the most gates at a time that fit in `smem` bytes.
 Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_t elem, int64_t acc_elem,
-            int64_t smem, bool cluster) {
+            int64_t smem, bool cluster, bool hold) {
   const int64_t gates = gates_per_unit(cell);
   Tiling t;
   t.units = units;
@@ -135,6 +135,12 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
       place_backward();
     }
   }
+  // TF32 MMAs (fp32) are 8 deep, the others 16 (fp64 runs only in the host simulation).
+  const int64_t mma_k = elem == 4 ? 8 : 16;
+  if (hold && cell != Cell::GRU_CHO) {
+    t.held_fwd = held_fragments(t.gate_rows, t.rows_pad, t.k_fwd, t.split_fwd, mma_k);
+    if (t.chunk_gates == gates) t.held_bwd = held_fragments(t.unit_rows, t.rows_pad, t.k_bwd, t.split_bwd, mma_k);
+  }
   return t;
 }
 
@@ -143,7 +149,11 @@ std::string describe(const Tiling& t) {
          num(t.row_tiles) + " x " + num(t.rows) + " rows; shared memory " + num(t.fwd.bytes / 1024) + " KB forward, " +
          num(t.bwd.bytes / 1024) + " KB backward (dG " + num(t.chunk_gates) + " gate" + (t.chunk_gates > 1 ? "s" : "") +
          " at a time)" + (t.unit_tiles == 1 ? "; each CTA has all the units of its rows: no grid barrier" : "") +
-         (t.cluster > 0 ? "; clusters of " + num(t.cluster) + " CTAs exchanging through distributed shared memory" : "");
+         (t.cluster > 0 ? "; clusters of " + num(t.cluster) + " CTAs exchanging through distributed shared memory" : "") +
+         (t.held_fwd > 0 || t.held_bwd > 0
+              ? std::string("; W in registers ") +
+                    (t.held_bwd == 0 ? "forward" : t.held_fwd == 0 ? "backward" : "both ways")
+              : "");
 }
 
 // Below: the cost model's pieces, one per phase of a step (timing.h), each what device.cuh
@@ -163,14 +173,17 @@ double exchange_ns(int64_t rows, int64_t elements, int64_t elem, int64_t ctas, c
 }
 
 // gemm: an M x N output over K; warp w takes jobs w, w + 8, ... (a job: one 16 x 16 output tile
-// over one of `split` parts of K). A warp's jobs and K steps are one dependent chain, shared
-// memory feeds both fragments of every K step, and the SM's tensor cores bound the whole;
-// then a barrier, and with a split the sum of the partials and another.
-double mma_ns(int64_t M, int64_t N, int64_t K, int64_t split, int64_t elem, const CostModel& m) {
+// over one of `split` parts of K), whose MMAs alternate between two accumulators: each job is
+// two dependent chains of half its MMAs, a warp's jobs one after another. Shared memory feeds
+// both fragments of every MMA, or only B's where the warps hold W in registers (`held`), and the
+// SM's tensor cores bound the whole; then a barrier, and with a split the sum of the partials
+// and another.
+double mma_ns(int64_t M, int64_t N, int64_t K, int64_t split, int64_t elem, bool held, const CostModel& m) {
   const int64_t warps = kThreads / 32, tiles = (M / kTile) * (N / kTile), steps = K / kTile;
-  const double slower = elem > 2 ? 2 : 1;  // TF32 (fp32 operands): 16 x 16 x 8 MMAs, half the rate
-  const double chain = ceil_div(tiles * split, warps) * ceil_div(steps, split) * m.k_step_ns * slower;
-  const double fragments = static_cast<double>(tiles) * steps * 2 * kTile * kTile * elem / m.smem_bytes_per_ns;
+  const int64_t slower = elem > 2 ? 2 : 1;  // TF32 (fp32 operands): 16 x 16 x 8 MMAs, half the rate
+  const double chain = ceil_div(tiles * split, warps) * ceil_div(ceil_div(steps, split) * slower, 2) * m.k_step_ns;
+  const double fragments =
+      static_cast<double>(tiles) * steps * (held ? 1 : 2) * kTile * kTile * elem / m.smem_bytes_per_ns;
   const double flops = 2.0 * M * N * K / m.mma_flops_per_ns * slower;
   double ns = std::max({chain, fragments, flops}) + m.cta_barrier_ns;
   if (split > 1) ns += static_cast<double>(split) * M * N * 4 / m.smem_bytes_per_ns + m.cta_barrier_ns;
@@ -229,8 +242,9 @@ bool fits(const Tiling& t, int64_t smem_per_block) {
 }
 
 Tiling tile_for(Cell cell, int64_t H, int64_t B, DType dtype, int64_t rows, int64_t units, int64_t smem_per_block,
-                bool cluster) {
-  return tile(cell, H, B, rows, units, storage_bytes(dtype), dtype == DType::Float64 ? 8 : 4, smem_per_block, cluster);
+                bool cluster, bool hold_weights) {
+  return tile(cell, H, B, rows, units, storage_bytes(dtype), dtype == DType::Float64 ? 8 : 4, smem_per_block, cluster,
+              hold_weights);
 }
 
 StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool backward, const CostModel& m) {
@@ -252,7 +266,7 @@ StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool 
     for (const int64_t rows : {first_rows, t.gate_rows - first_rows}) {
       if (rows == 0) continue;
       cost.exchange += exchange(H);
-      cost.mma += mma_ns(rows, t.rows_pad, t.k_fwd, t.split_fwd, elem, m);
+      cost.mma += mma_ns(rows, t.rows_pad, t.k_fwd, t.split_fwd, elem, t.held_fwd > 0, m);
       // GRU_CHO's second phase without a cluster reads h_{t-1} for its own math from global
       // memory (its operand tile holds r * h_{t-1}).
       cost.cell += elements_ns(t, cell == Cell::GRU_CHO && !cluster && rows != first_rows, m);
@@ -274,7 +288,8 @@ StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool 
     for (int64_t chunk = g0; chunk < g1; chunk += t.chunk_gates) {
       const int64_t width = std::min(t.chunk_gates, g1 - chunk);
       cost.exchange += exchange(width * H);
-      cost.mma += mma_ns(t.unit_rows, t.rows_pad, width * t.k_block, t.split_bwd, elem, m) + elements_ns(t, false, m);
+      cost.mma += mma_ns(t.unit_rows, t.rows_pad, width * t.k_block, t.split_bwd, elem, t.held_bwd > 0, m) +
+                  elements_ns(t, false, m);
     }
   };
   // The cell's inputs: prefetched behind the barrier (issued in the window, as the forward's),
@@ -381,8 +396,9 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
     const int64_t rows = std::min(limits.forced_rows, B), units = std::min(limits.forced_units, H);
     const bool cluster = ceil_div(H, units) <= limits.max_cluster &&
                          ceil_div(B, rows) <= resident_clusters(limits.sm_count, ceil_div(H, units));
-    Tiling t = tile_for(cell, H, B, dtype, rows, units, smem, cluster);
-    if (!fits(t, smem)) t = tile_for(cell, H, B, dtype, rows, units, smem);
+    const bool hold = limits.hold_weights;
+    Tiling t = tile_for(cell, H, B, dtype, rows, units, smem, cluster, hold);
+    if (!fits(t, smem)) t = tile_for(cell, H, B, dtype, rows, units, smem, false, hold);
     if (t.ctas() > limits.sm_count) return stepwise(forced + " needs " + num(t.ctas()) + " CTAs, more than the SMs");
     if (!fits(t, smem)) return stepwise(forced + " does not fit in " + num(smem / 1024) + " KB of shared memory");
     if (!cooperative && t.unit_tiles > 1 && t.cluster == 0)
@@ -395,7 +411,8 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
     for (const int64_t rows : row_choices) {
       const int64_t row_tiles = ceil_div(B, rows);
       if (row_tiles > limits.sm_count) continue;
-      const Tiling t = tile_for(cell, H, B, dtype, rows, ceil_div(H, limits.sm_count / row_tiles), smem);
+      const Tiling t =
+          tile_for(cell, H, B, dtype, rows, ceil_div(H, limits.sm_count / row_tiles), smem, false, limits.hold_weights);
       if (fits(t, smem) && (cooperative || t.unit_tiles == 1)) return chosen(t, "; units spread over the SMs");
     }
   } else {
@@ -422,7 +439,7 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
             const int64_t unit_tiles = ceil_div(H, units);
             const bool resident = row_tiles <= resident_clusters(limits.sm_count, unit_tiles);
             if (cluster && (unit_tiles > limits.max_cluster || !resident)) continue;
-            const Tiling t = tile_for(cell, H, B, dtype, rows, units, smem, cluster);
+            const Tiling t = tile_for(cell, H, B, dtype, rows, units, smem, cluster, limits.hold_weights);
             // (tile() makes no cluster of one unit tile, nor of slices that are not whole 4-byte words.)
             if (cluster && t.cluster == 0) continue;
             if (!fits(t, smem) || (!cooperative && t.unit_tiles > 1 && !cluster)) continue;

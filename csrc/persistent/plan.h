@@ -76,6 +76,9 @@ struct DeviceLimits {
   // The most CTAs of a thread-block cluster the plans may use (sm_90: 8, the portable size;
   // 0: no clusters, as before sm_90 or with RNNFUSED_PERSISTENT_CLUSTERS=0).
   int64_t max_cluster = 0;
+  // Whether the plans may keep W in registers (Tiling::held_fwd; false with
+  // RNNFUSED_PERSISTENT_HELD_W=0, to compare with W read from shared memory).
+  bool hold_weights = true;
 };
 
 // One region of a CTA's shared memory layout, in bytes.
@@ -139,6 +142,21 @@ RNNF_HD int64_t incoming_bytes(int64_t H, int64_t units, int64_t cluster, int64_
   return rows * segments * elements * elem;
 }
 
+// W in registers: a pass whose every product is the whole W tile times the operand (not
+// GRU_CHO, whose products take parts of it; a backward that folds all gates at once) may keep
+// W as tensor-core A fragments in registers, each warp those of its jobs (DeviceOps::gemm: warp
+// w takes jobs w, w + 8, ... of tiles x split, each one output tile over one of split equal
+// parts of K), at most kHeldFragments (4 registers each) a warp. Returns how many warp 0 (the
+// busiest) holds of an m x n x k product split `split` ways in MMAs `mma_k` deep, or 0 where the
+// product cannot be held: K's parts unequal, or too many fragments.
+constexpr int64_t kHeldFragments = 16;
+RNNF_HD int64_t held_fragments(int64_t m, int64_t n, int64_t k, int64_t split, int64_t mma_k) {
+  const int64_t steps = k / kTile, jobs = (m / kTile) * (n / kTile) * split, warps = kThreads / 32;
+  if (steps % split != 0) return 0;
+  const int64_t held = (jobs + warps - 1) / warps * (steps / split) * (kTile / mma_k);
+  return held <= kHeldFragments ? held : 0;
+}
+
 // The plain-old-data part of a plan: what the kernels read (passed by value to the GPU).
 struct Tiling {
   int64_t units = 0;        // hidden units per CTA
@@ -167,6 +185,10 @@ struct Tiling {
   // The backward cell's inputs prefetched into shared memory behind the barrier, where they fit
   // without taking the dG tile fewer gates at a time; else read from global memory in the pass.
   bool prefetch_bwd = false;
+  // W in registers (held_fragments): the A fragments of W each warp of the forward / backward
+  // loads once, at begin, and multiplies from then on instead of re-reading W from shared
+  // memory; 0: every product reads its W fragments from shared memory.
+  int64_t held_fwd = 0, held_bwd = 0;
   Layout fwd, bwd;
   bool cpu_threads = false;  // make_cpu_plan's: run on CPU threads (else the GPU kernel or its simulation)
 
@@ -217,9 +239,10 @@ struct Plan {
 
 // The tiling of `rows` batch rows and `units` hidden units per CTA (the backward's dG tile
 // takes the most gates at a time that fit in smem_per_block), its CTAs of a batch tile one
-// cluster if `cluster` (and more than one), and whether both its passes fit.
+// cluster if `cluster` (and more than one), W in registers where held_fragments allows and
+// `hold_weights`, and whether both its passes fit.
 Tiling tile_for(Cell cell, int64_t H, int64_t B, DType dtype, int64_t rows, int64_t units, int64_t smem_per_block,
-                bool cluster = false);
+                bool cluster = false, bool hold_weights = true);
 bool fits(const Tiling& t, int64_t smem_per_block);
 
 // The plan for one layer direction: cell, hidden size H, output width P (= H unless

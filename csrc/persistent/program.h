@@ -27,6 +27,11 @@
 //       split > 1 the K steps are divided among warps whose partial sums go to
 //       partials[part][m][c] (part stride partial_stride) before adding up.
 //       Ends with the CTA synchronised.
+//   ops.hold(a, lda, m0, m1, n, k0, k1, split)
+//       every later ops.gemm with this a has these arguments (the planner's held_fragments
+//       allows them): the GPU loads each warp's A fragments of them into registers now and
+//       multiplies from those (the host simulation from a copy taken now), so a must not change
+//       after; a CTA barrier must come between a's stores and this.
 //   ops.prefetch_rows(dst, ld, rows, segments, dst_stride, src_stride, length, source)
 //       copy_rows's copy of data no other CTA writes during the kernel, asynchronous
 //       (cp.async; a lone 2-byte element synchronously): it lands by the
@@ -311,6 +316,9 @@ struct ForwardCta {
       });
     }
     ops.sync(Sync::Begin);
+    if (t.held_fwd > 0)
+      ops.hold(static_cast<const S*>(w), t.ld_w_fwd, int64_t(0), t.gate_rows, t.rows_pad, int64_t(0), t.k_fwd,
+               t.split_fwd);
     ops.stamp(Phase::Begin);
   }
 
@@ -687,6 +695,9 @@ struct BackwardCta {
     prefetch_inputs(ops, walk.T - 1);
     ops.prefetched();
     ops.sync(Sync::Begin);
+    if (t.held_bwd > 0)
+      ops.hold(static_cast<const S*>(w), t.ld_w_bwd, int64_t(0), t.unit_rows, t.rows_pad, int64_t(0), t.k_bwd,
+               t.split_bwd);
     ops.stamp(Phase::Begin);
   }
 
