@@ -746,15 +746,21 @@ def test_gpu_cluster_plans_compute_what_the_grid_barriers_do(mode, dtype, packed
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("clusters", [None, 0], ids=["cluster", "grid"])
-@pytest.mark.parametrize("hidden,tiling", [(64, "16x16"), (128, "16x32")])
-def test_gpu_w_in_registers_computes_what_shared_memory_does(mode, dtype, clusters, hidden, tiling):
+@pytest.mark.parametrize("hidden,tiling,clusters", [
+    (64, "16x16", None), (64, "16x16", 0), (128, "16x32", None), (128, "16x32", 0), (None, "one_cta", 0)],
+    ids=["H64-cluster", "H64-grid", "H128-cluster", "H128-grid", "one_cta"])
+def test_gpu_w_in_registers_computes_what_shared_memory_does(mode, dtype, hidden, tiling, clusters):
     """The same plan with W's fragments held in registers and read from shared memory by every
     product (RNNFUSED_PERSISTENT_HELD_W=0): the same MMAs into the same two chains a job, so
-    the same results bit for bit, forward and backward, packed. (2 to 4 fragments a warp at
-    H64, 8 to 16 at H128: LSTM fp32 holds the most a warp can.)"""
+    the same results bit for bit, forward and backward, packed. 2 to 4 fragments a warp at
+    H64, 8 to 16 at H128 (LSTM fp32: the most a warp can hold); one_cta gives the warps of LSTM
+    and GRU two or three jobs each, and in fp16/bf16 an odd number of MMAs a job (H48: 3 K
+    tiles; fp32, whose MMAs come in pairs, takes H32 to stay within 16 fragments)."""
     if clusters is None and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("thread-block clusters need compute capability 9.0")
+    if tiling == "one_cta":
+        hidden = 32 if dtype == torch.float32 else 48
+        tiling = f"32x{hidden}"
     module = _gpu_module(mode, 24, hidden, dtype)
     results = {}
     for held in (None, 0):

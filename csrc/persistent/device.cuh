@@ -54,6 +54,7 @@ template <typename Storage>
 struct DeviceOps {
   using Element = typename MmaShape<Storage>::Element;
   static constexpr int kK = MmaShape<Storage>::kK;
+  static_assert(kK == mma_depth(sizeof(Storage)), "the planner's held_fragments counts MMAs of this depth");
   using FragmentA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, kK, Element, nvcuda::wmma::row_major>;
   using FragmentB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, kK, Element, nvcuda::wmma::col_major>;
   using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kK, float>;

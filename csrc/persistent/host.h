@@ -720,6 +720,13 @@ struct HostOps {
   template <typename S>
   void hold(const S* a, int64_t lda, int64_t m0, int64_t m1, int64_t n, int64_t k0, int64_t k1, int64_t split) {
     const int64_t steps = (k1 - k0) / kTile, n_tiles = n / kTile, tiles = (m1 - m0) / kTile * n_tiles;
+    // Where DeviceOps::hold would trap: the busiest warp's fragments beyond kHeldFragments, or
+    // K's parts unequal (counted here as the device counts them, not by the planner's rule).
+    const int64_t busiest = (tiles * split + kWarps - 1) / kWarps * ((k1 - k0) / split / mma_depth(sizeof(S)));
+    if (busiest > kHeldFragments || (k1 - k0) % (split * kTile) != 0)
+      throw std::logic_error("rnnfused: the host simulation's ops.hold of " + std::to_string(busiest) +
+                             " fragments a warp, K " + std::to_string(k1 - k0) + " split " + std::to_string(split) +
+                             ": the GPU kernel would trap (the planner allowed a hold it cannot make)");
     for (int64_t job = 0; job < tiles * split; ++job) {
       const int64_t tile = job % tiles, part = job / tiles, m = m0 + tile / n_tiles * kTile;
       const int64_t begin = part * steps / split * kTile, end = (part + 1) * steps / split * kTile;

@@ -135,11 +135,9 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
       place_backward();
     }
   }
-  // TF32 MMAs (fp32) are 8 deep, the others 16 (fp64 runs only in the host simulation).
-  const int64_t mma_k = elem == 4 ? 8 : 16;
   if (hold && cell != Cell::GRU_CHO) {
-    t.held_fwd = held_fragments(t.gate_rows, t.rows_pad, t.k_fwd, t.split_fwd, mma_k);
-    if (t.chunk_gates == gates) t.held_bwd = held_fragments(t.unit_rows, t.rows_pad, t.k_bwd, t.split_bwd, mma_k);
+    t.held_fwd = held_fragments(t.gate_rows, t.rows_pad, t.k_fwd, t.split_fwd, elem);
+    if (t.chunk_gates == gates) t.held_bwd = held_fragments(t.unit_rows, t.rows_pad, t.k_bwd, t.split_bwd, elem);
   }
   return t;
 }

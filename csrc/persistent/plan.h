@@ -147,13 +147,18 @@ RNNF_HD int64_t incoming_bytes(int64_t H, int64_t units, int64_t cluster, int64_
 // W as tensor-core A fragments in registers, each warp those of its jobs (DeviceOps::gemm: warp
 // w takes jobs w, w + 8, ... of tiles x split, each one output tile over one of split equal
 // parts of K), at most kHeldFragments (4 registers each) a warp. Returns how many warp 0 (the
-// busiest) holds of an m x n x k product split `split` ways in MMAs `mma_k` deep, or 0 where the
-// product cannot be held: K's parts unequal, or too many fragments.
+// busiest) holds of an m x n x k product split `split` ways, of elements `elem` bytes wide,
+// or 0 where the product cannot be held: K's parts unequal, or too many fragments.
 constexpr int64_t kHeldFragments = 16;
-RNNF_HD int64_t held_fragments(int64_t m, int64_t n, int64_t k, int64_t split, int64_t mma_k) {
+// The K depth of one tensor-core MMA (device.cuh's MmaShape): TF32 (fp32 storage) 8, fp16 and
+// bf16 16 (fp64 runs only in the host simulation, taken as 16).
+RNNF_HD constexpr int64_t mma_depth(int64_t elem) {
+  return elem == 4 ? 8 : 16;
+}
+RNNF_HD int64_t held_fragments(int64_t m, int64_t n, int64_t k, int64_t split, int64_t elem) {
   const int64_t steps = k / kTile, jobs = (m / kTile) * (n / kTile) * split, warps = kThreads / 32;
   if (steps % split != 0) return 0;
-  const int64_t held = (jobs + warps - 1) / warps * (steps / split) * (kTile / mma_k);
+  const int64_t held = (jobs + warps - 1) / warps * (steps / split) * (kTile / mma_depth(elem));
   return held <= kHeldFragments ? held : 0;
 }
 
