@@ -3,8 +3,9 @@ grid.sync(), the persistent kernel's own bounded grid barrier on a counter
 (csrc/persistent/grid_barrier.cuh, what the kernel uses), both in a cooperative launch, the
 hardware barrier of a thread-block cluster (sm_90), and the cluster plans' exchange (each CTA
 pushes 16 bytes into every peer and waits on its mbarrier for theirs: the CostModel's
-dsmem_ns), as microseconds per barrier (median of runs of many barriers, the launch included
-and spread over them)."""
+dsmem_ns; and 4 KB into every peer, whose extra time gives the SM-to-SM bandwidth, the
+CostModel's dsmem_bytes_per_ns), as microseconds per barrier (median of runs of many barriers,
+the launch included and spread over them)."""
 
 import argparse
 import statistics
@@ -14,9 +15,19 @@ import torch
 from rnnfused import _C
 
 
-def measure(kind, ctas, cluster, iterations, runs):
-    _C.barrier_microseconds(kind, ctas, cluster, iterations)  # warm-up
-    return statistics.median(_C.barrier_microseconds(kind, ctas, cluster, iterations) for _ in range(runs))
+PAYLOAD = 4096  # bytes into each peer in the bandwidth rows
+
+
+def measure(kind, ctas, cluster, iterations, runs, payload=16):
+    _C.barrier_microseconds(kind, ctas, cluster, iterations, payload)  # warm-up
+    return statistics.median(_C.barrier_microseconds(kind, ctas, cluster, iterations, payload) for _ in range(runs))
+
+
+def pushed_bytes_per_ns(cluster, small_us, large_us, payload=PAYLOAD):
+    """What one CTA pushes per nanosecond beyond the 16-byte exchange: (cluster - 1) peers'
+    payloads less the 16 bytes each, over the extra time."""
+    extra_ns = (large_us - small_us) * 1e3
+    return (cluster - 1) * (payload - 16) / extra_ns if extra_ns > 0 else float("inf")
 
 
 def main(argv=None):
@@ -30,15 +41,21 @@ def main(argv=None):
     sms = properties.multi_processor_count
     print(f"{torch.cuda.get_device_name()}: {sms} SMs; us per barrier (launch included), "
           f"{args.iterations} barriers per launch")
-    print(f"{'barrier':<10}{'CTAs':>6}{'cluster':>9}{'us':>9}")
-    print(f"{'grid':<10}{sms:>6}{'-':>9}{measure('grid', sms, 1, args.iterations, args.runs):>9.3f}")
-    print(f"{'counter':<10}{sms:>6}{'-':>9}{measure('counter', sms, 1, args.iterations, args.runs):>9.3f}")
+    print(f"{'barrier':<10}{'CTAs':>6}{'cluster':>9}{'payload':>9}{'us':>9}{'B/ns/CTA':>10}")
+    print(f"{'grid':<10}{sms:>6}{'-':>9}{'-':>9}{measure('grid', sms, 1, args.iterations, args.runs):>9.3f}")
+    print(f"{'counter':<10}{sms:>6}{'-':>9}{'-':>9}{measure('counter', sms, 1, args.iterations, args.runs):>9.3f}")
     if (properties.major, properties.minor) >= (9, 0):
-        for kind in ("cluster", "exchange"):
-            for cluster in (2, 4, 8):
-                ctas = sms // cluster * cluster
-                us = measure(kind, ctas, cluster, args.iterations, args.runs)
-                print(f"{kind:<10}{ctas:>6}{cluster:>9}{us:>9.3f}")
+        for cluster in (2, 4, 8):
+            ctas = sms // cluster * cluster
+            us = measure("cluster", ctas, cluster, args.iterations, args.runs)
+            print(f"{'cluster':<10}{ctas:>6}{cluster:>9}{'-':>9}{us:>9.3f}")
+        for cluster in (2, 4, 8):
+            ctas = sms // cluster * cluster
+            small = measure("exchange", ctas, cluster, args.iterations, args.runs)
+            large = measure("exchange", ctas, cluster, args.iterations // 4, args.runs, PAYLOAD)
+            print(f"{'exchange':<10}{ctas:>6}{cluster:>9}{16:>9}{small:>9.3f}")
+            print(f"{'exchange':<10}{ctas:>6}{cluster:>9}{PAYLOAD:>9}{large:>9.3f}"
+                  f"{pushed_bytes_per_ns(cluster, small, large):>10.1f}")
     else:
         print("cluster barriers need compute capability 9.0")
     return 0

@@ -1102,10 +1102,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Registers, local memory (spills) and static shared memory of every persistent kernel");
   m.def(
       "barrier_microseconds",
-      [](const std::string& kind, int ctas, int cluster, int iterations) {
-        return cuda::barrier_microseconds(kind, ctas, cluster, iterations, at::cuda::getCurrentCUDAStream());
+      [](const std::string& kind, int ctas, int cluster, int iterations, int payload) {
+        return cuda::barrier_microseconds(kind, ctas, cluster, iterations, payload, at::cuda::getCurrentCUDAStream());
       },
-      "Microseconds per grid or cluster barrier (python -m bench.barrier)");
+      py::arg("kind"), py::arg("ctas"), py::arg("cluster"), py::arg("iterations"), py::arg("payload") = 16,
+      "Microseconds per grid or cluster barrier, or per exchange of `payload` bytes from every CTA of a cluster "
+      "into each peer (python -m bench.barrier)");
 #endif
 
   // --- the persistent kernel's phase timer (python -m bench.phases) -------------------------

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from bench import cli, configs, harness, impls, report
+from bench import barrier, cli, configs, harness, impls, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,3 +236,9 @@ def test_the_delegated_cpu_suites_run_and_write_their_csv(suite, args, tmp_path)
     assert rows and all(row[header.index("ms")] not in ("", "None") for row in rows)
     if "check" in header:
         assert not any(row[header.index("check")].startswith("refused") for row in rows)
+
+
+def test_the_exchange_bandwidth_is_the_extra_payload_over_the_extra_time():
+    # 7 peers x (4096 - 16) bytes more in 1 us more: 28.56 bytes per ns; no extra time: unbounded.
+    assert barrier.pushed_bytes_per_ns(8, 1.0, 2.0) == pytest.approx(7 * 4080 / 1000)
+    assert barrier.pushed_bytes_per_ns(2, 1.0, 1.0) == float("inf")

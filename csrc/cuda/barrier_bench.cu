@@ -3,8 +3,9 @@
 // persistent kernels' own bounded grid barrier on a counter (persistent/grid_barrier.cuh,
 // what csrc/persistent uses), both in a cooperative launch, the hardware barrier of a
 // thread-block cluster (sm_90; the alternative exchange policy of ../shared/PERSISTENT.md), and
-// the exchange of the cluster plans (grid_barrier.cuh): every CTA pushes 16 bytes into each
-// peer and waits for its peers' on its own mbarrier.
+// the exchange of the cluster plans (grid_barrier.cuh): every CTA pushes `payload` bytes into
+// each peer and waits for its peers' on its own mbarrier (16 bytes: the exchange's latency;
+// kilobytes: the SM-to-SM network's bandwidth too).
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -38,21 +39,27 @@ __global__ void cluster_barriers(int iterations) {
 #endif
 }
 
-__global__ void cluster_exchanges(int iterations) {
+// `vectors` 16-byte pieces from every CTA into each peer per exchange: the slots of source
+// rank r are slots[r * vectors, (r + 1) * vectors) in every CTA.
+__global__ void cluster_exchanges(int iterations, int vectors) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   __shared__ unsigned long long signals[2];
-  __shared__ uint4 slots[32];  // one per source rank (a cluster has at most 16 CTAs)
+  extern __shared__ uint4 slots[];
   cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
   const unsigned rank = cluster.block_rank(), size = cluster.num_blocks();
   if (threadIdx.x == 0) persistent::exchange_init(signals);
-  if (threadIdx.x < 32) slots[threadIdx.x] = make_uint4(rank, 0, 0, 0);
+  for (int j = threadIdx.x; j < vectors * static_cast<int>(size); j += blockDim.x) slots[j] = make_uint4(rank, j, 0, 0);
   cluster.sync();
+  uint4* own = slots + rank * vectors;
   for (int i = 0; i < iterations; ++i) {
     unsigned long long* signal = signals + i % 2;
-    if (threadIdx.x == 0) persistent::exchange_expect(signal, 16 * (size - 1));
-    if (threadIdx.x < size && threadIdx.x != rank)
-      persistent::exchange_store<16>(&slots[rank], persistent::peer_address(&slots[rank], threadIdx.x),
-                                     persistent::peer_address(signal, threadIdx.x));
+    if (threadIdx.x == 0) persistent::exchange_expect(signal, 16u * vectors * (size - 1));
+    for (int j = threadIdx.x; j < vectors * static_cast<int>(size); j += blockDim.x) {
+      const unsigned peer = static_cast<unsigned>(j / vectors);
+      if (peer != rank)
+        persistent::exchange_store<16>(own + j % vectors, persistent::peer_address(own + j % vectors, peer),
+                                       persistent::peer_address(signal, peer));
+    }
     persistent::exchange_wait(signal, i / 2 % 2, RNNF_BARRIER_TIMEOUT_MESSAGE("barrier microbenchmark"));
     __syncthreads();
   }
@@ -62,9 +69,17 @@ __global__ void cluster_exchanges(int iterations) {
 
 }  // namespace
 
-double barrier_microseconds(const std::string& kind, int ctas, int cluster, int iterations, cudaStream_t stream) {
+double barrier_microseconds(const std::string& kind, int ctas, int cluster, int iterations, int payload,
+                            cudaStream_t stream) {
   if (kind != "grid" && kind != "counter" && kind != "cluster" && kind != "exchange")
     throw std::invalid_argument("rnnfused: barrier kind must be grid, counter, cluster or exchange");
+  // The exchange's receive slots: `payload` bytes from each rank, within the 48 KB a launch
+  // gets without opting in to more.
+  const int64_t slot_bytes = static_cast<int64_t>(payload) * cluster;
+  if (kind == "exchange" && (payload < 16 || payload % 16 != 0 || slot_bytes > 48 * 1024))
+    throw std::invalid_argument("rnnfused: an exchange's payload must be a multiple of 16 bytes, at most 48 KB over "
+                                "the cluster, got " + std::to_string(payload) + " bytes into each of " +
+                                std::to_string(cluster) + " CTAs");
   BarrierLaunch barrier{{}, nullptr};
   if (kind == "counter") {  // cleared before the timed region, as before a persistent launch
     int device = 0;
@@ -95,7 +110,12 @@ double barrier_microseconds(const std::string& kind, int ctas, int cluster, int 
     attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
     config.attrs = &attribute;
     config.numAttrs = 1;
-    RNNF_CUDA_CHECK(cudaLaunchKernelEx(&config, kind == "cluster" ? cluster_barriers : cluster_exchanges, iterations));
+    if (kind == "cluster") {
+      RNNF_CUDA_CHECK(cudaLaunchKernelEx(&config, cluster_barriers, iterations));
+    } else {
+      config.dynamicSmemBytes = static_cast<size_t>(slot_bytes);
+      RNNF_CUDA_CHECK(cudaLaunchKernelEx(&config, cluster_exchanges, iterations, payload / 16));
+    }
   }
   RNNF_CUDA_CHECK(cudaGetLastError());
   if (barrier.lock.owns_lock()) barrier.lock.unlock();  // enqueued: other launches may follow

@@ -39,8 +39,10 @@ std::vector<KernelInfo> persistent_kernel_info();
 // One launch of `ctas` blocks that pass `iterations` barriers of `kind` ("grid": cooperative
 // groups' grid.sync(); "counter": the persistent kernels' own bounded grid barrier,
 // persistent/grid_barrier.cuh; "cluster": the cluster barrier, clusters of `cluster` blocks,
-// sm_90): microseconds per barrier, launch included.
-double barrier_microseconds(const std::string& kind, int ctas, int cluster, int iterations, cudaStream_t stream);
+// sm_90; "exchange": the cluster plans' exchange, `payload` bytes from every block into each
+// peer): microseconds per barrier, launch included.
+double barrier_microseconds(const std::string& kind, int ctas, int cluster, int iterations, int payload,
+                            cudaStream_t stream);
 
 // The arrival counter of the grid barrier (persistent/grid_barrier.cuh) for the next launch on
 // `stream` of `device`, already cleared on the stream, and a lock to hold until that launch

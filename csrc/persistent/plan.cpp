@@ -214,7 +214,7 @@ double prefetch_ns(const Tiling& t, int64_t H, int64_t segments, int64_t elem, c
 // arrives), a CTA barrier where each CTA has all the units of its rows, or in a cluster the
 // push of `segments` row segments of the slice's units into each peer's shared memory (16-byte
 // stores where the slices are made of them, else 4-byte words) and the wait for the peers'
-// pushes; with `global_stores` (a phase that still stores to global memory before its push)
+// pushes, which the SM-to-SM network's bandwidth bounds too; with `global_stores` (a phase that still stores to global memory before its push)
 // the fence too, as each push's completion releases what its CTA wrote before it.
 void close_phase(StepCost& cost, const Tiling& t, int64_t elem, int64_t segments, bool global_stores,
                  const CostModel& m) {
@@ -229,8 +229,9 @@ void close_phase(StepCost& cost, const Tiling& t, int64_t elem, int64_t segments
   }
   const int64_t vector = 16 / elem, pieces = t.units % vector == 0 ? 1 : ceil_div(16, std::max<int64_t>(elem, 4));
   const int64_t stores = (t.cluster - 1) * t.rows * segments * ceil_div(t.units, vector) * pieces;
+  const double pushed_bytes = static_cast<double>(t.cluster - 1) * t.rows * segments * t.units * elem;
   cost.stores += ceil_div(stores, kThreads) * m.issue_ns + (global_stores ? m.fence_ns : 0);
-  cost.barrier += m.dsmem_ns + 2 * m.cta_barrier_ns;
+  cost.barrier += m.dsmem_ns + pushed_bytes / m.dsmem_bytes_per_ns + 2 * m.cta_barrier_ns;
 }
 
 }  // namespace

@@ -221,6 +221,8 @@ struct CostModel {
   double issue_ns = 4;              // one thread issuing a store or an asynchronous copy it does not wait for
   double dsmem_ns = 300;            // a cluster's exchange: the last push's flight into a peer's shared memory,
                                     // its mbarrier's completion and the peers' skew (shared/STAGE3.md's 0.3 us)
+  double dsmem_bytes_per_ns = 25;   // what one SM pushes into its peers' shared memory: a lead, about 3.3 TB/s
+                                    // over an H100's SMs (Luo et al. 2024, arXiv 2402.13499), not measured here
 };
 
 // One step's estimate, per phase (timing.h's step phases), in nanoseconds.
