@@ -16,8 +16,8 @@ Printed and written to CSV: microseconds per step of each phase (the mean over C
 over --repeats launches), begin/end in microseconds per launch, forward and backward, for
 fastrnns, latency_b1 and small_b16_h128, LSTM and GRU, fp16/bf16/fp32 (TF32); each case under
 every tiling of --tilings (the planner's, the planner's with W in shared memory only, the
-planner's without clusters, stage 2's spread over every SM, one CTA per batch tile, or
-ROWSxUNITS), and beside each measured row ("fwd", "bwd") the planner's cost-model
+planner's with clusters of at most the portable 8 CTAs, the planner's without clusters, stage
+2's spread over every SM, one CTA per batch tile, or ROWSxUNITS), and beside each measured row ("fwd", "bwd") the planner's cost-model
 estimate of the same phases ("~fwd", "~bwd"; csrc/persistent/plan.h), which these
 measurements are meant to calibrate.
 
@@ -46,19 +46,22 @@ CELLS = ["LSTM", "GRU"]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 STEP_PHASES = ["exchange", "mma", "cell", "stores", "window", "barrier"]
 LAUNCH_PHASES = ["begin", "end"]
-TILINGS = ["model", "shared_w", "grid", "spread", "one_cta"]
+TILINGS = ["model", "shared_w", "portable", "grid", "spread", "one_cta"]
 
 
 def tiling_settings(tiling, config):
     """The RNNFUSED_PERSISTENT_* settings (names without the prefix) of a --tilings entry:
     the planner's choice ("model"), its choice with W read from shared memory by every product
-    instead of held in registers ("shared_w"), its choice without thread-block clusters ("grid":
+    instead of held in registers ("shared_w"), its choice with clusters of at most 8 CTAs
+    ("portable": sm_90 allows 16), its choice without thread-block clusters ("grid":
     the grid barrier's plans), stage 2's rule ("spread"), one CTA per batch tile of 16 rows with
     every unit ("one_cta"), or ROWSxUNITS (a cluster where it fits one)."""
     if tiling == "model":
         return {}
     if tiling == "shared_w":
         return {"persistent_held_w": "0"}
+    if tiling == "portable":
+        return {"persistent_clusters": "8"}
     if tiling == "grid":
         return {"persistent_clusters": "0"}
     if tiling == "spread":
@@ -67,7 +70,7 @@ def tiling_settings(tiling, config):
         return {"persistent_tiling": f"{min(16, config.B)}x{config.H}"}
     rows, _, units = tiling.partition("x")
     if not (rows.isdigit() and units.isdigit()):
-        raise ValueError(f"a tiling is model, shared_w, grid, spread, one_cta or ROWSxUNITS, not {tiling!r}")
+        raise ValueError(f"a tiling is model, shared_w, portable, grid, spread, one_cta or ROWSxUNITS, not {tiling!r}")
     return {"persistent_tiling": tiling}
 
 
@@ -143,7 +146,7 @@ def main(argv=None):
     parser.add_argument("--cells", default=",".join(CELLS), help="comma-separated (default %(default)s)")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated (default %(default)s)")
     parser.add_argument("--tilings", default=",".join(TILINGS),
-                        help="comma-separated: model, shared_w, grid, spread, one_cta or ROWSxUNITS "
+                        help="comma-separated: model, shared_w, portable, grid, spread, one_cta or ROWSxUNITS "
                         "(default %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed launches per case (default %(default)s)")
     parser.add_argument("--out", help="folder for phases.csv (default results/phases-<time>)")

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -60,7 +61,8 @@ namespace {
 // test); RNNFUSED_PERSISTENT_SPREAD=1 plans by stage 2's rule, the units spread over the SMs,
 // RNNFUSED_PERSISTENT_TILING=ROWSxUNITS forces a tiling (plan.h), and
 // RNNFUSED_PERSISTENT_CLUSTERS=0 leaves out the thread-block cluster plans of sm_90 (to
-// compare them with the grid barrier's), RNNFUSED_PERSISTENT_HELD_W=0 keeps W in shared memory
+// compare them with the grid barrier's; =n allows clusters of at most n CTAs, e.g. 8 to leave
+// out the non-portable 16), RNNFUSED_PERSISTENT_HELD_W=0 keeps W in shared memory
 // only (to compare with W in registers). The CPU's host simulation plans for an H100.
 persistent::DeviceLimits device_limits(const at::Device& device) {
   persistent::DeviceLimits limits = persistent::h100_limits();
@@ -72,11 +74,16 @@ persistent::DeviceLimits device_limits(const at::Device& device) {
     limits.smem_per_block = static_cast<int64_t>(properties->sharedMemPerBlockOptin);
     limits.compute_capability = properties->major * 10 + properties->minor;
     limits.cooperative_launch = properties->cooperativeLaunch != 0;
-    limits.max_cluster = limits.compute_capability >= 90 ? 8 : 0;
+    limits.max_cluster = limits.compute_capability >= 90 ? 16 : 0;
   }
 #endif
-  if (const char* clusters = std::getenv("RNNFUSED_PERSISTENT_CLUSTERS"); clusters && std::string(clusters) == "0")
-    limits.max_cluster = 0;
+  if (const char* clusters = std::getenv("RNNFUSED_PERSISTENT_CLUSTERS"); clusters && *clusters) {
+    char* end = nullptr;
+    const long long most = std::strtoll(clusters, &end, 10);
+    TORCH_CHECK_VALUE(*end == 0 && most >= 0, "rnnfused: RNNFUSED_PERSISTENT_CLUSTERS must be the most CTAs a "
+                      "cluster may have (0: no clusters), got '", clusters, "'");
+    limits.max_cluster = std::min<int64_t>(limits.max_cluster, most);
+  }
   if (const char* held = std::getenv("RNNFUSED_PERSISTENT_HELD_W"); held && std::string(held) == "0")
     limits.hold_weights = false;
   if (const char* sms = std::getenv("RNNFUSED_PERSISTENT_SMS")) limits.sm_count = std::atoll(sms);

@@ -45,6 +45,8 @@ PLANS = {
     # column H, in one 4-byte word)
     "cluster": (4, 20, 3, 64, None, None, "16x16"),
     "cluster_odd": (3, 7, 2, 13, None, None, "7x6"),
+    # two clusters of 16 CTAs (sm_90's largest, not portable), 4 units each
+    "cluster16": (4, 20, 3, 64, None, None, "16x4"),
 }
 
 
@@ -73,7 +75,8 @@ def _check_plan(name, mode, options):
         assert 1 < plan["unit_tiles"] and plan["ctas"] < 132 // plan["row_tiles"] and "cost model" in plan["reason"]
     elif name.startswith("cluster"):
         assert plan["cluster"] == plan["unit_tiles"] > 1 and "distributed shared memory" in plan["reason"], plan
-        assert plan["row_tiles"] == (2 if name == "cluster" else 1), plan
+        assert plan["row_tiles"] == (1 if name == "cluster_odd" else 2), plan
+        assert plan["cluster"] == {"cluster": 4, "cluster_odd": 3, "cluster16": 16}[name], plan
     else:
         assert hidden % 2 == 1 and plan["ctas"] > 1, plan
     return plan
@@ -100,7 +103,7 @@ def test_the_plans_cover_both_ways_the_backward_reads_its_inputs():
         True, False}
 
 
-@pytest.mark.parametrize("plan", ["cluster", "cluster_odd"])
+@pytest.mark.parametrize("plan", ["cluster", "cluster_odd", "cluster16"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode,options", CELLS, ids=CELL_IDS)
 def test_a_cluster_computes_what_the_grid_barrier_does(mode, options, dtype, plan):

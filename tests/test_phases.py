@@ -49,6 +49,7 @@ def test_summary_refuses_a_record_that_is_not_a_timed_launch():
 
 @pytest.mark.parametrize("tiling,expect", [
     ("model", "the cost model's cheapest"), ("shared_w", "the cost model's cheapest"),
+    ("portable", "the cost model's cheapest"),
     ("grid", "the cost model's cheapest"), ("spread", "units spread over the SMs"),
     ("one_cta", "each CTA has all the units of its rows"), ("16x32", "forced by RNNFUSED_PERSISTENT_TILING=16x32")])
 def test_each_tiling_sets_what_the_planner_reads(tiling, expect):
@@ -57,10 +58,11 @@ def test_each_tiling_sets_what_the_planner_reads(tiling, expect):
         plan = _C.layer_plan(int(Cell.LSTM), config.T, config.H, config.B, torch.float16, "cpu")
     assert plan["kernel"] == "persistent (host simulation)" and expect in plan["reason"], plan["reason"]
     assert (plan["cluster"] == 0) == (tiling in ("grid", "spread", "one_cta")), plan["reason"]
+    assert plan["cluster"] <= (8 if tiling == "portable" else 16), plan["reason"]
     if tiling in ("model", "shared_w"):  # 4 fragments of W a warp: held unless told not to
         assert (plan["held_fwd"] > 0) == (tiling == "model"), plan["reason"]
 
 
 def test_a_tiling_is_named_or_rows_by_units():
-    with pytest.raises(ValueError, match="model, shared_w, grid, spread, one_cta or ROWSxUNITS"):
+    with pytest.raises(ValueError, match="model, shared_w, portable, grid, spread, one_cta or ROWSxUNITS"):
         phases.tiling_settings("16by32", configs.NAMED["small_b16_h128"])

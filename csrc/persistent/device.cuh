@@ -492,6 +492,11 @@ inline int prepare_kernel(const void* kernel, int device) {
   RNNF_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   RNNF_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   RNNF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  // Clusters of more than the portable 8 CTAs (sm_90 has up to 16) are launched only where the
+  // kernel allows them; the occupancy query in launch_persistent then says whether they fit.
+  int major = 0;
+  RNNF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major >= 9) RNNF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   prepared.emplace(key, sms);
   return sms;
 }

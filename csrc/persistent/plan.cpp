@@ -351,7 +351,7 @@ DeviceLimits h100_limits() {
   limits.smem_per_block = 227 * 1024;
   limits.compute_capability = 90;
   limits.cooperative_launch = true;
-  limits.max_cluster = 8;
+  limits.max_cluster = 16;
   return limits;
 }
 

@@ -73,8 +73,9 @@ struct DeviceLimits {
   // A tiling instead of the planner's choice, to test or time one: batch rows and hidden
   // units per CTA (RNNFUSED_PERSISTENT_TILING=ROWSxUNITS); 0: the planner's.
   int64_t forced_rows = 0, forced_units = 0;
-  // The most CTAs of a thread-block cluster the plans may use (sm_90: 8, the portable size;
-  // 0: no clusters, as before sm_90 or with RNNFUSED_PERSISTENT_CLUSTERS=0).
+  // The most CTAs of a thread-block cluster the plans may use (sm_90: 16, beyond the portable
+  // 8, which the launch allows the kernels; RNNFUSED_PERSISTENT_CLUSTERS=n caps it at n; 0: no
+  // clusters, as before sm_90 or with RNNFUSED_PERSISTENT_CLUSTERS=0).
   int64_t max_cluster = 0;
   // Whether the plans may keep W in registers (Tiling::held_fwd; false with
   // RNNFUSED_PERSISTENT_HELD_W=0, to compare with W read from shared memory).
