@@ -143,6 +143,12 @@ RNNF_HD int64_t incoming_bytes(int64_t H, int64_t units, int64_t cluster, int64_
   return rows * segments * elements * elem;
 }
 
+// The K depth of one tensor-core MMA (device.cuh's MmaShape): TF32 (fp32 storage) 8, fp16 and
+// bf16 16 (fp64 runs only in the host simulation, taken as 16).
+RNNF_HD constexpr int64_t mma_depth(int64_t elem) {
+  return elem == 4 ? 8 : 16;
+}
+
 // W in registers: a pass whose every product is the whole W tile times the operand (not
 // GRU_CHO, whose products take parts of it; a backward that folds all gates at once) may keep
 // W as tensor-core A fragments in registers, each warp those of its jobs (DeviceOps::gemm: warp
@@ -151,11 +157,6 @@ RNNF_HD int64_t incoming_bytes(int64_t H, int64_t units, int64_t cluster, int64_
 // busiest) holds of an m x n x k product split `split` ways, of elements `elem` bytes wide,
 // or 0 where the product cannot be held: K's parts unequal, or too many fragments.
 constexpr int64_t kHeldFragments = 16;
-// The K depth of one tensor-core MMA (device.cuh's MmaShape): TF32 (fp32 storage) 8, fp16 and
-// bf16 16 (fp64 runs only in the host simulation, taken as 16).
-RNNF_HD constexpr int64_t mma_depth(int64_t elem) {
-  return elem == 4 ? 8 : 16;
-}
 RNNF_HD int64_t held_fragments(int64_t m, int64_t n, int64_t k, int64_t split, int64_t elem) {
   const int64_t steps = k / kTile, jobs = (m / kTile) * (n / kTile) * split, warps = kThreads / 32;
   if (steps % split != 0) return 0;
