@@ -2,7 +2,8 @@
 # scripts/phase_timing.sh BUILD LOGS: the last step of `make gpu-check`. Waits for the phase
 # timer's build that gpu_check.sh started in the background (RNNFUSED_PHASE_TIMING=1, into
 # BUILD/lib; it writes its exit status to BUILD/status), then runs python -m bench.phases on
-# that build, writing LOGS/phases/phases.csv. The timer lives in a build of its own so that the
+# that build, writing LOGS/phases/phases.csv: the planner's tilings and the three it is weighed
+# against most (W in shared memory, clusters of at most 8, no clusters), within the step's time. The timer lives in a build of its own so that the
 # tests and benchmarks before it run the kernels without it.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,4 +20,5 @@ fi
 # build_ext put the extension (and _build_info.py) in BUILD/lib/rnnfused; the Python sources
 # come from the checkout. Run from BUILD/lib so that `import rnnfused` finds this build first.
 cp -n "$ROOT"/rnnfused/*.py "$BUILD/lib/rnnfused/"
-cd "$BUILD/lib" && PYTHONPATH="$BUILD/lib:$ROOT" "$PYTHON" -m bench.phases --repeats 3 --out "$LOGS/phases"
+cd "$BUILD/lib" && PYTHONPATH="$BUILD/lib:$ROOT" "$PYTHON" -m bench.phases --repeats 3 \
+  --tilings model,shared_w,portable,grid --out "$LOGS/phases"
