@@ -492,11 +492,6 @@ inline int prepare_kernel(const void* kernel, int device) {
   RNNF_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   RNNF_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   RNNF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-  // Clusters of more than the portable 8 CTAs (sm_90 has up to 16) are launched only where the
-  // kernel allows them; the occupancy query in launch_persistent then says whether they fit.
-  int major = 0;
-  RNNF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (major >= 9) RNNF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   prepared.emplace(key, sms);
   return sms;
 }
@@ -538,8 +533,16 @@ const char* launch_persistent(Kernel kernel, const Params& p, const Tiling& t, i
     attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
     config.attrs = &attribute;
     config.numAttrs = 1;
+    // Clusters of more than the portable 8 CTAs (sm_90: up to 16) only where the kernel allows
+    // them. A device that refuses the attribute or the size (a MIG slice, another part) answers
+    // with an error rather than no room: either way stage 1 runs instead.
     int clusters = 0;
-    RNNF_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+    const bool allowed = t.cluster <= 8 ||
+                         cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+    if (!allowed || cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+      cudaGetLastError();
+      return "the GPU cannot run clusters of this plan's size";
+    }
     if (clusters < 1) return "the GPU cannot co-schedule one cluster of the plan";
   }
   // The grid barrier's counter, cleared on the stream; the lock held until the launch is enqueued.
