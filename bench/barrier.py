@@ -4,8 +4,10 @@ grid.sync(), the persistent kernel's own bounded grid barrier on a counter
 hardware barrier of a thread-block cluster (sm_90), and the cluster plans' exchange (each CTA
 pushes 16 bytes into every peer and waits on its mbarrier for theirs: the CostModel's
 dsmem_ns; and 4 KB into every peer, whose extra time gives the SM-to-SM bandwidth, the
-CostModel's dsmem_bytes_per_ns), as microseconds per barrier (median of runs of many barriers,
-the launch included and spread over them)."""
+CostModel's dsmem_bytes_per_ns; with one CTA per SM, as the persistent kernels run, so that
+every push crosses the SM-to-SM network), in clusters of 2 to 16 CTAs, as many as run at once,
+as microseconds per barrier (median of runs of many barriers, the launch included and spread
+over them; the 4 KB rows run a quarter as many, so a launch weighs a little more in them)."""
 
 import argparse
 import statistics
@@ -16,6 +18,7 @@ from rnnfused import _C
 
 
 PAYLOAD = 4096  # bytes into each peer in the bandwidth rows
+CLUSTERS = (2, 4, 8, 16)
 
 
 def measure(kind, ctas, cluster, iterations, runs, payload=16):
@@ -45,14 +48,22 @@ def main(argv=None):
     print(f"{'grid':<10}{sms:>6}{'-':>9}{'-':>9}{measure('grid', sms, 1, args.iterations, args.runs):>9.3f}")
     print(f"{'counter':<10}{sms:>6}{'-':>9}{'-':>9}{measure('counter', sms, 1, args.iterations, args.runs):>9.3f}")
     if (properties.major, properties.minor) >= (9, 0):
-        for cluster in (2, 4, 8):
-            ctas = sms // cluster * cluster
-            us = measure("cluster", ctas, cluster, args.iterations, args.runs)
+        def clusters_of(kind, cluster, payload=16):
+            """As many whole clusters as the SMs hold and the GPU runs at once (the exchange: one
+            CTA per SM; 16 CTAs is sm_90's largest, not portable)."""
+            return min(sms // cluster, _C.co_resident_clusters(kind, cluster, payload)) * cluster
+
+        for cluster in CLUSTERS:
+            ctas = clusters_of("cluster", cluster)
+            us = measure("cluster", ctas, cluster, args.iterations, args.runs) if ctas else float("nan")
             print(f"{'cluster':<10}{ctas:>6}{cluster:>9}{'-':>9}{us:>9.3f}")
-        for cluster in (2, 4, 8):
-            ctas = sms // cluster * cluster
+        for cluster in CLUSTERS:
+            ctas = clusters_of("exchange", cluster, PAYLOAD)
+            if not ctas:
+                print(f"{'exchange':<10}{0:>6}{cluster:>9}   (no cluster of this size fits)")
+                continue
             small = measure("exchange", ctas, cluster, args.iterations, args.runs)
-            large = measure("exchange", ctas, cluster, args.iterations // 4, args.runs, PAYLOAD)
+            large = measure("exchange", ctas, cluster, max(1, args.iterations // 4), args.runs, PAYLOAD)
             print(f"{'exchange':<10}{ctas:>6}{cluster:>9}{16:>9}{small:>9.3f}")
             print(f"{'exchange':<10}{ctas:>6}{cluster:>9}{PAYLOAD:>9}{large:>9.3f}"
                   f"{pushed_bytes_per_ns(cluster, small, large):>10.1f}")

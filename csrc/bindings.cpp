@@ -1108,6 +1108,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("kind"), py::arg("ctas"), py::arg("cluster"), py::arg("iterations"), py::arg("payload") = 16,
       "Microseconds per grid or cluster barrier, or per exchange of `payload` bytes from every CTA of a cluster "
       "into each peer (python -m bench.barrier)");
+  m.def("co_resident_clusters", &cuda::co_resident_clusters, py::arg("kind"), py::arg("cluster"),
+        py::arg("payload") = 16, "How many clusters of barrier_microseconds' cluster or exchange launch run at once");
 #endif
 
   // --- the persistent kernel's phase timer (python -m bench.phases) -------------------------

@@ -728,16 +728,24 @@ def test_gpu_counter_barrier_runs_on_every_sm_and_again_on_its_stream():
 def test_gpu_cluster_barrier_and_exchange_run_in_every_cluster(kind):
     """The cluster barrier, and the cluster plans' exchange (st.async into every peer, each CTA
     waiting on its own mbarrier for the bytes it expects; grid_barrier.cuh) of 16 bytes and of
-    4 KB, in clusters of 2 to 8 over the SMs: a byte count or mbarrier phase gone wrong would
+    4 KB, one CTA per SM, in clusters of 2 to 16 (beyond the portable 8, as the planner's
+    plans may be), as many as run at once: a byte count or mbarrier phase gone wrong would
     hang, trap after 10 s and raise here (sm_90)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("thread-block clusters need compute capability 9.0")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for cluster in (2, 4, 8):
+    for cluster in (2, 4, 8, 16):
         for payload in (16, 4096) if kind == "exchange" else (16,):
-            assert 0 < _C.barrier_microseconds(kind, sms // cluster * cluster, cluster, 201, payload) < 1e4
+            resident = _C.co_resident_clusters(kind, cluster, payload)
+            assert resident >= 1, f"no cluster of {cluster} CTAs fits"
+            ctas = min(sms // cluster, resident) * cluster
+            assert 0 < _C.barrier_microseconds(kind, ctas, cluster, 201, payload) < 1e4
     with pytest.raises(ValueError, match="multiple of 16 bytes"):
         _C.barrier_microseconds("exchange", 8, 8, 1, 8)
+    with pytest.raises(ValueError, match="not whole clusters"):
+        _C.barrier_microseconds(kind, 12, 8, 1)
+    with pytest.raises(ValueError, match="has no clusters"):
+        _C.co_resident_clusters("grid", 8)
 
 
 @pytest.mark.cuda

@@ -9,6 +9,9 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
 #include <string>
 
 #include "../persistent/grid_barrier.cuh"
@@ -67,19 +70,81 @@ __global__ void cluster_exchanges(int iterations, int vectors) {
 #endif
 }
 
+// A cluster kind's launch: clusters of `cluster` blocks (up to sm_90's 16, beyond the portable
+// 8); the exchange with one block per SM, as the persistent kernels run (more than half an
+// SM's shared memory each), so that every push crosses the SM-to-SM network.
+struct ClusterLaunch {
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute attribute{};
+};
+
+void prepare_cluster_launch(ClusterLaunch& launch, const std::string& kind, int cluster, int payload) {
+  int device = 0, optin = 0;
+  RNNF_CUDA_CHECK(cudaGetDevice(&device));
+  RNNF_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int64_t slot_bytes = static_cast<int64_t>(payload) * cluster;
+  if (kind == "exchange" && (payload < 16 || payload % 16 != 0 || slot_bytes + 64 > optin))
+    throw std::invalid_argument("rnnfused: an exchange's payload must be a multiple of 16 bytes, within the " +
+                                std::to_string(optin) + " bytes of shared memory a block may have over the cluster, "
+                                "got " + std::to_string(payload) + " bytes from each of " + std::to_string(cluster) +
+                                " blocks");
+  cudaLaunchConfig_t& config = launch.config;
+  config.blockDim = dim3(128);
+  launch.attribute.id = cudaLaunchAttributeClusterDimension;
+  launch.attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+  launch.attribute.val.clusterDim.y = launch.attribute.val.clusterDim.z = 1;
+  config.attrs = &launch.attribute;
+  config.numAttrs = 1;
+  if (kind == "cluster") {
+    RNNF_CUDA_CHECK(cudaFuncSetAttribute(cluster_barriers, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  } else {
+    RNNF_CUDA_CHECK(cudaFuncSetAttribute(cluster_exchanges, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    RNNF_CUDA_CHECK(cudaFuncSetAttribute(cluster_exchanges, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    config.dynamicSmemBytes = static_cast<size_t>(std::max<int64_t>(slot_bytes, optin / 2 + 1024));
+  }
+}
+
+int max_active_clusters(const std::string& kind, const ClusterLaunch& launch) {
+  int clusters = 0;
+  if (kind == "cluster")
+    RNNF_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, cluster_barriers, &launch.config));
+  else
+    RNNF_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, cluster_exchanges, &launch.config));
+  return clusters;
+}
+
+void check_kind(const std::string& kind) {
+  if (kind != "grid" && kind != "counter" && kind != "cluster" && kind != "exchange")
+    throw std::invalid_argument("rnnfused: barrier kind must be grid, counter, cluster or exchange");
+}
+
 }  // namespace
+
+int co_resident_clusters(const std::string& kind, int cluster, int payload) {
+  check_kind(kind);
+  if (kind != "cluster" && kind != "exchange") throw std::invalid_argument("rnnfused: " + kind + " has no clusters");
+  ClusterLaunch launch;
+  prepare_cluster_launch(launch, kind, cluster, payload);
+  return max_active_clusters(kind, launch);
+}
 
 double barrier_microseconds(const std::string& kind, int ctas, int cluster, int iterations, int payload,
                             cudaStream_t stream) {
-  if (kind != "grid" && kind != "counter" && kind != "cluster" && kind != "exchange")
-    throw std::invalid_argument("rnnfused: barrier kind must be grid, counter, cluster or exchange");
-  // The exchange's receive slots: `payload` bytes from each rank, within the 48 KB a launch
-  // gets without opting in to more.
-  const int64_t slot_bytes = static_cast<int64_t>(payload) * cluster;
-  if (kind == "exchange" && (payload < 16 || payload % 16 != 0 || slot_bytes > 48 * 1024))
-    throw std::invalid_argument("rnnfused: an exchange's payload must be a multiple of 16 bytes, at most 48 KB over "
-                                "the cluster, got " + std::to_string(payload) + " bytes into each of " +
-                                std::to_string(cluster) + " CTAs");
+  check_kind(kind);
+  if (iterations < 1) throw std::invalid_argument("rnnfused: a barrier microbenchmark needs at least one iteration");
+  ClusterLaunch launch;
+  if (kind == "cluster" || kind == "exchange") {
+    prepare_cluster_launch(launch, kind, cluster, payload);
+    // Clusters that are not all resident at once would run in waves, timing several exchanges
+    // as one.
+    const int resident = max_active_clusters(kind, launch);
+    if (ctas % cluster != 0 || ctas / cluster > resident)
+      throw std::invalid_argument("rnnfused: " + std::to_string(ctas) + " blocks are not whole clusters of " +
+                                  std::to_string(cluster) + " or more than the " + std::to_string(resident) +
+                                  " clusters this GPU runs at once (co_resident_clusters)");
+    launch.config.gridDim = dim3(ctas);
+    launch.config.stream = stream;
+  }
   BarrierLaunch barrier{{}, nullptr};
   if (kind == "counter") {  // cleared before the timed region, as before a persistent launch
     int device = 0;
@@ -99,23 +164,10 @@ double barrier_microseconds(const std::string& kind, int ctas, int cluster, int 
     void* args[] = {&iterations, &arrivals};
     RNNF_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(counter_barriers), dim3(ctas), dim3(128), args,
                                                 0, stream));
+  } else if (kind == "cluster") {
+    RNNF_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, cluster_barriers, iterations));
   } else {
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(ctas);
-    config.blockDim = dim3(128);
-    config.stream = stream;
-    cudaLaunchAttribute attribute{};
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
-    attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-    if (kind == "cluster") {
-      RNNF_CUDA_CHECK(cudaLaunchKernelEx(&config, cluster_barriers, iterations));
-    } else {
-      config.dynamicSmemBytes = static_cast<size_t>(slot_bytes);
-      RNNF_CUDA_CHECK(cudaLaunchKernelEx(&config, cluster_exchanges, iterations, payload / 16));
-    }
+    RNNF_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, cluster_exchanges, iterations, payload / 16));
   }
   RNNF_CUDA_CHECK(cudaGetLastError());
   if (barrier.lock.owns_lock()) barrier.lock.unlock();  // enqueued: other launches may follow

@@ -39,10 +39,13 @@ std::vector<KernelInfo> persistent_kernel_info();
 // One launch of `ctas` blocks that pass `iterations` barriers of `kind` ("grid": cooperative
 // groups' grid.sync(); "counter": the persistent kernels' own bounded grid barrier,
 // persistent/grid_barrier.cuh; "cluster": the cluster barrier, clusters of `cluster` blocks,
-// sm_90; "exchange": the cluster plans' exchange, `payload` bytes from every block into each
-// peer): microseconds per barrier, launch included.
+// sm_90, up to 16; "exchange": the cluster plans' exchange, `payload` bytes from every block
+// into each peer, one block per SM): microseconds per barrier, launch included. A cluster
+// kind's `ctas` must be whole clusters, at most co_resident_clusters of them.
 double barrier_microseconds(const std::string& kind, int ctas, int cluster, int iterations, int payload,
                             cudaStream_t stream);
+// How many clusters of `cluster` blocks of that kind's launch the GPU runs at once.
+int co_resident_clusters(const std::string& kind, int cluster, int payload);
 
 // The arrival counter of the grid barrier (persistent/grid_barrier.cuh) for the next launch on
 // `stream` of `device`, already cleared on the stream, and a lock to hold until that launch
