@@ -82,10 +82,14 @@ void prepare_cluster_launch(ClusterLaunch& launch, const std::string& kind, int 
   int device = 0, optin = 0;
   RNNF_CUDA_CHECK(cudaGetDevice(&device));
   RNNF_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  // What a block's dynamic shared memory may be: the opt-in limit less a margin for the
+  // kernels' static shared memory (the exchange's two mbarriers), which counts against it.
+  const int dynamic_limit = optin - 64;
   const int64_t slot_bytes = static_cast<int64_t>(payload) * cluster;
-  if (kind == "exchange" && (payload < 16 || payload % 16 != 0 || slot_bytes + 64 > optin))
+  if (kind == "exchange" && (payload < 16 || payload % 16 != 0 || slot_bytes > dynamic_limit))
     throw std::invalid_argument("rnnfused: an exchange's payload must be a multiple of 16 bytes, within the " +
-                                std::to_string(optin) + " bytes of shared memory a block may have over the cluster, "
+                                std::to_string(dynamic_limit) +
+                                " bytes of shared memory a block may have over the cluster, "
                                 "got " + std::to_string(payload) + " bytes from each of " + std::to_string(cluster) +
                                 " blocks");
   cudaLaunchConfig_t& config = launch.config;
@@ -99,7 +103,8 @@ void prepare_cluster_launch(ClusterLaunch& launch, const std::string& kind, int 
     RNNF_CUDA_CHECK(cudaFuncSetAttribute(cluster_barriers, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   } else {
     RNNF_CUDA_CHECK(cudaFuncSetAttribute(cluster_exchanges, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    RNNF_CUDA_CHECK(cudaFuncSetAttribute(cluster_exchanges, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    RNNF_CUDA_CHECK(
+        cudaFuncSetAttribute(cluster_exchanges, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_limit));
     config.dynamicSmemBytes = static_cast<size_t>(std::max<int64_t>(slot_bytes, optin / 2 + 1024));
   }
 }
