@@ -74,6 +74,7 @@ __global__ void cluster_exchanges(int iterations, int vectors) {
 // 8); the exchange with one block per SM, as the persistent kernels run (more than half an
 // SM's shared memory each), so that every push crosses the SM-to-SM network.
 struct ClusterLaunch {
+  const void* kernel = nullptr;
   cudaLaunchConfig_t config{};
   cudaLaunchAttribute attribute{};
 };
@@ -99,22 +100,18 @@ void prepare_cluster_launch(ClusterLaunch& launch, const std::string& kind, int 
   launch.attribute.val.clusterDim.y = launch.attribute.val.clusterDim.z = 1;
   config.attrs = &launch.attribute;
   config.numAttrs = 1;
-  if (kind == "cluster") {
-    RNNF_CUDA_CHECK(cudaFuncSetAttribute(cluster_barriers, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  } else {
-    RNNF_CUDA_CHECK(cudaFuncSetAttribute(cluster_exchanges, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    RNNF_CUDA_CHECK(
-        cudaFuncSetAttribute(cluster_exchanges, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_limit));
+  launch.kernel = kind == "cluster" ? reinterpret_cast<const void*>(cluster_barriers)
+                                    : reinterpret_cast<const void*>(cluster_exchanges);
+  RNNF_CUDA_CHECK(cudaFuncSetAttribute(launch.kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  if (kind == "exchange") {
+    RNNF_CUDA_CHECK(cudaFuncSetAttribute(launch.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_limit));
     config.dynamicSmemBytes = static_cast<size_t>(std::max<int64_t>(slot_bytes, optin / 2 + 1024));
   }
 }
 
-int max_active_clusters(const std::string& kind, const ClusterLaunch& launch) {
+int max_active_clusters(const ClusterLaunch& launch) {
   int clusters = 0;
-  if (kind == "cluster")
-    RNNF_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, cluster_barriers, &launch.config));
-  else
-    RNNF_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, cluster_exchanges, &launch.config));
+  RNNF_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, launch.kernel, &launch.config));
   return clusters;
 }
 
@@ -130,7 +127,7 @@ int co_resident_clusters(const std::string& kind, int cluster, int payload) {
   if (kind != "cluster" && kind != "exchange") throw std::invalid_argument("rnnfused: " + kind + " has no clusters");
   ClusterLaunch launch;
   prepare_cluster_launch(launch, kind, cluster, payload);
-  return max_active_clusters(kind, launch);
+  return max_active_clusters(launch);
 }
 
 double barrier_microseconds(const std::string& kind, int ctas, int cluster, int iterations, int payload,
@@ -142,7 +139,7 @@ double barrier_microseconds(const std::string& kind, int ctas, int cluster, int 
     prepare_cluster_launch(launch, kind, cluster, payload);
     // Clusters that are not all resident at once would run in waves, timing several exchanges
     // as one.
-    const int resident = max_active_clusters(kind, launch);
+    const int resident = max_active_clusters(launch);
     if (ctas % cluster != 0 || ctas / cluster > resident)
       throw std::invalid_argument("rnnfused: " + std::to_string(ctas) + " blocks are not whole clusters of " +
                                   std::to_string(cluster) + " or more than the " + std::to_string(resident) +

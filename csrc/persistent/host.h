@@ -650,6 +650,18 @@ struct HostOps {
     check->thread(Checker::kEveryThread);
   }
 
+  // gemm's jobs: f(job, part, m, c, begin, end) for job < tiles * split: output tile job % tiles
+  // (rows from m, columns from c) over K part job / tiles, its steps [begin, end) from k0.
+  template <typename F>
+  static void for_each_job(int64_t m0, int64_t m1, int64_t n, int64_t k0, int64_t k1, int64_t split, F&& f) {
+    const int64_t steps = (k1 - k0) / kTile, n_tiles = n / kTile, tiles = (m1 - m0) / kTile * n_tiles;
+    for (int64_t job = 0; job < tiles * split; ++job) {
+      const int64_t tile = job % tiles, part = job / tiles;
+      f(job, part, m0 + tile / n_tiles * kTile, tile % n_tiles * kTile, part * steps / split * kTile,
+        (part + 1) * steps / split * kTile);
+    }
+  }
+
   // DeviceOps::gemm's jobs: warp job % kWarps computes output tile job % tiles over K part
   // job / tiles (K steps [part * steps / split, (part + 1) * steps / split)) into acc, or into
   // its partials slot when split > 1; a CTA barrier; then the partial sums added up in part
@@ -662,21 +674,18 @@ struct HostOps {
             int64_t ldb, int64_t m0, int64_t m1, int64_t n, int64_t k0, int64_t k1, int64_t split) {
     const Held& h = held[cta];
     const bool from_registers = h.a == a;
-    if (from_registers && (h.lda != lda || h.m0 != m0 || h.m1 != m1 || h.n != n || h.k0 != k0 || h.k1 != k1 ||
-                           h.split != split))
+    const bool as_held = from_registers && h.lda == lda && h.m0 == m0 && h.m1 == m1 && h.n == n && h.k0 == k0 &&
+                         h.k1 == k1 && h.split == split;
+    if (from_registers && !as_held)
       check->held_mismatch("rows [" + std::to_string(m0) + ", " + std::to_string(m1) + ") x K [" +
                            std::to_string(k0) + ", " + std::to_string(k1) + ") split " + std::to_string(split) +
                            ", held as rows [" + std::to_string(h.m0) + ", " + std::to_string(h.m1) + ") x K [" +
                            std::to_string(h.k0) + ", " + std::to_string(h.k1) + ") split " + std::to_string(h.split));
-    // (A mismatched product reads a itself: the report above is what counts.)
-    const bool copy = from_registers && h.m0 <= m0 && m1 <= h.m1 && h.lda == lda;
-    const S* held_rows = reinterpret_cast<const S*>(h.rows.data());
-    auto weight = [&](int64_t row, int64_t k) { return copy ? held_rows[(row - h.m0) * lda + k] : a[row * lda + k]; };
-    const int64_t steps = (k1 - k0) / kTile, n_tiles = n / kTile, tiles = (m1 - m0) / kTile * n_tiles;
-    for (int64_t job = 0; job < tiles * split; ++job) {
-      const int64_t tile = job % tiles, part = job / tiles;
-      const int64_t m = m0 + tile / n_tiles * kTile, c = tile % n_tiles * kTile;
-      const int64_t begin = part * steps / split * kTile, end = (part + 1) * steps / split * kTile;
+    // W's rows from m0 on: a held W's from the copy its hold took (a mismatched product, reported
+    // above, reads a itself).
+    const S* w = as_held ? reinterpret_cast<const S*>(h.rows.data()) : a + m0 * lda;
+    for_each_job(m0, m1, n, k0, k1, split, [&](int64_t job, int64_t part, int64_t m, int64_t c, int64_t begin,
+                                               int64_t end) {
       const int warp = Checker::kWarpBase + static_cast<int>(job % kWarps);
       for (int64_t i = 0; i < kTile; ++i) {
         if (!from_registers)
@@ -688,13 +697,13 @@ struct HostOps {
         for (int64_t j = 0; j < kTile; ++j) {
           Acc sum = 0;
           for (int64_t k = begin; k < end; ++k)
-            sum += static_cast<Acc>(weight(m + i, k0 + k)) *
+            sum += static_cast<Acc>(w[(m - m0 + i) * lda + k0 + k]) *
                    static_cast<Acc>(tensor_core_operand(b[(c + j) * ldb + k]));
           out[(m + i) * ld_acc + c + j] = sum;
         }
         check->touch(out + (m + i) * ld_acc + c, kTile * sizeof(Acc), Access::Write, warp);
       }
-    }
+    });
     check->sync();
     if (split > 1) {
       const int64_t width = n;
@@ -719,7 +728,7 @@ struct HostOps {
   // more.)
   template <typename S>
   void hold(const S* a, int64_t lda, int64_t m0, int64_t m1, int64_t n, int64_t k0, int64_t k1, int64_t split) {
-    const int64_t steps = (k1 - k0) / kTile, n_tiles = n / kTile, tiles = (m1 - m0) / kTile * n_tiles;
+    const int64_t tiles = (m1 - m0) / kTile * (n / kTile);
     // Where DeviceOps::hold would trap: the busiest warp's fragments beyond kHeldFragments, or
     // K's parts unequal (counted here as the device counts them, not by the planner's rule).
     const int64_t busiest = (tiles * split + kWarps - 1) / kWarps * ((k1 - k0) / split / mma_depth(sizeof(S)));
@@ -727,13 +736,11 @@ struct HostOps {
       throw std::logic_error("rnnfused: the host simulation's ops.hold of " + std::to_string(busiest) +
                              " fragments a warp, K " + std::to_string(k1 - k0) + " split " + std::to_string(split) +
                              ": the GPU kernel would trap (the planner allowed a hold it cannot make)");
-    for (int64_t job = 0; job < tiles * split; ++job) {
-      const int64_t tile = job % tiles, part = job / tiles, m = m0 + tile / n_tiles * kTile;
-      const int64_t begin = part * steps / split * kTile, end = (part + 1) * steps / split * kTile;
+    for_each_job(m0, m1, n, k0, k1, split, [&](int64_t job, int64_t, int64_t m, int64_t, int64_t begin, int64_t end) {
       for (int64_t i = 0; i < kTile; ++i)
         check->touch(a + (m + i) * lda + k0 + begin, (end - begin) * sizeof(S), Access::Read,
                      Checker::kWarpBase + static_cast<int>(job % kWarps));
-    }
+    });
     Held& h = held[cta];
     h = Held{a, lda, m0, m1, n, k0, k1, split + (check->misholds() ? 1 : 0), {}};
     const char* first = reinterpret_cast<const char*>(a + m0 * lda);

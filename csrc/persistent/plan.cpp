@@ -214,8 +214,9 @@ double prefetch_ns(const Tiling& t, int64_t H, int64_t segments, int64_t elem, c
 // arrives), a CTA barrier where each CTA has all the units of its rows, or in a cluster the
 // push of `segments` row segments of the slice's units into each peer's shared memory (16-byte
 // stores where the slices are made of them, else 4-byte words) and the wait for the peers'
-// pushes, which the SM-to-SM network's bandwidth bounds too; with `global_stores` (a phase that still stores to global memory before its push)
-// the fence too, as each push's completion releases what its CTA wrote before it.
+// pushes, which the SM-to-SM network's bandwidth bounds too; with `global_stores` (a phase
+// that still stores to global memory before its push) the fence too, as each push's
+// completion releases what its CTA wrote before it.
 void close_phase(StepCost& cost, const Tiling& t, int64_t elem, int64_t segments, bool global_stores,
                  const CostModel& m) {
   if (t.unit_tiles == 1) {
@@ -395,9 +396,8 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
     const int64_t rows = std::min(limits.forced_rows, B), units = std::min(limits.forced_units, H);
     const bool cluster = ceil_div(H, units) <= limits.max_cluster &&
                          ceil_div(B, rows) <= resident_clusters(limits.sm_count, ceil_div(H, units));
-    const bool hold = limits.hold_weights;
-    Tiling t = tile_for(cell, H, B, dtype, rows, units, smem, cluster, hold);
-    if (!fits(t, smem)) t = tile_for(cell, H, B, dtype, rows, units, smem, false, hold);
+    Tiling t = tile_for(cell, H, B, dtype, rows, units, smem, cluster, limits.hold_weights);
+    if (!fits(t, smem)) t = tile_for(cell, H, B, dtype, rows, units, smem, false, limits.hold_weights);
     if (t.ctas() > limits.sm_count) return stepwise(forced + " needs " + num(t.ctas()) + " CTAs, more than the SMs");
     if (!fits(t, smem)) return stepwise(forced + " does not fit in " + num(smem / 1024) + " KB of shared memory");
     if (!cooperative && t.unit_tiles > 1 && t.cluster == 0)
