@@ -343,7 +343,11 @@ def test_result_dtypes_under_autocast_compile_without_graph_breaks(name, kwargs)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return _dtypes(module(x))
 
-    assert torch.compile(lambda: run(ours), fullgraph=True)() == run(theirs)
+    try:
+        expected = run(theirs)
+    except RuntimeError:
+        pytest.skip("torch.nn fails here (oneDNN's LSTM without bfloat16 kernels on this CPU)")
+    assert torch.compile(lambda: run(ours), fullgraph=True)() == expected
 
 
 @pytest.mark.cuda
