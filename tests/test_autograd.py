@@ -135,10 +135,14 @@ def test_autocast_runs_in_the_autocast_dtype(mode):
     x = torch.randn(6, 2, 3, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output, hidden = ours(x)
-        their_output, _ = theirs(x)
+        try:
+            their_dtype = theirs(x)[0].dtype
+        except RuntimeError:  # oneDNN has no bfloat16 LSTM on CPUs without AVX-512: torch.nn cannot run here
+            their_dtype = None
     # torch.nn's dtype: bfloat16 for LSTM and RNN; the GRU's h' = (1 - z) n + z h meets the
     # float32 state and promotes to float32 (rnnfused.functional.autocast_result_dtypes).
-    assert output.dtype == their_output.dtype == (torch.float32 if mode == "GRU" else torch.bfloat16)
+    expected_dtype = torch.float32 if mode == "GRU" else torch.bfloat16
+    assert output.dtype == expected_dtype and their_dtype in (None, expected_dtype)
     expected, _ = ours(x)
     assert (output.float() - expected).abs().max() < 0.05
     output.float().sum().backward()
