@@ -211,7 +211,7 @@ Cell cell_of(int64_t cell) {
 
 // The operators' scalar options, checked (Python: rnnfused._ops.LayerOptions, same order).
 LayerOptions layer_options(int64_t cell, bool has_biases, bool reverse, double cell_clip, double grad_clip,
-                           int64_t norm, bool training, double eps) {
+                           int64_t norm, bool training, double eps, int64_t side_by_side) {
   LayerOptions o;
   o.cell = cell_of(cell);
   o.has_biases = has_biases;
@@ -226,6 +226,9 @@ LayerOptions layer_options(int64_t cell, bool has_biases, bool reverse, double c
   o.training = training;
   TORCH_CHECK_VALUE(eps > 0, "rnnfused: eps must be positive, got ", eps);
   o.eps = eps;
+  TORCH_CHECK_VALUE(side_by_side >= 1, "rnnfused: side_by_side must be at least 1 (this recurrence), got ",
+                    side_by_side);
+  o.side_by_side = side_by_side;
   return o;
 }
 
@@ -512,8 +515,10 @@ Tensor absent(const Tensor& like) {
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>>;
 
 // Normalized layers run the stepwise kernels, and so do step flags and masks except on the CPU
-// threads (with_steps_options).
-KernelChoice kernel_for(const Layer& layer, const Normalization& norm) {
+// threads (with_steps_options). `use`: a training run's passes, or an inference forward (one that
+// saves nothing for a backward) alone.
+KernelChoice kernel_for(const Layer& layer, const Normalization& norm, const LayerOptions& options,
+                        persistent::PlanFor use) {
   if (norm.active()) {
     // Their passes launch one thread per normalized line (csrc/norm.h): correct, but not yet
     // fit for a GPU, so only an explicit request runs them there (rnnfused.functional's gate
@@ -532,8 +537,9 @@ KernelChoice kernel_for(const Layer& layer, const Normalization& norm) {
                 "rnnfused: RNNFUSED_KERNEL=persistent but this layer cannot run persistent (LSTM with projection)");
     return {"stepwise", "LSTM with projection runs the stepwise kernels", {}};
   }
-  return with_steps_options(choose_kernel(p.cell, p.T, p.H, p.P, p.B, dtype_of(layer.x), layer.x.device()),
-                            p.step_flags != nullptr, layer.has_masks());
+  return with_steps_options(
+      choose_kernel(p.cell, p.T, p.H, p.P, p.B, dtype_of(layer.x), layer.x.device(), options.side_by_side, use),
+      p.step_flags != nullptr, layer.has_masks());
 }
 
 // rnnfused::layer_forward: see the schema in TORCH_LIBRARY below.
@@ -541,9 +547,9 @@ ForwardResult layer_forward(const Tensor& x_in, const OptTensor& batch_sizes, co
                             at::TensorList weights, at::TensorList norm_weights, at::TensorList running_stats,
                             const OptTensor& step_flags, Masks masks, int64_t cell_index, bool has_biases,
                             bool reverse, double cell_clip, double grad_clip, int64_t norm_index, bool training,
-                            double eps, bool save_for_backward) {
+                            double eps, int64_t side_by_side, bool save_for_backward) {
   const LayerOptions options =
-      layer_options(cell_index, has_biases, reverse, cell_clip, grad_clip, norm_index, training, eps);
+      layer_options(cell_index, has_biases, reverse, cell_clip, grad_clip, norm_index, training, eps, side_by_side);
   const Cell cell = options.cell;
   const c10::DeviceGuard guard(x_in.device());
   const Layer layer = prepare_layer(options, x_in, batch_sizes, h0, weights, step_flags, masks);
@@ -553,7 +559,8 @@ ForwardResult layer_forward(const Tensor& x_in, const OptTensor& batch_sizes, co
   static_cast<LayerParams&>(p) = layer.p;
   const Tensor& x = layer.x;
   const auto &opts = layer.opts, &acc = layer.acc;
-  const KernelChoice choice = kernel_for(layer, norm);
+  const persistent::PlanFor use = save_for_backward ? persistent::PlanFor::Training : persistent::PlanFor::Inference;
+  const KernelChoice choice = kernel_for(layer, norm, options, use);
   Tensor table;
   attach_plan(p, choice, layer, table);
 
@@ -667,9 +674,10 @@ BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, 
                               at::TensorList weights, at::TensorList norm_weights, const OptTensor& step_flags,
                               Masks masks, at::TensorList saved_list, const Tensor& dy, const Tensor& dh_n,
                               const OptTensor& dc_n, int64_t cell_index, bool has_biases, bool reverse, double cell_clip, double grad_clip,
-                              int64_t norm_index, bool training, double eps, bool need_dx, bool need_weights) {
+                              int64_t norm_index, bool training, double eps, int64_t side_by_side, bool need_dx,
+                              bool need_weights) {
   const LayerOptions options =
-      layer_options(cell_index, has_biases, reverse, cell_clip, grad_clip, norm_index, training, eps);
+      layer_options(cell_index, has_biases, reverse, cell_clip, grad_clip, norm_index, training, eps, side_by_side);
   const Cell cell = options.cell;
   const c10::DeviceGuard guard(x_in.device());
   const Layer layer = prepare_layer(options, x_in, batch_sizes, h0, weights, step_flags, masks);
@@ -678,7 +686,7 @@ BackwardResult layer_backward(const Tensor& x_in, const OptTensor& batch_sizes, 
   static_cast<LayerParams&>(p) = layer.p;
   const Tensor& x = layer.x;
   const auto &opts = layer.opts, &acc = layer.acc;
-  const KernelChoice choice = kernel_for(layer, norm);
+  const KernelChoice choice = kernel_for(layer, norm, options, persistent::PlanFor::Training);
   Tensor table;
   attach_plan(p, choice, layer, table);
   const int64_t saved = saved_gates_per_unit(cell);
@@ -842,7 +850,8 @@ BackwardResult layer_backward_batched(const Tensor& x_in, const OptTensor& batch
                                       const Tensor& dy,
                                       const Tensor& dh_n, const OptTensor& dc_n, int64_t cell_index, bool has_biases,
                                       bool reverse, double cell_clip, double grad_clip, int64_t norm_index,
-                                      bool training, double eps, bool need_dx, bool need_weights) {
+                                      bool training, double eps, int64_t side_by_side, bool need_dx,
+                                      bool need_weights) {
   Tensor x = x_in, h0_entry = h0, dy_entry = dy, dh_entry = dh_n;
   OptTensor c0_entry = c0, flags_entry = step_flags, dc_entry = dc_n;
   std::vector<Tensor> weights_entry(weights.begin(), weights.end()), norm_entry(norm_weights.begin(), norm_weights.end()),
@@ -877,7 +886,7 @@ BackwardResult layer_backward_batched(const Tensor& x_in, const OptTensor& batch
     auto [dx, dh0, dc0, dw, dnw] =
         layer_backward(x, batch_sizes, h0_entry, c0_entry, weights_entry, norm_entry, flags_entry, masks, saved_entry,
                        dy_entry, dh_entry, dc_entry, cell_index, has_biases, reverse, cell_clip, grad_clip, norm_index,
-                       training, eps, need_dx, need_weights);
+                       training, eps, side_by_side, need_dx, need_weights);
     dxs.push_back(dx);
     dh0s.push_back(dh0);
     dc0s.push_back(dc0);
@@ -897,6 +906,10 @@ BackwardResult layer_backward_batched(const Tensor& x_in, const OptTensor& batch
   for (const auto& parts : dweights) dw_out.push_back(stacked(parts));
   for (const auto& parts : dnorm_weights) dnw_out.push_back(stacked(parts));
   return {stacked(dxs), stacked(dh0s), stacked(dc0s), dw_out, dnw_out};
+}
+
+persistent::PlanFor plan_for(bool inference) {
+  return inference ? persistent::PlanFor::Inference : persistent::PlanFor::Training;
 }
 
 // A tiling's fields and layouts, for _C.plan and _C.plan_cost.
@@ -955,14 +968,15 @@ TORCH_LIBRARY(rnnfused, m) {
   m.def(
       "layer_forward(Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor[] weights, Tensor[] norm_weights, "
       "Tensor[] running_stats, Tensor? step_flags, Tensor[] masks, int cell, bool has_biases, bool reverse, "
-      "float cell_clip, float grad_clip, int norm, bool training, float eps, bool save_for_backward) -> "
-      "(Tensor y, Tensor h_n, Tensor c_n, Tensor[] saved, Tensor[] batch_stats)",
+      "float cell_clip, float grad_clip, int norm, bool training, float eps, int side_by_side, "
+      "bool save_for_backward) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor[] saved, Tensor[] batch_stats)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "layer_backward(Tensor x, Tensor? batch_sizes, Tensor h0, Tensor? c0, Tensor[] weights, Tensor[] norm_weights, "
       "Tensor? step_flags, Tensor[] masks, Tensor[] saved, Tensor dy, Tensor dh_n, Tensor? dc_n, int cell, "
       "bool has_biases, bool reverse, float cell_clip, float grad_clip, int norm, bool training, float eps, "
-      "bool need_dx, bool need_weights) -> (Tensor dx, Tensor dh0, Tensor dc0, Tensor[] dweights, Tensor[] dnorm_weights)",
+      "int side_by_side, bool need_dx, bool need_weights) -> "
+      "(Tensor dx, Tensor dh0, Tensor dc0, Tensor[] dweights, Tensor[] dnorm_weights)",
       {at::Tag::pt2_compliant_tag});
 }
 
@@ -1016,19 +1030,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "kernel_choice",
       [](int64_t cell, int64_t T, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, const std::string& device,
-         bool step_flags, bool masks) {
+         bool step_flags, bool masks, int64_t side_by_side, bool inference) {
         const KernelChoice choice = with_steps_options(
-            choose_kernel(cell_of(cell), T, H, P, B, dtype_of(dtype), at::Device(device)), step_flags, masks);
+            choose_kernel(cell_of(cell), T, H, P, B, dtype_of(dtype), at::Device(device), side_by_side,
+                          plan_for(inference)),
+            step_flags, masks);
         return std::make_pair(choice.kernel, choice.reason);
       },
       py::arg("cell"), py::arg("T"), py::arg("H"), py::arg("P"), py::arg("B"), py::arg("dtype"), py::arg("device"),
-      py::arg("step_flags") = false, py::arg("masks") = false,
-      "(kernel, reason) for a layer direction: cell, steps, hidden size, output width, batch, dtype, device, and "
-      "whether it has step flags (resets, lengths) or masks (recurrent dropout, zoneout)");
+      py::arg("step_flags") = false, py::arg("masks") = false, py::arg("side_by_side") = 1,
+      py::arg("inference") = false,
+      "(kernel, reason) for a layer direction: cell, steps, hidden size, output width, batch, dtype, device, "
+      "whether it has step flags (resets, lengths) or masks (recurrent dropout, zoneout), how many recurrences "
+      "run side by side with it included (LayerOptions.side_by_side), and whether it is an inference forward "
+      "(nothing saved for a backward)");
   m.def(
       "layer_plan",
-      [](int64_t cell, int64_t T, int64_t H, int64_t B, at::ScalarType dtype, const std::string& device) {
-        const KernelChoice choice = choose_kernel(cell_of(cell), T, H, H, B, dtype_of(dtype), at::Device(device));
+      [](int64_t cell, int64_t T, int64_t H, int64_t B, at::ScalarType dtype, const std::string& device,
+         int64_t side_by_side, bool inference) {
+        const KernelChoice choice = choose_kernel(cell_of(cell), T, H, H, B, dtype_of(dtype), at::Device(device),
+                                                  side_by_side, plan_for(inference));
         py::dict out = tiling_dict(choice.plan.tiling);
         out["kernel"] = choice.kernel;
         out["reason"] = choice.reason;
@@ -1037,14 +1058,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return out;
       },
       py::arg("cell"), py::arg("T"), py::arg("H"), py::arg("B"), py::arg("dtype"), py::arg("device"),
+      py::arg("side_by_side") = 1, py::arg("inference") = false,
       "The kernel choice of a layer direction (as kernel_choice, RNNFUSED_* settings included) with its persistent "
       "plan: the tiling and the cost model's estimate of a step's phases in nanoseconds (for bench.phases)");
   m.def(
       "plan",
       [](int64_t cell, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, bool tf32, int64_t sm_count,
          int64_t smem_per_block, int compute_capability, bool cooperative_launch, bool host_simulation,
-         bool spread_units, int64_t max_cluster, bool hold_weights) {
+         bool spread_units, int64_t max_cluster, bool hold_weights, int64_t side_by_side, bool inference) {
         persistent::DeviceLimits limits;
+        limits.side_by_side = side_by_side;
         limits.max_cluster = max_cluster;
         limits.hold_weights = hold_weights;
         limits.sm_count = sm_count;
@@ -1054,7 +1077,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         limits.host_simulation = host_simulation;
         limits.spread_units = spread_units;
         const persistent::Plan plan =
-            persistent::make_plan(cell_of(cell), H, P, B, dtype_of(dtype), tf32, limits);
+            persistent::make_plan(cell_of(cell), H, P, B, dtype_of(dtype), tf32, limits, plan_for(inference));
         py::dict out = tiling_dict(plan.tiling);
         out["persistent"] = plan.persistent;
         out["reason"] = plan.reason;
@@ -1065,29 +1088,39 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("cell"), py::arg("H"), py::arg("P"), py::arg("B"), py::arg("dtype"), py::arg("tf32"),
       py::arg("sm_count"), py::arg("smem_per_block"), py::arg("compute_capability"), py::arg("cooperative_launch"),
       py::arg("host_simulation"), py::arg("spread_units"), py::arg("max_cluster") = 0, py::arg("hold_weights") = true,
+      py::arg("side_by_side") = 1, py::arg("inference") = false,
       "The persistent kernel's plan for a layer direction on a described device (for tests and tuning; max_cluster: "
-      "the most CTAs a thread-block cluster may have, 0 for none; hold_weights: whether W may be kept in registers), "
-      "with the cost model's estimate of a step's phases in nanoseconds (not a measurement)");
+      "the most CTAs a thread-block cluster may have, 0 for none; hold_weights: whether W may be kept in registers; "
+      "side_by_side: the recurrences sharing the device, this one included; inference: the forward alone, without "
+      "a backward estimate), with the cost model's estimate of a step's phases in nanoseconds (not a measurement)");
   m.def(
       "plan_cost",
       [](int64_t cell, int64_t H, int64_t B, at::ScalarType dtype, int64_t rows, int64_t units,
          int64_t smem_per_block, bool cluster, bool hold_weights) {
         const persistent::Tiling t = persistent::tile_for(cell_of(cell), H, B, dtype_of(dtype), rows, units,
                                                           smem_per_block, cluster, hold_weights);
-        const bool fits = persistent::fits(t, smem_per_block);
+        const bool fits = persistent::fits(t, smem_per_block),
+                   fits_forward = persistent::fits(t, smem_per_block, persistent::PlanFor::Inference);
         py::dict out = tiling_dict(t);
         out["fits"] = fits;
+        out["fits_forward"] = fits_forward;
         out["estimate"] = py::none();
-        if (fits)
-          out["estimate"] = estimate_dict(persistent::estimate_step(cell_of(cell), H, dtype_of(dtype), t, false),
-                                          persistent::estimate_step(cell_of(cell), H, dtype_of(dtype), t, true));
+        if (fits_forward) {
+          persistent::StepCost backward;  // estimate_step needs a backward that fits
+          if (fits) backward = persistent::estimate_step(cell_of(cell), H, dtype_of(dtype), t, true);
+          py::dict estimate =
+              estimate_dict(persistent::estimate_step(cell_of(cell), H, dtype_of(dtype), t, false), backward);
+          if (!fits) estimate["backward"] = py::none();
+          out["estimate"] = estimate;
+        }
         return out;
       },
       py::arg("cell"), py::arg("H"), py::arg("B"), py::arg("dtype"), py::arg("rows"), py::arg("units"),
       py::arg("smem_per_block"), py::arg("cluster") = false, py::arg("hold_weights") = true,
       "Any tiling of `rows` batch rows and `units` hidden units per CTA (the CTAs of a batch tile one cluster if "
-      "`cluster`; W in registers where it can be and `hold_weights`): its layout, whether it fits, and (if it "
-      "does) the cost model's estimate of a step (the planner's candidates; for tests)");
+      "`cluster`; W in registers where it can be and `hold_weights`): its layout, whether both passes fit (fits) "
+      "and whether the forward does (fits_forward), and the cost model's estimate of a step of each pass that "
+      "fits (the planner's candidates; for tests)");
 #ifdef RNNFUSED_WITH_CUDA
   m.def(
       "persistent_kernel_info",

@@ -34,8 +34,13 @@ struct KernelChoice {
 // The RNNFUSED_KERNEL setting, checked.
 std::string kernel_setting();
 
+// `side_by_side`: the recurrences the caller runs at once on the device, this one included
+// (LayerOptions::side_by_side); the GPU's plans (and the host simulation's) take a share of the
+// SMs where that pays. `use`: a training run's passes or an inference forward alone
+// (persistent::make_plan).
 KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B, DType dtype,
-                           const at::Device& device);
+                           const at::Device& device, int64_t side_by_side = 1,
+                           persistent::PlanFor use = persistent::PlanFor::Training);
 
 // `choice` for a layer with step flags (resets, lengths) or the masks of recurrent dropout and
 // zoneout: the CPU threads run recurrence.h's own steps and take both, the GPU's persistent

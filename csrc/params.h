@@ -114,6 +114,10 @@ struct LayerOptions {
   Norm norm = Norm::None;
   bool training = true;     // batch norm: each step's own statistics, else the given ones
   double eps = 1e-5;        // normalized layers: added to every variance
+  // The recurrences the caller runs at once on the device, this one included (a bidirectional
+  // layer's directions on two CUDA streams: 2): the GPU's persistent plans take a share of the SMs
+  // where that pays (persistent::make_plan). Results do not depend on it beyond the tiling's.
+  int64_t side_by_side = 1;
 };
 
 // Bits of LayerParams::step_flags, one int32 per row of padded input (Python: rnnfused._ops;

@@ -68,6 +68,10 @@ class LayerOptions:
     grad_clip: clamp the gradient of every gate pre-activation; ``inf`` is off for both.
     norm: a normalized layer; training: batch norm normalizes with each step's own
     statistics (else the given running statistics); eps: added to every variance.
+    side_by_side: the recurrences the caller runs at once on the device, this one included
+    (a bidirectional layer whose directions run on two CUDA streams: 2); the GPU's persistent
+    plans then take a share of the SMs where the planner's cost model says that pays. It
+    changes no result beyond what another tiling changes.
     """
 
     cell: Cell
@@ -78,14 +82,15 @@ class LayerOptions:
     norm: Norm = Norm.NONE
     training: bool = True
     eps: float = 1e-5
+    side_by_side: int = 1
 
     def op_args(self):
         return (int(self.cell), self.has_biases, self.reverse, self.cell_clip, self.grad_clip, int(self.norm),
-                self.training, self.eps)
+                self.training, self.eps, self.side_by_side)
 
     @classmethod
-    def from_op_args(cls, cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps):
-        return cls(Cell(cell), has_biases, reverse, cell_clip, grad_clip, Norm(norm), training, eps)
+    def from_op_args(cls, cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps, side_by_side):
+        return cls(Cell(cell), has_biases, reverse, cell_clip, grad_clip, Norm(norm), training, eps, side_by_side)
 
 
 NUM_OPTIONS = len(dataclasses.fields(LayerOptions))
@@ -193,7 +198,7 @@ def _check_shape(tensor, name, shape, dtype):
         raise RuntimeError(f"rnnfused: {name} has dtype {tensor.dtype} but must be {dtype}")
 
 
-def checked_options(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps):
+def checked_options(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps, side_by_side):
     """The operators' scalar options as a LayerOptions, checked as bindings.cpp's
     layer_options() checks them (for the fake kernels)."""
     if not 0 <= cell < len(Cell):
@@ -208,7 +213,10 @@ def checked_options(cell, has_biases, reverse, cell_clip, grad_clip, norm, train
         raise ValueError(f"rnnfused: norm must be 0 (none), 1 (batch) or 2 (layer), got {norm}")
     if not eps > 0:
         raise ValueError(f"rnnfused: eps must be positive, got {eps}")
-    return LayerOptions.from_op_args(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps)
+    if not side_by_side >= 1:
+        raise ValueError(f"rnnfused: side_by_side must be at least 1 (this recurrence), got {side_by_side}")
+    return LayerOptions.from_op_args(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps,
+                                     side_by_side)
 
 
 def check_layer(options, x, batch_sizes, h0, c0, weights, norm_weights=(), running_stats=(), step_flags=None,
@@ -373,8 +381,9 @@ def _check_saved(options, x, sizes, projected, masks, saved, dy, dh_n, dc_n):
 
 @torch.library.register_fake("rnnfused::layer_forward")
 def _layer_forward_fake(x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks, cell,
-                        has_biases, reverse, cell_clip, grad_clip, norm, training, eps, save_for_backward):
-    options = checked_options(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps)
+                        has_biases, reverse, cell_clip, grad_clip, norm, training, eps, side_by_side,
+                        save_for_backward):
+    options = checked_options(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps, side_by_side)
     cell = options.cell
     _check_devices(x, batch_sizes, _named_inputs(weights, has_biases, norm_weights, running_stats, h0, c0, step_flags,
                                                  masks))
@@ -413,8 +422,9 @@ def _layer_forward_fake(x, batch_sizes, h0, c0, weights, norm_weights, running_s
 
 @torch.library.register_fake("rnnfused::layer_backward")
 def _layer_backward_fake(x, batch_sizes, h0, c0, weights, norm_weights, step_flags, masks, saved, dy, dh_n, dc_n,
-                         cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps, need_dx, need_weights):
-    options = checked_options(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps)
+                         cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps, side_by_side, need_dx,
+                         need_weights):
+    options = checked_options(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps, side_by_side)
     cell = options.cell
     _check_devices(x, batch_sizes, _named_inputs(weights, has_biases, norm_weights, (), h0, c0, step_flags, masks)
                    + [(f"saved[{i}]", s) for i, s in enumerate(saved)] + [("dy", dy), ("dh_n", dh_n), ("dc_n", dc_n)])

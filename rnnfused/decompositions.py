@@ -89,14 +89,15 @@ def _reference_masks(masks):
 
 
 def layer_forward_decomposition(x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks,
-                                cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps,
+                                cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps, side_by_side,
                                 save_for_backward):
     """``rnnfused::layer_forward`` in ATen operations (the operator's arguments and results)."""
-    options = LayerOptions.from_op_args(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps)
+    options = LayerOptions.from_op_args(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps,
+                                        side_by_side)
     # The placeholders (and the checks of the fake kernel): shapes as the operator's.
     _, _, empty_c_n, saved, batch_stats = _ops._layer_forward_fake(
         x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks, cell, has_biases, reverse,
-        cell_clip, grad_clip, norm, training, eps, save_for_backward)
+        cell_clip, grad_clip, norm, training, eps, side_by_side, save_for_backward)
     if batch_sizes is None and options.norm == Norm.NONE and not masks:
         y, h_n, c_n = _scan_layer(options, x, h0, c0, weights, step_flags)
     else:

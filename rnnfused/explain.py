@@ -32,18 +32,21 @@ def explain(module, input, *, lengths=None, resets=None):
     RNNFUSED_KERNEL setting); on CUDA first whether the stack runs ours, cuDNN (torch's own
     RNN op) or the reference equations, and the measured table row or the rule behind it
     (rnnfused.dispatch). ``lengths`` / ``resets``: as you would pass them (they keep a layer
-    off cuDNN). Returns a list of ``KernelChoice(layer, direction, kernel, reason, row)``;
+    off cuDNN). Explain where you would call the module: under torch.no_grad (or with no
+    parameter that requires grad) the persistent plan is the inference one, for the forward
+    alone. Returns a list of ``KernelChoice(layer, direction, kernel, reason, row)``;
     ``print(*rnnfused.explain(m, x), sep="\\n")`` shows them."""
     weight = module.weight_ih_l0 if isinstance(module, RNNBase) else module.weight_ih
     dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) \
         and weight.dtype != torch.float64 else weight.dtype
     device = str(weight.device)
+    training = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
     if isinstance(module, (LSTMCell, GRUCell, RNNCell)):
         cell = {LSTMCell: Cell.LSTM, GRUCell: Cell.GRU if getattr(module, "reset_after", True) else Cell.GRU_CHO,
                 RNNCell: Cell.RNN_RELU if getattr(module, "nonlinearity", "tanh") == "relu" else Cell.RNN_TANH}
         batch = input.size(0) if input.dim() == 2 else 1
         kernel, reason = _C.kernel_choice(int(cell[type(module)]), 1, module.hidden_size, module.hidden_size, batch,
-                                          dtype, device)
+                                          dtype, device, inference=not training)
         return [KernelChoice(0, "forward", kernel, reason + _regularisers_words(module, kernel, weight.device))]
     if not isinstance(module, RNNBase):
         raise TypeError(f"explain: expected an rnnfused recurrent layer or cell, got {type(module).__name__}")
@@ -56,7 +59,6 @@ def explain(module, input, *, lengths=None, resets=None):
         batch = input.size(0 if module.batch_first else 1)
         steps = input.size(1 if module.batch_first else 0)
     width = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
-    training = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
     has_flags = lengths is not None or resets is not None
     stack = dispatch.choose(module, weight, batch, training, torch.empty(0) if has_flags else None)
     packed = isinstance(input, PackedSequence) or module._packs(input, lengths, resets)
@@ -64,6 +66,10 @@ def explain(module, input, *, lengths=None, resets=None):
                                       stack.kernel == "reference" or module.norm is not None)
     inside_steps = module.regularisers.inside_steps(module.training)
     zoneout = module.regularisers.zoneout_h or module.regularisers.zoneout_c
+    beside = module.bidirectional and module.norm is None and \
+        dispatch.directions_side_by_side(weight.device, stack.kernel == "reference")
+    # The recurrences that run at once on the GPU (modules.RNNBase._run_stack, _run_wavefront).
+    side_by_side = 2 if beside else min(module.num_layers, chunks) if chunks and weight.is_cuda else 1
     choices = []
     for layer in range(module.num_layers):
         for direction in ("forward", "reverse") if module.bidirectional else ("forward",):
@@ -73,7 +79,7 @@ def explain(module, input, *, lengths=None, resets=None):
                 kernel, reason = "reference equations", stack.reason
             elif module.norm is None:
                 kernel, reason = _C.kernel_choice(int(module._cell()), steps, module.hidden_size, width, batch,
-                                                  dtype, device, has_flags, inside_steps)
+                                                  dtype, device, has_flags, inside_steps, side_by_side, not training)
             elif fused_norm_on(device):
                 kernel, reason = "stepwise", "normalized layers run the stepwise kernels"
             else:
@@ -84,8 +90,7 @@ def explain(module, input, *, lengths=None, resets=None):
             reason += _regularisers_words(module, kernel, weight.device)
             if chunks:
                 reason += f"; the layers pipelined over {chunks} slices of the steps (RNNFUSED_WAVEFRONT)"
-            if direction == "reverse" and module.norm is None and kernel not in ("cudnn", "reference equations") and \
-                    dispatch.directions_side_by_side(weight.device, stack.kernel == "reference"):
+            if direction == "reverse" and beside and kernel not in ("cudnn", "reference equations"):
                 reason += "; beside the forward direction, on a second CUDA stream"
             choices.append(KernelChoice(layer, direction, kernel, reason, stack.row))
     return choices

@@ -376,10 +376,11 @@ class RNNBase(nn.RNNBase):
             return Cell.GRU_CHO
         return getattr(Cell, self.mode)
 
-    def _layer_options(self, reverse):
-        """The options of one layer direction of this stack, as the operators take them."""
+    def _layer_options(self, reverse, side_by_side=1):
+        """The options of one layer direction of this stack, as the operators take them;
+        ``side_by_side``: the recurrences that run at once on the GPU, this one included."""
         return layer_options(self._cell(), self.bias, reverse, self.cell_clip, self.grad_clip, self.norm,
-                             self.training, self.eps)
+                             self.training, self.eps, side_by_side)
 
     def _step_flags(self, x, lengths, resets, is_batched):
         """The step flags of each direction ([T, B] int32) for time-major padded x [T, B, I] and
@@ -459,7 +460,6 @@ class RNNBase(nn.RNNBase):
         reference equations; batch_order as for _run. Returns (output, h_n, c_n) with output
         in the layout of x."""
         num_directions = 2 if self.bidirectional else 1
-        options = [self._layer_options(reverse=direction == 1) for direction in range(num_directions)]
         regularisers = self.regularisers
         call_masks = None if regularisers.is_off() else _regularisers.CallMasks([], [], batch_order)
         steps = x.size(0) if batch_sizes is None else batch_sizes.numel()
@@ -472,10 +472,13 @@ class RNNBase(nn.RNNBase):
         chunks = self._wavefront_chunks(x.device, steps, batch_sizes is not None, equations)
         if chunks:
             return self._results(x, hx, cx, *self._run_wavefront(x, hx, cx, None if flags is None else flags[0],
-                                                                 options[0], chunks))
+                                                                 chunks))
         if num_directions == 2 and dispatch.directions_side_by_side(x.device, equations):
             main = torch.cuda.current_stream(x.device)
             side = dispatch.side_streams(x.device, 1, main)[0]
+        # Directions side by side share the GPU's SMs: each plans for its half where that pays.
+        options = [self._layer_options(reverse=direction == 1, side_by_side=1 if side is None else 2)
+                   for direction in range(num_directions)]
         for layer in range(self.num_layers):
             outputs = []
             if side is not None:
@@ -525,7 +528,7 @@ class RNNBase(nn.RNNBase):
             _regularisers.record(call_masks)
         return self._results(x, hx, cx, layer_input, h_n, c_n)
 
-    def _run_wavefront(self, x, hx, cx, flags, options, chunks):
+    def _run_wavefront(self, x, hx, cx, flags, chunks):
         """A unidirectional stack on padded x [T, B, I] as a pipeline over ``chunks`` slices of
         the steps: layer l runs slice k once layer l-1 has finished it, carrying its state from
         slice k-1. On CUDA each layer queues its slices on a stream of its own (layer 0 on the
@@ -537,6 +540,8 @@ class RNNBase(nn.RNNBase):
         bounds = [(steps * k // chunks, steps * (k + 1) // chunks) for k in range(chunks)]
         streams = dispatch.pipeline_streams(x.device, self.num_layers)
         main = streams[0] if streams else None
+        # As many layers as slices run at once, sharing the GPU's SMs.
+        options = self._layer_options(reverse=False, side_by_side=min(self.num_layers, chunks) if streams else 1)
         layer_weights = [[getattr(self, name) for name in self._all_weights[layer]] for layer in range(self.num_layers)]
         h = list(hx.unbind(0))
         c = [None] * self.num_layers if cx is None else list(cx.unbind(0))
@@ -671,22 +676,22 @@ def _stack(states):
     return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
 
 
-def _make_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps):
+def _make_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps, side_by_side=1):
     return LayerOptions(cell, has_biases=bias, reverse=reverse, cell_clip=_clip_value(cell_clip, "cell_clip"),
                         grad_clip=_clip_value(grad_clip, "grad_clip"), norm=_norm_kind(norm), training=training,
-                        eps=eps)
+                        eps=eps, side_by_side=side_by_side)
 
 
 _cached_options = functools.lru_cache(maxsize=256)(_make_options)
 
 
-def layer_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps):
+def layer_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps, side_by_side=1):
     """The LayerOptions of a layer direction (or cell) with these module attributes, made once
     per combination in eager mode: a call with one step is short enough for building the
     record every time to show (python -m bench.overhead)."""
     if torch.compiler.is_compiling():
-        return _make_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps)
-    return _cached_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps)
+        return _make_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps, side_by_side)
+    return _cached_options(cell, bias, reverse, cell_clip, grad_clip, norm, training, eps, side_by_side)
 
 
 def script_refusal(module):

@@ -78,14 +78,16 @@ def _node_attributes(cell, hidden, reverse):
 # --- the dynamo exporter (onnxscript) --------------------------------------------------------
 
 def layer_forward_onnxscript(x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks, cell,
-                             has_biases, reverse, cell_clip, grad_clip, norm, training, eps, save_for_backward):
+                             has_biases, reverse, cell_clip, grad_clip, norm, training, eps, side_by_side,
+                             save_for_backward):
     """The dynamo exporter's translation of ``rnnfused::layer_forward`` (trace-only onnxscript:
     called with the graph's values and the operator's scalar arguments)."""
     from onnxscript import opset18 as op
 
     from . import _onnx_functions
 
-    options = LayerOptions.from_op_args(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps)
+    options = LayerOptions.from_op_args(cell, has_biases, reverse, cell_clip, grad_clip, norm, training, eps,
+                                        side_by_side)
     cell = options.cell
     hidden = weights[0].shape[0] // GATES_PER_UNIT[cell]
     projected = len(weights) > (4 if options.has_biases else 2)
@@ -178,13 +180,14 @@ def _constant(g, values, dtype=torch.int64):
 
 
 def layer_forward_symbolic(g, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks, cell,
-                           has_biases, reverse, cell_clip, grad_clip, norm, training, eps, save_for_backward):
+                           has_biases, reverse, cell_clip, grad_clip, norm, training, eps, side_by_side,
+                           save_for_backward):
     """The TorchScript exporter's symbolic of ``rnnfused::layer_forward`` (opset >= 13)."""
     from torch.onnx._internal.torchscript_exporter import symbolic_helper as sh
 
     scalars = [sh._maybe_get_const(v, kind) for v, kind in
                ((cell, "i"), (has_biases, "b"), (reverse, "b"), (cell_clip, "f"), (grad_clip, "f"), (norm, "i"),
-                (training, "b"), (eps, "f"))]
+                (training, "b"), (eps, "f"), (side_by_side, "i"))]
     options = LayerOptions.from_op_args(*scalars)
     cell = options.cell
     weights = sh._unpack_list(weights)

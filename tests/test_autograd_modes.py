@@ -120,7 +120,7 @@ def test_invalid_cell_is_a_value_error_in_the_operator(cell):
     with pytest.raises(ValueError, match="cell must be one of"):
         torch.ops.rnnfused.layer_forward(torch.zeros(2, 1, 3), None, torch.zeros(1, 4), None,
                                          [torch.zeros(4, 3), torch.zeros(4, 4)], [], [], None, [], cell, False, False,
-                                         inf, inf, 0, True, 1e-5, False)
+                                         inf, inf, 0, True, 1e-5, 1, False)
 
 
 def test_recurrent_layer_refuses_what_does_not_apply():

@@ -181,12 +181,12 @@ import sys, torch, rnnfused
 def layer_forward(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, save, cell_clip, grad_clip,
                   step_flags=None, masks=()):
     return torch.ops.rnnfused.layer_forward(x, batch_sizes, h0, c0, weights, [], [], step_flags, list(masks), cell,
-                                            has_biases, reverse, cell_clip, grad_clip, 0, True, 1e-5, save)
+                                            has_biases, reverse, cell_clip, grad_clip, 0, True, 1e-5, 1, save)
 def layer_backward(cell, x, batch_sizes, h0, c0, weights, has_biases, reverse, cell_clip, grad_clip, hidden, gates,
                    cells, proj_in, dy, dh_n, dc_n, need_dx, need_weights):
     saved = [hidden] + [torch.empty(0) if t is None else t for t in (gates, cells, proj_in, None)]
     return torch.ops.rnnfused.layer_backward(x, batch_sizes, h0, c0, weights, [], None, [], saved, dy, dh_n, dc_n, cell,
-                                             has_biases, reverse, cell_clip, grad_clip, 0, True, 1e-5, need_dx,
+                                             has_biases, reverse, cell_clip, grad_clip, 0, True, 1e-5, 1, need_dx,
                                              need_weights)
 inf = float("inf")
 for name, code in CASES.items():

@@ -14,7 +14,7 @@ import torch
 from torch.nn.utils.rnn import pack_sequence
 
 import rnnfused
-from rnnfused import _C
+from rnnfused import _C, _ops
 from rnnfused._ops import Cell
 from bench import configs
 from conftest import flatten, max_error, tf32_switch
@@ -43,10 +43,11 @@ def environment(**values):
                 os.environ[k] = v
 
 
-def _plan(cell, H, B, dtype, tf32=True, limits=H100, P=None, host_simulation=False, spread=False, hold=True):
+def _plan(cell, H, B, dtype, tf32=True, limits=H100, P=None, host_simulation=False, spread=False, hold=True,
+          side_by_side=1, inference=False):
     return _C.plan(int(cell), H, H if P is None else P, B, dtype, tf32, limits["sm_count"], limits["smem_per_block"],
                    limits["compute_capability"], limits["cooperative_launch"], host_simulation, spread,
-                   limits["max_cluster"], hold)
+                   limits["max_cluster"], hold, side_by_side, inference)
 
 
 def _held_by_busiest_warp(M, N, K, split, mma_k):
@@ -153,6 +154,45 @@ def test_planner_decisions():
     assert _plan(Cell.LSTM, 64, 8, torch.float64, host_simulation=True)["persistent"]
 
 
+def _step_total(plan):
+    return plan["estimate"]["forward"]["total"] + plan["estimate"]["backward"]["total"]
+
+
+def test_recurrences_side_by_side_plan_for_their_share_of_the_sms_where_it_pays():
+    """A recurrence that runs beside others (a bidirectional layer's directions on two CUDA
+    streams, the layers of a pipeline) keeps a plan that already fits its share of the SMs; else
+    it takes the plan for its share, so that the launches run at once, where the cost model
+    estimates its step below what running them one after another costs; else the plan for all
+    the SMs."""
+    def same_tiling(a, b):
+        return {k: v for k, v in a.items() if k not in ("reason", "candidates")} == \
+            {k: v for k, v in b.items() if k not in ("reason", "candidates")}
+
+    # fastrnns LSTM fp16: 128 CTAs alone; beside the other direction, the plan for 66 SMs, whose
+    # step costs more than the whole device's but less than two of them.
+    whole = _plan(Cell.LSTM, 512, 64, torch.float16)
+    shared = _plan(Cell.LSTM, 512, 64, torch.float16, side_by_side=2)
+    assert whole["ctas"] > 66 >= shared["ctas"]
+    assert _step_total(whole) < _step_total(shared) < 2 * _step_total(whole)
+    half_device = _plan(Cell.LSTM, 512, 64, torch.float16, limits=dict(H100, sm_count=66))
+    assert same_tiling(shared, half_device)
+    assert shared["reason"] == half_device["reason"] + "; planned for 66 of the 132 SMs (2 recurrences side by side)"
+    # A plan that fits its share already (small: 16 CTAs) stays as it is, word for word.
+    assert _plan(Cell.LSTM, 128, 16, torch.float16, side_by_side=2) == _plan(Cell.LSTM, 128, 16, torch.float16)
+    # Four at once (a pipeline of four layers): nothing fits 33 SMs in fp32 at H512.
+    assert not _plan(Cell.LSTM, 512, 64, torch.float32, limits=dict(H100, sm_count=33))["persistent"]
+    crowded = _plan(Cell.LSTM, 512, 64, torch.float32, side_by_side=4)
+    assert same_tiling(crowded, _plan(Cell.LSTM, 512, 64, torch.float32))
+    assert crowded["reason"].endswith("; for all the SMs: no plan for 33 of the 132 SMs (4 recurrences side by side) "
+                                      "pays")
+    # RNN tanh H768 B256 fp16: the plan for 66 SMs fits but its step costs more than two of the
+    # whole device's.
+    alone = _plan(Cell.RNN_TANH, 768, 256, torch.float16)
+    half = _plan(Cell.RNN_TANH, 768, 256, torch.float16, limits=dict(H100, sm_count=66))
+    assert half["persistent"] and _step_total(half) >= 2 * _step_total(alone)
+    assert same_tiling(_plan(Cell.RNN_TANH, 768, 256, torch.float16, side_by_side=2), alone)
+
+
 def _cell_of(mode, options):
     """The Cell number of a VARIANTS entry."""
     if mode == "LSTM":
@@ -162,13 +202,13 @@ def _cell_of(mode, options):
     return int(Cell.RNN_RELU if options.get("nonlinearity") == "relu" else Cell.RNN_TANH)
 
 
-def _candidates(cell, H, B, dtype, limits=H100):
+def _candidates(cell, H, B, dtype, limits=H100, inference=False):
     """Every tiling in the planner's space (batch tiles of 16 * 2^k rows or all of B; every
     unit slice 1..H; with the grid barrier, and as clusters where 1 < unit tiles <= the
     device's cluster size, the clusters fit the GPCs at once, floor(16 / unit tiles) in each of
     sm_count // 16, and the slice is whole 4-byte words), enumerated here independently of
-    plan.cpp: {(rows, units, cluster): its _C.plan_cost} for those that fit with at most one CTA
-    per SM."""
+    plan.cpp: {(rows, units, cluster): its _C.plan_cost} for those that fit (inference: whose
+    forward fits) with at most one CTA per SM."""
     rows_choices = [16 * 2 ** k for k in range(12) if 16 * 2 ** k < B] + [B]
     out = {}
     for rows in rows_choices:
@@ -179,7 +219,7 @@ def _candidates(cell, H, B, dtype, limits=H100):
                         and units * ELEMENT[dtype] % 4 == 0)
             for cluster in (False, True) if clusters else (False,):
                 cost = _C.plan_cost(int(cell), H, B, dtype, rows, units, limits["smem_per_block"], cluster)
-                if cost["fits"] and cost["ctas"] <= limits["sm_count"]:
+                if cost["fits_forward" if inference else "fits"] and cost["ctas"] <= limits["sm_count"]:
                     assert (cost["cluster"] > 0) == cluster
                     out[rows, units, cluster] = cost
     return out
@@ -209,6 +249,38 @@ def test_the_planner_takes_the_cheapest_tiling_that_fits(cell, H, B, dtype):
     # Of each count of unit tiles, the smallest slice, and the smallest of 16-byte vectors.
     kinds = len({(rows, c["unit_tiles"], cluster) for (rows, _, cluster), c in candidates.items()})
     assert kinds <= plan["candidates"] <= 2 * kinds
+
+
+@pytest.mark.parametrize("cell,H,B,dtype", [
+    (Cell.LSTM, 512, 64, torch.float16), (Cell.LSTM, 128, 16, torch.float32), (Cell.GRU, 128, 16, torch.float16),
+    (Cell.LSTM, 256, 1, torch.float16), (Cell.GRU_CHO, 96, 40, torch.float32)])
+def test_an_inference_plan_takes_the_cheapest_forward(cell, H, B, dtype):
+    """Inference runs the forward alone: its plan is the tiling of the planner's space whose
+    forward step the cost model estimates cheapest, whether or not the tiling's backward fits,
+    never dearer than the training plan's forward, and it carries no backward estimate."""
+    training = _plan(cell, H, B, dtype)
+    inference = _plan(cell, H, B, dtype, inference=True)
+    assert inference["persistent"] and "(inference: the forward alone)" in inference["reason"]
+    assert inference["estimate"]["backward"]["total"] == 0
+    forward = inference["estimate"]["forward"]["total"]
+    candidates = _candidates(cell, H, B, dtype, inference=True)
+    chosen = candidates[inference["rows"], inference["units"], inference["cluster"] > 0]
+    assert chosen["estimate"]["forward"] == inference["estimate"]["forward"]
+    assert forward <= min(c["estimate"]["forward"]["total"] for c in candidates.values()) * (1 + 1e-12)
+    assert forward <= training["estimate"]["forward"]["total"] * (1 + 1e-12)
+
+
+def test_inference_takes_a_forward_whose_backward_would_not_fit():
+    """fastrnns LSTM fp16: the cheapest forward is 16-CTA clusters (no grid barrier), whose
+    backward (all four gates' dG at once) does not fit, so the training plan could not take
+    it."""
+    training = _plan(Cell.LSTM, 512, 64, torch.float16)
+    inference = _plan(Cell.LSTM, 512, 64, torch.float16, inference=True)
+    assert training["cluster"] == 0 and inference["cluster"] == 16
+    assert inference["estimate"]["forward"]["total"] < training["estimate"]["forward"]["total"]
+    cost = _C.plan_cost(int(Cell.LSTM), 512, 64, torch.float16, inference["rows"], inference["units"],
+                        H100["smem_per_block"], True)
+    assert cost["fits_forward"] and not cost["fits"] and cost["estimate"]["backward"] is None
 
 
 def test_the_cost_model_charges_what_each_tiling_does():
@@ -538,6 +610,57 @@ def test_simulation_without_grad_and_the_cells():
         assert max_error([cell(x[0], h)], [expected]) <= 1e-12
 
 
+@pytest.mark.parametrize("cell,hidden", [(Cell.LSTM, 64), (Cell.GRU, 96)])
+def test_a_layer_side_by_side_runs_the_plan_for_its_share(cell, hidden):
+    """The operators plan by their options' side_by_side: on a device of 8 SMs (as the host
+    simulation plans it), the layer takes more than 4 CTAs alone and the plan for 4 SMs beside
+    another recurrence, and the simulated kernel computes it, forward and backward, as the
+    stepwise kernels do, either way."""
+    gates = 4 if cell == Cell.LSTM else 3
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 16, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    h0 = torch.randn(16, hidden, dtype=torch.float64, generator=g)
+    c0 = torch.randn(16, hidden, dtype=torch.float64, generator=g) if cell == Cell.LSTM else None
+    weights = [(0.2 * torch.randn(shape, dtype=torch.float64, generator=g)).requires_grad_()
+               for shape in ((gates * hidden, 6), (gates * hidden, hidden), (gates * hidden,), (gates * hidden,))]
+    results = {}
+    with environment(RNNFUSED_PERSISTENT_SMS=8):
+        for kernel, side_by_side in (("stepwise", 1), ("simulate", 1), ("simulate", 2)):
+            with environment(RNNFUSED_KERNEL=kernel):
+                plan = _C.layer_plan(int(cell), 5, hidden, 16, torch.float64, "cpu", side_by_side)
+                if kernel == "simulate":
+                    assert (plan["ctas"] > 4) == (side_by_side == 1) and plan["ctas"] <= 8, plan["reason"]
+                    assert ("planned for 4 of the 8 SMs (2 recurrences side by side)" in plan["reason"]) == \
+                        (side_by_side == 2)
+                options = _ops.LayerOptions(cell, reverse=True, side_by_side=side_by_side)
+                y, h_n, c_n, _ = _ops.differentiable_layer_forward(options, x, None, h0, c0, weights)
+                values = [y, h_n] + ([c_n] if c_n is not None else [])
+                loss = sum((v * torch.linspace(-1, 1, v.numel(), dtype=v.dtype).view_as(v)).sum() for v in values)
+                results[kernel, side_by_side] = values + list(torch.autograd.grad(loss, [x] + weights))
+    for key in (("simulate", 1), ("simulate", 2)):
+        assert max_error([r.detach() for r in results[key]],
+                         [r.detach() for r in results["stepwise", 1]]) <= 1e-12, key
+
+
+@pytest.mark.parametrize("mode,hidden,tiling", [("LSTM", 64, "16 CTAs = 16 x 4 units"),
+                                                 ("RNN", 48, "1 CTAs = 1 x 48 units")])
+def test_inference_runs_its_own_plan(mode, hidden, tiling):
+    """Under torch.no_grad the layers take the inference plan, here another tiling than
+    training's (LSTM: a cluster of 16 CTAs; RNN: one CTA), and the simulated kernel computes the
+    forward as the stepwise kernels do."""
+    module = _module(mode, {}, 5, hidden, torch.float64, bidirectional=True)
+    x = torch.randn(7, 16, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with environment(RNNFUSED_KERNEL="simulate"):
+        training = [c.reason for c in rnnfused.explain(module, x)]
+        with torch.no_grad():
+            inference = [c.reason for c in rnnfused.explain(module, x)]
+            simulated = flatten(module(x))
+    assert all(f"persistent: {tiling}" in r and "(inference: the forward alone)" in r for r in inference), inference
+    assert not any(f"persistent: {tiling}" in r or "inference" in r for r in training), training
+    with environment(RNNFUSED_KERNEL="stepwise"), torch.no_grad():
+        assert max_error(simulated, flatten(module(x))) <= 1e-12
+
+
 def test_kernel_setting_errors_and_explanations():
     module = rnnfused.LSTM(3, 4)
     x = torch.randn(9, 1, 3)
@@ -648,6 +771,29 @@ def test_gpu_persistent_kernel_matches_reference_and_stage_1(config, dtype, pack
     errors = [max_error([v.cpu() for v in r], exact) for r in (persistent, stepwise)]
     tf32 = 2.0 ** -11 if dtype == torch.float32 else 0
     assert errors[0] <= 2 * errors[1] + 8 * tf32 + 4 * torch.finfo(dtype).eps, errors
+
+
+@pytest.mark.cuda
+def test_gpu_directions_side_by_side_on_their_share_of_the_sms():
+    """fastrnns' shape as a bidirectional LSTM in fp16: on a GPU whose plan for the whole
+    device takes more than half its SMs, each direction beside the other plans for half of them
+    (explain says so), the two launches run at once on two streams, and the results are as
+    close to the exact ones as one stream's with plans for the whole device (a launch that could
+    not start beside the other would trap its grid barrier after 10 s and raise here)."""
+    module = _gpu_module("LSTM", 64, 512, torch.float16)
+    x = torch.zeros(6, 64, 64, dtype=torch.float16, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results = {}
+    with environment(RNNFUSED_KERNEL="persistent"):
+        for setting in ("0", "1"):
+            with environment(RNNFUSED_CONCURRENT_DIRECTIONS=setting):
+                reasons = [c.reason for c in rnnfused.explain(module, x)]
+                results[setting] = _run_cuda(module, 6, 64, torch.float16, False)
+            shared = f"planned for {sms // 2} of the {sms} SMs (2 recurrences side by side)"
+            assert all((shared in reason) == (setting == "1") for reason in reasons), reasons
+    exact = _exact(module.cpu(), 6, 64, False)
+    errors = {setting: max_error([v.cpu() for v in r], exact) for setting, r in results.items()}
+    assert errors["1"] <= 2 * errors["0"] + 4 * torch.finfo(torch.float16).eps, errors
 
 
 def _run_cuda(module, steps, batch, dtype, packed):

@@ -87,7 +87,7 @@ def test_the_raw_operator_refuses_any_tensor_on_meta(index):
     names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
     error = _raised(lambda: torch.ops.rnnfused.layer_forward(torch.zeros(3, 2, 2), None, torch.zeros(2, 4), None,
                                                              tensors, [], [], None, [], int(Cell.GRU), True, False, inf,
-                                                             inf, 0, True, 1e-5, False))
+                                                             inf, 0, True, 1e-5, 1, False))
     assert error == (RuntimeError, f"rnnfused: {names[index]} is on meta but the input is on cpu; move both to the "
                                    "same device")
 
@@ -522,4 +522,4 @@ def test_raw_operator_with_norm_on_cuda_is_gated():
     z = lambda *shape: torch.zeros(*shape, device="cuda")  # noqa: E731
     with pytest.raises(RuntimeError, match="the fused normalized layers are off on CUDA"):
         torch.ops.rnnfused.layer_forward(z(3, 2, 2), None, z(2, 4), None, [z(12, 2), z(12, 4)], [z(12), z(12)], [],
-                                         None, [], int(Cell.GRU), False, False, inf, inf, 2, True, 1e-5, False)
+                                         None, [], int(Cell.GRU), False, False, inf, inf, 2, True, 1e-5, 1, False)

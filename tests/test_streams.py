@@ -142,7 +142,8 @@ class _FakeStream:
 def stream_log(monkeypatch):
     """(log, stream): fake streams made by stream(name) log into log, torch.cuda.stream(s)
     makes s current, and every layer call logs "<direction> <steps> on <current stream>"
-    (main outside any torch.cuda.stream)."""
+    (main outside any torch.cuda.stream), then " beside <n - 1>" where its options say it is
+    one of n recurrences side by side."""
     log, current = [], []
 
     @contextlib.contextmanager
@@ -153,7 +154,8 @@ def stream_log(monkeypatch):
 
     def logged(options, x, *args, **kwargs):
         stream = current[-1].name if current else "main"
-        log.append(f"{'reverse' if options.reverse else 'forward'} {x.size(0)} on {stream}")
+        beside = f" beside {options.side_by_side - 1}" if options.side_by_side > 1 else ""
+        log.append(f"{'reverse' if options.reverse else 'forward'} {x.size(0)} on {stream}{beside}")
         return run_layer(options, x, *args, **kwargs)
 
     run_layer = rnnfused.modules.run_layer
@@ -165,15 +167,17 @@ def stream_log(monkeypatch):
 def test_the_reverse_direction_is_queued_between_the_fork_and_the_join(stream_log, monkeypatch):
     """Per layer the second stream waits for the caller's before the forward direction is
     queued (else it would wait for that too), the reverse direction runs on the second stream
-    only, and the caller's stream waits for it before the next layer reads both outputs;
-    normalized layers keep one stream."""
+    only, and the caller's stream waits for it before the next layer reads both outputs; both
+    directions plan as one of two recurrences side by side. Normalized layers keep one stream
+    and plan alone."""
     log, stream = stream_log
     main, side = stream("main"), stream("side")
     monkeypatch.setattr(dispatch, "directions_side_by_side", lambda device, reference: not reference)
     monkeypatch.setattr(dispatch, "side_streams", lambda device, count, caller: [side])
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
     rnnfused.GRU(3, 4, num_layers=2, bidirectional=True)(torch.randn(5, 2, 3))
-    assert log == ["side waits for main", "forward 5 on main", "reverse 5 on side", "main waits for side"] * 2
+    assert log == ["side waits for main", "forward 5 on main beside 1", "reverse 5 on side beside 1",
+                   "main waits for side"] * 2
     log.clear()
     rnnfused.GRU(3, 4, num_layers=2, bidirectional=True, norm="layer")(torch.randn(5, 2, 3))
     assert log == ["forward 5 on main", "reverse 5 on main"] * 2
@@ -182,17 +186,18 @@ def test_the_reverse_direction_is_queued_between_the_fork_and_the_join(stream_lo
 def test_each_layer_waits_for_the_slice_below_on_its_own_stream(stream_log, monkeypatch):
     """Layer l queues slice k on its stream after waiting for the event the layer below
     recorded once it had queued slice k; the other streams start after the caller's work and
-    the caller's stream waits for all of them at the end."""
+    the caller's stream waits for all of them at the end. As many layers as slices (2 of 3)
+    run at once, and each plans as one of them."""
     log, stream = stream_log
     streams = [stream(f"s{layer}") for layer in range(3)]
     monkeypatch.setenv("RNNFUSED_WAVEFRONT", "2")
     monkeypatch.setattr(dispatch, "pipeline_streams", lambda device, count: streams[:count])
     rnnfused.LSTM(3, 5, num_layers=3)(torch.randn(6, 2, 3))
     assert log == ["s1 waits for s0", "s2 waits for s0",
-                   "forward 3 on s0", "s0#1 recorded",
-                   "s1 waits for s0#1", "forward 3 on s1", "s1#1 recorded",
-                   "s2 waits for s1#1", "forward 3 on s2",
-                   "forward 3 on s0", "s0#2 recorded",
-                   "s1 waits for s0#2", "forward 3 on s1", "s1#2 recorded",
-                   "s2 waits for s1#2", "forward 3 on s2",
+                   "forward 3 on s0 beside 1", "s0#1 recorded",
+                   "s1 waits for s0#1", "forward 3 on s1 beside 1", "s1#1 recorded",
+                   "s2 waits for s1#1", "forward 3 on s2 beside 1",
+                   "forward 3 on s0 beside 1", "s0#2 recorded",
+                   "s1 waits for s0#2", "forward 3 on s1 beside 1", "s1#2 recorded",
+                   "s2 waits for s1#2", "forward 3 on s2 beside 1",
                    "s0 waits for s1", "s0 waits for s2"]

@@ -142,15 +142,18 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
   return t;
 }
 
-std::string describe(const Tiling& t) {
+std::string describe(const Tiling& t, PlanFor use) {
+  const bool inference = use == PlanFor::Inference;
   return "persistent: " + num(t.ctas()) + " CTAs = " + num(t.unit_tiles) + " x " + num(t.units) + " units, " +
-         num(t.row_tiles) + " x " + num(t.rows) + " rows; shared memory " + num(t.fwd.bytes / 1024) + " KB forward, " +
-         num(t.bwd.bytes / 1024) + " KB backward (dG " + num(t.chunk_gates) + " gate" + (t.chunk_gates > 1 ? "s" : "") +
-         " at a time)" + (t.unit_tiles == 1 ? "; each CTA has all the units of its rows: no grid barrier" : "") +
+         num(t.row_tiles) + " x " + num(t.rows) + " rows; shared memory " + num(t.fwd.bytes / 1024) + " KB forward" +
+         (inference ? " (inference: the forward alone)"
+                    : ", " + num(t.bwd.bytes / 1024) + " KB backward (dG " + num(t.chunk_gates) + " gate" +
+                          (t.chunk_gates > 1 ? "s" : "") + " at a time)") +
+         (t.unit_tiles == 1 ? "; each CTA has all the units of its rows: no grid barrier" : "") +
          (t.cluster > 0 ? "; clusters of " + num(t.cluster) + " CTAs exchanging through distributed shared memory" : "") +
-         (t.held_fwd > 0 || t.held_bwd > 0
+         (t.held_fwd > 0 || (t.held_bwd > 0 && !inference)
               ? std::string("; W in registers ") +
-                    (t.held_bwd == 0 ? "forward" : t.held_fwd == 0 ? "backward" : "both ways")
+                    (t.held_bwd == 0 || inference ? "forward" : t.held_fwd == 0 ? "backward" : "both ways")
               : "");
 }
 
@@ -237,8 +240,9 @@ void close_phase(StepCost& cost, const Tiling& t, int64_t elem, int64_t segments
 
 }  // namespace
 
-bool fits(const Tiling& t, int64_t smem_per_block) {
-  return t.chunk_gates >= 1 && t.fwd.bytes <= smem_per_block && t.bwd.bytes <= smem_per_block;
+bool fits(const Tiling& t, int64_t smem_per_block, PlanFor use) {
+  return t.fwd.bytes <= smem_per_block &&
+         (use == PlanFor::Inference || (t.chunk_gates >= 1 && t.bwd.bytes <= smem_per_block));
 }
 
 Tiling tile_for(Cell cell, int64_t H, int64_t B, DType dtype, int64_t rows, int64_t units, int64_t smem_per_block,
@@ -356,7 +360,25 @@ DeviceLimits h100_limits() {
   return limits;
 }
 
-Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf32, const DeviceLimits& limits) {
+Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf32, const DeviceLimits& limits,
+               PlanFor use) {
+  if (limits.side_by_side > 1) {
+    DeviceLimits alone = limits, shared = limits;
+    alone.side_by_side = shared.side_by_side = 1;
+    shared.sm_count = limits.sm_count / limits.side_by_side;
+    Plan whole = make_plan(cell, H, P, B, dtype, tf32, alone, use);
+    if (whole.persistent && whole.tiling.ctas() <= shared.sm_count) return whole;  // it fits its share already
+    Plan part = make_plan(cell, H, P, B, dtype, tf32, shared, use);
+    const std::string share = num(shared.sm_count) + " of the " + num(limits.sm_count) + " SMs (" +
+                              num(limits.side_by_side) + " recurrences side by side)";
+    auto step = [](const Plan& p) { return p.forward.total() + p.backward.total(); };
+    if (part.persistent && (!whole.persistent || step(part) < limits.side_by_side * step(whole))) {
+      part.reason += "; planned for " + share;
+      return part;
+    }
+    if (whole.persistent) whole.reason += "; for all the SMs: no plan for " + share + " pays";
+    return whole;
+  }
   Plan plan;
   auto stepwise = [&](std::string why) {
     plan.reason = "stepwise: " + std::move(why);
@@ -385,8 +407,8 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
     plan.persistent = true;
     plan.tiling = t;
     plan.forward = estimate_step(cell, H, dtype, t, false);
-    plan.backward = estimate_step(cell, H, dtype, t, true);
-    plan.reason = describe(t) + std::move(why);
+    if (use == PlanFor::Training) plan.backward = estimate_step(cell, H, dtype, t, true);
+    plan.reason = describe(t, use) + std::move(why);
     return plan;
   };
   const int64_t smem = limits.smem_per_block;
@@ -397,9 +419,9 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
     const bool cluster = ceil_div(H, units) <= limits.max_cluster &&
                          ceil_div(B, rows) <= resident_clusters(limits.sm_count, ceil_div(H, units));
     Tiling t = tile_for(cell, H, B, dtype, rows, units, smem, cluster, limits.hold_weights);
-    if (!fits(t, smem)) t = tile_for(cell, H, B, dtype, rows, units, smem, false, limits.hold_weights);
+    if (!fits(t, smem, use)) t = tile_for(cell, H, B, dtype, rows, units, smem, false, limits.hold_weights);
     if (t.ctas() > limits.sm_count) return stepwise(forced + " needs " + num(t.ctas()) + " CTAs, more than the SMs");
-    if (!fits(t, smem)) return stepwise(forced + " does not fit in " + num(smem / 1024) + " KB of shared memory");
+    if (!fits(t, smem, use)) return stepwise(forced + " does not fit in " + num(smem / 1024) + " KB of shared memory");
     if (!cooperative && t.unit_tiles > 1 && t.cluster == 0)
       return stepwise(forced + " needs a grid barrier: a cooperative launch");
     return chosen(t, "; forced by " + forced);
@@ -412,7 +434,7 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
       if (row_tiles > limits.sm_count) continue;
       const Tiling t =
           tile_for(cell, H, B, dtype, rows, ceil_div(H, limits.sm_count / row_tiles), smem, false, limits.hold_weights);
-      if (fits(t, smem) && (cooperative || t.unit_tiles == 1)) return chosen(t, "; units spread over the SMs");
+      if (fits(t, smem, use) && (cooperative || t.unit_tiles == 1)) return chosen(t, "; units spread over the SMs");
     }
   } else {
     // Every batch tile, and for each every unit slice from all of H (one CTA per batch tile,
@@ -441,10 +463,10 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
             const Tiling t = tile_for(cell, H, B, dtype, rows, units, smem, cluster, limits.hold_weights);
             // (tile() makes no cluster of one unit tile, nor of slices that are not whole 4-byte words.)
             if (cluster && t.cluster == 0) continue;
-            if (!fits(t, smem) || (!cooperative && t.unit_tiles > 1 && !cluster)) continue;
+            if (!fits(t, smem, use) || (!cooperative && t.unit_tiles > 1 && !cluster)) continue;
             ++plan.candidates;
-            const double ns =
-                estimate_step(cell, H, dtype, t, false).total() + estimate_step(cell, H, dtype, t, true).total();
+            const double ns = estimate_step(cell, H, dtype, t, false).total() +
+                              (use == PlanFor::Training ? estimate_step(cell, H, dtype, t, true).total() : 0);
             if (plan.candidates == 1 || ns < best_ns) {
               best = t;
               best_ns = ns;

@@ -80,6 +80,11 @@ struct DeviceLimits {
   // Whether the plans may keep W in registers (Tiling::held_fwd; false with
   // RNNFUSED_PERSISTENT_HELD_W=0, to compare with W read from shared memory).
   bool hold_weights = true;
+  // The recurrences the caller runs side by side on the device, this one included
+  // (LayerOptions::side_by_side: a bidirectional layer's two directions on two streams). With
+  // more than one, make_plan plans for an equal share of the SMs, so that the launches can run
+  // at once, where that pays (make_plan).
+  int64_t side_by_side = 1;
 };
 
 // One region of a CTA's shared memory layout, in bytes.
@@ -238,30 +243,42 @@ struct StepCost {
 StepCost estimate_step(Cell cell, int64_t H, DType dtype, const Tiling& t, bool backward,
                        const CostModel& model = CostModel());
 
+// What a plan is for: a training run, whose forward and backward launches take the same tiling
+// (the cheapest sum of their steps, both passes fitting), or inference, the forward alone (the
+// cheapest forward step, whether or not the tiling's backward fits).
+enum class PlanFor { Training, Inference };
+
 struct Plan {
   bool persistent = false;
   std::string reason;  // why the layer runs stepwise, or what the persistent plan is
   Tiling tiling;
-  StepCost forward, backward;  // the cost model's estimates for the tiling (not measurements)
+  StepCost forward, backward;  // the cost model's estimates for the tiling (not measurements; inference: no backward)
   int64_t candidates = 0;      // the fitting tilings the planner compared
 };
 
 // The tiling of `rows` batch rows and `units` hidden units per CTA (the backward's dG tile
 // takes the most gates at a time that fit in smem_per_block), its CTAs of a batch tile one
 // cluster if `cluster` (and more than one), W in registers where held_fragments allows and
-// `hold_weights`, and whether both its passes fit.
+// `hold_weights`, and whether the passes of `use` fit.
 Tiling tile_for(Cell cell, int64_t H, int64_t B, DType dtype, int64_t rows, int64_t units, int64_t smem_per_block,
                 bool cluster = false, bool hold_weights = true);
-bool fits(const Tiling& t, int64_t smem_per_block);
+bool fits(const Tiling& t, int64_t smem_per_block, PlanFor use = PlanFor::Training);
 
 // The plan for one layer direction: cell, hidden size H, output width P (= H unless
-// projecting), batch B, storage dtype, whether fp32 products may use TF32, and the device.
+// projecting), batch B, storage dtype, whether fp32 products may use TF32, the device, and what
+// the plan is for (its cost: the forward plus the backward step, or the forward alone).
 // Of the tilings that fit (every batch tile of 16 x 2^k rows or all B, every unit slice from
 // all of H, one CTA per batch tile with no grid barrier, to one unit tile per SM; where the
-// unit tiles fit a cluster, also as a cluster), the one whose forward plus backward step the
-// cost model estimates cheapest; ties go to fewer CTAs, then to the grid barrier. With limits.spread_units, the stage-2 rule instead: the smallest batch tile that
-// fits, its units spread over every SM.
-Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf32, const DeviceLimits& limits);
+// unit tiles fit a cluster, also as a cluster), the one whose step (training: forward plus
+// backward) the cost model estimates cheapest; ties go to fewer CTAs, then to the grid barrier. With
+// limits.spread_units, the stage-2 rule instead: the smallest batch tile that fits, its units
+// spread over every SM. With limits.side_by_side = n > 1: the plan for all the SMs where it
+// takes no more than sm_count / n of them; else the plan for sm_count / n SMs where one fits
+// and the model estimates its step below n steps of the plan for all the SMs (what running the
+// n recurrences one after another would cost); else the plan for all the SMs, whose launches
+// then wait for each other's SMs.
+Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf32, const DeviceLimits& limits,
+               PlanFor use = PlanFor::Training);
 
 // The plan of the CPU's persistent recurrence (csrc/cpu/persistent_cpu.h): one slice of the
 // hidden units per thread (units, unit_tiles; the rest of the tiling is the GPU's), all
