@@ -154,10 +154,6 @@ def test_planner_decisions():
     assert _plan(Cell.LSTM, 64, 8, torch.float64, host_simulation=True)["persistent"]
 
 
-def _step_total(plan):
-    return plan["estimate"]["forward"]["total"] + plan["estimate"]["backward"]["total"]
-
-
 def test_recurrences_side_by_side_plan_for_their_share_of_the_sms_where_it_pays():
     """A recurrence that runs beside others (a bidirectional layer's directions on two CUDA
     streams, the layers of a pipeline) keeps a plan that already fits its share of the SMs; else
@@ -173,7 +169,7 @@ def test_recurrences_side_by_side_plan_for_their_share_of_the_sms_where_it_pays(
     whole = _plan(Cell.LSTM, 512, 64, torch.float16)
     shared = _plan(Cell.LSTM, 512, 64, torch.float16, side_by_side=2)
     assert whole["ctas"] > 66 >= shared["ctas"]
-    assert _step_total(whole) < _step_total(shared) < 2 * _step_total(whole)
+    assert _step_ns(whole) < _step_ns(shared) < 2 * _step_ns(whole)
     half_device = _plan(Cell.LSTM, 512, 64, torch.float16, limits=dict(H100, sm_count=66))
     assert same_tiling(shared, half_device)
     assert shared["reason"] == half_device["reason"] + "; planned for 66 of the 132 SMs (2 recurrences side by side)"
@@ -189,7 +185,7 @@ def test_recurrences_side_by_side_plan_for_their_share_of_the_sms_where_it_pays(
     # whole device's.
     alone = _plan(Cell.RNN_TANH, 768, 256, torch.float16)
     half = _plan(Cell.RNN_TANH, 768, 256, torch.float16, limits=dict(H100, sm_count=66))
-    assert half["persistent"] and _step_total(half) >= 2 * _step_total(alone)
+    assert half["persistent"] and _step_ns(half) >= 2 * _step_ns(alone)
     assert same_tiling(_plan(Cell.RNN_TANH, 768, 256, torch.float16, side_by_side=2), alone)
 
 
