@@ -142,8 +142,9 @@ def make_rnnfused_stepwise(base, cell, config, device, dtype):
 
 def make_rnnfused_one_stream(base, cell, config, device, dtype):
     """rnnfused on our own kernels with a bidirectional layer's directions one after the other
-    on one CUDA stream (RNNFUSED_CONCURRENT_DIRECTIONS=0): beside rnnfused_ours, what running
-    them side by side gains."""
+    on one CUDA stream, each planned for the whole device (RNNFUSED_CONCURRENT_DIRECTIONS=0):
+    beside rnnfused_ours, what running them side by side, each on its share of the SMs where
+    the planner finds that pays, gains."""
     module = _ours(cell, config, base, device, dtype)
     return Runner(_forward(module, config), module, lambda: kernel_setting("ours", concurrent_directions="0"))
 
