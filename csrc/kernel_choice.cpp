@@ -64,10 +64,9 @@ namespace {
 // compare them with the grid barrier's; =n allows clusters of at most n CTAs, e.g. 8 to leave
 // out the non-portable 16), RNNFUSED_PERSISTENT_HELD_W=0 keeps W in shared memory
 // only (to compare with W in registers). The CPU's host simulation plans for an H100.
-persistent::DeviceLimits device_limits(const at::Device& device, int64_t side_by_side) {
+persistent::DeviceLimits device_limits(const at::Device& device) {
   persistent::DeviceLimits limits = persistent::h100_limits();
   limits.host_simulation = device.is_cpu();
-  limits.side_by_side = side_by_side;
 #ifdef RNNFUSED_WITH_CUDA
   if (device.is_cuda()) {
     const cudaDeviceProp* properties = at::cuda::getDeviceProperties(device.index());
@@ -112,10 +111,15 @@ KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B
                            const at::Device& device, int64_t side_by_side, persistent::PlanFor use) {
   const std::string setting = kernel_setting();
   if (setting == "stepwise") return stepwise("RNNFUSED_KERNEL=stepwise");
+  // The device the persistent plans are for, shared by the recurrences side by side.
+  auto limits_for = [&] {
+    persistent::DeviceLimits limits = device_limits(device);
+    limits.side_by_side = side_by_side;
+    return limits;
+  };
   if (device.is_cpu()) {
     if (setting == "simulate") {
-      persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, dtype == DType::Float32,
-                                                    device_limits(device, side_by_side), use);
+      persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, dtype == DType::Float32, limits_for(), use);
       if (!plan.persistent) return stepwise(plan.reason);
       return {"persistent (host simulation)", plan.reason, plan};
     }
@@ -135,7 +139,7 @@ KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B
 #ifdef RNNFUSED_WITH_CUDA
   tf32 = dtype == DType::Float32 && cuda::tf32_allowed(at::cuda::getCurrentCUDABlasHandle());
 #endif
-  const persistent::DeviceLimits limits = device_limits(device, side_by_side);
+  const persistent::DeviceLimits limits = limits_for();
   persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, tf32, limits, use);
   if (setting == "persistent") {
     TORCH_CHECK(plan.persistent, "rnnfused: RNNFUSED_KERNEL=persistent but this layer cannot run persistent (",

@@ -144,6 +144,7 @@ Tiling tile(Cell cell, int64_t H, int64_t B, int64_t rows, int64_t units, int64_
 
 std::string describe(const Tiling& t, PlanFor use) {
   const bool inference = use == PlanFor::Inference;
+  const int64_t held_bwd = inference ? 0 : t.held_bwd;  // an inference plan runs no backward
   return "persistent: " + num(t.ctas()) + " CTAs = " + num(t.unit_tiles) + " x " + num(t.units) + " units, " +
          num(t.row_tiles) + " x " + num(t.rows) + " rows; shared memory " + num(t.fwd.bytes / 1024) + " KB forward" +
          (inference ? " (inference: the forward alone)"
@@ -151,9 +152,9 @@ std::string describe(const Tiling& t, PlanFor use) {
                           (t.chunk_gates > 1 ? "s" : "") + " at a time)") +
          (t.unit_tiles == 1 ? "; each CTA has all the units of its rows: no grid barrier" : "") +
          (t.cluster > 0 ? "; clusters of " + num(t.cluster) + " CTAs exchanging through distributed shared memory" : "") +
-         (t.held_fwd > 0 || (t.held_bwd > 0 && !inference)
+         (t.held_fwd > 0 || held_bwd > 0
               ? std::string("; W in registers ") +
-                    (t.held_bwd == 0 || inference ? "forward" : t.held_fwd == 0 ? "backward" : "both ways")
+                    (held_bwd == 0 ? "forward" : t.held_fwd == 0 ? "backward" : "both ways")
               : "");
 }
 
