@@ -150,11 +150,12 @@ def make_rnnfused_one_stream(base, cell, config, device, dtype):
 
 
 def make_rnnfused_wavefront(base, cell, config, device, dtype):
-    """rnnfused on our own kernels with a deep stack's layers pipelined over 4 slices of the
-    steps, a CUDA stream per layer (RNNFUSED_WAVEFRONT=4): beside rnnfused_ours, what the
-    pipeline gains."""
+    """rnnfused on our own kernels with a deep stack's layers pipelined over the slices of the
+    steps the planner's cost model finds cheapest, a CUDA stream per layer, or layer after layer
+    where no pipeline pays by it (RNNFUSED_WAVEFRONT=auto; rnnfused.explain says which): beside
+    rnnfused_ours, what the pipeline gains and whether the model chooses well."""
     module = _ours(cell, config, base, device, dtype)
-    return Runner(_forward(module, config), module, lambda: kernel_setting("ours", wavefront="4"))
+    return Runner(_forward(module, config), module, lambda: kernel_setting("ours", wavefront="auto"))
 
 
 _SETTINGS = {"rnnfused": "auto", "rnnfused_ours": "ours", "rnnfused_one_stream": "ours",

@@ -912,6 +912,24 @@ persistent::PlanFor plan_for(bool inference) {
   return inference ? persistent::PlanFor::Inference : persistent::PlanFor::Training;
 }
 
+// A device described by its numbers (for _C.plan and _C.pipeline_plan: tests and tuning).
+persistent::DeviceLimits described_limits(int64_t sm_count, int64_t smem_per_block, int compute_capability,
+                                          bool cooperative_launch, int64_t max_cluster) {
+  persistent::DeviceLimits limits;
+  limits.sm_count = sm_count;
+  limits.smem_per_block = smem_per_block;
+  limits.compute_capability = compute_capability;
+  limits.cooperative_launch = cooperative_launch;
+  limits.max_cluster = max_cluster;
+  return limits;
+}
+
+pybind11::dict pipeline_dict(const persistent::PipelinePlan& pipeline) {
+  namespace py = pybind11;
+  return py::dict(py::arg("chunks") = pipeline.chunks, py::arg("layered_ns") = pipeline.layered_ns,
+                  py::arg("pipelined_ns") = pipeline.pipelined_ns, py::arg("reason") = pipeline.reason);
+}
+
 // A tiling's fields and layouts, for _C.plan and _C.plan_cost.
 pybind11::dict tiling_dict(const persistent::Tiling& t) {
   namespace py = pybind11;
@@ -1066,14 +1084,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](int64_t cell, int64_t H, int64_t P, int64_t B, at::ScalarType dtype, bool tf32, int64_t sm_count,
          int64_t smem_per_block, int compute_capability, bool cooperative_launch, bool host_simulation,
          bool spread_units, int64_t max_cluster, bool hold_weights, int64_t side_by_side, bool inference) {
-        persistent::DeviceLimits limits;
+        persistent::DeviceLimits limits =
+            described_limits(sm_count, smem_per_block, compute_capability, cooperative_launch, max_cluster);
         limits.side_by_side = side_by_side;
-        limits.max_cluster = max_cluster;
         limits.hold_weights = hold_weights;
-        limits.sm_count = sm_count;
-        limits.smem_per_block = smem_per_block;
-        limits.compute_capability = compute_capability;
-        limits.cooperative_launch = cooperative_launch;
         limits.host_simulation = host_simulation;
         limits.spread_units = spread_units;
         const persistent::Plan plan =
@@ -1093,6 +1107,37 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "the most CTAs a thread-block cluster may have, 0 for none; hold_weights: whether W may be kept in registers; "
       "side_by_side: the recurrences sharing the device, this one included; inference: the forward alone, without "
       "a backward estimate), with the cost model's estimate of a step's phases in nanoseconds (not a measurement)");
+  m.def(
+      "pipeline_plan",
+      [](int64_t cell, int64_t T, int64_t layers, int64_t H, int64_t B, at::ScalarType dtype, bool tf32,
+         int64_t sm_count, int64_t smem_per_block, int compute_capability, bool cooperative_launch,
+         int64_t max_cluster, bool inference, int64_t max_chunks) {
+        py::dict out = pipeline_dict(persistent::plan_pipeline(
+            cell_of(cell), T, layers, H, H, B, dtype_of(dtype), tf32,
+            described_limits(sm_count, smem_per_block, compute_capability, cooperative_launch, max_cluster),
+            plan_for(inference), max_chunks));
+        out["launch_ns"] = persistent::CostModel().launch_ns;
+        return out;
+      },
+      py::arg("cell"), py::arg("T"), py::arg("layers"), py::arg("H"), py::arg("B"), py::arg("dtype"), py::arg("tf32"),
+      py::arg("sm_count"), py::arg("smem_per_block"), py::arg("compute_capability"), py::arg("cooperative_launch"),
+      py::arg("max_cluster") = 0, py::arg("inference") = false,
+      py::arg("max_chunks") = persistent::kMaxPipelineChunks,
+      "A unidirectional stack's layer pipeline on a described device (for tests): the cheapest number of slices "
+      "(chunks, 0 for layer after layer), the cost model's estimates of the stack's recurrences in nanoseconds "
+      "layer after layer and pipelined, the reason, and the model's launch cost it charged");
+  m.def(
+      "pipeline_choice",
+      [](int64_t cell, int64_t T, int64_t layers, int64_t H, int64_t P, int64_t B, at::ScalarType dtype,
+         const std::string& device, bool step_flags, bool inference) {
+        return pipeline_dict(choose_pipeline(cell_of(cell), T, layers, H, P, B, dtype_of(dtype), at::Device(device),
+                                             step_flags, plan_for(inference)));
+      },
+      py::arg("cell"), py::arg("T"), py::arg("layers"), py::arg("H"), py::arg("P"), py::arg("B"), py::arg("dtype"),
+      py::arg("device"), py::arg("step_flags") = false, py::arg("inference") = false,
+      "RNNFUSED_WAVEFRONT=auto's choice for a unidirectional stack on a device (RNNFUSED_* settings included): "
+      "as pipeline_plan, where its layers run the persistent kernel on a GPU (not with step flags: lengths, "
+      "resets), else layer after layer");
   m.def(
       "plan_cost",
       [](int64_t cell, int64_t H, int64_t B, at::ScalarType dtype, int64_t rows, int64_t units,

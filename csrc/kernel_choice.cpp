@@ -105,6 +105,15 @@ KernelChoice stepwise(std::string reason) {
   return {"stepwise", std::move(reason), {}};
 }
 
+// Whether the GPU's float32 products may use TF32 (torch's matmul precision setting).
+bool tf32_products(DType dtype) {
+#ifdef RNNFUSED_WITH_CUDA
+  return dtype == DType::Float32 && cuda::tf32_allowed(at::cuda::getCurrentCUDABlasHandle());
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B, DType dtype,
@@ -135,12 +144,8 @@ KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B
   if (!device.is_cuda()) return stepwise("no recurrent kernels for device " + device.str());
   TORCH_CHECK(setting != "simulate", "rnnfused: RNNFUSED_KERNEL=simulate is the CPU test harness; on a GPU use "
               "RNNFUSED_KERNEL=persistent");
-  bool tf32 = false;
-#ifdef RNNFUSED_WITH_CUDA
-  tf32 = dtype == DType::Float32 && cuda::tf32_allowed(at::cuda::getCurrentCUDABlasHandle());
-#endif
   const persistent::DeviceLimits limits = limits_for();
-  persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, tf32, limits, use);
+  persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, tf32_products(dtype), limits, use);
   if (setting == "persistent") {
     TORCH_CHECK(plan.persistent, "rnnfused: RNNFUSED_KERNEL=persistent but this layer cannot run persistent (",
                 plan.reason, ")");
@@ -154,6 +159,23 @@ KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B
                     plan.reason + ")");
   if (!plan.persistent) return stepwise(plan.reason);
   return {"persistent", plan.reason, plan};
+}
+
+persistent::PipelinePlan choose_pipeline(Cell cell, int64_t T, int64_t layers, int64_t H, int64_t P, int64_t B,
+                                         DType dtype, const at::Device& device, bool step_flags,
+                                         persistent::PlanFor use) {
+  persistent::PipelinePlan layered;
+  if (!device.is_cuda()) {
+    layered.reason = "layer after layer: off the GPU the slices would run one after another";
+    return layered;
+  }
+  const KernelChoice alone =
+      with_steps_options(choose_kernel(cell, T, H, P, B, dtype, device, 1, use), step_flags, false);
+  if (!alone.plan.persistent) {  // the model does not estimate the stepwise kernels
+    layered.reason = "layer after layer: " + alone.reason;
+    return layered;
+  }
+  return persistent::plan_pipeline(cell, T, layers, H, P, B, dtype, tf32_products(dtype), device_limits(device), use);
 }
 
 }  // namespace rnnfused

@@ -42,6 +42,14 @@ KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B
                            const at::Device& device, int64_t side_by_side = 1,
                            persistent::PlanFor use = persistent::PlanFor::Training);
 
+// RNNFUSED_WAVEFRONT=auto: how a unidirectional stack of `layers` layers on `device` runs,
+// layer after layer or pipelined over slices of its T steps (persistent::plan_pipeline), where
+// its layers run the persistent kernel on a GPU (choose_kernel; with `step_flags`, lengths or
+// resets, they run stepwise); else layer after layer, with the reason.
+persistent::PipelinePlan choose_pipeline(Cell cell, int64_t T, int64_t layers, int64_t H, int64_t P, int64_t B,
+                                         DType dtype, const at::Device& device, bool step_flags,
+                                         persistent::PlanFor use = persistent::PlanFor::Training);
+
 // `choice` for a layer with step flags (resets, lengths) or the masks of recurrent dropout and
 // zoneout: the CPU threads run recurrence.h's own steps and take both, the GPU's persistent
 // program neither (the stepwise kernels run them).

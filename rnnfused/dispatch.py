@@ -139,7 +139,8 @@ def what_cudnn_lacks(module, flags):
     return lacks
 
 
-def _effective_dtype(weight):
+def effective_dtype(weight):
+    """The dtype a layer with this weight computes in: autocast's where it is on (float64 aside)."""
     device_type = weight.device.type
     if weight.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -251,7 +252,7 @@ def choose(module, weight, batch, training, flags=None, autotune=None):
     else:
         device = weight.device
         compute_capability = _compute_capability(device)
-        key = table_key(compute_capability, module.mode, _effective_dtype(weight), module.hidden_size, batch,
+        key = table_key(compute_capability, module.mode, effective_dtype(weight), module.hidden_size, batch,
                         getattr(module, "num_layers", 1), getattr(module, "bidirectional", False), training,
                         _tf32_allowed())
         facts = Facts("cuda", compute_capability, tuple(what_cudnn_lacks(module, flags)),
@@ -281,7 +282,7 @@ def _graph_orders_the_ops():
 
 def side_streams(device, count, main):
     """``count`` CUDA streams of ``device`` besides ``main`` (the caller's stream), for
-    :func:`directions_side_by_side` and :func:`wavefront_chunks`: made once per device and
+    :func:`directions_side_by_side` and :func:`wavefront`: made once per device and
     kept; one that is ``main`` (torch hands out its streams from a pool of 32 in turn) is
     replaced by the pool's next."""
     device = torch.device(device)
@@ -301,24 +302,47 @@ def pipeline_streams(device, count):
     return [main] + side_streams(device, count - 1, main)
 
 
-def wavefront_chunks(device, steps, num_layers, bidirectional, packed, unchunkable):
-    """The number of step slices a stack runs as a layer pipeline (modules.RNNBase._run_wavefront),
-    or 0 for layer after layer: RNNFUSED_WAVEFRONT=n asks for n slices (opt-in until a GPU run
-    measures where it pays). Only a unidirectional padded stack of several layers, at least
-    one step per slice; ``unchunkable``: the call runs the reference equations, draws
-    regularisers' masks or between-layer dropout (whose random streams are per layer call).
-    Off under torch.compile, torch.export and torch.jit.trace, as for the directions."""
-    chunks = min(wavefront_setting(), steps)
-    if chunks < 2 or num_layers < 2 or bidirectional or packed or unchunkable or _graph_orders_the_ops():
-        return 0
-    return chunks
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """How a stack runs its layers (:func:`wavefront`): pipelined over ``chunks`` slices of the
+    steps, or layer after layer (0); ``reason``: what explain says ('' where nothing asked)."""
+    chunks: int = 0
+    reason: str = ""
+
+
+def wavefront(device, steps, num_layers, bidirectional, packed, unchunkable, layer):
+    """How a stack runs its layers: as a layer pipeline over slices of the steps
+    (modules.RNNBase._run_wavefront) or layer after layer. RNNFUSED_WAVEFRONT=n asks for n
+    slices; =auto lets the planner choose, by its cost model, where the layers run the
+    persistent kernel on a GPU (_C.pipeline_choice); unset or 0: layer after layer (the
+    pipeline stays opt-in until a GPU run measures where it pays). Only a unidirectional padded
+    stack of several layers, at least one step per slice; ``unchunkable``: the call runs the
+    reference equations, draws regularisers' masks or between-layer dropout (whose random
+    streams are per layer call). Off under torch.compile, torch.export and torch.jit.trace, as
+    for the directions. ``layer``: (cell, hidden size, output width, batch, dtype, step flags,
+    inference) of the stack's layers, which auto plans for."""
+    setting = wavefront_setting()
+    if not setting or steps < 2 or num_layers < 2 or bidirectional or packed or unchunkable \
+            or _graph_orders_the_ops():
+        return Pipeline()
+    if setting == "auto":
+        cell, hidden, width, batch, dtype, step_flags, inference = layer
+        choice = _C.pipeline_choice(int(cell), steps, num_layers, hidden, width, batch, dtype, str(device), step_flags,
+                                    inference)
+        return Pipeline(choice["chunks"], "RNNFUSED_WAVEFRONT=auto: " + choice["reason"])
+    chunks = min(setting, steps)
+    if chunks < 2:
+        return Pipeline()
+    return Pipeline(chunks, f"the layers pipelined over {chunks} slices of the steps (RNNFUSED_WAVEFRONT)")
 
 
 def wavefront_setting():
-    """The number of slices RNNFUSED_WAVEFRONT asks for (0 when unset)."""
+    """What RNNFUSED_WAVEFRONT asks for: a number of slices (0 when unset) or "auto"."""
     setting = os.environ.get("RNNFUSED_WAVEFRONT", "0")
+    if setting == "auto":
+        return setting
     if not setting.isdigit():
-        raise ValueError(f"rnnfused: RNNFUSED_WAVEFRONT must be a number of slices, got {setting!r}")
+        raise ValueError(f"rnnfused: RNNFUSED_WAVEFRONT must be a number of slices or auto, got {setting!r}")
     return int(setting)
 
 

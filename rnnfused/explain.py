@@ -37,8 +37,7 @@ def explain(module, input, *, lengths=None, resets=None):
     alone. Returns a list of ``KernelChoice(layer, direction, kernel, reason, row)``;
     ``print(*rnnfused.explain(m, x), sep="\\n")`` shows them."""
     weight = module.weight_ih_l0 if isinstance(module, RNNBase) else module.weight_ih
-    dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) \
-        and weight.dtype != torch.float64 else weight.dtype
+    dtype = dispatch.effective_dtype(weight)
     device = str(weight.device)
     training = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
     if isinstance(module, (LSTMCell, GRUCell, RNNCell)):
@@ -62,8 +61,9 @@ def explain(module, input, *, lengths=None, resets=None):
     has_flags = lengths is not None or resets is not None
     stack = dispatch.choose(module, weight, batch, training, torch.empty(0) if has_flags else None)
     packed = isinstance(input, PackedSequence) or module._packs(input, lengths, resets)
-    chunks = module._wavefront_chunks(weight.device, steps, packed,
-                                      stack.kernel == "reference" or module.norm is not None)
+    pipeline = module._pipeline(weight, steps, batch, packed=packed, step_flags=has_flags,
+                                equations=stack.kernel == "reference" or module.norm is not None, training=training)
+    chunks = pipeline.chunks
     inside_steps = module.regularisers.inside_steps(module.training)
     zoneout = module.regularisers.zoneout_h or module.regularisers.zoneout_c
     beside = module.bidirectional and module.norm is None and \
@@ -88,8 +88,8 @@ def explain(module, input, *, lengths=None, resets=None):
             if inside_steps and module.norm is not None and zoneout:
                 kernel, reason = "reference equations", "zoneout in a normalized layer is not in the fused kernels"
             reason += _regularisers_words(module, kernel, weight.device)
-            if chunks:
-                reason += f"; the layers pipelined over {chunks} slices of the steps (RNNFUSED_WAVEFRONT)"
+            if pipeline.reason:
+                reason += "; " + pipeline.reason
             if direction == "reverse" and beside and kernel not in ("cudnn", "reference equations"):
                 reason += "; beside the forward direction, on a second CUDA stream"
             choices.append(KernelChoice(layer, direction, kernel, reason, stack.row))

@@ -467,9 +467,12 @@ class RNNBase(nn.RNNBase):
         layer_input = x
         side = main = None
         # Asked only where the directions or the layers could overlap.
-        equations = (self.bidirectional or dispatch.wavefront_setting() > 1) and (
+        equations = (self.bidirectional or dispatch.wavefront_setting() not in (0, 1)) and (
             reference or self.norm is not None or _needs_differentiable_equations([x, hx, cx, *self._flat_weights]))
-        chunks = self._wavefront_chunks(x.device, steps, batch_sizes is not None, equations)
+        training = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                   for t in [x, hx, cx, *self._flat_weights])
+        chunks = self._pipeline(self.weight_ih_l0, steps, hx.size(1), packed=batch_sizes is not None,
+                                step_flags=flags is not None, equations=equations, training=training).chunks
         if chunks:
             return self._results(x, hx, cx, *self._run_wavefront(x, hx, cx, None if flags is None else flags[0],
                                                                  chunks))
@@ -574,12 +577,17 @@ class RNNBase(nn.RNNBase):
             _used_on(main, *outputs, *h, *(c if cx is not None else ()))
         return torch.cat(outputs), h, c
 
-    def _wavefront_chunks(self, device, steps, packed, equations):
-        """:func:`rnnfused.dispatch.wavefront_chunks` for a call of this stack (explain asks the
-        same); ``equations``: it runs the reference equations or is normalized."""
-        return dispatch.wavefront_chunks(device, steps, self.num_layers, self.bidirectional, packed,
-                                         equations or not self.regularisers.is_off()
-                                         or (self.dropout > 0 and self.training))
+    def _pipeline(self, weight, steps, batch, *, packed, step_flags, equations, training):
+        """:func:`rnnfused.dispatch.wavefront` for a call of this stack (explain asks the same):
+        ``weight`` one of its weights (device, and dtype with autocast); ``step_flags``: it has
+        lengths or resets; ``equations``: it runs the reference equations or is normalized;
+        ``training``: autograd will run a backward."""
+        width = self.proj_size if getattr(self, "proj_size", 0) > 0 else self.hidden_size
+        layer = (self._cell(), self.hidden_size, width, batch, dispatch.effective_dtype(weight), step_flags,
+                 not training)
+        return dispatch.wavefront(weight.device, steps, self.num_layers, self.bidirectional, packed,
+                                  equations or not self.regularisers.is_off() or (self.dropout > 0 and self.training),
+                                  layer)
 
     def _results(self, x, hx, cx, output, h_n, c_n):
         """(output, h_n, c_n) of a stack from the last layer's output and each layer direction's

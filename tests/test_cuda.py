@@ -188,6 +188,27 @@ def test_layer_pipeline_matches_layer_after_layer(mode, dtype, kernel, monkeypat
     assert max_error(results["4"][1], results["0"][1]) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_auto_pipeline_matches_layer_after_layer(mode, monkeypatch):
+    """RNNFUSED_WAVEFRONT=auto on a stack whose layers run the persistent kernel (ours, TF32):
+    small layers share the SMs, so the planner pipelines them, and the results are what the
+    stack gives layer after layer, within TF32's rounding (the pipeline's plans, for layers side
+    by side, may split K otherwise)."""
+    monkeypatch.setenv("RNNFUSED_KERNEL", "ours")
+    _, ours = make_twins(mode, 16, 32, num_layers=4, dtype=torch.float32, device="cuda")
+    x = _x(64, 6, 16, torch.float32)
+    results = {}
+    with tf32_switch("allow_tf32", True):
+        for setting in ("0", "auto"):
+            monkeypatch.setenv("RNNFUSED_WAVEFRONT", setting)
+            reasons = [choice.reason for choice in rnnfused.explain(ours, x)]
+            assert all(("the layers pipelined over" in reason) == (setting == "auto") for reason in reasons), reasons
+            results[setting] = run_and_grad(lambda a, hx: ours(a, hx), x, None, [x], ours.parameters())
+            torch.cuda.synchronize()
+    assert max_error(results["auto"][0], results["0"][0]) <= 5e-3
+    assert max_error(results["auto"][1], results["0"][1]) <= 5e-3
+
+
 def test_input_and_weights_on_different_devices():
     ours = rnnfused.GRU(3, 4).cuda()
     with pytest.raises(RuntimeError, match="weight_ih is on cuda.* but the input is on cpu"):

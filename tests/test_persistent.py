@@ -189,6 +189,76 @@ def test_recurrences_side_by_side_plan_for_their_share_of_the_sms_where_it_pays(
     assert same_tiling(_plan(Cell.RNN_TANH, 768, 256, torch.float16, side_by_side=2), alone)
 
 
+def _pipeline(cell, T, layers, H, B, dtype, limits=H100, inference=False, max_chunks=32):
+    return _C.pipeline_plan(int(cell), T, layers, H, B, dtype, True, limits["sm_count"], limits["smem_per_block"],
+                            limits["compute_capability"], limits["cooperative_launch"], limits["max_cluster"],
+                            inference, max_chunks)
+
+
+PIPELINE_SHAPES = [(Cell.LSTM, 100, 4, 512, 64, torch.float16), (Cell.LSTM, 100, 4, 512, 64, torch.float32),
+                   (Cell.LSTM, 100, 2, 512, 64, torch.float16), (Cell.GRU, 100, 4, 512, 64, torch.float16),
+                   (Cell.LSTM, 256, 4, 128, 16, torch.float16), (Cell.RNN_TANH, 512, 3, 256, 1, torch.bfloat16),
+                   (Cell.GRU_CHO, 16, 4, 512, 64, torch.float16), (Cell.LSTM, 3, 8, 512, 64, torch.float32),
+                   (Cell.RNN_TANH, 64, 2, 768, 256, torch.float16)]
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["training", "inference"])
+@pytest.mark.parametrize("shape", PIPELINE_SHAPES,
+                         ids=lambda s: f"{s[0].name}_T{s[1]}_L{s[2]}_H{s[3]}_B{s[4]}_{str(s[5])[6:]}")
+def test_a_pipeline_takes_the_cheapest_slices_that_pay(shape, inference):
+    """RNNFUSED_WAVEFRONT=auto's planner against every slice count, enumerated here from the
+    layer plans: layer after layer, L launches (a forward and, in training, a backward each) and
+    T steps of the plan for the whole device; over n slices, n + L - 1 rounds of a slice's
+    launches and ceil(T / n) steps of the plan for min(L, n) recurrences side by side, counted
+    only where those plans' CTAs fit the SMs together. The pipeline is taken where the cheapest
+    is cheaper."""
+    cell, T, layers, H, B, dtype = shape
+    got = _pipeline(cell, T, layers, H, B, dtype, inference=inference)
+    launches = got["launch_ns"] * (1 if inference else 2)
+    whole = _plan(cell, H, B, dtype, inference=inference)
+    layered = layers * (launches + T * _step_ns(whole))
+    assert got["layered_ns"] == pytest.approx(layered, rel=1e-12)
+    costs = {}
+    for n in range(2, min(T, 32) + 1):
+        share = _plan(cell, H, B, dtype, side_by_side=min(layers, n), inference=inference)
+        if share["persistent"] and share["ctas"] * min(layers, n) <= H100["sm_count"]:
+            costs[n] = (n + layers - 1) * (launches + -(-T // n) * _step_ns(share))
+    if not costs:
+        assert got["chunks"] == 0 and got["reason"].startswith("layer after layer: no pipeline of 2 to ")
+        return
+    cheapest = min(costs, key=lambda n: (costs[n], n))
+    assert got["pipelined_ns"] == pytest.approx(costs[cheapest], rel=1e-12)
+    if costs[cheapest] < layered:
+        assert got["chunks"] == cheapest
+        assert got["reason"].startswith(f"the layers pipelined over {cheapest} slices of the steps: an estimated ")
+    else:
+        assert got["chunks"] == 0 and got["reason"].startswith("layer after layer: an estimated ")
+
+
+def test_what_a_pipeline_gains_by_the_model():
+    """Where the layers' plans already fit a share of the SMs (small: one 16-CTA cluster) four
+    layers pipeline at nearly the price of one; fp32 at H512, whose plan for 33 SMs does not
+    pay (the whole device's 128 CTAs stay), pipelines over fewer slices than layers; with one
+    step per slice or a layer that runs stepwise, layer after layer."""
+    small = _pipeline(Cell.LSTM, 256, 4, 128, 16, torch.float16)
+    assert small["chunks"] >= 4 and small["pipelined_ns"] < small["layered_ns"] / 2
+    crowded = _pipeline(Cell.LSTM, 100, 4, 512, 64, torch.float32)
+    assert 0 <= crowded["chunks"] < 4
+    short = _pipeline(Cell.LSTM, 1, 4, 512, 64, torch.float16)
+    assert short["chunks"] == 0 and short["reason"] == "layer after layer: a pipeline needs two layers and two steps"
+    stepwise = _pipeline(Cell.LSTM, 100, 4, 512, 64, torch.float64)
+    assert stepwise["chunks"] == 0 and stepwise["layered_ns"] == 0
+    assert stepwise["reason"].startswith("layer after layer: stepwise: float64")
+    # RNN tanh H768 B256 fp16 in training: its plan for half the SMs does not pay (the whole
+    # device's stays), so no two layers' launches fit the SMs together.
+    apart = _pipeline(Cell.RNN_TANH, 64, 2, 768, 256, torch.float16)
+    assert apart["chunks"] == 0 and apart["pipelined_ns"] == 0
+    assert apart["reason"] == "layer after layer: no pipeline of 2 to 32 slices has plans whose launches fit the SMs " \
+        "together"
+    # More launches cost more: with at most 2 slices, 2 is what it takes where it pays.
+    assert _pipeline(Cell.LSTM, 256, 4, 128, 16, torch.float16, max_chunks=2)["chunks"] == 2
+
+
 def _cell_of(mode, options):
     """The Cell number of a VARIANTS entry."""
     if mode == "LSTM":

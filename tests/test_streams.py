@@ -15,6 +15,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import rnnfused
 from rnnfused import dispatch
+from rnnfused._ops import Cell
 
 # (class, constructor kwargs): every cell and form the fused kernels run.
 VARIANTS = [(rnnfused.LSTM, {}), (rnnfused.LSTM, {"proj_size": 3}), (rnnfused.GRU, {}),
@@ -113,9 +114,45 @@ def test_explain_names_the_pipeline(monkeypatch):
     assert all("pipelined over 4 slices" in choice.reason for choice in rnnfused.explain(module, x))
 
 
+def test_auto_slices_as_the_planner_says(slice_lengths, monkeypatch):
+    """RNNFUSED_WAVEFRONT=auto asks the planner (_C.pipeline_choice, tested in
+    test_persistent.py) about the call's layers, dtype under autocast, step flags and pass, and
+    runs and explains what it answers."""
+    asked = []
+
+    def planner(*args):
+        asked.append(args)
+        return {"chunks": 3, "reason": "the layers pipelined over 3 slices of the steps: an estimated 1 us"}
+
+    monkeypatch.setenv("RNNFUSED_WAVEFRONT", "auto")
+    monkeypatch.setattr(dispatch._C, "pipeline_choice", planner)
+    module = rnnfused.GRU(3, 5, num_layers=3)
+    x = torch.randn(11, 4, 3)
+    module(x)
+    assert slice_lengths == [3] * 3 + [4] * 6
+    with torch.no_grad():
+        module(x, resets=torch.zeros(11, 4, dtype=torch.bool))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reasons = [choice.reason for choice in rnnfused.explain(module, x)]
+    assert asked == [(int(Cell.GRU), 11, 3, 5, 5, 4, torch.float32, "cpu", False, False),
+                     (int(Cell.GRU), 11, 3, 5, 5, 4, torch.float32, "cpu", True, True),
+                     (int(Cell.GRU), 11, 3, 5, 5, 4, torch.bfloat16, "cpu", False, False)]
+    assert all(reason.endswith("; RNNFUSED_WAVEFRONT=auto: the layers pipelined over 3 slices of the steps: "
+                               "an estimated 1 us") for reason in reasons)
+
+
+def test_auto_runs_layer_after_layer_off_the_gpu(slice_lengths, monkeypatch):
+    monkeypatch.setenv("RNNFUSED_WAVEFRONT", "auto")
+    module, x = rnnfused.LSTM(3, 5, num_layers=2), torch.randn(11, 4, 3)
+    module(x)
+    assert slice_lengths == [11, 11]
+    assert all(choice.reason.endswith("; RNNFUSED_WAVEFRONT=auto: layer after layer: off the GPU the slices would "
+                                      "run one after another") for choice in rnnfused.explain(module, x))
+
+
 def test_a_setting_that_is_not_a_number_raises(monkeypatch):
     monkeypatch.setenv("RNNFUSED_WAVEFRONT", "yes")
-    with pytest.raises(ValueError, match="RNNFUSED_WAVEFRONT must be a number of slices"):
+    with pytest.raises(ValueError, match="RNNFUSED_WAVEFRONT must be a number of slices or auto, got 'yes'"):
         rnnfused.GRU(3, 5, num_layers=2)(torch.randn(4, 2, 3))
 
 

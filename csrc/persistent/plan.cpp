@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <optional>
 #include <utility>
 #include <string>
 #include <vector>
@@ -487,6 +488,57 @@ Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf3
   return stepwise("W_hh (" + num(gates_per_unit(cell) * H * H * elem / 1024) + " KB) and the state of " + num(B) +
                   " rows do not fit in the shared memory of " + num(limits.sm_count) + " multiprocessors (" +
                   num(limits.smem_per_block / 1024) + " KB each) at any batch tile");
+}
+
+PipelinePlan plan_pipeline(Cell cell, int64_t T, int64_t layers, int64_t H, int64_t P, int64_t B, DType dtype,
+                           bool tf32, const DeviceLimits& limits, PlanFor use, int64_t max_chunks) {
+  PipelinePlan pipeline;
+  if (layers < 2 || T < 2) {
+    pipeline.reason = "layer after layer: a pipeline needs two layers and two steps";
+    return pipeline;
+  }
+  DeviceLimits alone = limits;
+  alone.side_by_side = 1;
+  const Plan whole = make_plan(cell, H, P, B, dtype, tf32, alone, use);
+  if (!whole.persistent) {
+    pipeline.reason = "layer after layer: " + whole.reason;  // the model does not estimate the stepwise kernels
+    return pipeline;
+  }
+  const CostModel model;
+  const double launches = use == PlanFor::Training ? 2 * model.launch_ns : model.launch_ns;
+  auto step = [](const Plan& p) { return p.forward.total() + p.backward.total(); };
+  pipeline.layered_ns = layers * (launches + T * step(whole));
+  // The plan for each number of recurrences side by side (min(layers, n)), made once.
+  std::vector<std::optional<Plan>> shared(layers + 1);
+  for (int64_t n = 2; n <= std::min(T, max_chunks); ++n) {
+    const int64_t side_by_side = std::min(layers, n);
+    if (!shared[side_by_side]) {
+      DeviceLimits share = limits;
+      share.side_by_side = side_by_side;
+      shared[side_by_side] = make_plan(cell, H, P, B, dtype, tf32, share, use);
+    }
+    const Plan& plan = *shared[side_by_side];
+    // Launches that cannot all hold their SMs at once wait for each other: no overlap to gain.
+    if (!plan.persistent || plan.tiling.ctas() * side_by_side > limits.sm_count) continue;
+    const double ns = (n + layers - 1) * (launches + ceil_div(T, n) * step(plan));
+    if (pipeline.chunks == 0 || ns < pipeline.pipelined_ns) {
+      pipeline.chunks = n;
+      pipeline.pipelined_ns = ns;
+    }
+  }
+  auto us = [](double ns) { return std::to_string(static_cast<int64_t>(ns / 1000 + 0.5)) + " us"; };
+  if (pipeline.chunks == 0) {
+    pipeline.reason = "layer after layer: no pipeline of 2 to " + num(std::min(T, max_chunks)) +
+                      " slices has plans whose launches fit the SMs together";
+  } else if (pipeline.pipelined_ns >= pipeline.layered_ns) {
+    pipeline.reason = "layer after layer: an estimated " + us(pipeline.layered_ns) + ", against " +
+                      us(pipeline.pipelined_ns) + " for the cheapest pipeline (" + num(pipeline.chunks) + " slices)";
+    pipeline.chunks = 0;
+  } else {
+    pipeline.reason = "the layers pipelined over " + num(pipeline.chunks) + " slices of the steps: an estimated " +
+                      us(pipeline.pipelined_ns) + " against " + us(pipeline.layered_ns) + " layer after layer";
+  }
+  return pipeline;
 }
 
 }  // namespace persistent

@@ -230,6 +230,8 @@ struct CostModel {
                                     // its mbarrier's completion and the peers' skew (shared/STAGE3.md's 0.3 us)
   double dsmem_bytes_per_ns = 25;   // what one SM pushes into its peers' shared memory: a lead, about 3.3 TB/s
                                     // over an H100's SMs (Luo et al. 2024, arXiv 2402.13499), not measured here
+  double launch_ns = 8000;          // a persistent launch's fixed part: the host's launch, the CTAs' start and W's
+                                    // load, the stream's wait for its input; a guess, to measure (plan_pipeline)
 };
 
 // One step's estimate, per phase (timing.h's step phases), in nanoseconds.
@@ -279,6 +281,27 @@ bool fits(const Tiling& t, int64_t smem_per_block, PlanFor use = PlanFor::Traini
 // then wait for each other's SMs.
 Plan make_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf32, const DeviceLimits& limits,
                PlanFor use = PlanFor::Training);
+
+// A unidirectional stack of `layers` layers as a layer pipeline (rnnfused.modules' _run_wavefront):
+// the T steps in `chunks` slices, each layer on a CUDA stream of its own, layer l on slice k beside
+// layer l+1 on slice k-1, so min(layers, chunks) recurrences share the SMs (make_plan's
+// side_by_side). Every layer's recurrence has the same plan (H, P, B and dtype; only the input
+// projections, which this leaves aside, differ). The cost model's estimate of a pass (training:
+// forward and backward, each its own pipeline) layer after layer is layers x (launch + T steps of
+// the plan for the whole device), and over n equal slices (n + layers - 1) x (launch + ceil(T / n)
+// steps of the plan for the recurrences side by side): the first slice's way down the layers, then
+// one round per further slice. Only slice counts whose side-by-side plans fit the SMs together
+// are compared: launches that do not would wait for each other.
+struct PipelinePlan {
+  int64_t chunks = 0;       // the cheapest number of slices, 2 to max_chunks; 0: layer after layer
+  double layered_ns = 0;    // the estimate layer after layer (0 where the layers run stepwise: no estimate)
+  double pipelined_ns = 0;  // the cheapest pipeline's estimate (0 where none was estimated)
+  std::string reason;
+};
+constexpr int64_t kMaxPipelineChunks = 32;
+PipelinePlan plan_pipeline(Cell cell, int64_t T, int64_t layers, int64_t H, int64_t P, int64_t B, DType dtype,
+                           bool tf32, const DeviceLimits& limits, PlanFor use = PlanFor::Training,
+                           int64_t max_chunks = kMaxPipelineChunks);
 
 // The plan of the CPU's persistent recurrence (csrc/cpu/persistent_cpu.h): one slice of the
 // hidden units per thread (units, unit_tiles; the rest of the tiling is the GPU's), all
