@@ -12,13 +12,17 @@ FLOOR_TORCH_VERSION ?= 2.13.0
 FLOOR_TESTS ?= tests/test_module_api.py tests/test_operators.py tests/test_autograd_modes.py tests/test_cells.py \
                tests/test_packed.py tests/test_convert.py tests/test_explain.py tests/test_docs.py
 PY := $(VENV)/bin/python
-TEST_DEPS := numpy numba pytest hypothesis build expecttest ninja setuptools wheel
+TEST_DEPS := numpy numba pytest pytest-xdist hypothesis build expecttest ninja setuptools wheel
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/* csrc/persistent/*)
 
 .PHONY: test test-floor bench build gpu-check clean
 
+# Two workers, a file at a time each, in the suite's order (tests/conftest.py puts the
+# packaging tests, whose fixture builds a wheel for minutes, first, beside the other files).
+PYTEST := -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+
 test: $(VENV)/.built
-	$(PY) -m pytest -q tests
+	$(PY) $(PYTEST) tests
 
 bench: $(VENV)/.built
 	$(PY) -m bench $(ARGS)
@@ -46,7 +50,7 @@ test-floor: $(FLOOR_VENV)/.installed
 	tar -xzf build/floor/rnnfused-*.tar.gz -C build/floor
 	cd build/floor/rnnfused-*/ && RNNFUSED_SKIP_CUDA_BUILD=1 RNNFUSED_REQUIRE_CUDA_BUILD=0 \
 	  $(abspath $(FLOOR_VENV))/bin/python setup.py --quiet build_ext --inplace
-	cd build/floor/rnnfused-*/ && $(abspath $(FLOOR_VENV))/bin/python -m pytest -q $(FLOOR_TESTS)
+	cd build/floor/rnnfused-*/ && $(abspath $(FLOOR_VENV))/bin/python $(PYTEST) $(FLOOR_TESTS)
 
 gpu-check:
 	bash scripts/gpu_check.sh

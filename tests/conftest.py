@@ -47,6 +47,13 @@ def fuzz_settings(config):
     return int(seed), count
 
 
+def pytest_collection_modifyitems(config, items):
+    """The packaging tests first: their fixture builds a wheel (minutes), which under
+    pytest-xdist (make test runs two workers, a file per worker at a time) then overlaps the
+    other files instead of running alone at the end."""
+    items.sort(key=lambda item: item.path.name != "test_packaging.py")
+
+
 def pytest_report_header(config):
     seed, count = fuzz_settings(config)
     return f"rnnfused fuzzer: {count} configurations from seed {seed} (--fuzz-seed, --fuzz-count)"
