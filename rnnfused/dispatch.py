@@ -319,21 +319,39 @@ def wavefront(device, steps, num_layers, bidirectional, packed, unchunkable, lay
     stack of several layers, at least one step per slice; ``unchunkable``: the call runs the
     reference equations, draws regularisers' masks or between-layer dropout (whose random
     streams are per layer call). Off under torch.compile, torch.export and torch.jit.trace, as
-    for the directions. ``layer``: (cell, hidden size, output width, batch, dtype, step flags,
-    inference) of the stack's layers, which auto plans for."""
+    for the directions. ``layer``: a callable giving (cell, hidden size, output width, batch,
+    dtype, step flags, inference) of the stack's layers, which auto plans for."""
     setting = wavefront_setting()
     if not setting or steps < 2 or num_layers < 2 or bidirectional or packed or unchunkable \
             or _graph_orders_the_ops():
         return Pipeline()
     if setting == "auto":
-        cell, hidden, width, batch, dtype, step_flags, inference = layer
-        choice = _C.pipeline_choice(int(cell), steps, num_layers, hidden, width, batch, dtype, str(device), step_flags,
-                                    inference)
+        cell, hidden, width, batch, dtype, step_flags, inference = layer()
+        choice = _pipeline_choice(int(cell), steps, num_layers, hidden, width, batch, dtype, str(device), step_flags,
+                                  inference)
         return Pipeline(choice["chunks"], "RNNFUSED_WAVEFRONT=auto: " + choice["reason"])
     chunks = min(setting, steps)
     if chunks < 2:
         return Pipeline()
     return Pipeline(chunks, f"the layers pipelined over {chunks} slices of the steps (RNNFUSED_WAVEFRONT)")
+
+
+_PIPELINES = {}
+_PLAN_SETTINGS = ["RNNFUSED_KERNEL"] + [f"RNNFUSED_PERSISTENT_{name}" for name in
+                                        ("SMS", "SMEM_KB", "SPREAD", "TILING", "CLUSTERS", "HELD_W")]
+
+
+def _pipeline_choice(*args):
+    """_C.pipeline_choice(*args), made once per call shape and settings: it plans the layers
+    several times over (about 0.3 ms on a CPU core), and auto asks on every call. The settings
+    the plans read (kernel_choice.cpp) and TF32 are in the key; the cache is emptied where
+    sequence lengths vary enough to fill it."""
+    key = (args, _tf32_allowed(), tuple(os.environ.get(name) for name in _PLAN_SETTINGS))
+    if key not in _PIPELINES:
+        if len(_PIPELINES) >= 1024:
+            _PIPELINES.clear()
+        _PIPELINES[key] = _C.pipeline_choice(*args)
+    return _PIPELINES[key]
 
 
 def wavefront_setting():

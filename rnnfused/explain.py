@@ -62,7 +62,8 @@ def explain(module, input, *, lengths=None, resets=None):
     stack = dispatch.choose(module, weight, batch, training, torch.empty(0) if has_flags else None)
     packed = isinstance(input, PackedSequence) or module._packs(input, lengths, resets)
     pipeline = module._pipeline(weight, steps, batch, packed=packed, step_flags=has_flags,
-                                equations=stack.kernel == "reference" or module.norm is not None, training=training)
+                                equations=stack.kernel == "reference" or module.norm is not None,
+                                training=lambda: training)
     chunks = pipeline.chunks
     inside_steps = module.regularisers.inside_steps(module.training)
     zoneout = module.regularisers.zoneout_h or module.regularisers.zoneout_c

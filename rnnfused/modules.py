@@ -469,10 +469,10 @@ class RNNBase(nn.RNNBase):
         # Asked only where the directions or the layers could overlap.
         equations = (self.bidirectional or dispatch.wavefront_setting() not in (0, 1)) and (
             reference or self.norm is not None or _needs_differentiable_equations([x, hx, cx, *self._flat_weights]))
-        training = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                   for t in [x, hx, cx, *self._flat_weights])
         chunks = self._pipeline(self.weight_ih_l0, steps, hx.size(1), packed=batch_sizes is not None,
-                                step_flags=flags is not None, equations=equations, training=training).chunks
+                                step_flags=flags is not None, equations=equations,
+                                training=lambda: torch.is_grad_enabled() and any(
+                                    t is not None and t.requires_grad for t in [x, hx, cx, *self._flat_weights])).chunks
         if chunks:
             return self._results(x, hx, cx, *self._run_wavefront(x, hx, cx, None if flags is None else flags[0],
                                                                  chunks))
@@ -581,10 +581,12 @@ class RNNBase(nn.RNNBase):
         """:func:`rnnfused.dispatch.wavefront` for a call of this stack (explain asks the same):
         ``weight`` one of its weights (device, and dtype with autocast); ``step_flags``: it has
         lengths or resets; ``equations``: it runs the reference equations or is normalized;
-        ``training``: autograd will run a backward."""
-        width = self.proj_size if getattr(self, "proj_size", 0) > 0 else self.hidden_size
-        layer = (self._cell(), self.hidden_size, width, batch, dispatch.effective_dtype(weight), step_flags,
-                 not training)
+        ``training``: a callable, whether autograd will run a backward. The layers' description
+        is made only where RNNFUSED_WAVEFRONT=auto asks for it (this runs on every call)."""
+        def layer():
+            width = self.proj_size if getattr(self, "proj_size", 0) > 0 else self.hidden_size
+            return (self._cell(), self.hidden_size, width, batch, dispatch.effective_dtype(weight), step_flags,
+                    not training())
         return dispatch.wavefront(weight.device, steps, self.num_layers, self.bidirectional, packed,
                                   equations or not self.regularisers.is_off() or (self.dropout > 0 and self.training),
                                   layer)

@@ -126,6 +126,7 @@ def test_auto_slices_as_the_planner_says(slice_lengths, monkeypatch):
 
     monkeypatch.setenv("RNNFUSED_WAVEFRONT", "auto")
     monkeypatch.setattr(dispatch._C, "pipeline_choice", planner)
+    monkeypatch.setattr(dispatch, "_PIPELINES", {})  # nothing planned before by the real planner
     module = rnnfused.GRU(3, 5, num_layers=3)
     x = torch.randn(11, 4, 3)
     module(x)
