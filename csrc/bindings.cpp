@@ -1,6 +1,8 @@
 // The only file that sees torch: argument checks, device guard, current stream,
 // allocation of every buffer named in params.h, and the pybind11 module rnnfused._C.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#include <torch/python.h>
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/LegacyBatchedTensorImpl.h>

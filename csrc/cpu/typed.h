@@ -14,7 +14,6 @@
 #include <type_traits>
 
 #include "convert.h"  // first: its load / store are used by every pass below
-#include "../persistent/host.h"
 #include "../recurrence.h"
 #include "kernels.h"
 #include "persistent_cpu.h"
@@ -77,8 +76,7 @@ struct CpuBackend {
 }  // namespace typed
 
 // With p.tiling the recurrence runs as the persistent program: on CPU threads (a CPU plan)
-// or, for a GPU plan, through its host simulation (persistent/host.h: a test harness for the
-// GPU kernel's logic, not a fast path).
+// or, for a GPU plan, through its host simulation (simulate.cpp).
 template <typename S>
 void run_typed(const ForwardParams& p) {
   using A = at::opmath_type<S>;
@@ -89,7 +87,7 @@ void run_typed(const ForwardParams& p) {
   else if (p.tiling->cpu_threads)
     persistent_cpu::run<S, A>(p, *p.tiling);
   else
-    persistent::simulate_forward<S, A>(p, *p.tiling);
+    simulate<S>(p, *p.tiling);
 }
 
 template <typename S>
@@ -102,7 +100,7 @@ void run_typed(const BackwardParams& p) {
   else if (p.tiling->cpu_threads)
     persistent_cpu::run<S, A>(p, *p.tiling);
   else
-    persistent::simulate_backward<S, A>(p, *p.tiling);
+    simulate<S>(p, *p.tiling);
   rnnfused::backward_weight_gradients<S, A>(be, p);
 }
 
