@@ -49,8 +49,8 @@ def fuzz_settings(config):
 
 def pytest_collection_modifyitems(config, items):
     """The packaging tests first: their fixture builds a wheel (minutes), which under
-    pytest-xdist (make test runs two workers, a file per worker at a time) then overlaps the
-    other files instead of running alone at the end."""
+    pytest-xdist (make test runs two workers) then overlaps the other tests instead of running
+    alone at the end."""
     items.sort(key=lambda item: item.path.name != "test_packaging.py")
 
 

@@ -184,7 +184,9 @@ def test_compiles_in_a_python_loop_without_graph_breaks():
             state = cell(step, state)
         return state[0]
 
-    compiled = torch.compile(unroll, fullgraph=True)
+    # aot_eager: the same graph and autograd without inductor's code generation (test_operators.py
+    # compiles the same operator with inductor): 3 s instead of 14 with a cold inductor cache.
+    compiled = torch.compile(unroll, fullgraph=True, backend="aot_eager")
     x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
     expected = unroll(x)
     grad, = torch.autograd.grad(expected.sum(), x)

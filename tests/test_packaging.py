@@ -17,8 +17,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")),
-                                reason="needs the git checkout (the sdist is built from it)")
+# One pytest-xdist worker runs them all (make test: --dist loadgroup), so the wheel builds once.
+pytestmark = [pytest.mark.skipif(shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")),
+                                 reason="needs the git checkout (the sdist is built from it)"),
+              pytest.mark.xdist_group("packaging")]
 
 
 SDIST_COMMAND = "python -m build --sdist --no-isolation"  # as the README gives it
