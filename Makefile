@@ -17,9 +17,10 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csr
 
 .PHONY: test test-floor bench build gpu-check clean
 
-# Two workers, a test at a time each, in the suite's order. tests/conftest.py puts the packaging
-# tests first: one worker builds their wheel (minutes) while the other runs the rest.
-PYTEST := -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
+# Two workers, a test at a time each (tests/conftest.py's scopes: the packaging tests, which share
+# one wheel build, go to one worker together), in the suite's order. The packaging tests come
+# first: one worker builds their wheel (minutes) while the other runs the rest.
+PYTEST := -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 test: $(VENV)/.built
 	$(PY) $(PYTEST) tests

@@ -54,6 +54,24 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name != "test_packaging.py")
 
 
+@pytest.hookimpl(optionalhook=True)  # plain pytest, without xdist, has no such hook
+def pytest_xdist_make_scheduler(config, log):
+    """make test's scheduler (--dist loadscope with these scopes): each test goes alone to the
+    next free worker, except the packaging tests, which share their module's wheel build and so
+    go to one worker together. (xdist's --dist loadgroup would say this with a mark, but under
+    pytest 9 its marks do not take: the tests spread and built the wheel twice at once.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            return path if path.endswith("test_packaging.py") else nodeid
+
+    return Scheduling(config, log)
+
+
 def pytest_report_header(config):
     seed, count = fuzz_settings(config)
     return f"rnnfused fuzzer: {count} configurations from seed {seed} (--fuzz-seed, --fuzz-count)"

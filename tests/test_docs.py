@@ -88,5 +88,5 @@ def test_relative_links_and_anchors_resolve():
 
 def test_make_test_runs_the_whole_suite():
     makefile = open(os.path.join(ROOT, "Makefile"), encoding="utf-8").read()
-    assert re.search(r"^PYTEST := -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder$", makefile, re.MULTILINE)
+    assert re.search(r"^PYTEST := -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder$", makefile, re.MULTILINE)
     assert re.search(r"^test: .*\n\t\$\(PY\) \$\(PYTEST\) tests$", makefile, re.MULTILINE)

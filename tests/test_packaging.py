@@ -17,10 +17,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# One pytest-xdist worker runs them all (make test: --dist loadgroup), so the wheel builds once.
-pytestmark = [pytest.mark.skipif(shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")),
-                                 reason="needs the git checkout (the sdist is built from it)"),
-              pytest.mark.xdist_group("packaging")]
+# Under pytest-xdist one worker runs them all (tests/conftest.py), so the wheel builds once.
+pytestmark = pytest.mark.skipif(shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")),
+                                reason="needs the git checkout (the sdist is built from it)")
 
 
 SDIST_COMMAND = "python -m build --sdist --no-isolation"  # as the README gives it
