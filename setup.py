@@ -195,7 +195,8 @@ def extension():
     # the library it links (libgomp.so.1) is the one torch has already loaded.
     # -g0 undoes the -g of Python's own flags: debug information for every template instance
     # took 30% of the compile time (float's CPU kernels: 127 s -> 89 s) and most of the library.
-    cxx_flags = [cxx_opt_level(), "-g0", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fno-wrapv",
+    cxx_flags = [cxx_opt_level(), "-g0", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
+                 "-fno-wrapv",
                  f"-DRNNFUSED_DEVICE_SOURCE_HASH=\"{device_source_hash()}\""]
     no_cuda = why_no_cuda()
     if no_cuda is not None and env_flag("RNNFUSED_REQUIRE_CUDA_BUILD"):

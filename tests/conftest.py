@@ -47,11 +47,15 @@ def fuzz_settings(config):
     return int(seed), count
 
 
+# The tests that share a module fixture building a wheel: first in the suite, on one worker.
+PACKAGING_TESTS = "test_packaging.py"
+
+
 def pytest_collection_modifyitems(config, items):
     """The packaging tests first: their fixture builds a wheel (minutes), which under
     pytest-xdist (make test runs two workers) then overlaps the other tests instead of running
     alone at the end."""
-    items.sort(key=lambda item: item.path.name != "test_packaging.py")
+    items.sort(key=lambda item: item.path.name != PACKAGING_TESTS)
 
 
 @pytest.hookimpl(optionalhook=True)  # plain pytest, without xdist, has no such hook
@@ -67,7 +71,7 @@ def pytest_xdist_make_scheduler(config, log):
     class Scheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid):
             path = nodeid.split("::", 1)[0]
-            return path if path.endswith("test_packaging.py") else nodeid
+            return path if path.rsplit("/", 1)[-1] == PACKAGING_TESTS else nodeid
 
     return Scheduling(config, log)
 

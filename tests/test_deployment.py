@@ -151,7 +151,8 @@ def test_compile_fullgraph_traces_our_layers_nested_and_leaves_torch_nn_alone():
 
 def test_compile_traces_our_layers_when_dynamo_was_imported_before_rnnfused():
     code = ("import torch, torch._dynamo, rnnfused; "
-            "print(torch.compile(rnnfused.GRU(3, 4), fullgraph=True, backend='aot_eager')(torch.randn(5, 2, 3))[0].shape)")
+            "layer = torch.compile(rnnfused.GRU(3, 4), fullgraph=True, backend='aot_eager'); "
+            "print(layer(torch.randn(5, 2, 3))[0].shape)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.Size([5, 2, 4])" in result.stdout
