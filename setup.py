@@ -15,6 +15,9 @@ Environment:
   MAX_JOBS                      parallel compile jobs (default: from cores and free memory)
   RNNFUSED_CXX_OPT=0            the C++ sources' optimisation level (0 to 3; default 3). 0 builds in
                                 a fraction of the time and runs slowly: for checking packaging
+  RNNFUSED_CPU_BASELINE_ONLY=1  the CPU vector code for the baseline instruction set only, not also
+                                for AVX2 and AVX-512 (picked at run time): builds in about half the
+                                time, runs the baseline code on any CPU
 """
 
 import glob
@@ -198,6 +201,8 @@ def extension():
     cxx_flags = [cxx_opt_level(), "-g0", "-fvisibility=hidden", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
                  "-fno-wrapv",
                  f"-DRNNFUSED_DEVICE_SOURCE_HASH=\"{device_source_hash()}\""]
+    if env_flag("RNNFUSED_CPU_BASELINE_ONLY"):
+        cxx_flags.append("-DRNNFUSED_CPU_BASELINE_ONLY")
     no_cuda = why_no_cuda()
     if no_cuda is not None and env_flag("RNNFUSED_REQUIRE_CUDA_BUILD"):
         raise SystemExit(f"rnnfused: RNNFUSED_REQUIRE_CUDA_BUILD is set but {no_cuda}")

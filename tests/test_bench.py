@@ -217,7 +217,10 @@ def test_floor_times_the_products_next_to_both_layers(capsys):
     assert floor.main(["--configs", "T4,B2,I3,H5", "--rounds", "1", "--threads", str(torch.get_num_threads())]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("T4 B2 I3 H5")]
     assert [row[4] for row in rows] == ["fwd", "fwd+bwd"]
-    assert all(float(value) > 0 for row in rows for value in row[5:])
+    # Columns: products, rnnfused and torch ms, then the two ratios. The two products of so small a
+    # forward can take under the 0.005 ms that prints as 0.00; the layers take tenths of a millisecond.
+    assert all(float(value) >= 0 for row in rows for value in row[5:])
+    assert all(float(row[i]) > 0 for row in rows for i in (6, 7, 9))
     with pytest.raises(SystemExit):  # a stack's products are not one layer's
         floor.main(["--configs", "T4,B2,I3,H5,L2", "--rounds", "1"])
 

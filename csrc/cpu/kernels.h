@@ -1,6 +1,8 @@
 // The CPU's vector code, each compiled for three instruction sets and picked at run time:
 // the fused element loops (steps.h's functors) and the small-batch product of the threaded
-// recurrence (persistent_cpu.h).
+// recurrence (persistent_cpu.h). A build with RNNFUSED_CPU_BASELINE_ONLY (setup.py) compiles
+// the baseline alone: a third of the code, for builds that check packaging or an interface
+// rather than speed, and a run of the baseline code on any CPU.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +15,9 @@ namespace cpu {
 enum class Isa { Baseline, Avx2, Avx512 };
 
 inline Isa detect_isa() {
+#if defined(RNNFUSED_CPU_BASELINE_ONLY)
+  return Isa::Baseline;
+#else
   __builtin_cpu_init();  // a library's static initialiser may run before libgcc's own
   // BW and VL: the element loops' float16 / bfloat16 values in 512-bit vectors.
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
@@ -20,6 +25,7 @@ inline Isa detect_isa() {
     return Isa::Avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
   return Isa::Baseline;
+#endif
 }
 
 inline Isa cpu_isa() {
@@ -78,9 +84,11 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))) void rows
 template <typename F>
 void for_each_element(const F& f, int64_t begin, int64_t end, int64_t j0, int64_t j1) {
   switch (cpu_isa()) {
+#if !defined(RNNFUSED_CPU_BASELINE_ONLY)
     case Isa::Avx512: return rows_avx512(f, begin, end, j0, j1);
     case Isa::Avx2: return rows_avx2(f, begin, end, j0, j1);
-    case Isa::Baseline: return rows_baseline(f, begin, end, j0, j1);
+#endif
+    default: return rows_baseline(f, begin, end, j0, j1);
   }
 }
 
@@ -190,9 +198,11 @@ template <typename T>
 void small_batch_product(Isa isa, T* c, int64_t ldc, bool accumulate, const T* a, int64_t lda, const T* w,
                          int64_t vectors, int64_t m, int64_t k, const int64_t* offset, const int* valid) {
   switch (isa) {
+#if !defined(RNNFUSED_CPU_BASELINE_ONLY)
     case Isa::Avx512: return product_avx512(c, ldc, accumulate, a, lda, w, vectors, m, k, offset, valid);
     case Isa::Avx2: return product_avx2(c, ldc, accumulate, a, lda, w, vectors, m, k, offset, valid);
-    case Isa::Baseline: return product_baseline(c, ldc, accumulate, a, lda, w, vectors, m, k, offset, valid);
+#endif
+    default: return product_baseline(c, ldc, accumulate, a, lda, w, vectors, m, k, offset, valid);
   }
 }
 
