@@ -58,6 +58,18 @@ STEP_RESET = 1  # the state carried into the row's step is zero: a new segment s
 STEP_INACTIVE = 2  # the row does not step: its state is held, its output is zero, no gradient flows
 
 
+def to_device(tensor, device):
+    """``tensor`` on ``device`` without waiting for the GPU: a CPU tensor bound for a CUDA
+    device is copied from pinned memory, asynchronously (a copy from pageable memory first
+    waits for the work queued on the stream). ``tensor.to(device)`` under torch.compile and
+    in CUDA-graph capture, whose graph would go on reading the pinned block after it is freed."""
+    device = torch.device(device)
+    if (device.type == "cuda" and tensor.device.type == "cpu" and type(tensor) is torch.Tensor
+            and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing()):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerOptions:
     """The options of one layer direction: the scalar arguments of both operators, in this

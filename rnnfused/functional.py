@@ -146,7 +146,7 @@ def _update_running_stats(running_stats, batch_stats, counts, momentum):
     with torch.no_grad():
         steps = min(counts.numel(), running_stats[0].size(0))
         device, dtype = running_stats[0].device, running_stats[0].dtype
-        n = counts[:steps].to(device=device, dtype=dtype).unsqueeze(1)
+        n = _ops.to_device(counts[:steps], device).to(dtype).unsqueeze(1)
         for k, (running, stat) in enumerate(zip(running_stats, batch_stats)):
             stat = stat[:steps].to(dtype)
             if k % 2:
@@ -210,9 +210,9 @@ def step_flags(steps, batch, device, *, lengths=None, resets=None, reverse=False
         return None
     inactive = None
     if lengths is not None:
-        inactive = torch.arange(steps, device=device).unsqueeze(1) >= lengths.to(device).unsqueeze(0)
+        inactive = torch.arange(steps, device=device).unsqueeze(1) >= _ops.to_device(lengths, device).unsqueeze(0)
     if resets is not None:
-        starts = resets.to(device)
+        starts = _ops.to_device(resets, device)
         if inactive is not None:
             starts = starts & ~inactive
         if reverse:

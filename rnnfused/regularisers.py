@@ -39,6 +39,8 @@ import numbers
 
 import torch
 
+from ._ops import to_device
+
 DROPOUT_MODES = ("standard", "variational")
 
 
@@ -243,8 +245,10 @@ def apply_between_mask(layer_output, mask, batch_sizes):
     mask of its sequences."""
     if batch_sizes is None:
         return layer_output * mask
-    rows = torch.cat([torch.arange(int(n)) for n in batch_sizes]).to(mask.device)
-    return layer_output * mask.index_select(0, rows)
+    # Step t's rows are its sequences 0 .. batch_sizes[t] - 1, in the packed order.
+    index = torch.arange(int(batch_sizes[0])).expand(batch_sizes.numel(), -1)
+    rows = index[index < batch_sizes.unsqueeze(1)]
+    return layer_output * mask.index_select(0, to_device(rows, mask.device))
 
 
 _CAPTURES = []

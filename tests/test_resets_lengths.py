@@ -321,7 +321,8 @@ def test_normalized_layers_take_lengths_as_packed_input(norm):
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode,extra", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_resets_and_lengths_match_the_cpu_without_a_host_sync(mode, extra, dtype, monkeypatch):
+@pytest.mark.parametrize("flags_on", ["cuda", "cpu"])  # the lengths and resets: a CPU copy is queued, never waited for
+def test_cuda_resets_and_lengths_match_the_cpu_without_a_host_sync(mode, extra, dtype, flags_on, monkeypatch):
     monkeypatch.setenv("RNNFUSED_KERNEL", "stepwise")
     _, ours = make_twins(mode, 3, 8, num_layers=2, bidirectional=True, dtype=dtype, **extra)
     x = _randn(9, 4, 3, seed=14, dtype=dtype)
@@ -336,10 +337,10 @@ def test_cuda_resets_and_lengths_match_the_cpu_without_a_host_sync(mode, extra, 
 
     on_cpu = run(ours, x, RESETS, lengths)
     ours = ours.cuda()
-    x, resets, lengths = x.cuda(), RESETS.cuda(), lengths.cuda()
+    x, resets, lengths = x.cuda(), RESETS.to(flags_on), lengths.to(flags_on)
     weights[0] = weights[0].cuda()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # no device-to-host copy for the lengths or resets
+    torch.cuda.set_sync_debug_mode("error")  # no copy of the lengths or resets that waits for the GPU
     try:
         on_gpu = run(ours, x, resets, lengths)
     finally:
