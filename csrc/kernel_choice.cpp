@@ -7,8 +7,10 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <set>
+#include <tuple>
 
 #ifdef RNNFUSED_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -101,6 +103,35 @@ persistent::DeviceLimits device_limits(const at::Device& device) {
   return limits;
 }
 
+// make_plan compares tens of tilings, 20-40 us of a CPU core at H128-512 (_C.plan, fp16, H100
+// limits), and the GPU path asks for the plan in every forward and backward of every layer
+// direction: plans are made once per question and kept. The key is every argument and every
+// field of the limits (the structured binding stops compiling when DeviceLimits gains a field,
+// which must then join the key); the map is emptied when it grows past kPlansKept (a batch size
+// that changes every call).
+persistent::Plan kept_plan(Cell cell, int64_t H, int64_t P, int64_t B, DType dtype, bool tf32,
+                           const persistent::DeviceLimits& limits, persistent::PlanFor use) {
+  const auto& [sm_count, smem_per_block, compute_capability, cooperative_launch, host_simulation, spread_units,
+               forced_rows, forced_units, max_cluster, hold_weights, side_by_side] = limits;
+  using Key = std::tuple<int, int64_t, int64_t, int64_t, int, bool, int, int64_t, int64_t, int, bool, bool, bool,
+                         int64_t, int64_t, int64_t, bool, int64_t>;
+  const Key key{static_cast<int>(cell), H, P, B, static_cast<int>(dtype), tf32, static_cast<int>(use),
+                sm_count, smem_per_block, compute_capability, cooperative_launch, host_simulation, spread_units,
+                forced_rows, forced_units, max_cluster, hold_weights, side_by_side};
+  constexpr size_t kPlansKept = 4096;
+  static std::mutex mutex;
+  static std::map<Key, persistent::Plan> plans;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (auto found = plans.find(key); found != plans.end()) return found->second;
+  }
+  persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, tf32, limits, use);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (plans.size() >= kPlansKept) plans.clear();
+  plans.emplace(key, plan);
+  return plan;
+}
+
 KernelChoice stepwise(std::string reason) {
   return {"stepwise", std::move(reason), {}};
 }
@@ -128,7 +159,7 @@ KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B
   };
   if (device.is_cpu()) {
     if (setting == "simulate") {
-      persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, dtype == DType::Float32, limits_for(), use);
+      persistent::Plan plan = kept_plan(cell, H, P, B, dtype, dtype == DType::Float32, limits_for(), use);
       if (!plan.persistent) return stepwise(plan.reason);
       return {"persistent (host simulation)", plan.reason, plan};
     }
@@ -145,7 +176,7 @@ KernelChoice choose_kernel(Cell cell, int64_t T, int64_t H, int64_t P, int64_t B
   TORCH_CHECK(setting != "simulate", "rnnfused: RNNFUSED_KERNEL=simulate is the CPU test harness; on a GPU use "
               "RNNFUSED_KERNEL=persistent");
   const persistent::DeviceLimits limits = limits_for();
-  persistent::Plan plan = persistent::make_plan(cell, H, P, B, dtype, tf32_products(dtype), limits, use);
+  persistent::Plan plan = kept_plan(cell, H, P, B, dtype, tf32_products(dtype), limits, use);
   if (setting == "persistent") {
     TORCH_CHECK(plan.persistent, "rnnfused: RNNFUSED_KERNEL=persistent but this layer cannot run persistent (",
                 plan.reason, ")");

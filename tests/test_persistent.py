@@ -508,6 +508,22 @@ def test_spread_keeps_stage_2s_rule_and_a_tiling_can_be_forced():
             _C.layer_plan(int(Cell.LSTM), 10, 64, 8, torch.float16, "cpu")
 
 
+def test_kept_plans_answer_the_question_asked_each_time():
+    """The layer plans are made once per question and kept (kernel_choice.cpp): a setting that
+    changes the plan changes the answer, and going back gives the first answer again."""
+    def tiling(**settings):
+        with environment(RNNFUSED_KERNEL="simulate", **settings):
+            plan = _C.layer_plan(int(Cell.LSTM), 10, 128, 64, torch.float16, "cpu")
+            return plan["kernel"], plan["rows"], plan["units"], plan["cluster"], plan["reason"]
+
+    first = tiling()
+    answers = [tiling(RNNFUSED_PERSISTENT_TILING="16x128"), tiling(RNNFUSED_PERSISTENT_TILING="32x64"),
+               tiling(RNNFUSED_PERSISTENT_CLUSTERS="0"), tiling(RNNFUSED_PERSISTENT_SPREAD="1"),
+               tiling(RNNFUSED_PERSISTENT_SMEM_KB="100")]
+    assert len({first, *answers}) == 6, answers
+    assert tiling() == first and tiling(RNNFUSED_PERSISTENT_TILING="16x128") == answers[0]
+
+
 def test_more_row_tiles_only_when_the_weights_fit():
     """Stage 2's rule: the batch tile is the smallest whose replicated weight slices fit."""
     small = _plan(Cell.RNN_TANH, 128, 256, torch.float16, spread=True)
