@@ -506,8 +506,8 @@ void attach_plan(LayerParams& p, const KernelChoice& choice, const Layer& layer,
       offset += p.batch_sizes[t];
     }
     table = host.to(layer.x.device(), /*non_blocking=*/true);
-    p.kernel_batch_sizes = table[0].data_ptr<int64_t>();
-    p.kernel_offsets = table[1].data_ptr<int64_t>();
+    p.kernel_batch_sizes = table.data_ptr<int64_t>();
+    p.kernel_offsets = p.kernel_batch_sizes + p.T;
   }
   p.tiling = &choice.plan.tiling;
 }
