@@ -27,7 +27,8 @@ PackedSequence) with, optionally:
   padded back: outputs past a sequence's length are zero, ``h_n`` (``c_n``) is each sequence's
   state at its own last step, the reverse direction starts at each sequence's own end, and no
   gradient flows through the padding. Nothing is copied to the host: on CUDA the lengths stay
-  on the GPU (bad lengths there raise through a device-side assertion).
+  on the GPU (bad lengths there raise through a device-side assertion), and lengths given on
+  the CPU are copied to it without waiting for the GPU.
 * ``resets``: bool ``[L, N]`` (``[N, L]`` with batch_first, ``[L]`` unbatched), on any device: a
   new segment starts at every step where it is True, exactly as if each segment were a
   sequence of its own (reinforcement-learning rollouts, streaming). The forward direction
