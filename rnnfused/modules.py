@@ -91,7 +91,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import dispatch
 from . import regularisers as _regularisers
-from ._ops import LayerOptions
+from ._ops import LayerOptions, to_device
 from .functional import (Cell, _clip_value, _needs_differentiable_equations, _norm_kind, autocast_result_dtypes,
                          check_lengths, check_resets, run_layer, step_flags)
 
@@ -401,6 +401,8 @@ class RNNBase(nn.RNNBase):
                 elif self.batch_first and resets.dim() == 2:
                     resets = resets.t()
             resets = check_resets(resets, steps, batch)
+        # On x's device once for both directions (a CPU copy is queued, not waited for).
+        lengths, resets = (None if t is None else to_device(t, x.device) for t in (lengths, resets))
         return [step_flags(steps, batch, x.device, lengths=lengths, resets=resets, reverse=direction == 1)
                 for direction in range(2 if self.bidirectional else 1)]
 
