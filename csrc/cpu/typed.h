@@ -23,9 +23,14 @@ namespace rnnfused {
 namespace cpu {
 namespace typed {
 
+// The rows x cols matrix stored at data with leading dimension ld, or (transposed) its
+// transpose, cols x rows: the strides say so, rather than Tensor::t(), whose trip through the
+// dispatcher costs as much as a small step's product.
 template <typename T>
-at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t ld) {
+at::Tensor matrix(const T* data, int64_t rows, int64_t cols, int64_t ld, bool transposed = false) {
   const auto dtype = c10::CppTypeToScalarType<T>::value;
+  if (transposed)
+    return at::from_blob(const_cast<T*>(data), {cols, rows}, {1, ld}, at::TensorOptions().dtype(dtype));
   return at::from_blob(const_cast<T*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(dtype));
 }
 
@@ -43,8 +48,8 @@ struct CpuBackend {
       if (beta == 0) out.zero_();
       return;
     }
-    const at::Tensor lhs = trans_a ? matrix(a, k, m, lda).t() : matrix(a, m, k, lda);
-    const at::Tensor rhs = trans_b ? matrix(b, n, k, ldb).t() : matrix(b, k, n, ldb);
+    const at::Tensor lhs = trans_a ? matrix(a, k, m, lda, true) : matrix(a, m, k, lda);
+    const at::Tensor rhs = trans_b ? matrix(b, n, k, ldb, true) : matrix(b, k, n, ldb);
     if constexpr (std::is_same_v<In, Out>) {
       if (beta == 0)
         at::mm_out(out, lhs, rhs);
