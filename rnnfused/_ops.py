@@ -481,7 +481,6 @@ def _layer_backward_vmap(info, in_dims, *args):
 
 def _save(ctx, options, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks, saved,
           batch_stats):
-    ctx.mark_non_differentiable(*saved, *batch_stats)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, batch_sizes, h0, c0, step_flags, *weights, *norm_weights, *running_stats, *masks, *saved)
     ctx.options = options
@@ -533,6 +532,7 @@ _OPTIONS_AT = 9
 def _setup_context(ctx, inputs, output):
     options = LayerOptions.from_op_args(*inputs[_OPTIONS_AT:_OPTIONS_AT + NUM_OPTIONS])
     _, _, _, saved, batch_stats = output
+    ctx.mark_non_differentiable(*saved, *batch_stats)
     _save(ctx, options, *inputs[:_OPTIONS_AT], saved, batch_stats)
 
 
@@ -552,7 +552,8 @@ torch.library.register_autograd("rnnfused::layer_forward", _backward, setup_cont
 class _EagerLayer(torch.autograd.Function):
     """layer_forward with save_for_backward=True and the operator's autograd formula, for
     eager mode; the weights and then the norm weights come last, one argument each. Returns
-    (y, h_n, c_n, *saved, *batch_stats)."""
+    (y, h_n, c_n, *batch_stats). What backward reads is saved as intermediates, not returned:
+    every output of a Function costs autograd some work in the forward and the backward."""
 
     @staticmethod
     def forward(ctx, options, x, batch_sizes, h0, c0, running_stats, step_flags, masks, n_weights, *all_weights):
@@ -564,7 +565,8 @@ class _EagerLayer(torch.autograd.Function):
                                                             running_stats, step_flags, masks, save_for_backward=True)
         _save(ctx, options, x, batch_sizes, h0, c0, weights, norm_weights, running_stats, step_flags, masks, saved,
               batch_stats)
-        return (y, h_n, c_n, *saved, *batch_stats)
+        ctx.mark_non_differentiable(*batch_stats)
+        return (y, h_n, c_n, *batch_stats)
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n, *unused):
@@ -587,5 +589,4 @@ def differentiable_layer_forward(options, x, batch_sizes, h0, c0, weights, norm_
         return y, h_n, c_n, batch_stats
     output = _EagerLayer.apply(options, x, batch_sizes, h0, c0, running_stats, step_flags, list(masks), len(weights),
                                *weights, *norm_weights)
-    n_batch_stats = len(running_stats) if options.norm == Norm.BATCH and options.training else 0
-    return (*output[:3], list(output[len(output) - n_batch_stats:]))
+    return (*output[:3], list(output[3:]))

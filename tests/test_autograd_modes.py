@@ -183,6 +183,31 @@ def test_in_place_op_on_the_output_then_backward_matches_torch_nn(mode):
     assert max_error(grads[1], grads[0]) <= 1e-10
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_saved_tensor_hooks_see_what_backward_keeps(mode):
+    """What the backward reads (the private copy of the hidden states, the gates, LSTM's cell
+    states) goes through torch.autograd.graph.saved_tensors_hooks, as torch.nn's saved tensors
+    do (activation offloading and compression rely on them): the hooks see at least those
+    bytes, and the gradient through packed copies is the plain one."""
+    steps, batch, hidden = 20, 3, 16
+    module = CLASSES[mode](4, hidden).double()
+    x = _x(steps, batch, 4).requires_grad_()
+    expected = torch.autograd.grad(module(x)[0].sum(), [x, *module.parameters()])
+    packed = []
+
+    def pack(tensor):
+        packed.append(tensor.numel() * tensor.element_size())
+        return tensor.clone()  # backward must read these copies, or the gradient cannot match
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = module(x)[0]
+    actual = torch.autograd.grad(output.sum(), [x, *module.parameters()])
+    # fp64 gates (LSTM: 4 per unit, GRU: 4 saved per unit) plus the copy of h (LSTM: and c).
+    kept = steps * batch * hidden * 8 * (4 + 1 + (1 if mode == "LSTM" else 0))
+    assert sum(packed) >= kept
+    assert max_error(actual, expected) == 0
+
+
 def test_large_outputs_can_be_resized_like_torch_nn_ones():
     with torch.no_grad():
         output = rnnfused.LSTM(64, 256)(torch.randn(100, 16, 64))[0]
