@@ -23,6 +23,13 @@ from .modules import _check_devices, layer_options, script_refusal
 
 __all__ = ["RNNCellBase", "RNNCell", "LSTMCell", "GRUCell"]
 
+# torch.nn's cell of each of ours (the name autocast_result_dtypes takes) and its op (cuDNN's
+# choice runs it, as torch.nn would).
+_TORCH_CELL_NAMES = {Cell.LSTM: "LSTMCell", Cell.GRU: "GRUCell", Cell.GRU_CHO: "GRUCell", Cell.RNN_TANH: "RNNCell",
+                     Cell.RNN_RELU: "RNNCell"}
+_TORCH_CELL_OPS = {Cell.GRU: torch._VF.gru_cell, Cell.RNN_TANH: torch._VF.rnn_tanh_cell,
+                   Cell.RNN_RELU: torch._VF.rnn_relu_cell}
+
 
 class RNNCellBase(nn.RNNCellBase):
     """Parameters and checks shared by the cells: ``weight_ih`` [G, I], ``weight_hh`` [G, H],
@@ -121,24 +128,25 @@ class RNNCellBase(nn.RNNCellBase):
             if not isinstance(reset, torch.Tensor):
                 raise TypeError(f"reset must be a bool tensor, got {type(reset).__name__}")
             reset = reset.reshape(1, -1)
-        _check_devices(input, [h, c], [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh])
-        weight = self.weight_ih
+        # Each parameter read once: a module attribute costs about a microsecond, and a step of
+        # a small cell is a few tens (python -m bench.overhead).
+        weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+        _check_devices(input, [h, c], weights)
+        weight = weights[0]
         training = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
         choice = dispatch.choose(self, weight, input.size(0), training, reset)
         if choice.kernel == "cudnn":
-            weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
             if cell == Cell.LSTM:
                 return torch._VF.lstm_cell(input, (h, c), *weights)
-            op = {Cell.GRU: torch._VF.gru_cell, Cell.RNN_TANH: torch._VF.rnn_tanh_cell,
-                  Cell.RNN_RELU: torch._VF.rnn_relu_cell}[cell]
-            return op(input, h, *weights), None
+            return _TORCH_CELL_OPS[cell](input, h, *weights), None
         if choice.kernel == "reference":
             dispatch.warn_reference(choice)
         # The module has checked what recurrent_layer would: run the layer directly.
         options = layer_options(cell, self.bias, False, cell_clip, self.grad_clip, None, True, 1e-5)
         batch = input.size(0)
         flags = None if reset is None else step_flags(1, batch, input.device, resets=check_resets(reset, 1, batch))
-        weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
+        if not self.bias:
+            weights = weights[:2]
         masks = None
         regularisers = self.regularisers
         if not regularisers.is_off():
@@ -148,8 +156,7 @@ class RNNCellBase(nn.RNNCellBase):
         _, h_n, c_n = run_layer(options, input.unsqueeze(0), None, h, c, weights, flags=flags,
                                 reference=choice.kernel == "reference", masks=masks)
         c_n = c_n if cell == Cell.LSTM else None
-        kind = {Cell.LSTM: "LSTMCell", Cell.GRU: "GRUCell", Cell.GRU_CHO: "GRUCell"}.get(cell, "RNNCell")
-        dtypes = autocast_result_dtypes(kind, input, h.dtype, None if c is None else c.dtype)
+        dtypes = autocast_result_dtypes(_TORCH_CELL_NAMES[cell], input, h.dtype, None if c is None else c.dtype)
         if dtypes is not None:  # torch.nn's result dtypes under CPU autocast (our layer returns the autocast dtype)
             h_n, c_n = h_n.to(dtypes[0]), None if c_n is None else c_n.to(dtypes[1])
         return h_n, c_n

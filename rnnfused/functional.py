@@ -89,10 +89,9 @@ def autocast_result_dtypes(kind, x, h_dtype, c_dtype=None):
     float32 results); the projection h = W_hr m is a product again (autocast dtype); the Elman
     cell is two products and its nonlinearity (autocast dtype); an LSTM without projection
     runs oneDNN's layer where torch would (autocast dtype), else the cell equations."""
-    device_type = x.device.type
-    if device_type != "cpu" or not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
+    if not torch.is_autocast_enabled("cpu") or x.device.type != "cpu" or x.dtype == torch.float64:
         return None
-    low = torch.get_autocast_dtype(device_type)
+    low = torch.get_autocast_dtype("cpu")
     if kind in ("GRU", "GRUCell"):
         return torch.promote_types(h_dtype, low), None
     if kind == "LSTMCell" or (kind == "LSTM" and not _onednn_lstm(x)):

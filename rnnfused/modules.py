@@ -469,13 +469,18 @@ class RNNBase(nn.RNNBase):
         h_n, c_n = [], []
         layer_input = x
         side = main = None
-        # Asked only where the directions or the layers could overlap.
-        equations = (self.bidirectional or dispatch.wavefront_setting() not in (0, 1)) and (
+        # Only a unidirectional stack of layers can run as a pipeline (dispatch.wavefront); what
+        # follows is asked only where the directions or the layers could overlap.
+        pipelined = self.num_layers > 1 and not self.bidirectional
+        equations = (self.bidirectional or (pipelined and dispatch.wavefront_setting() not in (0, 1))) and (
             reference or self.norm is not None or _needs_differentiable_equations([x, hx, cx, *self._flat_weights]))
-        chunks = self._pipeline(self.weight_ih_l0, steps, hx.size(1), packed=batch_sizes is not None,
-                                step_flags=flags is not None, equations=equations,
-                                training=lambda: torch.is_grad_enabled() and any(
-                                    t is not None and t.requires_grad for t in [x, hx, cx, *self._flat_weights])).chunks
+        chunks = 0
+        if pipelined:
+            chunks = self._pipeline(self.weight_ih_l0, steps, hx.size(1), packed=batch_sizes is not None,
+                                    step_flags=flags is not None, equations=equations,
+                                    training=lambda: torch.is_grad_enabled() and any(
+                                        t is not None and t.requires_grad for t in [x, hx, cx, *self._flat_weights])
+                                    ).chunks
         if chunks:
             return self._results(x, hx, cx, *self._run_wavefront(x, hx, cx, None if flags is None else flags[0],
                                                                  chunks))
