@@ -205,7 +205,7 @@ def test_saved_tensor_hooks_see_what_backward_keeps(mode):
     # fp64 gates (LSTM: 4 per unit, GRU: 4 saved per unit) plus the copy of h (LSTM: and c).
     kept = steps * batch * hidden * 8 * (4 + 1 + (1 if mode == "LSTM" else 0))
     assert sum(packed) >= kept
-    assert max_error(actual, expected) == 0
+    assert max_error(actual, expected) <= 1e-12
 
 
 def test_large_outputs_can_be_resized_like_torch_nn_ones():
