@@ -150,7 +150,7 @@ class RNNCellBase(nn.RNNCellBase):
         masks = None
         regularisers = self.regularisers
         if not regularisers.is_off():
-            masks = _regularisers.draw_layer_masks(regularisers, self.training, self.weight_hh, 1, batch,
+            masks = _regularisers.draw_layer_masks(regularisers, self.training, weights[1], 1, batch,
                                                    self.hidden_size)
             _regularisers.record(_regularisers.CallMasks([masks], []))
         _, h_n, c_n = run_layer(options, input.unsqueeze(0), None, h, c, weights, flags=flags,
